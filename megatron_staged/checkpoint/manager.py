@@ -1,0 +1,264 @@
+"""Checkpoints through megatron-core ``dist_checkpointing`` (torch_dist), in Megatron's layout.
+
+::
+
+    <save>/latest_checkpointed_iteration.txt      "100"
+    <save>/iter_0000100/                          .metadata, *.distcp, common.pt, metadata.json
+
+What is saved: the model (``model``), the optimizer in the ``fully_reshardable`` model-space
+format (``optimizer``: Adam moments as tensors shaped like their parameters, so TP, PP and DP may
+all change on load), the LR scheduler, and a ``train_state`` dict (iteration, consumed samples,
+FLOPs so far, optimizer step, stage history) plus ``args`` (the config) and the per-rank RNG.
+
+Atomicity: a checkpoint is written to ``iter_XXXXXXX.tmp`` and renamed only after every rank has
+finished; ``latest_checkpointed_iteration.txt`` is replaced atomically afterwards. A crash while
+saving leaves the previous checkpoint as the latest one, and a stale ``.tmp`` is never loaded.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_staged.errors import UserError
+from megatron_staged.runtime.distributed import barrier, current_layout, is_rank0, rng_state, set_rng_state
+
+TRACKER = "latest_checkpointed_iteration.txt"
+CHECKPOINT_VERSION = 3.0
+OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def iter_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def read_tracker(root: str) -> Optional[int]:
+    """The latest complete iteration under ``root``, or None if there is no checkpoint."""
+    path = os.path.join(root, TRACKER)
+    if not os.path.isfile(path):
+        return None
+    text = open(path).read().strip()
+    if text == "release":
+        return 0
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"{path} holds {text!r}, not an iteration number; the checkpoint directory is corrupt")
+
+
+def resolve_checkpoint_dir(path: str) -> tuple[str, int]:
+    """Accept a save root (with a tracker file) or one ``iter_XXXXXXX`` directory."""
+    if not os.path.exists(path):
+        raise UserError(f"--load {path}: no such directory")
+    it = read_tracker(path)
+    if it is not None:
+        d = iter_dir(path, it) if it > 0 or not os.path.isdir(os.path.join(path, "release")) else os.path.join(path, "release")
+        if not os.path.isdir(d):
+            raise UserError(f"--load {path}: tracker names iteration {it} but {d} is missing")
+        return d, it
+    if os.path.isfile(os.path.join(path, "common.pt")) or os.path.isfile(os.path.join(path, "metadata.json")):
+        base = os.path.basename(os.path.normpath(path))
+        it = int(base[5:]) if base.startswith("iter_") and base[5:].isdigit() else 0
+        return path, it
+    raise UserError(f"--load {path}: not a checkpoint (no {TRACKER} and no iter_XXXXXXX contents); "
+                    f"point --load at the directory given to --save")
+
+
+def load_common(ckpt_dir: str) -> dict:
+    """The non-sharded part (``common.pt``): args, iteration, train_state, scheduler, layout."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        return dist_checkpointing.load_common_state_dict(ckpt_dir)
+    except BaseException as e:  # noqa: BLE001 - DCP errors derive from BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise UserError(f"cannot read checkpoint {ckpt_dir}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+# ---- sharded state dict -------------------------------------------------------------------------
+
+def model_sharded_state_dict(model_chunks) -> dict:
+    from megatron_staged.model.builder import unwrap
+
+    if len(model_chunks) == 1:
+        return {"model": unwrap(model_chunks[0]).sharded_state_dict(metadata=OPTIM_METADATA)}
+    return {f"model{i}": unwrap(c).sharded_state_dict(metadata=OPTIM_METADATA) for i, c in enumerate(model_chunks)}
+
+
+def _rng_sharded_object():
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    lay = current_layout()
+    return ShardedObject("rng_state", rng_state(), (lay.pp, lay.tp, lay.dp),
+                         (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+                          ps.get_data_parallel_rank()), replica_id=0)
+
+
+def build_state_dict(model_chunks, optimizer, scheduler, common: dict, *, is_loading: bool,
+                     with_optimizer: bool, with_rng: bool) -> dict:
+    sd = dict(common)
+    model_sd = model_sharded_state_dict(model_chunks)
+    sd.update(model_sd)
+    if with_optimizer and optimizer is not None:
+        merged = {}
+        for v in model_sd.values():
+            merged.update(v)
+        sd["optimizer"] = optimizer.sharded_state_dict(merged, is_loading=is_loading, metadata=OPTIM_METADATA)
+    if scheduler is not None and not is_loading:
+        sd["opt_param_scheduler"] = scheduler.state_dict()
+    if with_rng:
+        sd["rng_state"] = _rng_sharded_object()
+    return sd
+
+
+# ---- optimizer "step" -------------------------------------------------------------------------
+# torch's Adam keeps a per-parameter "step"; megatron's fully_reshardable format does not store it
+# per parameter (and its loader trips over it), so the step lives in train_state and is re-set here.
+
+def _inner_optimizers(optimizer):
+    opts = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    return [getattr(o, "optimizer", o) for o in opts]
+
+
+def init_optimizer_state(optimizer) -> None:
+    """Create empty moments (and step=0) so that state_dict()/sharded_state_dict() work before step 1."""
+    for o in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        fn = getattr(o, "init_state_fn", None)
+        if fn is not None:
+            fn(o.optimizer, getattr(o, "config", None))
+    set_optimizer_step(optimizer, get_optimizer_step(optimizer))
+
+
+def get_optimizer_step(optimizer) -> int:
+    for inner in _inner_optimizers(optimizer):
+        for st in inner.state.values():
+            if "step" in st:
+                return int(st["step"])
+    return 0
+
+
+def set_optimizer_step(optimizer, step: int) -> None:
+    for inner in _inner_optimizers(optimizer):
+        if not isinstance(inner, torch.optim.Adam) and not isinstance(inner, torch.optim.AdamW):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                st = inner.state[p]
+                if "exp_avg" in st:
+                    st["step"] = torch.tensor(float(step), dtype=torch.float32)
+
+
+def _drop_optimizer_step(optimizer) -> None:
+    for inner in _inner_optimizers(optimizer):
+        for st in inner.state.values():
+            st.pop("step", None)
+
+
+# ---- save / load ------------------------------------------------------------------------------
+
+def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, scheduler, train_state: dict,
+                    args: dict, *, save_optimizer: bool = True) -> str:
+    """Save atomically to ``root/iter_XXXXXXX``; returns that path."""
+    from megatron.core import dist_checkpointing
+
+    final = iter_dir(root, iteration)
+    tmp = final + ".tmp"
+    if is_rank0():
+        os.makedirs(root, exist_ok=True)
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+    barrier()
+    lay = current_layout()
+    state = dict(train_state, optimizer_step=get_optimizer_step(optimizer) if optimizer is not None else 0,
+                 has_optimizer=bool(save_optimizer and optimizer is not None))
+    common = {
+        "args": args,
+        "iteration": iteration,
+        "checkpoint_version": CHECKPOINT_VERSION,
+        "train_state": state,
+        "num_floating_point_operations_so_far": state.get("flops_so_far", 0.0),
+        "parallel_layout": {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp},
+    }
+    sd = build_state_dict(model_chunks, optimizer, scheduler, common, is_loading=False,
+                          with_optimizer=save_optimizer, with_rng=True)
+    dist_checkpointing.save(sd, tmp, validate_access_integrity=True)
+    barrier()
+    if is_rank0():
+        if os.path.exists(final):
+            old = final + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _write_tracker(root, iteration)
+    barrier()
+    return final
+
+
+def _write_tracker(root: str, iteration: int) -> None:
+    path = os.path.join(root, TRACKER)
+    with open(path + ".tmp", "w") as fh:
+        fh.write(str(iteration))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path: str, model_chunks, optimizer, scheduler, *, load_optimizer: bool = True,
+                    load_rng: bool = True) -> dict:
+    """Load into already-built model/optimizer/scheduler at the current layout.
+
+    Returns the checkpoint's ``train_state`` (with ``iteration``). The layout may differ from the
+    one saved: weights and moments are resharded by dist_checkpointing; the RNG is then not
+    restored (its per-rank streams do not map across layouts).
+    """
+    from megatron.core import dist_checkpointing
+
+    ckpt_dir, _ = resolve_checkpoint_dir(path)
+    common = load_common(ckpt_dir)
+    state = dict(common.get("train_state", {}))
+    saved = common.get("parallel_layout", {})
+    lay = current_layout()
+    same_layout = saved == {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp}
+    with_optim = load_optimizer and optimizer is not None and state.get("has_optimizer", True)
+    if load_optimizer and optimizer is not None and not state.get("has_optimizer", True):
+        raise UserError(f"{ckpt_dir} holds no optimizer state (saved with --no-save-optim); "
+                        f"load it with --no-load-optim or --finetune")
+    if with_optim:
+        _drop_optimizer_step(optimizer)
+    sd = build_state_dict(model_chunks, optimizer, None, {}, is_loading=True,
+                          with_optimizer=with_optim, with_rng=load_rng and same_layout)
+    try:
+        loaded = dist_checkpointing.load(sd, ckpt_dir, strict="assume_ok_unexpected")
+    except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException derives from BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        msg = str(e).strip().splitlines()
+        raise UserError(f"cannot load checkpoint {ckpt_dir} into this model: {type(e).__name__}: "
+                        f"{msg[0] if msg else ''} (does the model config match the checkpoint's?)")
+    from megatron_staged.model.builder import unwrap
+
+    if len(model_chunks) == 1:
+        unwrap(model_chunks[0]).load_state_dict(loaded["model"])
+    else:
+        for i, c in enumerate(model_chunks):
+            unwrap(c).load_state_dict(loaded[f"model{i}"])
+    if with_optim:
+        optimizer.load_state_dict(loaded["optimizer"])
+        set_optimizer_step(optimizer, state.get("optimizer_step", 0))
+    if scheduler is not None and "opt_param_scheduler" in common and load_optimizer:
+        scheduler.load_state_dict(common["opt_param_scheduler"])
+    if load_rng and same_layout and "rng_state" in loaded:
+        set_rng_state(loaded["rng_state"])
+    state["iteration"] = common.get("iteration", 0)
+    state["args"] = common.get("args")
+    state["rng_restored"] = bool(load_rng and same_layout)
+    return state

@@ -1,0 +1,82 @@
+"""``megatron-staged`` command line: train, quickstart, evaluate, grow, convert, inspect, export-hf, import-hf.
+
+Bad input raises :class:`UserError`, printed here as one ``error:`` line with exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+from megatron_staged.errors import UserError
+
+COMMANDS = {}
+
+
+def command(name):
+    def deco(fn):
+        COMMANDS[name] = fn
+        return fn
+    return deco
+
+
+def _quiet_warnings() -> None:
+    # megatron-core warns on import that apex/TE are missing; on CPU that is the expected state.
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _train_parser(prog: str) -> argparse.ArgumentParser:
+    from megatron_staged.config import add_config_flags
+
+    p = argparse.ArgumentParser(prog=prog, description="Pretrain a GPT with megatron-core (Megatron-LM's flags).")
+    add_config_flags(p)
+    return p
+
+
+@command("train")
+def cmd_train(argv):
+    from megatron_staged.config import config_from_args
+    from megatron_staged.training.trainer import Trainer
+
+    cfg = config_from_args(_train_parser("megatron-staged train").parse_args(argv))
+    summary = Trainer(cfg).train()
+    return summary
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_warnings()
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: megatron-staged {" + ",".join(COMMANDS) + "} [flags]\n"
+              "  run `megatron-staged COMMAND --help` for a command's flags")
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        COMMANDS[name](rest)
+    except UserError as e:
+        rank = os.environ.get("RANK", "0")
+        if rank == "0":
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        _shutdown()
+    return 0
+
+
+def _shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:
+            pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

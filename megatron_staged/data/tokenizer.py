@@ -1,0 +1,201 @@
+"""Tokenizers with the interface megatron-core's datasets and Megatron users expect.
+
+Every tokenizer exposes
+
+* ``vocab_size`` (int): number of token ids; ids are in ``[0, vocab_size)``;
+* ``eod`` (int): the end-of-document id that ``tools/preprocess_data.py --append-eod`` appends;
+* ``pad`` (int): the padding id, ``-1`` when the tokenizer has none (megatron-core's GPTDataset
+  then pads with -1, maps it to id 0 and masks it out of the loss);
+* ``bos`` (int | None);
+* ``unique_identifiers`` (dict): hashed by megatron-core into its dataset-index cache keys;
+* ``tokenize(text) -> list[int]`` and ``detokenize(ids) -> str``.
+
+This module imports neither torch nor megatron-core, so the preprocessing worker processes stay
+light. It deliberately does not subclass megatron-core's tokenizer base classes: the legacy one
+logs a deprecation warning per instance and the new one requires chat-template methods.
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+from megatron_staged.errors import UserError, require
+
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer")
+
+
+class Tokenizer:
+    """Common base: subclasses set ``_vocab_size``, ``_eod``, ``_pad``, ``_bos`` and identifiers."""
+
+    _vocab_size: int
+    _eod: int
+    _pad: int = -1
+    _bos: int | None = None
+
+    def __init__(self, model_path: str | None, **options) -> None:
+        self.unique_identifiers = OrderedDict(
+            {"class": type(self).__name__,
+             "tokenizer_path": [os.path.abspath(model_path)] if model_path else []}
+        )
+        for key, value in options.items():
+            self.unique_identifiers[key] = str(value)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+    @property
+    def eos(self) -> int:
+        return self._eod
+
+    @property
+    def pad(self) -> int:
+        return self._pad
+
+    @property
+    def bos(self) -> int | None:
+        return self._bos
+
+    def tokenize(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def detokenize(self, ids) -> str:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size}, eod={self.eod})"
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A sentencepiece ``.model`` file; EOD is the model's eos piece."""
+
+    def __init__(self, model_path: str) -> None:
+        import sentencepiece
+
+        require(model_path is not None,
+                "--tokenizer-model is required with --tokenizer-type SentencePieceTokenizer "
+                "(a sentencepiece .model file; train one with tools/train_tokenizer.py)")
+        require(os.path.isfile(model_path),
+                f"--tokenizer-model: no sentencepiece model at {model_path} "
+                "(train one with tools/train_tokenizer.py)")
+        super().__init__(model_path)
+        self.model_path = model_path
+        self._sp = sentencepiece.SentencePieceProcessor()
+        try:
+            self._sp.load(model_path)
+        except (OSError, RuntimeError) as err:
+            raise UserError(f"--tokenizer-model: {model_path} is not a sentencepiece model "
+                            f"({err})") from err
+        eos = self._sp.eos_id()
+        require(eos >= 0,
+                f"--tokenizer-model: sentencepiece model {model_path} defines no eos piece, "
+                "which this project uses as the end-of-document token; retrain it with "
+                "tools/train_tokenizer.py (which defines eos)")
+        self._vocab_size = self._sp.get_piece_size()
+        self._eod = eos
+        self._pad = self._sp.pad_id() if self._sp.pad_id() >= 0 else -1
+        self._bos = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def detokenize(self, ids) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+    # The processor wraps a C++ object; pickle the path instead (for worker processes).
+    def __getstate__(self):
+        return {"model_path": self.model_path}
+
+    def __setstate__(self, state):
+        self.__init__(state["model_path"])
+
+
+class HuggingFaceTokenizer(Tokenizer):
+    """A local HuggingFace tokenizer directory or file; EOD is its eos token. Never downloads.
+
+    ``tokenize`` calls the tokenizer with its default special tokens, as Megatron-LM does (a
+    Llama tokenizer therefore prepends BOS).
+    """
+
+    def __init__(self, model_path: str) -> None:
+        require(model_path is not None,
+                "--tokenizer-model is required with --tokenizer-type HuggingFaceTokenizer "
+                "(a local directory holding tokenizer.json / tokenizer_config.json)")
+        require(os.path.exists(model_path),
+                f"--tokenizer-model: no HuggingFace tokenizer at {model_path} (expected a local "
+                "directory saved with tokenizer.save_pretrained(); nothing is downloaded)")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        from transformers import AutoTokenizer
+
+        super().__init__(model_path)
+        self.model_path = model_path
+        try:
+            self._tok = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise UserError(f"--tokenizer-model: cannot load a HuggingFace tokenizer from "
+                            f"{model_path}: {err}") from err
+        require(self._tok.eos_token_id is not None,
+                f"--tokenizer-model: HuggingFace tokenizer at {model_path} has no eos token, "
+                "which this project uses as the end-of-document token")
+        self._vocab_size = len(self._tok)  # includes added tokens, unlike tok.vocab_size
+        self._eod = self._tok.eos_token_id
+        self._pad = self._tok.pad_token_id if self._tok.pad_token_id is not None else -1
+        self._bos = self._tok.bos_token_id
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self._tok(text).input_ids)
+
+    def detokenize(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids])
+
+    def __getstate__(self):
+        return {"model_path": self.model_path}
+
+    def __setstate__(self, state):
+        self.__init__(state["model_path"])
+
+
+class NullTokenizer(Tokenizer):
+    """Megatron's NullTokenizer: text is whitespace-separated integer ids.
+
+    As in Megatron, ``--vocab-size V`` means ids ``0..V-1`` plus one EOD id ``V``, so
+    ``vocab_size == V + 1`` and ``eod == vocab_size - 1``. There is no pad id (``pad == -1``).
+    """
+
+    def __init__(self, vocab_size: int) -> None:
+        require(vocab_size is not None and int(vocab_size) > 0,
+                "--vocab-size (a positive integer) is required with --tokenizer-type "
+                "NullTokenizer")
+        super().__init__(None, vocab_size=int(vocab_size))
+        self._vocab_size = int(vocab_size) + 1
+        self._eod = int(vocab_size)
+
+    def tokenize(self, text: str) -> list[int]:
+        try:
+            ids = [int(x) for x in text.split()]
+        except ValueError as err:
+            raise UserError(f"NullTokenizer expects whitespace-separated integers, got "
+                            f"{text[:60]!r}") from err
+        bad = [i for i in ids if not 0 <= i < self._vocab_size]
+        require(not bad, f"NullTokenizer: ids {bad[:5]} outside [0, {self._vocab_size})")
+        return ids
+
+    def detokenize(self, ids) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+
+def build_tokenizer(tokenizer_type: str, tokenizer_model: str | None = None,
+                    vocab_size: int | None = None) -> Tokenizer:
+    """Build a tokenizer from Megatron's ``--tokenizer-type/--tokenizer-model/--vocab-size``."""
+    if tokenizer_type == "SentencePieceTokenizer":
+        return SentencePieceTokenizer(tokenizer_model)
+    if tokenizer_type == "HuggingFaceTokenizer":
+        return HuggingFaceTokenizer(tokenizer_model)
+    if tokenizer_type == "NullTokenizer":
+        return NullTokenizer(vocab_size)
+    raise UserError(f"--tokenizer-type {tokenizer_type!r} is not supported; choose one of "
+                    f"{', '.join(TOKENIZER_TYPES)}")

@@ -1,0 +1,256 @@
+"""Build megatron-core ``GPTModel``s for the gpt2 and llama families.
+
+The model is a plain megatron-core ``GPTModel`` built from a layer spec: Transformer Engine's
+spec when TE is installed and CUDA is available (fused attention, fused norms), else the "local"
+spec (megatron's own ``DotProductAttention`` and torch norms), which is what runs on CPU.
+
+Initialisation is done here, not by megatron: every parameter is drawn from a generator seeded by
+``(seed, checkpoint key, global layer index, row block)`` over its *global* shape, and each rank
+keeps only its shard. So the same ``--seed`` gives the same global model at every TP/PP layout.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron_staged.config import Config, ModelConfig, pad_vocab_size, resolve_model
+from megatron_staged.errors import UserError
+
+
+def have_transformer_engine() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def use_transformer_engine(m: ModelConfig) -> bool:
+    if m.transformer_impl == "local":
+        return False
+    available = torch.cuda.is_available() and have_transformer_engine()
+    if m.transformer_impl == "transformer_engine" and not available:
+        raise UserError("--transformer-impl transformer_engine needs CUDA and Transformer Engine; "
+                        "use --transformer-impl local")
+    return available
+
+
+def params_dtype(m: ModelConfig) -> torch.dtype:
+    return torch.bfloat16 if m.bf16 else torch.float16 if m.fp16 else torch.float32
+
+
+def transformer_config(cfg: Config):
+    """The megatron-core ``TransformerConfig`` for ``cfg`` (model + parallel sections)."""
+    from megatron.core.transformer import TransformerConfig
+
+    m, p = resolve_model(cfg.model), cfg.parallel
+    dtype = params_dtype(m)
+    on_gpu = torch.cuda.is_available()
+    if p.sequence_parallel and not use_transformer_engine(m):
+        try:
+            import apex  # noqa: F401
+        except Exception:
+            raise UserError("--sequence-parallel needs Transformer Engine or apex norms (not available "
+                            "here); drop --sequence-parallel")
+    return TransformerConfig(
+        # a zero-layer model is built with one layer that is then removed (see build_model);
+        # megatron's config divides by num_layers for the scaled output init.
+        num_layers=max(m.num_layers, 1),
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.kv_channels,
+        normalization=m.normalization,
+        layernorm_epsilon=m.norm_epsilon,
+        add_bias_linear=not m.disable_bias_linear,
+        gated_linear_unit=bool(m.swiglu),
+        activation_func=F.silu if m.swiglu else F.gelu,
+        hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout,
+        init_method_std=m.init_method_std,
+        use_cpu_initialization=True,
+        perform_initialization=False,  # init_global_weights() does it, layout-independently
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        sequence_parallel=p.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=m.bf16,
+        fp16=m.fp16,
+        bias_activation_fusion=on_gpu and not m.swiglu and not m.disable_bias_linear,
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        deallocate_pipeline_outputs=on_gpu,
+    )
+
+
+def layer_spec(cfg: Config):
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    if use_transformer_engine(cfg.model):
+        return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_local_spec(normalization=cfg.model.normalization)
+
+
+def build_model(cfg: Config, pre_process: bool, post_process: bool):
+    """A ``GPTModel`` holding this pipeline stage's layers, uninitialised (see init_global_weights)."""
+    from megatron.core.models.gpt import GPTModel
+
+    m = resolve_model(cfg.model)
+    if m.padded_vocab_size is None:
+        raise UserError("internal: padded_vocab_size is unset; call set_padded_vocab_size() first")
+    tcfg = transformer_config(cfg)
+    model = GPTModel(
+        config=tcfg,
+        transformer_layer_spec=layer_spec(cfg),
+        vocab_size=m.padded_vocab_size,
+        max_sequence_length=m.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
+        position_embedding_type=m.position_embedding_type,
+        rotary_percent=1.0,
+        rotary_base=m.rotary_base,
+    )
+    if m.num_layers == 0:
+        # embedding -> final norm -> output head, no transformer blocks (zero-layer model)
+        model.decoder.layers = torch.nn.ModuleList()
+        model.decoder.config.num_layers = 0
+    return model
+
+
+def set_padded_vocab_size(cfg: Config, vocab_size: int) -> int:
+    """Pad once; keep the value already stored (e.g. from a checkpoint) when it splits over TP."""
+    m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
+    if m.padded_vocab_size is None:
+        m.padded_vocab_size = pad_vocab_size(vocab_size, m.make_vocab_size_divisible_by, tp)
+    elif m.padded_vocab_size % tp:
+        raise UserError(f"padded vocabulary {m.padded_vocab_size} (from the checkpoint) is not "
+                        f"divisible by --tensor-model-parallel-size {tp}")
+    if m.padded_vocab_size < vocab_size:
+        raise UserError(f"tokenizer vocabulary {vocab_size} exceeds the model's padded vocabulary "
+                        f"{m.padded_vocab_size}")
+    return m.padded_vocab_size
+
+
+# ---- layout-independent initialisation ----------------------------------------------------------
+
+_BLOCK_ELEMS = 1 << 20  # rows are drawn in blocks of ~1M elements, each with its own seed
+
+
+def _seed_for(seed: int, key: str, layer: int, block: int) -> int:
+    h = hashlib.sha256(f"{seed}/{key}/{layer}/{block}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def init_kind(key: str, cfg: ModelConfig) -> tuple[str, float]:
+    """('ones'|'zeros'|'normal', std) for a checkpoint key, following megatron's init rules."""
+    last = key.rsplit(".", 1)[-1]
+    if "norm" in key and (last == "weight" or last.endswith("norm_weight")):
+        return "ones", 0.0
+    if last == "bias" or last.endswith("_bias"):
+        return "zeros", 0.0
+    if key.endswith("linear_proj.weight") or key.endswith("linear_fc2.weight"):
+        # megatron's scaled init for the output projections of residual branches
+        return "normal", cfg.init_method_std / math.sqrt(2.0 * max(cfg.num_layers, 1))
+    return "normal", cfg.init_method_std
+
+
+def global_normal_slice(seed: int, key: str, layer: int, global_shape, offset, local_shape,
+                        std: float) -> torch.Tensor:
+    """Rows ``offset..offset+local_shape`` of a N(0, std^2) tensor of ``global_shape``.
+
+    The tensor is defined block by block along dim 0, each block from its own seeded generator, so
+    any slice can be produced without drawing the whole tensor, and identically at any layout.
+    """
+    global_shape = tuple(global_shape)
+    row_numel = int(math.prod(global_shape[1:])) if len(global_shape) > 1 else 1
+    rows_per_block = max(1, _BLOCK_ELEMS // max(row_numel, 1))
+    r0, r1 = offset[0], offset[0] + local_shape[0]
+    out = []
+    for b in range(r0 // rows_per_block, (r1 - 1) // rows_per_block + 1):
+        b0 = b * rows_per_block
+        n = min(rows_per_block, global_shape[0] - b0)
+        g = torch.Generator().manual_seed(_seed_for(seed, key, layer, b))
+        block = torch.randn((n,) + global_shape[1:], generator=g) * std
+        lo, hi = max(r0, b0) - b0, min(r1, b0 + n) - b0
+        out.append(block[lo:hi])
+    t = torch.cat(out, 0)
+    idx = tuple(slice(o, o + s) for o, s in zip(offset[1:], local_shape[1:]))
+    return t[(slice(None),) + idx]
+
+
+def iter_sharded_tensors(sharded_sd):
+    """Yield every ShardedTensor of a (model) sharded state dict, expanding factories."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    for v in nested_values(sharded_sd):
+        if isinstance(v, ShardedTensor):
+            yield v
+        elif isinstance(v, ShardedTensorFactory):
+            built = v.build()
+            for sub in nested_values(built) if isinstance(built, (dict, list)) else [built]:
+                if isinstance(sub, ShardedTensor):
+                    yield sub
+
+
+def layer_axis(st) -> tuple[int, int]:
+    """(global layer index or -1, number of prepended axes) of a ShardedTensor."""
+    if st.prepend_axis_num:
+        return st.global_offset[0], st.prepend_axis_num
+    return -1, 0
+
+
+@torch.no_grad()
+def init_global_weights(model_chunks, cfg: Config, seed: int) -> None:
+    """Initialise every parameter from its global identity (see module docstring)."""
+    m = cfg.model
+    for chunk in model_chunks:
+        for st in iter_sharded_tensors(chunk.sharded_state_dict()):
+            kind, std = init_kind(st.key, m)
+            if kind == "ones":
+                st.data.fill_(1.0)
+            elif kind == "zeros":
+                st.data.zero_()
+            else:
+                layer, n = layer_axis(st)
+                vals = global_normal_slice(seed, st.key, layer, st.global_shape[n:],
+                                           st.global_offset[n:], st.local_shape, std)
+                st.data.copy_(vals.reshape(st.data.shape).to(st.data.dtype))
+
+
+def unwrap(model):
+    """The GPTModel inside DDP/Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def count_parameters(cfg: Config) -> dict:
+    """Global parameter counts (total, non-embedding) from the config alone."""
+    m = resolve_model(cfg.model)
+    h, f, L = m.hidden_size, m.ffn_hidden_size, m.num_layers
+    q = m.num_attention_heads * m.kv_channels
+    kv = m.num_query_groups * m.kv_channels
+    bias = 0 if m.disable_bias_linear else 1
+    attn = h * (q + 2 * kv) + q * h + bias * (q + 2 * kv + h)
+    mlp = h * f * (2 if m.swiglu else 1) + f * h + bias * ((2 if m.swiglu else 1) * f + h)
+    norms = (2 if m.normalization == "LayerNorm" else 1) * h
+    layer = attn + mlp + 2 * norms
+    V = m.padded_vocab_size or 0
+    emb = V * h + (m.max_position_embeddings * h if m.position_embedding_type == "learned_absolute" else 0)
+    out = V * h if m.untie_embeddings_and_output_weights else 0
+    total = L * layer + emb + out + norms
+    return {"total": total, "non_embedding": L * layer + norms}

@@ -1,0 +1,114 @@
+"""Megatron's per-iteration log line, TensorBoard scalars, a progress bar and a JSON-lines log.
+
+Every rank knows the loss (it is all-reduced from the last pipeline stage), so rank 0 does all of
+the writing.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import datetime
+
+from megatron_staged.runtime.distributed import is_rank0
+
+
+class MetricsLogger:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.rank0 = is_rank0()
+        self.writer = None
+        self.bar = None
+        self.window: list[tuple[float, float]] = []  # (elapsed s, loss) since the last log line
+        self.jsonl = None
+        if self.rank0 and cfg.logging.tensorboard_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(log_dir=cfg.logging.tensorboard_dir)
+            except Exception as e:  # tensorboard is optional at run time
+                print(f"warning: TensorBoard disabled ({e})", flush=True)
+        if self.rank0 and cfg.logging.log_file:
+            self.jsonl = open(cfg.logging.log_file, "a")
+
+    def start(self, iteration: int, train_iters: int) -> None:
+        mode = self.cfg.training.progress_bar
+        if self.rank0 and (mode == "on" or (mode == "auto" and sys.stdout.isatty())):
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=train_iters, initial=iteration, dynamic_ncols=True, leave=False)
+
+    def iteration(self, trainer, loss: float, grad_norm, elapsed: float, ok: bool) -> None:
+        it = trainer.iteration
+        t = trainer.cfg.training
+        self.window.append((elapsed, loss))
+        lr = trainer.optimizer.param_groups[0]["lr"]
+        from megatron_staged.training.flops import flops_per_iteration
+
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        record = {"iteration": it, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                  "consumed_samples": trainer.consumed_samples, "flops_so_far": trainer.flops_so_far,
+                  "elapsed_ms": elapsed * 1e3, "num_layers": trainer.cfg.model.num_layers,
+                  "hidden_size": trainer.cfg.model.hidden_size}
+        if self.jsonl:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+        if self.writer:
+            self.writer.add_scalar("lm loss", loss, it)
+            self.writer.add_scalar("lm loss vs flops", loss, int(trainer.flops_so_far))
+            self.writer.add_scalar("learning-rate", lr, it)
+            if grad_norm is not None:
+                self.writer.add_scalar("grad-norm", grad_norm, it)
+            self.writer.add_scalar("iteration-time", elapsed, it)
+        if it % max(t.log_interval, 1) != 0:
+            return
+        ms = 1e3 * sum(e for e, _ in self.window) / len(self.window)
+        avg_loss = sum(l for _, l in self.window) / len(self.window)
+        self.window = []
+        tflops = flops_per_iteration(trainer.cfg.model, t.global_batch_size) / (ms / 1e3) / trainer.world_size / 1e12
+        gn = f"{grad_norm:.3f}" if grad_norm is not None else "n/a"
+        line = (f" [{datetime.now().strftime('%Y-%m-%d %H:%M:%S')}] iteration {it:8d}/{t.train_iters:8d} |"
+                f" consumed samples: {trainer.consumed_samples:12d} |"
+                f" elapsed time per iteration (ms): {ms:.1f} |"
+                f" throughput per GPU (TFLOP/s/GPU): {tflops:.3f} |"
+                f" learning rate: {lr:.6E} | global batch size: {t.global_batch_size:5d} |"
+                f" lm loss: {avg_loss:.6E} | grad norm: {gn} |"
+                f" number of skipped iterations: {0 if ok else 1:3d} |")
+        if self.writer:
+            self.writer.add_scalar("throughput-tflops-per-gpu", tflops, it)
+        self.print(line)
+
+    def eval(self, trainer, loss: float) -> None:
+        import math
+
+        ppl = math.exp(min(loss, 20))
+        self.print(f" validation loss at iteration {trainer.iteration} | lm loss value: {loss:.6E} |"
+                   f" lm loss PPL: {ppl:.6E} |")
+        if self.writer:
+            self.writer.add_scalar("lm loss validation", loss, trainer.iteration)
+        if self.jsonl:
+            self.jsonl.write(json.dumps({"iteration": trainer.iteration, "eval_loss": loss}) + "\n")
+            self.jsonl.flush()
+
+    def event(self, text: str, **record) -> None:
+        self.print(text)
+        if self.jsonl and record:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+
+    def print(self, line: str) -> None:
+        if not self.rank0:
+            return
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.writer:
+            self.writer.flush()

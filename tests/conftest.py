@@ -1,0 +1,74 @@
+"""Shared test helpers: launch megatron_staged under torchrun (gloo, CPU) and read its records."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args: list[str], nproc: int, timeout: int = 600, check: bool = True, env: dict | None = None,
+             module: str = "megatron_staged") -> subprocess.CompletedProcess:
+    """Run ``python -m torch.distributed.run --nproc-per-node N -m MODULE ARGS`` and return the result."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-port", str(free_port()), "--tee", "0", "-m", module, *args]
+    e = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+             PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    e.update(env or {})
+    r = subprocess.run(cmd, cwd=str(ROOT), capture_output=True, text=True, timeout=timeout, env=e)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-6000:]}")
+    return r
+
+
+def run_cli(args: list[str], timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """One process, no torchrun (as a user would run a tool)."""
+    e = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore",
+             PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-m", "megatron_staged", *args], cwd=str(ROOT), capture_output=True,
+                       text=True, timeout=timeout, env=e)
+    if check and r.returncode != 0:
+        raise AssertionError(f"megatron-staged {' '.join(args)} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-6000:]}")
+    return r
+
+
+def read_records(path) -> list[dict]:
+    return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+
+
+def losses(path) -> dict[int, float]:
+    return {r["iteration"]: r["loss"] for r in read_records(path) if "loss" in r}
+
+
+# A tiny model and data that every multi-process test shares (fp32, dropout 0).
+TINY_GPT2 = ["--model-family", "gpt2", "--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
+             "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "8", "--lr", "1e-3",
+             "--lr-warmup-iters", "2", "--lr-decay-style", "cosine", "--log-interval", "1", "--eval-iters", "2",
+             "--progress-bar", "off"]
+TINY_LLAMA = ["--model-family", "llama", "--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
+              "--group-query-attention", "--num-query-groups", "2", "--ffn-hidden-size", "192",
+              "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "8", "--lr", "1e-3",
+              "--lr-warmup-iters", "2", "--log-interval", "1", "--eval-iters", "2", "--progress-bar", "off"]
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """The built-in corpus (stdlib sources -> sentencepiece -> .bin/.idx), small, built once."""
+    from megatron_staged.data import prepare_default_corpus
+
+    d = tmp_path_factory.mktemp("corpus")
+    info = prepare_default_corpus(str(d), vocab_size=512, max_bytes=1_500_000)
+    return ["--data-path", info["data_prefix"], "--tokenizer-type", "SentencePieceTokenizer",
+            "--tokenizer-model", info["tokenizer_model"], "--split", "98,2,0"]
