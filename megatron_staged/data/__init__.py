@@ -8,7 +8,7 @@ import importlib
 _EXPORTS = {
     "build_tokenizer": "tokenizer",
     "Tokenizer": "tokenizer",
-    "preprocess": "preprocess",
+    "preprocess_data": "preprocess",
     "expand_inputs": "preprocess",
     "train_sentencepiece": "train_tokenizer",
     "train_sentencepiece_from_texts": "train_tokenizer",

@@ -22,7 +22,7 @@ import sys
 import sysconfig
 import tempfile
 
-from megatron_staged.data.preprocess import preprocess
+from megatron_staged.data.preprocess import preprocess_data
 from megatron_staged.data.train_tokenizer import train_sentencepiece
 
 _VERSION = 1  # bump when the build recipe changes, to invalidate old caches
@@ -74,7 +74,8 @@ def prepare_default_corpus(cache_dir: str, vocab_size: int = 4096,
     .model for --tokenizer-model), "num_documents": int, "num_tokens": int (EODs included),
     "from_cache": bool}``. Takes a few seconds for 8 MB on 2 cores. Run it on one process only.
     """
-    final_dir = os.path.join(os.path.abspath(cache_dir), f"stdlib-{_cache_key(vocab_size, max_bytes)}")
+    key = _cache_key(vocab_size, max_bytes)
+    final_dir = os.path.join(os.path.abspath(cache_dir), f"stdlib-{key}")
     manifest_path = os.path.join(final_dir, _MANIFEST)
     if os.path.isfile(manifest_path):
         with open(manifest_path) as f:
@@ -106,7 +107,7 @@ def _build(out_dir: str, vocab_size: int, max_bytes: int) -> dict:
     model = train_sentencepiece(jsonl, os.path.join(out_dir, "tokenizer"), vocab_size=vocab_size,
                                 num_threads=2)
     # workers=1: the caller may be a trainer rank with live process groups; do not fork it.
-    stats = preprocess(jsonl, os.path.join(out_dir, "corpus"), "SentencePieceTokenizer",
+    stats = preprocess_data(jsonl, os.path.join(out_dir, "corpus"), "SentencePieceTokenizer",
                        tokenizer_model=model, append_eod=True, workers=1, log=lambda msg: None)
     manifest = {"data_prefix": "corpus_text_document", "tokenizer_model": "tokenizer.model",
                 "num_documents": stats["num_documents"]["text"],

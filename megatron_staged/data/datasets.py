@@ -12,6 +12,7 @@ attention makes its own, and a dense [s, s] mask per sample is large.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -121,7 +122,8 @@ def build_gpt_datasets(*, data_path: list[str] | None, split: str | None, mock_d
     Indices are cached in ``cache_path`` (default: ``index-cache`` next to the first dataset).
 
     Call on every rank when torch.distributed is initialized: global rank 0 builds the indices
-    first, the others wait at a barrier and then load them.
+    first, the others wait at a barrier and then load them, so ``cache_path`` must be on a
+    filesystem that every rank sees.
     """
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
@@ -152,7 +154,8 @@ def build_gpt_datasets(*, data_path: list[str] | None, split: str | None, mock_d
         if data_path:
             blend = _parse_blend(data_path, "--data-path")
             split = split or "969,30,1"  # Megatron's default --split
-            matrix = convert_split_vector_to_split_matrix(_parse_split(split, parse_and_normalize_split))
+            vector = _parse_split(split, parse_and_normalize_split)
+            matrix = convert_split_vector_to_split_matrix(vector)
             for prefix in blend[0]:
                 _check_split_tokens(prefix, matrix, "--data-path", split)
         else:
@@ -178,8 +181,28 @@ def build_gpt_datasets(*, data_path: list[str] | None, split: str | None, mock_d
     sizes = [train_samples, valid_samples, test_samples]
     # Every rank builds its own dataset objects (rank 0 first; the builder barriers in between).
     builder = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config)
-    train, valid, test = builder.build()
+    with _rank_zero_if_not_distributed():
+        train, valid, test = builder.build()
     return train, valid, test
+
+
+@contextlib.contextmanager
+def _rank_zero_if_not_distributed():
+    """Let ``torch.distributed.get_rank()`` answer 0 while building, in a single process only.
+
+    megatron-core 0.16.1's BlendedDataset (weighted ``--data-path`` blends) calls
+    ``torch.distributed.get_rank()`` on an index-cache miss without checking that
+    torch.distributed is initialized, which raises ValueError in a single-process run.
+    """
+    if torch.distributed.is_initialized():
+        yield
+        return
+    original = torch.distributed.get_rank
+    torch.distributed.get_rank = lambda group=None: 0
+    try:
+        yield
+    finally:
+        torch.distributed.get_rank = original
 
 
 def _parse_split(split: str, parse):
@@ -226,7 +249,8 @@ class PretrainingSampler:
     def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
                  data_parallel_rank: int, data_parallel_size: int, cycle: bool = False) -> None:
         require(total_samples > 0, f"no samples in the dataset (total_samples={total_samples})")
-        require(micro_batch_size > 0, f"--micro-batch-size must be positive, got {micro_batch_size}")
+        require(micro_batch_size > 0,
+                f"--micro-batch-size must be positive, got {micro_batch_size}")
         require(data_parallel_size > 0 and 0 <= data_parallel_rank < data_parallel_size,
                 f"bad data-parallel rank {data_parallel_rank} of {data_parallel_size}")
         require(consumed_samples >= 0, f"consumed_samples must be >= 0, got {consumed_samples}")

@@ -131,7 +131,7 @@ def output_prefix_for(output_prefix: str, key: str) -> str:
     return f"{output_prefix}_{key}_document"
 
 
-def preprocess(inputs: list[str] | str, output_prefix: str, tokenizer_type: str,
+def preprocess_data(inputs: list[str] | str, output_prefix: str, tokenizer_type: str,
                tokenizer_model: str | None = None, vocab_size: int | None = None,
                json_keys: tuple[str, ...] = ("text",), append_eod: bool = False,
                workers: int = 1, log_interval: int = 1000,
@@ -161,8 +161,8 @@ def preprocess(inputs: list[str] | str, output_prefix: str, tokenizer_type: str,
     final = {k: output_prefix_for(output_prefix, k) for k in json_keys}
     tmp = {k: f"{p}.tmp{os.getpid()}" for k, p in final.items()}
     builders = {k: IndexedDatasetBuilder(tmp[k] + ".bin", dtype=dtype) for k in json_keys}
-    stats = {"num_documents": dict.fromkeys(json_keys, 0), "num_tokens": dict.fromkeys(json_keys, 0),
-             "skipped_empty": dict.fromkeys(json_keys, 0)}
+    stats = {name: dict.fromkeys(json_keys, 0)
+             for name in ("num_documents", "num_tokens", "skipped_empty")}
     try:
         _write_all(first, stream, builders, stats, log, log_interval)
         for key in json_keys:
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     try:
         require(args.workers >= 1, "--workers must be >= 1")
-        preprocess(args.input, args.output_prefix, args.tokenizer_type, args.tokenizer_model,
+        preprocess_data(args.input, args.output_prefix, args.tokenizer_type, args.tokenizer_model,
                    args.vocab_size, json_keys=args.json_keys, append_eod=args.append_eod,
                    workers=args.workers, log_interval=args.log_interval,
                    text_document_per_line=args.text_document_per_line)

@@ -46,7 +46,8 @@ def train_sentencepiece_from_texts(texts: Iterable[str], model_prefix: str,
     """
     import sentencepiece
 
-    require(model_type in ("bpe", "unigram"), f"--model-type must be bpe or unigram, got {model_type}")
+    require(model_type in ("bpe", "unigram"),
+            f"--model-type must be bpe or unigram, got {model_type}")
     require(vocab_size >= 300, f"--vocab-size {vocab_size} is too small: byte fallback alone "
             "needs 256 ids plus 4 special ids; use at least 300")
     os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)

@@ -1,0 +1,431 @@
+"""Tests of the data layer: tokenizers, preprocessing, corpus, datasets, sampler, iterator."""
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+import textwrap
+
+import numpy
+import pytest
+import torch
+
+from megatron_staged.data import (
+    PretrainingSampler,
+    build_data_iterator,
+    build_gpt_datasets,
+    build_tokenizer,
+    preprocess_data,
+    prepare_default_corpus,
+    train_sentencepiece_from_texts,
+)
+from megatron_staged.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STDLIB = sysconfig.get_paths()["stdlib"]
+
+
+def _stdlib_text(name):
+    with open(os.path.join(STDLIB, name), encoding="utf-8") as f:
+        return f.read()
+
+
+DOCS = [
+    _stdlib_text("bisect.py"),
+    "Ünïcödé text — with a dash, tabs\tand\nnewlines.\n",
+    "",                      # empty: must be skipped
+    "   \n\t ",              # blank: must be skipped
+    _stdlib_text("heapq.py"),
+    "x = 1",
+]
+NONEMPTY = [d for d in DOCS if d.strip()]
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok")
+    texts = [_stdlib_text(n) for n in ("abc.py", "bisect.py", "heapq.py", "fnmatch.py")]
+    return train_sentencepiece_from_texts(texts, str(out / "tok"), vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def sp_tok(sp_model):
+    return build_tokenizer("SentencePieceTokenizer", sp_model)
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory, sp_model):
+    """A .bin/.idx dataset of DOCS written by the preprocess tool run as a script."""
+    out = tmp_path_factory.mktemp("data")
+    jsonl = out / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(DOCS)))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input", str(jsonl),
+         "--output-prefix", str(out / "docs"), "--tokenizer-type", "SentencePieceTokenizer",
+         "--tokenizer-model", sp_model, "--append-eod", "--workers", "2", "--log-interval", "1"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return str(out / "docs_text_document"), proc.stderr
+
+
+def _read_docs(prefix):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(prefix)
+    return [list(map(int, ds[i])) for i in range(len(ds))]
+
+
+# ---- tokenizers ---------------------------------------------------------------------------------
+
+def test_sentencepiece_tokenizer(sp_tok, sp_model):
+    assert sp_tok.vocab_size == 400
+    assert (sp_tok.eod, sp_tok.pad, sp_tok.bos) == (2, 3, 1)
+    assert sp_tok.unique_identifiers["class"] == "SentencePieceTokenizer"
+    assert sp_tok.unique_identifiers["tokenizer_path"] == [os.path.abspath(sp_model)]
+    for text in NONEMPTY:  # identity normalization + byte fallback: exact round trip
+        ids = sp_tok.tokenize(text)
+        assert all(0 <= i < sp_tok.vocab_size for i in ids)
+        assert sp_tok.detokenize(ids) == text
+
+
+def test_null_tokenizer():
+    tok = build_tokenizer("NullTokenizer", vocab_size=100)
+    assert (tok.vocab_size, tok.eod, tok.pad) == (101, 100, -1)  # Megatron: V ids + EOD
+    assert tok.tokenize("5 7  99\n3") == [5, 7, 99, 3]
+    assert tok.detokenize([5, 7]) == "5 7"
+    with pytest.raises(UserError):
+        tok.tokenize("5 x")
+
+
+def test_huggingface_tokenizer_local_dir(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1, "<pad>": 2, "hello": 3, "world": 4}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<eos>",
+                            pad_token="<pad>").save_pretrained(tmp_path / "hf")
+    tok = build_tokenizer("HuggingFaceTokenizer", str(tmp_path / "hf"))
+    assert (tok.vocab_size, tok.eod, tok.pad) == (5, 1, 2)
+    assert tok.tokenize("hello world hello") == [3, 4, 3]
+    assert tok.unique_identifiers["class"] == "HuggingFaceTokenizer"
+
+
+def test_tokenizer_bad_input(tmp_path):
+    with pytest.raises(UserError, match="no sentencepiece model"):
+        build_tokenizer("SentencePieceTokenizer", str(tmp_path / "missing.model"))
+    with pytest.raises(UserError, match="not a sentencepiece model"):
+        (tmp_path / "junk.model").write_text("junk")
+        build_tokenizer("SentencePieceTokenizer", str(tmp_path / "junk.model"))
+    with pytest.raises(UserError, match="no HuggingFace tokenizer"):
+        build_tokenizer("HuggingFaceTokenizer", str(tmp_path / "nope"))
+    with pytest.raises(UserError, match="--vocab-size"):
+        build_tokenizer("NullTokenizer")
+    with pytest.raises(UserError, match="not supported"):
+        build_tokenizer("GPT2BPETokenizer")
+
+
+# ---- preprocessing ------------------------------------------------------------------------------
+
+def test_preprocess_tool_roundtrip(indexed, sp_tok):
+    prefix, log = indexed
+    docs = _read_docs(prefix)
+    assert docs == [sp_tok.tokenize(d) + [sp_tok.eod] for d in NONEMPTY]
+    assert all(len(d) > 1 for d in docs)
+    assert "2 empty skipped" in log
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    assert IndexedDataset(prefix)[0].dtype == numpy.uint16  # vocab 400 fits
+    assert not [f for f in os.listdir(os.path.dirname(prefix)) if ".tmp" in f]
+
+
+def test_preprocess_plain_text(tmp_path, sp_model, sp_tok):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text("first document\nstill first\n")
+    (src / "sub" / "b.txt").write_text("second document")
+    (src / "empty.txt").write_text("")
+    stats = preprocess_data(str(src), str(tmp_path / "plain"), "SentencePieceTokenizer", sp_model,
+                       append_eod=True, log=lambda m: None)
+    # sorted walk: a.txt, empty.txt (skipped), then sub/b.txt
+    expected = ["first document\nstill first\n", "second document"]
+    assert _read_docs(stats["prefixes"]["text"]) == [sp_tok.tokenize(t) + [2] for t in expected]
+    assert stats["skipped_empty"]["text"] == 1
+
+    stats = preprocess_data(str(src / "a.txt"), str(tmp_path / "lines"), "SentencePieceTokenizer",
+                       sp_model, text_document_per_line=True, log=lambda m: None)
+    assert _read_docs(stats["prefixes"]["text"]) == [
+        sp_tok.tokenize("first document"), sp_tok.tokenize("still first")]  # no --append-eod
+
+
+def test_preprocess_bad_input(tmp_path, sp_model):
+    jsonl = tmp_path / "x.jsonl"
+    jsonl.write_text(json.dumps({"body": "hi"}) + "\n")
+    with pytest.raises(UserError, match=r"x.jsonl:1 has no key"):
+        preprocess_data(str(jsonl), str(tmp_path / "o"), "SentencePieceTokenizer", sp_model)
+    jsonl.write_text(json.dumps({"text": "  "}) + "\n" + json.dumps({"text": ""}) + "\n")
+    with pytest.raises(UserError, match="no non-empty documents"):
+        preprocess_data(str(jsonl), str(tmp_path / "o"), "SentencePieceTokenizer", sp_model,
+                   workers=2)
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("o_")]  # nothing half-written
+    jsonl.write_text("{not json\n")
+    with pytest.raises(UserError, match="not valid JSON"):
+        preprocess_data(str(jsonl), str(tmp_path / "o"), "SentencePieceTokenizer", sp_model)
+    with pytest.raises(UserError, match="matches no files"):
+        preprocess_data(str(tmp_path / "nothing*.jsonl"), str(tmp_path / "o"),
+                   "SentencePieceTokenizer", sp_model)
+    from megatron_staged.data.preprocess import main
+
+    assert main(["--input", str(jsonl), "--output-prefix", str(tmp_path / "o"),
+                 "--tokenizer-type", "SentencePieceTokenizer",
+                 "--tokenizer-model", str(tmp_path / "none.model")]) == 2
+
+
+def test_train_tokenizer_tool(tmp_path):
+    from megatron_staged.data.train_tokenizer import main
+
+    (tmp_path / "t.txt").write_text(_stdlib_text("fnmatch.py"))
+    # far more pieces than a 6 KB text supports: sentencepiece's error becomes exit status 2
+    assert main(["--input", str(tmp_path), "--model-prefix", str(tmp_path / "u"),
+                 "--vocab-size", "20000", "--model-type", "unigram"]) == 2
+    assert main(["--input", str(tmp_path / "t.txt"), "--model-prefix", str(tmp_path / "m"),
+                 "--vocab-size", "400"]) == 0
+    tok = build_tokenizer("SentencePieceTokenizer", str(tmp_path / "m.model"))
+    assert (tok.vocab_size, tok.eod, tok.pad) == (400, 2, 3)
+    (tmp_path / "blank.txt").write_text("\n\n")
+    assert main(["--input", str(tmp_path / "blank.txt"), "--model-prefix",
+                 str(tmp_path / "b")]) == 2
+
+
+# ---- sampler and iterator -----------------------------------------------------------------------
+
+def _take(sampler, n):
+    it = iter(sampler)
+    return [next(it) for _ in range(n)]
+
+
+def test_sampler_resumes_exactly():
+    full = _take(PretrainingSampler(1000, 0, 3, 1, 2), 20)
+    # consume 7 steps (7 * mbs * dp samples), then restart a fresh sampler from there
+    resumed = _take(PretrainingSampler(1000, 7 * 3 * 2, 3, 1, 2), 13)
+    assert resumed == full[7:]
+    assert full[0] == [3, 4, 5] and full[1] == [9, 10, 11]
+
+
+def test_sampler_global_batch_independent_of_dp_size():
+    mbs, gbs, consumed = 2, 8, 40
+    # dp=1: gbs/mbs micro-batches per step; dp=4: one micro-batch per rank per step
+    dp1 = _take(PretrainingSampler(500, consumed, mbs, 0, 1), gbs // mbs)
+    dp4 = [_take(PretrainingSampler(500, consumed, mbs, r, 4), 1)[0] for r in range(4)]
+    dp2 = [_take(PretrainingSampler(500, consumed, mbs, r, 2), 2) for r in range(2)]
+    global1 = sorted(i for mb in dp1 for i in mb)
+    assert global1 == list(range(consumed, consumed + gbs))
+    assert sorted(i for mb in dp4 for i in mb) == global1
+    assert sorted(i for r in dp2 for mb in r for i in mb) == global1
+    assert dp4 == dp1  # same order: rank r of dp4 gets dp1's r-th micro-batch
+
+
+def test_sampler_stops_or_cycles():
+    assert len(list(PretrainingSampler(10, 0, 2, 0, 2))) == 2  # last partial chunk dropped
+    with pytest.raises(UserError):
+        PretrainingSampler(10, 10, 2, 0, 2)
+    cyc = _take(PretrainingSampler(10, 8, 2, 1, 2, cycle=True), 2)
+    assert cyc == [[0, 1], [4, 5]]  # stream positions 10,11 and 14,15 wrap to 0,1 and 4,5
+
+
+# ---- datasets -----------------------------------------------------------------------------------
+
+def test_missing_prefix_is_user_error(tmp_path, sp_tok):
+    prefix = str(tmp_path / "nope_text_document")
+    with pytest.raises(UserError) as err:
+        build_gpt_datasets(data_path=[prefix], split="98,2,0", mock_data=False, seq_length=16,
+                           seed=1, tokenizer=sp_tok, train_samples=10, valid_samples=1,
+                           test_samples=0)
+    assert str(err.value) == (
+        f"--data-path: no indexed dataset at {prefix} (expected {prefix}.bin and {prefix}.idx;"
+        " build one with tools/preprocess_data.py)")
+    with pytest.raises(UserError, match="--data-path"):
+        build_gpt_datasets(data_path=None, split=None, mock_data=False, seq_length=16, seed=1,
+                           tokenizer=sp_tok, train_samples=10, valid_samples=1, test_samples=0)
+
+
+def test_split_without_tokens_is_user_error(indexed, sp_tok, tmp_path):
+    prefix, _ = indexed  # 4 documents: "98,2,0" leaves valid with round(4*.98)..4 = 0 docs
+    with pytest.raises(UserError, match="valid split .* 0 tokens"):
+        build_gpt_datasets(data_path=[prefix], split="98,2,0", mock_data=False, seq_length=16,
+                           seed=1, tokenizer=sp_tok, train_samples=10, valid_samples=1,
+                           test_samples=0, cache_path=str(tmp_path))
+    with pytest.raises(UserError, match="--split"):
+        build_gpt_datasets(data_path=[prefix], split="a,b", mock_data=False, seq_length=16,
+                           seed=1, tokenizer=sp_tok, train_samples=10, valid_samples=1,
+                           test_samples=0, cache_path=str(tmp_path))
+
+
+def _check_sample(sample, seq, vocab):
+    assert sample["tokens"].shape == (seq,) and sample["tokens"].dtype == torch.int64
+    assert torch.equal(sample["tokens"][1:], sample["labels"][:-1])  # next-token labels
+    assert torch.equal(sample["position_ids"], torch.arange(seq))
+    assert int(sample["tokens"].max()) < vocab and int(sample["tokens"].min()) >= 0
+
+
+def _as_text(ids):
+    return "," + ",".join(map(str, ids)) + ","
+
+
+def test_gpt_datasets_and_iterator(indexed, sp_tok, tmp_path):
+    prefix, _ = indexed
+    seq = 32
+    kw = dict(data_path=[prefix], split="3,1,0", mock_data=False, seq_length=seq, seed=5,
+              tokenizer=sp_tok, train_samples=300, valid_samples=5, test_samples=0,
+              cache_path=str(tmp_path / "cache"))
+    train, valid, test = build_gpt_datasets(**kw)
+    assert test is None and len(train) >= 300 and len(valid) >= 5
+    docs = _read_docs(prefix)
+    assert sorted(set(numpy.asarray(train.document_index).tolist())) == [0, 1, 2]  # 3 of 4 docs
+    # every sample is a window of the train documents concatenated in megatron's epoch order
+    stream = _as_text([t for d in train.document_index for t in docs[d]])
+    for i in range(len(train)):
+        s = train[i]
+        _check_sample(s, seq, sp_tok.vocab_size)
+        assert "attention_mask" not in s
+        assert torch.all(s["loss_mask"] == 1)
+        assert _as_text(s["tokens"].tolist() + s["labels"][-1:].tolist()) in stream, i
+    # a second build is served from the index cache and gives identical samples
+    train2, _, _ = build_gpt_datasets(**kw)
+    assert torch.equal(train2[7]["tokens"], train[7]["tokens"])
+
+    # iterator: dp=2 ranks together give the dp=1 micro-batches, and resuming matches
+    dp1 = build_data_iterator(train, 8, 2, 0, 1)
+    b0, b1 = next(dp1), next(dp1)
+    assert b0["tokens"].shape == (2, seq) and b0["loss_mask"].dtype == torch.float32
+    r0 = next(build_data_iterator(train, 8, 2, 0, 2))
+    r1 = next(build_data_iterator(train, 8, 2, 1, 2))
+    assert torch.equal(r0["tokens"], b0["tokens"]) and torch.equal(r1["tokens"], b1["tokens"])
+    resumed = next(build_data_iterator(train, 10, 2, 0, 1))
+    assert torch.equal(resumed["labels"], b1["labels"])
+    assert torch.equal(next(build_data_iterator(train, 2, 2, 0, 1, num_workers=1))["tokens"],
+                       torch.stack([train[2]["tokens"], train[3]["tokens"]]))
+
+
+def test_iterator_cycles_when_exhausted(indexed, sp_tok, tmp_path, caplog):
+    prefix, _ = indexed
+    _, valid, _ = build_gpt_datasets(
+        data_path=[prefix], split="3,1,0", mock_data=False, seq_length=32, seed=5,
+        tokenizer=sp_tok, train_samples=10, valid_samples=1, test_samples=0,
+        cache_path=str(tmp_path))
+    n = len(valid)
+    it = build_data_iterator(valid, 0, 1, 0, 1)
+    first = [next(it)["tokens"] for _ in range(n)]
+    with caplog.at_level("WARNING"):
+        again = next(it)["tokens"]
+    assert torch.equal(again, first[0])
+    assert "cycling" in caplog.text
+
+
+def test_blend_with_weights(indexed, tmp_path, sp_model, sp_tok):
+    prefix, _ = indexed
+    (tmp_path / "x.txt").write_text(_stdlib_text("fnmatch.py"))
+    other = preprocess_data(str(tmp_path / "x.txt"), str(tmp_path / "other"),
+                            "SentencePieceTokenizer", sp_model, append_eod=True,
+                            log=lambda m: None)["prefixes"]["text"]
+    train, _, _ = build_gpt_datasets(
+        data_path=["0.3", prefix, "0.7", other], split="1", mock_data=False, seq_length=16,
+        seed=1, tokenizer=sp_tok, train_samples=100, valid_samples=0, test_samples=0,
+        cache_path=str(tmp_path / "cache"))
+    assert len(train) == 100
+    counts = numpy.bincount(numpy.asarray(train.dataset_index), minlength=2)
+    assert counts.tolist() == [30, 70]
+    _check_sample(train[3], 16, sp_tok.vocab_size)
+
+
+def test_mock_data(sp_tok):
+    train, valid, test = build_gpt_datasets(
+        data_path=None, split=None, mock_data=True, seq_length=24, seed=3, tokenizer=sp_tok,
+        train_samples=50, valid_samples=5, test_samples=5)
+    assert len(train) >= 50 and valid is not None and test is not None
+    s = train[0]
+    _check_sample(s, 24, sp_tok.vocab_size)
+    batch = next(build_data_iterator(train, 0, 4, 0, 1))
+    assert batch["tokens"].shape == (4, 24)
+    with pytest.raises(UserError, match="--mock-data cannot"):
+        build_gpt_datasets(data_path=["x"], split=None, mock_data=True, seq_length=24, seed=3,
+                           tokenizer=sp_tok, train_samples=5, valid_samples=0, test_samples=0)
+
+
+# ---- built-in corpus ----------------------------------------------------------------------------
+
+def test_default_corpus_builds_and_caches(tmp_path):
+    import time
+
+    info = prepare_default_corpus(str(tmp_path), vocab_size=1024, max_bytes=1_000_000)
+    assert info["from_cache"] is False
+    assert info["num_documents"] >= 10
+    tok = build_tokenizer("SentencePieceTokenizer", info["tokenizer_model"])
+    assert tok.vocab_size == 1024
+    docs = _read_docs(info["data_prefix"])
+    assert len(docs) == info["num_documents"]
+    assert sum(map(len, docs)) == info["num_tokens"]
+    assert all(d[-1] == tok.eod and len(d) > 1 for d in docs)
+    with open(os.path.join(os.path.dirname(info["data_prefix"]), "corpus.json")) as f:
+        files = json.load(f)["files"]
+    assert len(files) == len(docs)
+    assert tok.detokenize(docs[0][:-1]) == _stdlib_text(files[0])  # exact round trip
+    assert 500_000 < sum(os.path.getsize(os.path.join(STDLIB, p)) for p in files) <= 1_000_000
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".stdlib-build-")]
+
+    t0 = time.time()
+    again = prepare_default_corpus(str(tmp_path), vocab_size=1024, max_bytes=1_000_000)
+    assert again["from_cache"] is True and time.time() - t0 < 1.0
+    assert {k: v for k, v in again.items() if k != "from_cache"} == \
+        {k: v for k, v in info.items() if k != "from_cache"}
+
+
+# ---- torch.distributed --------------------------------------------------------------------------
+
+_DIST_SCRIPT = """
+import os, sys, warnings
+warnings.filterwarnings("ignore")
+import torch, torch.distributed as dist, torch.multiprocessing as mp
+# import megatron-core once here; the forked ranks inherit it (saves an import per rank)
+from megatron_staged.data import build_tokenizer, build_gpt_datasets, build_data_iterator
+import megatron.core.datasets.gpt_dataset
+
+def work(rank, prefix, model, cache, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    tok = build_tokenizer("SentencePieceTokenizer", model)
+    train, valid, _ = build_gpt_datasets(
+        data_path=[prefix], split="3,1,0", mock_data=False, seq_length=16, seed=9,
+        tokenizer=tok, train_samples=64, valid_samples=4, test_samples=0, cache_path=cache)
+    batch = next(build_data_iterator(train, 0, 2, rank, 2))["tokens"]
+    gathered = [torch.zeros_like(batch) for _ in range(2)]
+    dist.all_gather(gathered, batch)
+    ref = torch.stack([train[i]["tokens"] for i in range(4)])
+    assert torch.equal(torch.cat(gathered), ref), "DP ranks do not partition the global batch"
+    dist.barrier()
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    mp.start_processes(work, args=tuple(sys.argv[1:4]) + (int(sys.argv[4]),), nprocs=2,
+                       start_method="fork")
+    print("DIST-OK")
+"""
+
+
+def test_datasets_under_torch_distributed(indexed, sp_model, tmp_path):
+    import socket
+
+    prefix, _ = indexed
+    script = tmp_path / "dist_data.py"
+    script.write_text(textwrap.dedent(_DIST_SCRIPT))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, str(script), prefix, sp_model,
+                           str(tmp_path / "cache"), str(port)],
+                          capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0 and "DIST-OK" in proc.stdout, proc.stderr[-3000:]
+    assert any(f.endswith("GPTDataset-train-shuffle_index.npy")
+               for _, _, fs in os.walk(tmp_path / "cache") for f in fs)

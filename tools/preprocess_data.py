@@ -1,0 +1,11 @@
+#!/usr/bin/env python
+"""Megatron-style `tools/preprocess_data.py`; see megatron_staged/data/preprocess.py."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_staged.data.preprocess import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
