@@ -188,6 +188,7 @@ def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, schedule
     sd = build_state_dict(model_chunks, optimizer, scheduler, common, is_loading=False,
                           with_optimizer=save_optimizer, with_rng=True)
     dist_checkpointing.save(sd, tmp, validate_access_integrity=True)
+    _fault_injection("save", iteration)
     barrier()
     if is_rank0():
         if os.path.exists(final):
@@ -201,6 +202,12 @@ def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, schedule
         _write_tracker(root, iteration)
     barrier()
     return final
+
+
+def _fault_injection(point: str, iteration: int) -> None:
+    """Die here if MEGATRON_STAGED_FAULT=point:iteration (used by the crash-safety tests)."""
+    if os.environ.get("MEGATRON_STAGED_FAULT") == f"{point}:{iteration}":
+        os._exit(17)
 
 
 def _write_tracker(root: str, iteration: int) -> None:

@@ -123,11 +123,33 @@ def build_model(cfg: Config, pre_process: bool, post_process: bool):
         rotary_percent=1.0,
         rotary_base=m.rotary_base,
     )
+    _mark_tensor_parallel_weights(model)
     if m.num_layers == 0:
         # embedding -> final norm -> output head, no transformer blocks (zero-layer model)
         model.decoder.layers = torch.nn.ModuleList()
         model.decoder.config.num_layers = 0
     return model
+
+
+def _mark_tensor_parallel_weights(model) -> None:
+    """Tag TP-sharded weights as megatron's CPU init would have.
+
+    With ``use_cpu_initialization`` and ``perform_initialization=False`` megatron-core skips
+    ``set_tensor_model_parallel_attributes`` on the weights, and grad-norm / clipping would then
+    treat the shards as TP duplicates (counting only rank 0's).
+    """
+    from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
+                                                      VocabParallelEmbedding,
+                                                      set_tensor_model_parallel_attributes)
+
+    for mod in model.modules():
+        w = getattr(mod, "weight", None)
+        if w is None or getattr(w, "tensor_model_parallel", False):
+            continue
+        if isinstance(mod, (ColumnParallelLinear, VocabParallelEmbedding)):
+            set_tensor_model_parallel_attributes(w, True, 0, 1)
+        elif isinstance(mod, RowParallelLinear):
+            set_tensor_model_parallel_attributes(w, True, 1, 1)
 
 
 def set_padded_vocab_size(cfg: Config, vocab_size: int) -> int:
