@@ -45,6 +45,24 @@ def cmd_train(argv):
     return summary
 
 
+def _delegate(name: str, module: str):
+    """A command implemented by ``module.main(argv)`` (imported only when used)."""
+    def run(argv):
+        import importlib
+
+        return importlib.import_module(module).main(argv)
+    COMMANDS[name] = run
+
+
+_delegate("quickstart", "megatron_staged.quickstart")
+_delegate("evaluate", "megatron_staged.tools.evaluate")
+_delegate("grow", "megatron_staged.tools.grow")
+_delegate("convert", "megatron_staged.tools.convert")
+_delegate("inspect", "megatron_staged.tools.inspect_ckpt")
+_delegate("export-hf", "megatron_staged.tools.hf_export")
+_delegate("import-hf", "megatron_staged.tools.hf_import")
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_warnings()
@@ -57,7 +75,7 @@ def main(argv=None) -> int:
         print(f"error: unknown command {name!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     try:
-        COMMANDS[name](rest)
+        rc = COMMANDS[name](rest)
     except UserError as e:
         rank = os.environ.get("RANK", "0")
         if rank == "0":
@@ -65,7 +83,7 @@ def main(argv=None) -> int:
         return 2
     finally:
         _shutdown()
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 def _shutdown() -> None:

@@ -153,10 +153,31 @@ def set_optimizer_step(optimizer, step: int) -> None:
                     st["step"] = torch.tensor(float(step), dtype=torch.float32)
 
 
-def _drop_optimizer_step(optimizer) -> None:
-    for inner in _inner_optimizers(optimizer):
-        for st in inner.state.values():
-            st.pop("step", None)
+def load_optimizer_state(optimizer, sd: dict, step: int) -> None:
+    """``optimizer.load_state_dict`` for a loaded sharded state dict, with torch Adam's step.
+
+    The distributed optimizer's fully_reshardable loader copies every key of a parameter's state
+    from the checkpoint, ``step`` included, which the format does not hold per parameter. So the
+    parameter state is loaded separately, with ``step`` removed, and the step is re-set after.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    parts = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    sds = [sd] if len(parts) == 1 else [sd[i] for i in range(len(parts))]
+    for opt, part_sd in zip(parts, sds):
+        param_state = None
+        if isinstance(opt, DistributedOptimizer) and "param_state" in part_sd:
+            part_sd = dict(part_sd)
+            param_state = part_sd.pop("param_state")
+            kind = part_sd.pop("param_state_sharding_type")
+            if kind != "fully_reshardable":
+                raise UserError(f"optimizer state saved as {kind!r}; this loader reads 'fully_reshardable'")
+        opt.load_state_dict(part_sd)
+        if param_state is not None:
+            for st in opt.optimizer.state.values():
+                st.pop("step", None)
+            opt.load_parameter_state_from_fully_reshardable(param_state)
+    set_optimizer_step(optimizer, step)
 
 
 # ---- save / load ------------------------------------------------------------------------------
@@ -239,8 +260,6 @@ def load_checkpoint(path: str, model_chunks, optimizer, scheduler, *, load_optim
     if load_optimizer and optimizer is not None and not state.get("has_optimizer", True):
         raise UserError(f"{ckpt_dir} holds no optimizer state (saved with --no-save-optim); "
                         f"load it with --no-load-optim or --finetune")
-    if with_optim:
-        _drop_optimizer_step(optimizer)
     sd = build_state_dict(model_chunks, optimizer, None, {}, is_loading=True,
                           with_optimizer=with_optim, with_rng=load_rng and same_layout)
     try:
@@ -259,8 +278,7 @@ def load_checkpoint(path: str, model_chunks, optimizer, scheduler, *, load_optim
         for i, c in enumerate(model_chunks):
             unwrap(c).load_state_dict(loaded[f"model{i}"])
     if with_optim:
-        optimizer.load_state_dict(loaded["optimizer"])
-        set_optimizer_step(optimizer, state.get("optimizer_step", 0))
+        load_optimizer_state(optimizer, loaded["optimizer"], state.get("optimizer_step", 0))
     if scheduler is not None and "opt_param_scheduler" in common and load_optimizer:
         scheduler.load_state_dict(common["opt_param_scheduler"])
     if load_rng and same_layout and "rng_state" in loaded:

@@ -1,0 +1,1 @@
+"""Command implementations behind ``megatron-staged`` subcommands (each module has ``main(argv)``)."""
