@@ -19,15 +19,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _run(cmd: list[str], timeout: int, env: dict) -> subprocess.CompletedProcess:
+    """Run in a new session with output in files, then kill whatever it left behind.
+
+    dist_checkpointing starts a multiprocessing manager process per rank that outlives a rank
+    that crashes (the save-crash test kills ranks on purpose); with pipes, it would hold them open.
+    """
+    import signal
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen(cmd, cwd=str(ROOT), stdout=out, stderr=err, text=True, env=env, start_new_session=True)
+        try:
+            rc = p.wait(timeout=timeout)
+        finally:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(cmd, rc, out.read(), err.read())
+
+
+def _env(extra: dict | None = None) -> dict:
+    e = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+             PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    e.update(extra or {})
+    return e
+
+
 def torchrun(args: list[str], nproc: int, timeout: int = 600, check: bool = True, env: dict | None = None,
              module: str = "megatron_staged") -> subprocess.CompletedProcess:
     """Run ``python -m torch.distributed.run --nproc-per-node N -m MODULE ARGS`` and return the result."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-port", str(free_port()), "--tee", "0", "-m", module, *args]
-    e = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-             PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    e.update(env or {})
-    r = subprocess.run(cmd, cwd=str(ROOT), capture_output=True, text=True, timeout=timeout, env=e)
+           "--master-port", str(free_port()), "-m", module, *args]
+    r = _run(cmd, timeout, _env(env))
     if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-6000:]}")
     return r
@@ -35,10 +62,7 @@ def torchrun(args: list[str], nproc: int, timeout: int = 600, check: bool = True
 
 def run_cli(args: list[str], timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
     """One process, no torchrun (as a user would run a tool)."""
-    e = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore",
-             PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-m", "megatron_staged", *args], cwd=str(ROOT), capture_output=True,
-                       text=True, timeout=timeout, env=e)
+    r = _run([sys.executable, "-m", "megatron_staged", *args], timeout, _env())
     if check and r.returncode != 0:
         raise AssertionError(f"megatron-staged {' '.join(args)} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-6000:]}")
     return r

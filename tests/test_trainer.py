@@ -82,7 +82,7 @@ def test_killed_save_leaves_previous_checkpoint(tmp_path, corpus):
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
     assert (ckpt / "iter_0000004.tmp").exists() and not (ckpt / "iter_0000004").exists()
     log = tmp_path / "resume.jsonl"
-    torchrun(["train", *extra, *corpus, "--load", str(ckpt), "--log-file", str(log)], nproc=2)
+    torchrun(["train", *extra, *corpus, "--load", str(ckpt), "--save", str(ckpt), "--log-file", str(log)], nproc=2)
     assert sorted(losses(log)) == [3, 4]
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
     assert not (ckpt / "iter_0000004.tmp").exists()

@@ -260,6 +260,16 @@ def load_checkpoint(path: str, model_chunks, optimizer, scheduler, *, load_optim
     if load_optimizer and optimizer is not None and not state.get("has_optimizer", True):
         raise UserError(f"{ckpt_dir} holds no optimizer state (saved with --no-save-optim); "
                         f"load it with --no-load-optim or --finetune")
+    if with_optim:
+        saved_dist = bool((common.get("args") or {}).get("parallel", {}).get("use_distributed_optimizer", False))
+        from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+        parts = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+        now_dist = isinstance(parts[0], DistributedOptimizer)
+        if saved_dist != now_dist:
+            flag = "--use-distributed-optimizer" if saved_dist else "no --use-distributed-optimizer"
+            raise UserError(f"{ckpt_dir} was saved with {flag}; resume the same way (or pass --no-load-optim "
+                            f"to start a fresh optimizer, or convert the checkpoint)")
     sd = build_state_dict(model_chunks, optimizer, None, {}, is_loading=True,
                           with_optimizer=with_optim, with_rng=load_rng and same_layout)
     try:

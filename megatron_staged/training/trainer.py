@@ -139,6 +139,10 @@ def average_loss_over_ranks(losses) -> float:
     return float(t[0] / t[1]) if t[1] > 0 else float("nan")
 
 
+GROWN_FIELDS = {"num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                "kv_channels", "group_query_attention"}
+
+
 # ---- the trainer --------------------------------------------------------------------------------
 
 class Trainer:
@@ -179,11 +183,15 @@ class Trainer:
         from megatron_staged.config import Config as _C
 
         ckpt_dir, _ = resolve_checkpoint_dir(cfg.checkpoint.load)
-        args = load_common(ckpt_dir).get("args")
+        common = load_common(ckpt_dir)
+        args = common.get("args")
         if not args:
             return
         saved = _C.from_dict(args).model
         explicit = getattr(cfg, "_explicit", set())
+        if common.get("train_state", {}).get("stage_history"):
+            # a grown run: the config file still describes the first stage's model
+            explicit = explicit - GROWN_FIELDS
         for name, value in vars(saved).items():
             mine = getattr(cfg.model, name)
             if name in explicit and mine != value and name not in ("bf16", "fp16", "transformer_impl",

@@ -1,0 +1,26 @@
+"""``megatron-staged evaluate --load CKPT``: print the eval loss of a checkpoint.
+
+Data flags as for ``train`` (none: the built-in corpus); ``--eval-iters`` global batches of the
+validation split, from its start, so two checkpoints evaluated alike see the same tokens.
+"""
+from __future__ import annotations
+
+
+def main(argv) -> int:
+    from megatron_staged.cli import _train_parser
+    from megatron_staged.config import config_from_args
+    from megatron_staged.errors import UserError
+    from megatron_staged.runtime.distributed import print_rank0
+    from megatron_staged.training.trainer import Trainer
+
+    cfg = config_from_args(_train_parser("megatron-staged evaluate").parse_args(argv))
+    if not cfg.checkpoint.load:
+        raise UserError("evaluate needs --load CKPT")
+    cfg.checkpoint.no_load_rng = True
+    cfg.checkpoint.no_load_optim = True  # weights only
+    trainer = Trainer(cfg)
+    loss = trainer.evaluate()
+    print_rank0(f"eval loss {loss:.8f} at iteration {trainer.iteration} over {cfg.training.eval_iters} "
+                f"batches of {cfg.training.global_batch_size} ({cfg.model.num_layers} layers, "
+                f"hidden {cfg.model.hidden_size}, layout {trainer.layout})")
+    return 0
