@@ -50,10 +50,11 @@ def _env(extra: dict | None = None) -> dict:
 
 
 def torchrun(args: list[str], nproc: int, timeout: int = 600, check: bool = True, env: dict | None = None,
-             module: str = "megatron_staged") -> subprocess.CompletedProcess:
-    """Run ``python -m torch.distributed.run --nproc-per-node N -m MODULE ARGS`` and return the result."""
+             module: str = "megatron_staged", script: str | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m torch.distributed.run --nproc-per-node N -m MODULE ARGS`` (or a script)."""
+    target = [script] if script else ["-m", module]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-port", str(free_port()), "-m", module, *args]
+           "--master-port", str(free_port()), *target, *args]
     r = _run(cmd, timeout, _env(env))
     if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-6000:]}")

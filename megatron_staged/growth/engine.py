@@ -86,6 +86,8 @@ class SourceCheckpoint:
         from megatron.core import dist_checkpointing
         from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
+        if torch.distributed.get_world_size() == 1:
+            return self._load_whole(requests)
         sd = {}
         for name, (ckey, layer) in requests.items():
             shape, dtype = self.shapes[ckey]
@@ -97,6 +99,23 @@ class SourceCheckpoint:
                     prepend_axis_num=1)
         loaded = dist_checkpointing.load(sd, self.dir, validate_access_integrity=False)
         return {name: loaded[name] for name in requests}
+
+    def _load_whole(self, requests: dict) -> dict:
+        """One process: megatron's torch_dist loader cannot read a partial tensor at world size 1
+        (it places the other fragments on rank (rank+1) % world = itself), so read whole keys once."""
+        from megatron.core import dist_checkpointing
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+        if not hasattr(self, "_whole"):
+            self._whole = {}
+        missing = {ckey for ckey, _ in requests.values()} - set(self._whole)
+        if missing:
+            sd = {k: ShardedTensor.from_rank_offsets(k, torch.empty(self.shapes[k][0], dtype=self.shapes[k][1]),
+                                                     replica_id=0) for k in missing}
+            loaded = dist_checkpointing.load(sd, self.dir, validate_access_integrity=False)
+            self._whole.update({k: loaded[k] for k in missing})
+        return {name: self._whole[ckey] if layer is None else self._whole[ckey][layer]
+                for name, (ckey, layer) in requests.items()}
 
 
 def _layer_of(st) -> int:
@@ -140,9 +159,6 @@ def grow_sharded_state(src_dir: str, spec: GrowthSpec, old_model_cfg, model_chun
         opt_sts = [v for v in nested_values(opt_sd) if isinstance(v, ShardedTensor)]
     targets = [(st, "model") for st in model_sts] + [(st, "optim") for st in opt_sts]
 
-    first_layer = None
-    layer_sts = [st for st, _ in targets if st.prepend_axis_num]
-    local_layers = sorted({_layer_of(st) for st in layer_sts})
     per_stage = spec.new_num_layers // ps.get_pipeline_model_parallel_world_size()
     first_layer = ps.get_pipeline_model_parallel_rank() * per_stage
     slots = [-1] + list(range(per_stage))

@@ -172,11 +172,11 @@ def target_config(old_cfg: Config, spec: GrowthSpec, world_size: int) -> Config:
     if spec.target_pp:
         p.pipeline_model_parallel_size = spec.target_pp
     tp = p.tensor_model_parallel_size
-    require(m.padded_vocab_size is None or m.padded_vocab_size % tp == 0,
-            f"the padded vocabulary ({m.padded_vocab_size}) cannot be split over target TP {tp}")
     new.training.global_batch_size = old_cfg.training.global_batch_size
     try:
         validate(new, world_size)
+        require(m.padded_vocab_size is None or m.padded_vocab_size % tp == 0,
+                f"the padded vocabulary ({m.padded_vocab_size}) cannot be split over TP {tp}")
     except UserError as e:
         raise UserError(f"the grown model ({m.num_layers} layers, hidden {m.hidden_size}, "
                         f"{m.num_attention_heads} heads) does not fit target TP {tp} x PP "

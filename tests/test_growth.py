@@ -1,0 +1,270 @@
+"""Growth operators on sharded training state (REFERENCE.md sections 1 and 3).
+
+Properties: loss preserved by identity-depth, width and depth+width growth for both families at
+source layouts TP{1,2} x PP{1,2} x DP{1,2} (also when the growth changes the layout); the grown
+state equals the single-process reference operator on the gathered model whatever the layouts;
+offline and in-run growth give identical tensors; moments follow the rules; training continues and
+its loss falls; duplicated width units diverge; bad requests fail before anything is written.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY_GPT2, TINY_LLAMA, losses, read_records, torchrun
+
+from megatron_staged.config import Config
+from megatron_staged.growth.reference import grow_global_state, read_checkpoint_tensors
+from megatron_staged.growth.spec import depth_map_for, make_spec, parse_depth_map
+
+TOL = 1e-5
+
+# Source layouts by world size: (tp, pp) pairs; DP = world / (tp * pp).
+WORLDS = {1: [(1, 1)], 2: [(1, 1), (2, 1), (1, 2)], 4: [(2, 1), (1, 2), (2, 2)], 8: [(2, 2)]}
+OPS = [
+    ("depth", {"depth_factor": 2}),
+    ("width", {"width_factor": 2}),
+    ("depth+width", {"depth_factor": 2, "width_factor": 2}),
+]
+
+
+def _target(op, tp, pp, world):
+    """A target layout that changes the layout where the grown model allows it."""
+    stage = {}
+    if "depth" in op and pp == 1 and world % (2 * tp) == 0:
+        stage["target_pipeline_model_parallel_size"] = 2  # depth growth adds pipeline stages
+    elif "width" in op and tp == 1 and world % (2 * pp) == 0:
+        stage["target_tensor_model_parallel_size"] = 2  # width growth re-partitions TP shards
+    return stage
+
+
+@pytest.fixture(scope="session")
+def sources(tmp_path_factory, corpus):
+    """A 3-iteration source checkpoint per family (non-trivial Adam moments), TP1 PP1 DP2."""
+    root = tmp_path_factory.mktemp("sources")
+    out = {}
+    for family, flags in (("gpt2", TINY_GPT2), ("llama", TINY_LLAMA)):
+        flags = [f for f in flags]
+        i = flags.index("--num-layers")
+        flags[i + 1] = "2"
+        torchrun(["train", *flags, *corpus, "--train-iters", "3", "--use-distributed-optimizer",
+                  "--save", str(root / family)], nproc=2)
+        out[family] = str(root / family)
+    return out
+
+
+@pytest.fixture(scope="session")
+def grown(tmp_path_factory, sources, corpus):
+    """Run every (family, source layout, op) case through the in-run growth path."""
+    root = tmp_path_factory.mktemp("grown")
+    results = {}
+    n = 0
+    for world, layouts in WORLDS.items():
+        cases = []
+        for tp, pp in layouts:
+            for family in ("gpt2", "llama"):
+                op, stage = OPS[n % len(OPS)]
+                n += 1
+                stage = dict(stage, **_target(op, tp, pp, world))
+                name = f"{family}_w{world}_tp{tp}pp{pp}_{op}"
+                cases.append({"name": name, "source": sources[family], "tp": tp, "pp": pp,
+                              "stage": stage, "out": str(root / name), "data": corpus, "family": family,
+                              "op": op})
+        spec_file = root / f"cases_{world}.json"
+        spec_file.write_text(json.dumps(cases))
+        res_file = root / f"results_{world}.jsonl"
+        torchrun([str(spec_file), str(res_file)], nproc=world, script=str(ROOT / "tests/workers/growth_worker.py"),
+                 timeout=900)
+        for r in read_records(res_file):
+            case = next(c for c in cases if c["name"] == r["name"])
+            results[r["name"]] = dict(case, **r)
+    return results
+
+
+def test_growth_preserves_loss_at_every_layout(grown):
+    seen = set()
+    for name, r in grown.items():
+        assert abs(r["after"] - r["before"]) <= TOL, f"{name}: {r['before']} -> {r['after']}"
+        seen.add((r["family"], r["op"]))
+        changed = (r["from"]["tp"], r["from"]["pp"]) != (r["to"]["tp"], r["to"]["pp"])
+        seen.add(("layout-change", r["op"])) if changed else None
+    for family in ("gpt2", "llama"):
+        for op, _ in OPS:
+            assert (family, op) in seen, f"no {family} {op} case ran"
+    assert ("layout-change", "depth") in seen and ("layout-change", "width") in seen
+
+
+def _old_cfg(source):
+    from megatron_staged.checkpoint.manager import load_common, resolve_checkpoint_dir
+    from megatron_staged.config import resolve_model
+
+    cfg = Config.from_dict(load_common(resolve_checkpoint_dir(source)[0])["args"])
+    resolve_model(cfg.model)
+    return cfg
+
+
+def _spec(r):
+    st = r["stage"]
+    return make_spec(_old_cfg(r["source"]), depth_factor=st.get("depth_factor"), width_factor=st.get("width_factor", 1))
+
+
+def test_grown_state_equals_reference_operator(grown, sources):
+    """Whatever the source/target layouts, the grown checkpoint == reference op on the gathered source."""
+    src_tensors = {f: read_checkpoint_tensors(os.path.join(p, "iter_0000003")) for f, p in sources.items()}
+    for name, r in grown.items():
+        got = read_checkpoint_tensors(os.path.join(r["out"], "iter_0000003"))
+        ref = grow_global_state(src_tensors[r["family"]], _spec(r), _old_cfg(r["source"]).model)
+        compared = 0
+        for key, want in ref.items():
+            if key.endswith("#layers") or want is None:
+                continue
+            assert key in got, f"{name}: grown checkpoint lacks {key}"
+            assert got[key].shape == want.shape, f"{name}: {key} {tuple(got[key].shape)} != {tuple(want.shape)}"
+            torch.testing.assert_close(got[key].float(), want.float(), rtol=0, atol=0, msg=f"{name}: {key}")
+            compared += 1
+        assert compared > 20, f"{name}: only {compared} tensors compared"
+        assert any(k.startswith("optimizer.state.exp_avg_sq.") for k in ref), "moments were not compared"
+
+
+def test_moments_follow_the_rules(grown, sources):
+    """Checked against the source directly (not through the operator code)."""
+    width = next(r for r in grown.values() if r["op"] == "width" and r["family"] == "llama")
+    depth = next(r for r in grown.values() if r["op"] == "depth" and r["family"] == "gpt2")
+    # width x2 on llama (untied output, SwiGLU, GQA)
+    s = read_checkpoint_tensors(os.path.join(sources["llama"], "iter_0000003"))
+    g = read_checkpoint_tensors(os.path.join(width["out"], "iter_0000003"))
+    for kind, scale in (("exp_avg", 0.5), ("exp_avg_sq", 0.25)):
+        k = f"optimizer.state.{kind}.decoder.layers.mlp.linear_fc2.weight"
+        h, f = s[k].shape[1], s[k].shape[2]
+        torch.testing.assert_close(g[k][:, :h, :f], s[k] * scale, rtol=0, atol=0)
+        torch.testing.assert_close(g[k][:, h:, f:], s[k] * scale, rtol=0, atol=0)
+        assert g[k][:, :h, f:].abs().max() == 0 and g[k][:, h:, :f].abs().max() == 0, "new zero blocks: zero moments"
+        out = f"optimizer.state.{kind}.output_layer.weight"  # carries the split: full gradient, unscaled
+        torch.testing.assert_close(g[out], torch.cat([s[out], s[out]], dim=1), rtol=0, atol=0)
+    # the split output layer itself: [alpha W, (1-alpha) W]
+    w, gw = s["output_layer.weight"], g["output_layer.weight"]
+    torch.testing.assert_close(gw[:, : w.shape[1]] + gw[:, w.shape[1]:], w, rtol=1e-6, atol=1e-7)
+    # depth x2 interleave with identity init on gpt2: new layers 2i+1
+    s = read_checkpoint_tensors(os.path.join(sources["gpt2"], "iter_0000003"))
+    g = read_checkpoint_tensors(os.path.join(depth["out"], "iter_0000003"))
+    for kind in ("exp_avg", "exp_avg_sq"):
+        for name in ("self_attention.linear_qkv.weight", "mlp.linear_fc1.weight", "input_layernorm.weight"):
+            k = f"optimizer.state.{kind}.decoder.layers.{name}"
+            for i in range(s[k].shape[0]):
+                torch.testing.assert_close(g[k][2 * i], s[k][i], rtol=0, atol=0)
+                torch.testing.assert_close(g[k][2 * i + 1], s[k][i], rtol=0, atol=0)
+        for name in ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight", "mlp.linear_fc2.bias"):
+            k = f"optimizer.state.{kind}.decoder.layers.{name}"
+            assert g[k][1::2].abs().max() == 0, f"identity-zeroed {name}: zero moments"
+            torch.testing.assert_close(g[k][0::2], s[k], rtol=0, atol=0)
+    assert g["decoder.layers.mlp.linear_fc2.weight"][1::2].abs().max() == 0
+
+
+@pytest.fixture(scope="session")
+def staged_run(tmp_path_factory, corpus):
+    """A gpt2 run growing in-run at iteration 3 (depth x2 + width x2, TP1 -> TP2), then 4 more steps."""
+    root = tmp_path_factory.mktemp("staged")
+    cfg = root / "stages.yaml"
+    cfg.write_text("staging:\n  stages:\n    - {at_iteration: 3, depth_factor: 2, width_factor: 2, "
+                   "target_tensor_model_parallel_size: 2, rewarmup_iters: 2}\n")
+    flags = list(TINY_GPT2)
+    flags[flags.index("--num-layers") + 1] = "2"
+    log = root / "log.jsonl"
+    torchrun(["train", "--config", str(cfg), *flags, *corpus, "--train-iters", "9", "--use-distributed-optimizer",
+              "--save", str(root / "ckpt"), "--save-interval", "3", "--log-file", str(log), "--lr", "3e-3"], nproc=2)
+    return root
+
+
+def test_inrun_growth_equals_offline(staged_run, corpus):
+    """The in-run grown state (saved right after growth) == offline grow of the pre-growth checkpoint."""
+    pre = staged_run / "ckpt" / "stage_0_pre_growth"
+    off = staged_run / "offline"
+    torchrun(["grow", "--load", str(pre), "--save", str(off), "--depth-factor", "2", "--width-factor", "2",
+              "--target-tensor-model-parallel-size", "1", "--rewarmup-iters", "2"], nproc=1)
+    # right after growing, the run saved its grown state as iteration 3 (replacing the pre-growth save)
+    offline = read_checkpoint_tensors(str(off / "iter_0000003"))
+    grown_at_3 = read_checkpoint_tensors(str(staged_run / "ckpt" / "iter_0000003"))
+    keys = [k for k in offline if k.startswith(("embedding", "decoder", "output_layer", "optimizer.state"))]
+    assert len(keys) > 20 and any("exp_avg_sq" in k for k in keys)
+    for k in keys:
+        torch.testing.assert_close(grown_at_3[k], offline[k], rtol=0, atol=0, msg=k)
+
+
+def test_training_continues_after_growth_and_units_diverge(staged_run):
+    recs = read_records(staged_run / "log.jsonl")
+    ev = [r for r in recs if r.get("event") == "growth"]
+    assert len(ev) == 1 and abs(ev[0]["eval_loss_after"] - ev[0]["eval_loss_before"]) <= TOL
+    loss = {r["iteration"]: r["loss"] for r in recs if "loss" in r}
+    assert sorted(loss) == list(range(1, 10))
+    assert loss[9] < loss[4], f"loss did not fall after growth: {loss}"
+    sizes = {r["iteration"]: r["hidden_size"] for r in recs if "hidden_size" in r}
+    assert sizes[3] == 64 and sizes[4] == 128
+    # the two copies of the doubled FFN diverge (alpha split breaks the symmetry; dropout is 0)
+    final = read_checkpoint_tensors(str(staged_run / "ckpt" / "iter_0000009"))
+    w = final["decoder.layers.mlp.linear_fc1.weight"]  # [L, 2f, 2h]
+    f, h = w.shape[1] // 2, w.shape[2] // 2
+    a, b = w[:, :f, :h], w[:, f:, h:]
+    rel = float((a - b).norm() / a.norm())
+    assert rel > 1e-3, f"duplicated units did not diverge (relative difference {rel:.2e})"
+
+
+def test_symmetric_split_keeps_copies_identical(tmp_path, corpus):
+    """Control for the divergence test: alpha = 1/2 and no noise keeps the copies (nearly) equal."""
+    cfg = tmp_path / "stages.yaml"
+    cfg.write_text("staging:\n  stages:\n    - {at_iteration: 2, width_factor: 2, width_split: 0.5, rewarmup_iters: 2}\n")
+    flags = list(TINY_GPT2)
+    flags[flags.index("--num-layers") + 1] = "1"
+    torchrun(["train", "--config", str(cfg), *flags, *corpus, "--train-iters", "8", "--lr", "3e-3",
+              "--save", str(tmp_path / "ckpt")], nproc=1)
+    final = read_checkpoint_tensors(str(tmp_path / "ckpt" / "iter_0000008"))
+    w = final["decoder.layers.mlp.linear_fc1.weight"]
+    f, h = w.shape[1] // 2, w.shape[2] // 2
+    rel = float((w[:, :f, :h] - w[:, f:, h:]).norm() / w[:, :f, :h].norm())
+    assert rel < 1e-4, f"symmetric copies drifted apart ({rel:.2e})"
+
+
+def test_bad_growth_requests_fail_before_writing(tmp_path, sources):
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT))
+    cases = [
+        (["--width-factor", "2", "--target-tensor-model-parallel-size", "3"], "not divisible by --tensor-model-parallel-size 3"),
+        (["--depth-map", "0,1,5"], "refers to layer 5"),
+        (["--num-layers", "1"], "must not be shallower"),
+        (["--depth-factor", "2", "--depth-placement", "middle"], "middle"),
+    ]
+    procs = []
+    for i, (args, needle) in enumerate(cases):
+        dst = tmp_path / f"dst{i}"
+        p = subprocess.Popen([sys.executable, "-m", "megatron_staged", "grow", "--load", sources["gpt2"],
+                              "--save", str(dst), *args], cwd=str(ROOT), env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        procs.append((p, needle, dst))
+    for p, needle, dst in procs:
+        out, err = p.communicate(timeout=300)
+        if needle == "middle":  # middle placement of 2 -> 4 layers is valid: copies the whole 2-layer block
+            assert p.returncode == 0, err[-2000:]
+            continue
+        assert p.returncode == 2 and "Traceback" not in err, err[-3000:]
+        lines = [l for l in err.splitlines() if l.startswith("error:")]
+        assert len(lines) == 1 and needle in lines[0], err[-3000:]
+        assert not dst.exists(), "nothing may be written for a bad request"
+
+
+def test_depth_maps():
+    assert depth_map_for(2, 4, "interleave") == [0, 0, 1, 1]
+    assert depth_map_for(2, 4, "stack") == [0, 1, 0, 1]
+    assert depth_map_for(4, 6, "middle") == [0, 1, 2, 1, 2, 3]
+    assert depth_map_for(3, 5, "interleave") == [0, 0, 1, 1, 2]
+    assert depth_map_for(0, 3, "stack") == [None, None, None]
+    assert parse_depth_map("0,0,1,new", 2) == [0, 0, 1, None]
+    cfg = Config()
+    cfg.model.num_layers = 2
+    spec = make_spec(cfg, depth_map="0,1,0,1", depth_init="identity")
+    assert spec.new_layer == [False, False, True, True]
+    assert spec.effective_rho() == pytest.approx(1.4)
+    spec = make_spec(cfg, depth_factor=2, width_factor=2)
+    assert spec.effective_rho() == pytest.approx(1.4 * 1.8)
