@@ -126,6 +126,7 @@ class CheckpointConfig:
     no_load_rng: bool = _f(False)
     finetune: bool = _f(False, "load weights only; reset iteration, optimizer and data position")
     ckpt_format: str = _f("torch_dist", choices=["torch_dist"])
+    override_opt_param_scheduler: bool = _f(False, "on --load, take the LR schedule from the flags, not the checkpoint")
 
 
 @dataclass

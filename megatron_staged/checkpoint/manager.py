@@ -31,6 +31,12 @@ CHECKPOINT_VERSION = 3.0
 OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
+def sharding_metadata() -> dict:
+    """A fresh metadata dict per call: megatron-core stores the current DP group into the dict it
+    is given, so a shared one would carry a stale group across a layout change."""
+    return dict(OPTIM_METADATA)
+
+
 def iter_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
@@ -85,8 +91,8 @@ def model_sharded_state_dict(model_chunks) -> dict:
     from megatron_staged.model.builder import unwrap
 
     if len(model_chunks) == 1:
-        return {"model": unwrap(model_chunks[0]).sharded_state_dict(metadata=OPTIM_METADATA)}
-    return {f"model{i}": unwrap(c).sharded_state_dict(metadata=OPTIM_METADATA) for i, c in enumerate(model_chunks)}
+        return {"model": unwrap(model_chunks[0]).sharded_state_dict(metadata=sharding_metadata())}
+    return {f"model{i}": unwrap(c).sharded_state_dict(metadata=sharding_metadata()) for i, c in enumerate(model_chunks)}
 
 
 def _rng_sharded_object():
@@ -108,7 +114,7 @@ def build_state_dict(model_chunks, optimizer, scheduler, common: dict, *, is_loa
         merged = {}
         for v in model_sd.values():
             merged.update(v)
-        sd["optimizer"] = optimizer.sharded_state_dict(merged, is_loading=is_loading, metadata=OPTIM_METADATA)
+        sd["optimizer"] = optimizer.sharded_state_dict(merged, is_loading=is_loading, metadata=sharding_metadata())
     if scheduler is not None and not is_loading:
         sd["opt_param_scheduler"] = scheduler.state_dict()
     if with_rng:
@@ -172,6 +178,10 @@ def load_optimizer_state(optimizer, sd: dict, step: int) -> None:
             kind = part_sd.pop("param_state_sharding_type")
             if kind != "fully_reshardable":
                 raise UserError(f"optimizer state saved as {kind!r}; this loader reads 'fully_reshardable'")
+        elif isinstance(part_sd.get("state"), dict) and "common_step" not in part_sd["state"]:
+            # megatron drops a falsy step (0) when saving (`if step:`), and torch's Adam then
+            # refuses a state without "step": supply it
+            part_sd = dict(part_sd, state=dict(part_sd["state"], common_step=torch.tensor(float(step))))
         opt.load_state_dict(part_sd)
         if param_state is not None:
             for st in opt.optimizer.state.values():

@@ -138,7 +138,7 @@ def grow_sharded_state(src_dir: str, spec: GrowthSpec, old_model_cfg, model_chun
     from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess
     from megatron.core import parallel_state as ps
 
-    from megatron_staged.checkpoint.manager import OPTIM_METADATA, load_optimizer_state, model_sharded_state_dict
+    from megatron_staged.checkpoint.manager import sharding_metadata, load_optimizer_state, model_sharded_state_dict
     from megatron_staged.model.builder import iter_sharded_tensors
 
     t0 = time.time()
@@ -154,7 +154,7 @@ def grow_sharded_state(src_dir: str, spec: GrowthSpec, old_model_cfg, model_chun
     opt_sd = None
     opt_sts = []
     if optimizer is not None:
-        raw = optimizer.sharded_state_dict(merged, is_loading=True, metadata=OPTIM_METADATA)
+        raw = optimizer.sharded_state_dict(merged, is_loading=True, metadata=sharding_metadata())
         opt_sd, nonpersistent, factories = load_preprocess(raw)
         opt_sts = [v for v in nested_values(opt_sd) if isinstance(v, ShardedTensor)]
     targets = [(st, "model") for st in model_sts] + [(st, "optim") for st in opt_sts]

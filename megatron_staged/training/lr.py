@@ -48,7 +48,7 @@ class StagedParamScheduler(OptimizerParamScheduler):
         super().load_state_dict(sd)
 
 
-def build_scheduler(optimizer, o: OptimizerConfig, train_iters: int) -> StagedParamScheduler:
+def build_scheduler(optimizer, o: OptimizerConfig, train_iters: int, override: bool = False) -> StagedParamScheduler:
     decay_iters = o.lr_decay_iters or train_iters
     return StagedParamScheduler(
         optimizer,
@@ -62,8 +62,8 @@ def build_scheduler(optimizer, o: OptimizerConfig, train_iters: int) -> StagedPa
         end_wd=o.weight_decay,
         wd_incr_steps=decay_iters,
         wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=True,
-        override_opt_param_scheduler=False,
+        use_checkpoint_opt_param_scheduler=not override,
+        override_opt_param_scheduler=override,
         wsd_decay_steps=o.lr_wsd_decay_iters if o.lr_decay_style == "WSD" else None,
         lr_wsd_decay_style=o.lr_wsd_decay_style if o.lr_decay_style == "WSD" else None,
     )

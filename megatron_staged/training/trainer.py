@@ -214,7 +214,8 @@ class Trainer:
 
         model = build_model_chunks(cfg, initialize=initialize)
         optimizer = build_optimizer(cfg, model)
-        scheduler = build_scheduler(optimizer, cfg.optim, cfg.training.train_iters)
+        scheduler = build_scheduler(optimizer, cfg.optim, cfg.training.train_iters,
+                                    override=cfg.checkpoint.override_opt_param_scheduler)
         wire_schedule_hooks(model, optimizer, cfg)
         return model, optimizer, scheduler
 
