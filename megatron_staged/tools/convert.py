@@ -1,0 +1,107 @@
+"""``megatron-staged convert``: reshard a checkpoint to another TP/PP layout (and optionally dtype).
+
+    torchrun --nproc-per-node N -m megatron_staged convert --load A --save B \\
+        --target-tensor-model-parallel-size T --target-pipeline-model-parallel-size P
+
+N may be any multiple of T x P (DP = N / (T x P)). The whole training state is kept: weights,
+Adam moments (and fp32 master weights), optimizer step, LR-scheduler state, consumed samples,
+FLOPs so far, stage and loss history. ``--no-optimizer`` writes weights only; ``--dtype bf16|fp32``
+casts the stored parameters (the fp32 master weights, when the optimizer is kept, are carried over
+exactly) and records it as ``model.bf16`` in the args.
+
+There is no separate resharder: the target-layout model and optimizer are built, the checkpoint is
+loaded into them by the checkpoint manager (dist_checkpointing reshards the ``fully_reshardable``
+format on load) and saved again, exactly as a training run resuming at another layout would.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+from megatron_staged.errors import UserError
+
+TRAIN_STATE_KEYS = ("iteration", "consumed_train_samples", "flops_so_far", "stage_history", "loss_history",
+                    "hf_import")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="megatron-staged convert",
+                                description="Reshard a checkpoint to another TP/PP layout, keeping the training state.")
+    p.add_argument("--load", required=True, help="source checkpoint (a --save directory or an iter_XXXXXXX directory)")
+    p.add_argument("--save", required=True, help="target checkpoint directory")
+    p.add_argument("--target-tensor-model-parallel-size", type=int, default=None, help="default: as saved")
+    p.add_argument("--target-pipeline-model-parallel-size", type=int, default=None, help="default: as saved")
+    p.add_argument("--no-optimizer", action="store_true", help="write weights only (no optimizer or scheduler state)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="parameter dtype (default: as saved)")
+    return p.parse_args(argv)
+
+
+def target_config(common: dict, args, world_size: int):
+    """The source's Config with the target layout and dtype; UserError if the layout cannot hold it."""
+    from megatron_staged.config import Config, resolve_model, validate
+
+    if not common.get("args"):
+        raise UserError(f"{args.load}: common.pt holds no args (model config); it was not written by megatron_staged")
+    cfg = Config.from_dict(common["args"])
+    p, saved = cfg.parallel, common.get("parallel_layout") or {}
+    tp = args.target_tensor_model_parallel_size or saved.get("tp", p.tensor_model_parallel_size)
+    pp = args.target_pipeline_model_parallel_size or saved.get("pp", p.pipeline_model_parallel_size)
+    p.tensor_model_parallel_size, p.pipeline_model_parallel_size = tp, pp
+    if args.dtype:
+        cfg.model.bf16, cfg.model.fp16 = args.dtype == "bf16", False
+    resolve_model(cfg.model)
+    check = cfg.copy()
+    check.training.global_batch_size = None  # the batch is the training run's business, not the layout's
+    validate(check, world_size)
+    padded = cfg.model.padded_vocab_size
+    if padded is None or padded % tp:
+        raise UserError(f"the padded vocabulary {padded} does not split over --target-tensor-model-parallel-size "
+                        f"{tp}; choose a TP size that divides it")
+    return cfg
+
+
+def convert(args) -> dict:
+    import torch.distributed as dist
+
+    from megatron_staged.checkpoint.manager import load_checkpoint, load_common, resolve_checkpoint_dir, save_checkpoint
+    from megatron_staged.runtime.distributed import init_distributed, set_parallel_layout, set_seed
+    from megatron_staged.training.lr import build_scheduler
+    from megatron_staged.training.trainer import build_model_chunks, build_optimizer
+
+    ckpt_dir, _ = resolve_checkpoint_dir(args.load)
+    common = load_common(ckpt_dir)
+    init_distributed()
+    cfg = target_config(common, args, dist.get_world_size())
+    source_state = common.get("train_state") or {}
+    with_optim = not args.no_optimizer and source_state.get("has_optimizer", True)
+    layout = set_parallel_layout(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
+    set_seed(cfg.training.seed)
+    model = build_model_chunks(cfg, initialize=False)
+    optimizer = build_optimizer(cfg, model) if with_optim else None
+    scheduler = None
+    if with_optim and "opt_param_scheduler" in common:
+        scheduler = build_scheduler(optimizer, cfg.optim, cfg.training.train_iters)
+    state = load_checkpoint(ckpt_dir, model, optimizer, scheduler, load_optimizer=with_optim, load_rng=True)
+    train_state = {k: state[k] for k in TRAIN_STATE_KEYS if k in state}
+    path = save_checkpoint(args.save, int(state["iteration"]), model, optimizer, scheduler, train_state,
+                           cfg.to_dict(), save_optimizer=with_optim)
+    return {"source": ckpt_dir, "target": path, "layout": layout, "saved_layout": common.get("parallel_layout"),
+            "iteration": int(state["iteration"]), "with_optimizer": with_optim,
+            "source_had_optimizer": source_state.get("has_optimizer", True),
+            "dtype": "bf16" if cfg.model.bf16 else "fp16" if cfg.model.fp16 else "fp32"}
+
+
+def main(argv) -> int:
+    from megatron_staged.runtime.distributed import print_rank0
+
+    args = parse_args(argv)
+    t0 = time.time()
+    s = convert(args)
+    saved = s["saved_layout"] or {}
+    note = ""
+    if not s["source_had_optimizer"] and not args.no_optimizer:
+        note = " (the source holds no optimizer state, so neither does the target)"
+    was = f"TP{saved.get('tp', '?')} PP{saved.get('pp', '?')} DP{saved.get('dp', '?')}"
+    print_rank0(f"converted {s['source']} (iteration {s['iteration']}, {was}) -> {s['target']} at {s['layout']}, {s['dtype']}, "
+                f"{'with' if s['with_optimizer'] else 'without'} optimizer state{note} in {time.time() - t0:.1f}s")
+    return 0

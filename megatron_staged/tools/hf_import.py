@@ -1,0 +1,228 @@
+"""``megatron-staged import-hf --hf DIR --save CKPT``: a transformers model as an iteration-0 checkpoint.
+
+Reads a local HuggingFace ``GPT2LMHeadModel`` or ``LlamaForCausalLM`` directory (``config.json`` and
+``model.safetensors``, sharded safetensors, or ``pytorch_model.bin``; nothing is downloaded) and
+writes an ordinary checkpoint of this project at iteration 0, with fresh (zero) Adam moments, so
+that ``megatron-staged train --load CKPT`` starts (staged) training from the released model.
+
+Run it under torchrun at any world size that is a multiple of TP x PP: every rank builds its own
+shard of the model at the target layout and fills it from the HF tensors of the layers it holds
+(one layer at a time), so no rank holds the whole model. One plain process works too (TP1 PP1).
+
+The embedding and output rows are padded with zeros to a multiple of
+``lcm(--make-vocab-size-divisible-by, TP)``; ``export-hf`` cuts them off again.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from typing import Optional
+
+import torch
+
+from megatron_staged.errors import UserError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="megatron-staged import-hf",
+                                description="Import a local HuggingFace GPT-2 / Llama model as a checkpoint.")
+    p.add_argument("--hf", required=True, help="HuggingFace model directory (config.json + weights)")
+    p.add_argument("--save", required=True, help="checkpoint directory to write (iteration 0)")
+    p.add_argument("--target-tensor-model-parallel-size", type=int, default=1)
+    p.add_argument("--target-pipeline-model-parallel-size", type=int, default=1)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="parameter dtype of the checkpoint (recorded as model.bf16)")
+    p.add_argument("--seq-length", type=int, default=None,
+                   help="training sequence length to record (default: the model's max_position_embeddings)")
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    p.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="record --use-distributed-optimizer in the checkpoint's args")
+    p.add_argument("--no-optimizer", action="store_true", help="write weights only (no optimizer state)")
+    return p.parse_args(argv)
+
+
+# ---- reading HF weights lazily ---------------------------------------------------------------------
+
+class HFWeights:
+    """A HF model directory's tensors by name, read one at a time (safetensors or pytorch_model.bin)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.files: dict[str, str] = {}      # tensor name -> file
+        self._open: dict[str, object] = {}
+        index = next((f for f in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+                      if os.path.isfile(os.path.join(path, f))), None)
+        if index:
+            with open(os.path.join(path, index)) as fh:
+                self.files = dict(json.load(fh)["weight_map"])
+        else:
+            single = next((f for f in ("model.safetensors", "pytorch_model.bin")
+                           if os.path.isfile(os.path.join(path, f))), None)
+            if single is None:
+                raise UserError(f"--hf {path}: no model.safetensors, sharded safetensors index or pytorch_model.bin; "
+                                f"save the model with model.save_pretrained(DIR)")
+            self.files = {name: single for name in self._handle(single).keys()}
+
+    def _handle(self, fname: str):
+        if fname not in self._open:
+            full = os.path.join(self.path, fname)
+            if fname.endswith(".safetensors"):
+                from safetensors import safe_open
+
+                self._open[fname] = safe_open(full, framework="pt")
+            else:
+                self._open[fname] = torch.load(full, map_location="cpu", mmap=True, weights_only=True)
+        return self._open[fname]
+
+    def resolve(self, name: str) -> Optional[str]:
+        """The stored name (old GPT-2 files lack the ``transformer.`` prefix)."""
+        if name in self.files:
+            return name
+        if name.startswith("transformer.") and name[len("transformer."):] in self.files:
+            return name[len("transformer."):]
+        return None
+
+    def shape(self, name: str) -> Optional[tuple]:
+        stored = self.resolve(name)
+        if stored is None:
+            return None
+        h = self._handle(self.files[stored])
+        return tuple(h.get_slice(stored).get_shape()) if hasattr(h, "get_slice") else tuple(h[stored].shape)
+
+    def get(self, name: str) -> torch.Tensor:
+        stored = self.resolve(name)
+        if stored is None:
+            raise UserError(f"--hf {self.path}: the weights hold no tensor {name!r}")
+        h = self._handle(self.files[stored])
+        return h.get_tensor(stored) if hasattr(h, "get_tensor") else h[stored]
+
+
+def read_hf_config(path: str) -> dict:
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise UserError(f"--hf {path}: no config.json; expected a directory written by model.save_pretrained()")
+    with open(cfg_path) as fh:
+        return json.load(fh)
+
+
+def check_hf_shapes(weights: HFWeights, arch) -> None:
+    """UserError unless every tensor the architecture needs is present with the expected shape."""
+    from megatron_staged.checkpoint.hf_mapping import expected_hf_shapes
+
+    for name, shape in expected_hf_shapes(arch).items():
+        got = weights.shape(name)
+        if got is None:
+            raise UserError(f"--hf {weights.path}: missing tensor {name} (config.json describes a "
+                            f"{arch.hf_class} with {arch.num_layers} layers)")
+        if tuple(got) != tuple(shape):
+            raise UserError(f"--hf {weights.path}: {name} has shape {list(got)}, config.json implies {list(shape)}")
+
+
+# ---- the checkpoint's config ---------------------------------------------------------------------
+
+def import_config(arch, args, hf_dir: str, world_size: int):
+    """The Config to store: architecture from HF, layout and dtype from the flags."""
+    from megatron_staged.checkpoint.hf_mapping import arch_to_model_fields
+    from megatron_staged.config import Config, resolve_model, validate
+
+    cfg = Config.from_dict({"model": arch_to_model_fields(arch)})
+    m = cfg.model
+    m.seq_length = args.seq_length or arch.max_positions
+    m.make_vocab_size_divisible_by = args.make_vocab_size_divisible_by
+    m.bf16 = args.dtype == "bf16"
+    m.vocab_size = arch.vocab - 1  # NullTokenizer (mock data) semantics: ids 0..V-2 plus EOD V-1 = the HF vocabulary
+    cfg.parallel.tensor_model_parallel_size = args.target_tensor_model_parallel_size
+    cfg.parallel.pipeline_model_parallel_size = args.target_pipeline_model_parallel_size
+    cfg.parallel.use_distributed_optimizer = args.use_distributed_optimizer
+    if any(os.path.isfile(os.path.join(hf_dir, f)) for f in TOKENIZER_FILES):
+        cfg.data.tokenizer_type = "HuggingFaceTokenizer"
+        cfg.data.tokenizer_model = os.path.abspath(hf_dir)
+    resolve_model(m)
+    validate(cfg.copy(), world_size)  # layout checks (heads, groups, ffn, layers vs TP/PP, world size)
+    return cfg
+
+
+# ---- filling the model -----------------------------------------------------------------------------
+
+@torch.no_grad()
+def fill_from_hf(model_chunks, weights: HFWeights, arch) -> int:
+    """Copy each local shard from the HF tensors, one layer at a time; returns the shards filled."""
+    from megatron_staged.checkpoint.hf_mapping import global_from_hf, hf_layer_prefix, layer_from_hf, split_layer_key
+    from megatron_staged.model.builder import iter_sharded_tensors, layer_axis, unwrap
+
+    n = 0
+    for chunk in model_chunks:
+        by_layer: dict[int, list] = {}
+        for st in iter_sharded_tensors(unwrap(chunk).sharded_state_dict()):
+            by_layer.setdefault(layer_axis(st)[0], []).append(st)
+        for layer, shards in sorted(by_layer.items()):
+            if layer < 0:
+                full = {st.key: global_from_hf(st.key, weights.get, arch) for st in shards}
+            else:
+                prefix = hf_layer_prefix(arch, layer)
+                params = layer_from_hf(lambda name: weights.get(prefix + name), arch)
+                full = {st.key: params[split_layer_key(st.key)] for st in shards}
+            for st in shards:
+                copy_shard(st, full[st.key])
+                n += 1
+    return n
+
+
+def copy_shard(st, full: torch.Tensor) -> None:
+    """Copy this rank's slice of the global tensor ``full`` into the ShardedTensor's data."""
+    _, n = (st.global_offset[0], st.prepend_axis_num) if st.prepend_axis_num else (-1, 0)
+    expected = tuple(st.global_shape[n:])
+    if tuple(full.shape) != expected:
+        raise UserError(f"internal: {st.key} is {list(full.shape)} from HF, the model expects {list(expected)}")
+    idx = tuple(slice(o, o + s) for o, s in zip(st.global_offset[n:], st.local_shape))
+    st.data.copy_(full[idx].reshape(st.data.shape))
+
+
+# ---- main ----------------------------------------------------------------------------------------------
+
+def main(argv) -> int:
+    import torch.distributed as dist
+
+    from megatron_staged.checkpoint.hf_mapping import arch_from_hf_config
+    from megatron_staged.checkpoint.manager import save_checkpoint
+    from megatron_staged.config import pad_vocab_size
+    from megatron_staged.runtime.distributed import init_distributed, print_rank0, set_parallel_layout, set_seed
+    from megatron_staged.training.trainer import build_model_chunks, build_optimizer
+
+    args = parse_args(argv)
+    if not os.path.isdir(args.hf):
+        raise UserError(f"--hf {args.hf}: no such directory (a local HuggingFace model directory; "
+                        f"nothing is downloaded)")
+    hf_cfg = read_hf_config(args.hf)
+    tp, pp = args.target_tensor_model_parallel_size, args.target_pipeline_model_parallel_size
+    arch = arch_from_hf_config(hf_cfg)
+    arch = dataclasses.replace(arch, padded_vocab=pad_vocab_size(arch.vocab, args.make_vocab_size_divisible_by, tp))
+    if hf_cfg.get("model_type") == "gpt2" and hf_cfg.get("activation_function", "gelu_new") != "gelu":
+        print_rank0(f"note: this GPT-2 uses {hf_cfg.get('activation_function', 'gelu_new')} (tanh-approximated GeLU); "
+                    f"megatron_staged's gpt2 family uses exact GeLU, so logits will differ slightly (~1e-3)")
+    weights = HFWeights(args.hf)
+    check_hf_shapes(weights, arch)
+
+    init_distributed()
+    cfg = import_config(arch, args, args.hf, dist.get_world_size())
+    layout = set_parallel_layout(tp, pp)
+    set_seed(cfg.training.seed)
+    model = build_model_chunks(cfg, initialize=False)
+    fill_from_hf(model, weights, arch)
+    optimizer = None if args.no_optimizer else build_optimizer(cfg, model)  # after filling: fp32 masters copy weights
+    train_state = {"iteration": 0, "consumed_train_samples": 0, "flops_so_far": 0.0, "stage_history": [],
+                   "loss_history": [],
+                   "hf_import": {"source": os.path.abspath(args.hf), "architecture": arch.hf_class,
+                                 "vocab_size": arch.vocab}}
+    path = save_checkpoint(args.save, 0, model, optimizer, None, train_state, cfg.to_dict(),
+                           save_optimizer=optimizer is not None)
+    print_rank0(f"imported {arch.hf_class} from {args.hf} ({arch.num_layers} layers, hidden {arch.hidden}, "
+                f"vocabulary {arch.vocab} padded to {arch.padded_vocab}) into {path} at {layout}, "
+                f"{'bf16' if cfg.model.bf16 else 'fp32'}"
+                f"{'' if optimizer is not None else ', weights only'}; resume with "
+                f"`megatron-staged train --load {args.save} ...`")
+    return 0

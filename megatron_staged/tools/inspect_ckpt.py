@@ -1,0 +1,161 @@
+"""``megatron-staged inspect CKPT [--json]``: what a checkpoint holds, without building a model.
+
+Prints the model config, iteration, consumed samples, FLOPs so far, optimizer step, the LR-schedule
+state, the growth/stage history, the parallel layout it was saved with, and every tensor with its
+global shape and dtype (read from the torch DCP ``.metadata`` file; no tensor data is loaded).
+Runs in one plain process in a few seconds; ``--json`` prints one JSON object for scripts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+
+from megatron_staged.errors import UserError
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="megatron-staged inspect", description="Describe a checkpoint.")
+    p.add_argument("checkpoint", help="a --save directory (its latest iteration) or one iter_XXXXXXX directory")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--no-tensors", action="store_true", help="leave out the tensor list")
+    return p.parse_args(argv)
+
+
+def list_iterations(root: str) -> list[int]:
+    """Complete iterations saved under a --save directory (``iter_XXXXXXX`` without ``.tmp``)."""
+    if not os.path.isdir(root):
+        return []
+    its = []
+    for name in os.listdir(root):
+        if name.startswith("iter_") and name[5:].isdigit() and os.path.isdir(os.path.join(root, name)):
+            its.append(int(name[5:]))
+    return sorted(its)
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def describe(path: str) -> dict:
+    """Everything ``inspect`` reports, as a JSON-serialisable dict."""
+    from megatron_staged.checkpoint.global_tensors import OPTIMIZER_PREFIX, read_common, tensor_specs
+    from megatron_staged.checkpoint.manager import resolve_checkpoint_dir
+
+    ckpt_dir, _ = resolve_checkpoint_dir(path)
+    common = read_common(ckpt_dir)
+    specs = tensor_specs(ckpt_dir)
+    state = dict(common.get("train_state") or {})
+    args = common.get("args") or {}
+    model_tensors = {k: v for k, v in specs.items() if not k.startswith(OPTIMIZER_PREFIX)}
+    loss_history = [list(x) for x in state.pop("loss_history", [])]
+    return {
+        "path": os.path.abspath(ckpt_dir),
+        "iteration": common.get("iteration"),
+        "iterations_in_root": list_iterations(os.path.dirname(os.path.abspath(ckpt_dir))),
+        "model": args.get("model"),
+        "parallel": args.get("parallel"),
+        "parallel_layout": common.get("parallel_layout"),
+        "consumed_train_samples": state.get("consumed_train_samples"),
+        "flops_so_far": state.get("flops_so_far", common.get("num_floating_point_operations_so_far")),
+        "optimizer_step": state.get("optimizer_step"),
+        "has_optimizer": state.get("has_optimizer"),
+        "stage_history": state.get("stage_history", []),
+        "hf_import": state.get("hf_import"),
+        "loss_history": loss_history,
+        "opt_param_scheduler": common.get("opt_param_scheduler"),
+        "data": {k: (args.get("data") or {}).get(k)
+                 for k in ("tokenizer_type", "tokenizer_model", "data_path", "mock_data")},
+        "num_parameters": sum(math.prod(shape) for shape, _ in model_tensors.values()),
+        "tensors": [{"key": k, "shape": list(shape), "dtype": dtype_name(dt)}
+                    for k, (shape, dt) in sorted(specs.items(), key=lambda kv: kv[0].startswith(OPTIMIZER_PREFIX))],
+    }
+
+
+def model_line(m: dict) -> str:
+    if not m:
+        return "(no args stored)"
+    groups = m.get("num_query_groups")
+    gqa = f", {groups} query groups" if m.get("group_query_attention") else ""
+    dtype = "bf16" if m.get("bf16") else "fp16" if m.get("fp16") else "fp32"
+    return (f"{m.get('model_family')}: {m.get('num_layers')} layers, hidden {m.get('hidden_size')}, "
+            f"ffn {m.get('ffn_hidden_size')}, {m.get('num_attention_heads')} heads{gqa} "
+            f"of size {m.get('kv_channels')}, "
+            f"{m.get('normalization')}, {'SwiGLU' if m.get('swiglu') else 'GeLU'}, {m.get('position_embedding_type')} "
+            f"positions (max {m.get('max_position_embeddings')}), seq {m.get('seq_length')}, "
+            f"{'untied' if m.get('untie_embeddings_and_output_weights') else 'tied'} output, "
+            f"{'no ' if m.get('disable_bias_linear') else ''}linear biases, padded vocabulary "
+            f"{m.get('padded_vocab_size')}, {dtype}")
+
+
+def schedule_line(s: dict) -> str:
+    if not s:
+        return "(not stored)"
+    return (f"step {s.get('num_steps')}, {s.get('lr_decay_style')} from max lr {s.get('max_lr')} to min "
+            f"{s.get('min_lr')}, warmup {s.get('lr_warmup_steps')}, decay steps {s.get('lr_decay_steps')}")
+
+
+def stage_line(s) -> str:
+    """One growth stage: 'iteration 200: depth 4x256 -> 8x256, TP1 PP1 -> TP1 PP2, rho 1.4'."""
+    if not isinstance(s, dict):
+        return str(s)
+    a, b = s.get("from"), s.get("to")
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return ", ".join(f"{k}={v}" for k, v in s.items())
+    shape = lambda d: f"{d.get('num_layers')}x{d.get('hidden_size')}"  # noqa: E731
+    lay = lambda d: f"TP{d.get('tp', '?')} PP{d.get('pp', '?')}"  # noqa: E731
+    rho = f", rho {s['rho']:.3g}" if isinstance(s.get("rho"), (int, float)) else ""
+    return (f"iteration {s.get('iteration')}: {s.get('operator', 'growth')} {shape(a)} -> {shape(b)}, "
+            f"{lay(a)} -> {lay(b)}{rho}")
+
+
+def print_text(d: dict, with_tensors: bool) -> None:
+    lay = d["parallel_layout"] or {}
+    its = d["iterations_in_root"]
+    rows = [
+        ("checkpoint", d["path"]),
+        ("iteration", f"{d['iteration']}"
+         + (f" (saved iterations here: {', '.join(map(str, its))})" if len(its) > 1 else "")),
+        ("model", model_line(d["model"])),
+        ("parameters", f"{d['num_parameters']:,} (padded vocabulary rows included)"),
+        ("saved layout", f"TP{lay.get('tp', '?')} PP{lay.get('pp', '?')} DP{lay.get('dp', '?')}"),
+        ("consumed", f"{d['consumed_train_samples']} samples"),
+        ("FLOPs so far", f"{d['flops_so_far']:.4g}" if d["flops_so_far"] is not None else "?"),
+        ("optimizer", f"step {d['optimizer_step']}, state {'saved' if d['has_optimizer'] else 'not saved'}"),
+        ("LR schedule", schedule_line(d["opt_param_scheduler"])),
+        ("last loss", f"{d['loss_history'][-1][1]:.4f} at iteration {d['loss_history'][-1][0]}"
+         if d["loss_history"] else "-"),
+        ("tokenizer", f"{d['data']['tokenizer_type']} {d['data']['tokenizer_model'] or ''}".strip()
+         if d["data"]["tokenizer_type"] else ("NullTokenizer (mock data)" if d["data"]["mock_data"] else "-")),
+    ]
+    if d["hf_import"]:
+        rows.append(("imported from", f"{d['hf_import'].get('architecture')} {d['hf_import'].get('source')}"))
+    stages = d["stage_history"]
+    rows.append(("stage history", "none" if not stages else f"{len(stages)} stage(s)"))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    for i, s in enumerate(stages):
+        print(f"  {i + 1}. {stage_line(s)}")
+    if with_tensors:
+        tensors = d["tensors"]
+        n_opt = sum(t["key"].startswith("optimizer.") for t in tensors)
+        print(f"tensors ({len(tensors) - n_opt} model, {n_opt} optimizer), global shapes:")
+        kw = max((len(t["key"]) for t in tensors), default=0)
+        for t in tensors:
+            print(f"  {t['key']:<{kw}}  {str(t['shape']):<18} {t['dtype']}")
+
+
+def main(argv) -> int:
+    args = parse_args(argv)
+    if not os.path.exists(args.checkpoint):
+        raise UserError(f"{args.checkpoint}: no such checkpoint directory")
+    d = describe(args.checkpoint)
+    if args.no_tensors:
+        d.pop("tensors")
+    if args.json:
+        print(json.dumps(d, default=str))
+    else:
+        print_text(d, not args.no_tensors)
+    return 0

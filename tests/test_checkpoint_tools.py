@@ -1,0 +1,266 @@
+"""Checkpoint tools: convert (reshard with optimizer state), inspect, export-hf and import-hf.
+
+Multi-process checks run the real CLI under torchrun (gloo, CPU); launches are shared through a
+module-scoped training run to keep the file to a few minutes on 2 cores. HuggingFace models are
+built locally from configs with random weights; nothing is downloaded.
+
+Run as a script (``python tests/test_checkpoint_tools.py logits OUT COMMANDS.json NAME=CKPT...``) it
+runs the given CLI commands, then computes megatron_staged's logits for the checkpoints on TOKENS, all
+in one process (the megatron side of the logits comparisons).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, TINY_LLAMA, losses, run_cli, torchrun  # noqa: E402
+
+TOKENS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(7))
+TEXT = "def f(x):\n    return x + 1  # done\n\nclass A:\n\tpass"
+
+
+def _layout(tp, pp):
+    return ["--target-tensor-model-parallel-size", str(tp), "--target-pipeline-model-parallel-size", str(pp)]
+
+
+def _train_layout(tp, pp):
+    return ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
+
+
+LLAMA_RUN = [*TINY_LLAMA, "--train-iters", "4", "--use-distributed-optimizer"]
+
+
+@pytest.fixture(scope="module")
+def llama_run(tmp_path_factory, corpus):
+    """A TP2 PP2 llama run of 4 iterations, saved at 3 and 4: (checkpoint root, its per-iteration losses)."""
+    d = tmp_path_factory.mktemp("llama_run")
+    log = d / "ref.jsonl"
+    torchrun(["train", *LLAMA_RUN, *corpus, *_train_layout(2, 2), "--save-interval", "3", "--save", str(d / "ckpt"),
+              "--log-file", str(log)], nproc=4)
+    return d / "ckpt", losses(log)
+
+
+def _common(ckpt_dir):
+    from megatron_staged.checkpoint.global_tensors import read_common
+
+    return read_common(str(ckpt_dir))
+
+
+# ---- convert ------------------------------------------------------------------------------------
+
+def test_convert_round_trip_is_bitwise_and_resumes(llama_run, tmp_path, corpus):
+    """TP2 PP2 -> TP1 PP1 (DP2) -> TP2 PP2 reproduces every tensor (moments too) and the next loss."""
+    from megatron_staged.checkpoint.global_tensors import read_global_tensors
+
+    root, ref = llama_run
+    src = root / "iter_0000003"
+    mid, back = tmp_path / "tp1pp1", tmp_path / "tp2pp2"
+    torchrun(["convert", "--load", str(src), "--save", str(mid), *_layout(1, 1)], nproc=2)
+    torchrun(["convert", "--load", str(mid), "--save", str(back), *_layout(2, 2)], nproc=4)
+
+    assert _common(mid / "iter_0000003")["parallel_layout"] == {"tp": 1, "pp": 1, "dp": 2}
+    a, b = read_global_tensors(str(src)), read_global_tensors(str(back / "iter_0000003"))
+    assert sorted(a) == sorted(b)
+    moments = [k for k in a if k.startswith("optimizer.state.exp_avg")]
+    assert len(moments) >= 2 * 9, "Adam moments of every parameter are saved"
+    differ = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
+    assert not differ, f"tensors changed by the round trip: {differ}"
+    ca, cb = _common(src), _common(back / "iter_0000003")
+    for key in ("iteration", "train_state", "opt_param_scheduler", "optimizer", "args", "parallel_layout",
+                "num_floating_point_operations_so_far"):
+        assert ca[key] == cb[key], f"common.pt {key} changed by the round trip"
+    assert cb["train_state"]["consumed_train_samples"] == 24 and cb["train_state"]["optimizer_step"] == 3
+
+    log = tmp_path / "resume.jsonl"
+    torchrun(["train", *LLAMA_RUN, *corpus, *_train_layout(2, 2), "--load", str(back), "--log-file", str(log)],
+             nproc=4)
+    assert losses(log) == {4: ref[4]}, "resuming the converted checkpoint gives the uninterrupted run's loss"
+
+
+# ---- inspect ------------------------------------------------------------------------------------
+
+def test_inspect_reports_state_layout_and_tensors(llama_run, capsys):
+    from megatron_staged.tools import inspect_ckpt
+
+    root, _ = llama_run
+    d = json.loads(run_cli(["inspect", str(root), "--json"]).stdout)  # a plain process, as users run it
+    assert d["iteration"] == 4 and d["iterations_in_root"] == [3, 4]
+    assert d["consumed_train_samples"] == 32 and d["flops_so_far"] > 0 and d["optimizer_step"] == 4
+    assert d["parallel_layout"] == {"tp": 2, "pp": 2, "dp": 1}
+    assert d["model"]["num_layers"] == 4 and d["model"]["model_family"] == "llama"
+    assert [x[0] for x in d["loss_history"]] == [1, 2, 3, 4] and d["stage_history"] == []
+    tensors = {t["key"]: t for t in d["tensors"]}
+    padded = d["model"]["padded_vocab_size"]
+    assert tensors["embedding.word_embeddings.weight"]["shape"] == [padded, 64]
+    assert tensors["decoder.layers.self_attention.linear_qkv.weight"]["shape"] == [4, (4 + 2 * 2) * 16, 64]
+    assert tensors["optimizer.state.exp_avg_sq.output_layer.weight"]["dtype"] == "float32"
+    inspect_ckpt.main([str(root / "iter_0000003"), "--no-tensors"])
+    text = capsys.readouterr().out
+    assert "TP2 PP2 DP1" in text and re.search(r"^iteration\s+3\b", text, re.M)
+
+
+# ---- HF export / import ----------------------------------------------------------------------------
+
+def _hf_models(d):
+    """A GPT-2 and a GQA Llama with large random weights (so logits are sensitive to any mix-up)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=64, n_embd=48, n_layer=3, n_head=4,
+                                      activation_function="gelu", resid_pdrop=0, embd_pdrop=0, attn_pdrop=0,
+                                      initializer_range=0.2, bos_token_id=0, eos_token_id=1))
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=64,
+                                         rms_norm_eps=1e-5, rope_theta=10000.0, initializer_range=0.2,
+                                         tie_word_embeddings=False, bos_token_id=0, eos_token_id=1))
+    with torch.no_grad():
+        for model in (gpt2, llama):
+            for _, p in model.named_parameters():
+                if p.dim() == 1:  # norm weights (init 1) and biases (init 0): move them off their init
+                    p.normal_(1.0 if bool(torch.all(p == 1)) else 0.0, 0.1)
+    paths = {}
+    for name, model in (("gpt2", gpt2), ("llama", llama)):
+        paths[name] = d / f"hf_{name}"
+        model.save_pretrained(paths[name])
+    return paths
+
+
+def _hf_logits(path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True).eval()
+    with torch.no_grad():
+        return model(input_ids=TOKENS).logits
+
+
+def _megatron_logits(tmp_path, ckpts: dict, first: list) -> dict:
+    """megatron_staged's logits [b, s, padded_V] for each checkpoint, in one process (this file as a
+    script), which first runs the CLI commands ``first`` (one plain process saves the launches)."""
+    out = tmp_path / "megatron_logits.pt"
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    (tmp_path / "commands.json").write_text(json.dumps(first))
+    args = [f"{k}={v}" for k, v in ckpts.items()]
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), "logits", str(out), str(tmp_path / "commands.json"),
+                        *args], cwd=str(ROOT), capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return torch.load(out)
+
+
+def _max_diff(ours, theirs) -> float:
+    return float((ours[..., : theirs.shape[-1]] - theirs).abs().max())
+
+
+def test_export_and_import_match_transformers(llama_run, tmp_path):
+    """Trained (TP2 PP2), grown and imported checkpoints: transformers' logits == megatron_staged's."""
+    from safetensors.torch import load_file
+
+    root, _ = llama_run
+    hf = _hf_models(tmp_path)
+    imp_gpt2, imp_llama, grown = tmp_path / "imp_gpt2", tmp_path / "imp_llama", tmp_path / "grown"
+    run_cli(["import-hf", "--hf", str(hf["gpt2"]), "--save", str(imp_gpt2)])
+    torchrun(["import-hf", "--hf", str(hf["llama"]), "--save", str(imp_llama), *_layout(2, 1)], nproc=2)
+    # a grown checkpoint: 3x48 -> 6x96, i.e. not the shape any flag or default says
+    run_cli(["grow", "--load", str(imp_gpt2), "--save", str(grown), "--depth-factor", "2", "--width-factor", "2"])
+    exported = {name: tmp_path / f"export_{name}" for name in ("trained", "grown", "llama_back")}
+    exports = [["export-hf", "--load", str(src), "--out", str(exported[name])]
+               for name, src in (("trained", root), ("grown", grown), ("llama_back", imp_llama))]
+    ours = _megatron_logits(tmp_path, {"trained": root, "grown": grown, "imp_gpt2": imp_gpt2, "imp_llama": imp_llama},
+                            first=exports)
+
+    # import-hf then export-hf gives back the HF weights exactly
+    orig, back = load_file(hf["llama"] / "model.safetensors"), load_file(exported["llama_back"] / "model.safetensors")
+    assert sorted(orig) == sorted(back) and all(torch.equal(orig[k], back[k]) for k in orig)
+    # logits: exported model in transformers vs the checkpoint in megatron_staged, and import the other way
+    pairs = {"trained": exported["trained"], "grown": exported["grown"],
+             "imp_gpt2": hf["gpt2"], "imp_llama": hf["llama"]}
+    for name, hf_dir in pairs.items():
+        theirs = _hf_logits(hf_dir)
+        assert theirs.abs().max() > 0.1, name
+        assert _max_diff(ours[name], theirs) <= 1e-4, f"{name}: logits differ by {_max_diff(ours[name], theirs)}"
+
+    cfg = json.loads((exported["trained"] / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["num_key_value_heads"] == 2
+    assert cfg["vocab_size"] == 512 and cfg["megatron_padded_vocab_size"] == ours["trained"].shape[-1]
+    assert json.loads((exported["grown"] / "config.json").read_text())["n_layer"] == 6
+    sp_model = _common(root / "iter_0000004")["args"]["data"]["tokenizer_model"]
+    _check_sentencepiece_tokenizer(exported["trained"], sp_model)
+
+
+def _check_sentencepiece_tokenizer(out, sp_model):
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    sp = sentencepiece.SentencePieceProcessor()
+    sp.load(sp_model)
+    tok = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    assert len(tok) == sp.get_piece_size()
+    assert tok(TEXT).input_ids == sp.encode(TEXT)
+
+
+# ---- the mapping, in process ---------------------------------------------------------------------
+
+def test_qkv_layout_is_per_query_group():
+    """Megatron's fused QKV rows: for each group [its q heads; k; v]; HF keeps q, k, v apart."""
+    from megatron_staged.checkpoint.hf_mapping import hf_to_qkv, qkv_to_hf
+
+    q, k, v = torch.tensor([0., 1, 2, 3]), torch.tensor([10., 11]), torch.tensor([20., 21])  # H=4, G=2, d=1
+    fused = hf_to_qkv(q, k, v, heads=4, groups=2, head_dim=1)
+    assert fused.tolist() == [0, 1, 10, 20, 2, 3, 11, 21]
+    assert all(torch.equal(x, y) for x, y in zip(qkv_to_hf(fused, 4, 2, 1), (q, k, v)))
+
+
+@pytest.mark.parametrize("hf_class", ["GPT2LMHeadModel", "LlamaForCausalLM"])
+def test_hf_to_megatron_to_hf_is_exact(hf_class):
+    from megatron_staged.checkpoint.hf_mapping import Arch, expected_hf_shapes, hf_to_megatron, megatron_to_hf
+
+    gpt2 = hf_class == "GPT2LMHeadModel"
+    a = Arch(hf_class=hf_class, num_layers=3, hidden=32, ffn=48, heads=4, groups=4 if gpt2 else 2, head_dim=8,
+             vocab=100, padded_vocab=128, max_positions=16, norm_eps=1e-5, rotary_base=10000, bias=gpt2, tied=gpt2)
+    hf = {k: torch.randn(s) for k, s in expected_hf_shapes(a).items()}
+    meg = hf_to_megatron(hf.__getitem__, a)
+    assert meg["embedding.word_embeddings.weight"].shape == (128, 32)
+    assert meg["decoder.layers.self_attention.linear_qkv.weight"].shape == (3, (4 + 2 * a.groups) * 8, 32)
+    back = megatron_to_hf(meg, a)
+    assert sorted(back) == sorted(hf) and all(torch.equal(back[k], hf[k]) for k in hf)
+
+
+# ---- bad input ---------------------------------------------------------------------------------------
+
+def test_bad_input_is_one_line_error(tmp_path):
+    r = run_cli(["export-hf", "--load", str(tmp_path / "nope"), "--out", str(tmp_path / "out")], check=False)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "no such directory" in r.stderr
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    r = run_cli(["import-hf", "--hf", str(bert), "--save", str(tmp_path / "ckpt")], check=False)
+    assert r.returncode == 2 and "gpt2 and llama" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---- script mode: megatron_staged's logits -------------------------------------------------------------
+
+def _logits_main(out: str, commands: str, pairs: list[str]) -> None:
+    from megatron_staged.cli import main
+    from megatron_staged.tools.hf_export import megatron_logits
+
+    for argv in json.loads(open(commands).read()):  # commands that need no process group (export-hf)
+        assert main(argv) == 0, argv
+    result = {}
+    for pair in pairs:
+        name, path = pair.split("=", 1)
+        result[name] = megatron_logits(path, TOKENS)
+    torch.save(result, out)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 4 and sys.argv[1] == "logits":
+        _logits_main(sys.argv[2], sys.argv[3], sys.argv[4:])
+    else:
+        sys.exit(f"usage: {sys.argv[0]} logits OUT COMMANDS.json NAME=CKPT...")
