@@ -31,9 +31,16 @@ CHECKPOINT_VERSION = 3.0
 OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
+def _fixes() -> None:
+    from megatron_staged.runtime import megatron_fixes
+
+    megatron_fixes.apply()
+
+
 def sharding_metadata() -> dict:
     """A fresh metadata dict per call: megatron-core stores the current DP group into the dict it
     is given, so a shared one would carry a stale group across a layout change."""
+    _fixes()
     return dict(OPTIM_METADATA)
 
 
