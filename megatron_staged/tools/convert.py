@@ -52,12 +52,29 @@ def target_config(common: dict, args, world_size: int):
     resolve_model(cfg.model)
     check = cfg.copy()
     check.training.global_batch_size = None  # the batch is the training run's business, not the layout's
-    validate(check, world_size)
+    try:
+        validate(check, world_size)
+    except UserError as e:  # name this tool's flags, not the trainer's
+        msg = str(e).replace("--tensor-model-parallel-size", "--target-tensor-model-parallel-size")
+        raise UserError(msg.replace("--pipeline-model-parallel-size", "--target-pipeline-model-parallel-size")) from None
     padded = cfg.model.padded_vocab_size
     if padded is None or padded % tp:
         raise UserError(f"the padded vocabulary {padded} does not split over --target-tensor-model-parallel-size "
                         f"{tp}; choose a TP size that divides it")
     return cfg
+
+
+def check_target_dir(save: str, source_dir: str) -> None:
+    """Refuse to write over the source or over another checkpoint (a tracker file would be replaced)."""
+    import os
+
+    from megatron_staged.checkpoint.manager import TRACKER
+
+    src_root = os.path.dirname(os.path.abspath(source_dir))
+    if os.path.abspath(save) in (src_root, os.path.abspath(source_dir)):
+        raise UserError("--save must differ from --load (the source checkpoint is kept); give a new directory")
+    if os.path.isfile(os.path.join(save, TRACKER)):
+        raise UserError(f"--save {save} already holds a checkpoint ({TRACKER}); choose a new directory or remove it")
 
 
 def convert(args) -> dict:
@@ -69,6 +86,7 @@ def convert(args) -> dict:
     from megatron_staged.training.trainer import build_model_chunks, build_optimizer
 
     ckpt_dir, _ = resolve_checkpoint_dir(args.load)
+    check_target_dir(args.save, ckpt_dir)
     common = load_common(ckpt_dir)
     init_distributed()
     cfg = target_config(common, args, dist.get_world_size())

@@ -142,7 +142,11 @@ def import_config(arch, args, hf_dir: str, world_size: int):
         cfg.data.tokenizer_type = "HuggingFaceTokenizer"
         cfg.data.tokenizer_model = os.path.abspath(hf_dir)
     resolve_model(m)
-    validate(cfg.copy(), world_size)  # layout checks (heads, groups, ffn, layers vs TP/PP, world size)
+    try:  # layout checks (heads, groups, ffn, layers vs TP/PP, world size), naming this tool's flags
+        validate(cfg.copy(), world_size)
+    except UserError as e:
+        msg = str(e).replace("--tensor-model-parallel-size", "--target-tensor-model-parallel-size")
+        raise UserError(msg.replace("--pipeline-model-parallel-size", "--target-pipeline-model-parallel-size")) from None
     return cfg
 
 
@@ -188,7 +192,7 @@ def main(argv) -> int:
     import torch.distributed as dist
 
     from megatron_staged.checkpoint.hf_mapping import arch_from_hf_config
-    from megatron_staged.checkpoint.manager import save_checkpoint
+    from megatron_staged.checkpoint.manager import TRACKER, save_checkpoint
     from megatron_staged.config import pad_vocab_size
     from megatron_staged.runtime.distributed import init_distributed, print_rank0, set_parallel_layout, set_seed
     from megatron_staged.training.trainer import build_model_chunks, build_optimizer
@@ -197,6 +201,9 @@ def main(argv) -> int:
     if not os.path.isdir(args.hf):
         raise UserError(f"--hf {args.hf}: no such directory (a local HuggingFace model directory; "
                         f"nothing is downloaded)")
+    if os.path.isfile(os.path.join(args.save, TRACKER)):
+        raise UserError(f"--save {args.save} already holds a checkpoint ({TRACKER}); choose a new directory or "
+                        f"remove it")
     hf_cfg = read_hf_config(args.hf)
     tp, pp = args.target_tensor_model_parallel_size, args.target_pipeline_model_parallel_size
     arch = arch_from_hf_config(hf_cfg)
