@@ -153,7 +153,8 @@ def test_moments_follow_the_rules(grown, sources):
     s = read_checkpoint_tensors(os.path.join(sources["gpt2"], "iter_0000003"))
     g = read_checkpoint_tensors(os.path.join(depth["out"], "iter_0000003"))
     for kind in ("exp_avg", "exp_avg_sq"):
-        for name in ("self_attention.linear_qkv.weight", "mlp.linear_fc1.weight", "input_layernorm.weight"):
+        for name in ("self_attention.linear_qkv.weight", "mlp.linear_fc1.weight",
+                     "self_attention.linear_qkv.layer_norm_weight"):  # input_layernorm's checkpoint key
             k = f"optimizer.state.{kind}.decoder.layers.{name}"
             for i in range(s[k].shape[0]):
                 torch.testing.assert_close(g[k][2 * i], s[k][i], rtol=0, atol=0)
@@ -202,7 +203,7 @@ def test_training_continues_after_growth_and_units_diverge(staged_run):
     loss = {r["iteration"]: r["loss"] for r in recs if "loss" in r}
     assert sorted(loss) == list(range(1, 10))
     assert loss[9] < loss[4], f"loss did not fall after growth: {loss}"
-    sizes = {r["iteration"]: r["hidden_size"] for r in recs if "hidden_size" in r}
+    sizes = {r["iteration"]: r["hidden_size"] for r in recs if "loss" in r}
     assert sizes[3] == 64 and sizes[4] == 128
     # the two copies of the doubled FFN diverge (alpha split breaks the symmetry; dropout is 0)
     final = read_checkpoint_tensors(str(staged_run / "ckpt" / "iter_0000009"))

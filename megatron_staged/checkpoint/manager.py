@@ -286,7 +286,7 @@ def load_checkpoint(path: str, model_chunks, optimizer, scheduler, *, load_optim
         if saved_dist != now_dist:
             flag = "--use-distributed-optimizer" if saved_dist else "no --use-distributed-optimizer"
             raise UserError(f"{ckpt_dir} was saved with {flag}; resume the same way (or pass --no-load-optim "
-                            f"to start a fresh optimizer, or convert the checkpoint)")
+                            f"to start a fresh optimizer)")
     sd = build_state_dict(model_chunks, optimizer, None, {}, is_loading=True,
                           with_optimizer=with_optim, with_rng=load_rng and same_layout)
     try:

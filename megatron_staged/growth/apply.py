@@ -36,7 +36,8 @@ def grow_from_checkpoint(src_dir: str, spec: GrowthSpec, old_cfg: Config, common
     layout = set_parallel_layout(new_cfg.parallel.tensor_model_parallel_size,
                                  new_cfg.parallel.pipeline_model_parallel_size)
     set_seed(new_cfg.training.seed)
-    model = build_model_chunks(new_cfg, initialize=True)
+    fresh = any(src is None for src in spec.depth_map) or (spec.depth_init == "random" and any(spec.new_layer))
+    model = build_model_chunks(new_cfg, initialize=fresh)  # else every tensor comes from the source
     optimizer = build_optimizer(new_cfg, model)
     scheduler = build_scheduler(optimizer, new_cfg.optim, new_cfg.training.train_iters)
     wire_schedule_hooks(model, optimizer, new_cfg)

@@ -35,7 +35,8 @@ def split_state_key(key: str) -> tuple[str, str]:
 
 def _source_key(kind: str, model_key: str, available: set) -> Optional[str]:
     if kind == "param":
-        for k in (f"{OPT_PREFIX}fp32_param.{model_key}", model_key):
+        # the distributed optimizer's fp32 master copy, else the model weight itself
+        for k in (f"{OPT_PREFIX}param.{model_key}", f"{OPT_PREFIX}fp32_param.{model_key}", model_key):
             if k in available:
                 return k
         return None
@@ -44,7 +45,8 @@ def _source_key(kind: str, model_key: str, available: set) -> Optional[str]:
 
 
 def grown_global(model_key: str, kind: str, layer: int, spec: GrowthSpec, old_model_cfg,
-                 fetch: Callable[[str, str, Optional[int]], Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
+                 fetch: Callable[[str, str, Optional[int]], Optional[torch.Tensor]],
+                 width_cache: Optional[dict] = None) -> Optional[torch.Tensor]:
     """The grown global tensor of ``model_key`` (one layer's for layer keys) for state ``kind``.
 
     ``None`` means: not derived from the source (a fresh random layer: the target's own init for
@@ -57,15 +59,22 @@ def grown_global(model_key: str, kind: str, layer: int, spec: GrowthSpec, old_mo
         new = spec.new_layer[layer]
         if src_layer is None or (new and spec.depth_init == "random"):
             return None
-    t = fetch(kind, model_key, src_layer)
-    if t is None:
-        return None
-    t = t.float()
-    if spec.width_factor == 2:
-        m = old_model_cfg
-        t = grow_width(model_key, kind, t, groups=m.num_query_groups, swiglu=bool(m.swiglu),
-                       tied=not m.untie_embeddings_and_output_weights, alpha=spec.width_split,
-                       noise_std=spec.width_noise, seed=spec.seed, layer=layer)
+    ck = (kind, model_key, src_layer)
+    if width_cache is not None and ck in width_cache:
+        t = width_cache[ck]
+    else:
+        t = fetch(kind, model_key, src_layer)
+        if t is None:
+            return None
+        t = t.float()
+        if spec.width_factor == 2:
+            m = old_model_cfg
+            # noise (if any) is seeded by the source layer: every copy of a layer gets the same
+            t = grow_width(model_key, kind, t, groups=m.num_query_groups, swiglu=bool(m.swiglu),
+                           tied=not m.untie_embeddings_and_output_weights, alpha=spec.width_split,
+                           noise_std=spec.width_noise, seed=spec.seed, layer=-1 if src_layer is None else src_layer)
+        if width_cache is not None:
+            width_cache[ck] = t
     if new and spec.depth_init == "identity":
         t = identity_init(model_key, t)
     return t
@@ -163,20 +172,22 @@ def grow_sharded_state(src_dir: str, spec: GrowthSpec, old_model_cfg, model_chun
     first_layer = ps.get_pipeline_model_parallel_rank() * per_stage
     slots = [-1] + list(range(per_stage))
     bytes_read = 0
+    width_cache: dict = {}  # the grown source layer of the previous slot (interleave reuses it)
     for slot in slots:
         layer = -1 if slot < 0 else first_layer + slot
         mine = [(st, where) for st, where in targets if _layer_of(st) == layer]
+        src_layer = None if layer < 0 else spec.depth_map[layer]
+        width_cache = {k: v for k, v in width_cache.items() if src_layer is not None and k[2] == src_layer}
         # what this slot needs from the source, deduplicated
         needed, cache = {}, {}
         for st, _ in mine:
             kind, mkey = split_state_key(st.key)
-            src_layer = None if layer < 0 else spec.depth_map[layer]
             if layer >= 0 and (src_layer is None or (spec.new_layer[layer] and spec.depth_init == "random")):
                 continue
             ckey = _source_key(kind, mkey, available)
-            if ckey is not None:
+            if ckey is not None and (kind, mkey, src_layer) not in width_cache:
                 needed[f"{ckey}@{src_layer}"] = (ckey, src_layer)
-        loaded = source.load(needed)
+        loaded = source.load(needed)  # collective: every rank calls it once per slot
         bytes_read += sum(t.numel() * t.element_size() for t in loaded.values())
 
         def fetch(kind, mkey, src_layer):
@@ -187,7 +198,7 @@ def grow_sharded_state(src_dir: str, spec: GrowthSpec, old_model_cfg, model_chun
             kind, mkey = split_state_key(st.key)
             ck = (kind, mkey)
             if ck not in cache:
-                cache[ck] = grown_global(mkey, kind, layer, spec, old_model_cfg, fetch)
+                cache[ck] = grown_global(mkey, kind, layer, spec, old_model_cfg, fetch, width_cache)
             full = cache[ck]
             if full is None:
                 if where == "model":

@@ -107,29 +107,31 @@ def grow_width(key: str, kind: str, t: torch.Tensor, *, groups: int, swiglu: boo
         # full gradient reaches each copy: moments duplicated unscaled
         return split_duplicate(t, alpha, dim=-1) if is_param else duplicate(t, dim=-1)
     scale = MOMENT_SCALE[kind]
+    if scale != 1.0:
+        t = t * scale  # scale the source, not the 4x larger grown tensor
     off = None  # the off-diagonal blocks: zeros, or noise when asked for
     if sfx == "self_attention.linear_qkv.weight":
         if is_param and noise_std > 0:
             off = _noise((2 * t.shape[0], 2 * t.shape[1]), noise_std, seed, key, layer)
-        return double_qkv_weight(t, groups, off) * scale
+        return double_qkv_weight(t, groups, off)
     if sfx in ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight") or (
             sfx == "mlp.linear_fc1.weight" and not swiglu):
         if is_param and noise_std > 0:
             off = _noise((2 * t.shape[0], 2 * t.shape[1]), noise_std, seed, key, layer)
-        return block_diag2(t, off) * scale
+        return block_diag2(t, off)
     if sfx == "mlp.linear_fc1.weight":  # SwiGLU
         if is_param and noise_std > 0:
             off = _noise((2 * t.shape[0], 2 * t.shape[1]), noise_std, seed, key, layer)
-        return double_swiglu_fc1_weight(t, off) * scale
+        return double_swiglu_fc1_weight(t, off)
     if sfx == "mlp.linear_fc1.bias" and swiglu:
         gate, up = t.chunk(2)
-        return torch.cat([duplicate(gate), duplicate(up)]) * scale
+        return torch.cat([duplicate(gate), duplicate(up)])
     if sfx == "self_attention.linear_qkv.bias":
-        return duplicate(t) * scale  # group-major: groups G..2G-1 repeat groups 0..G-1
+        return duplicate(t)  # group-major: groups G..2G-1 repeat groups 0..G-1
     if key in ("embedding.word_embeddings.weight", "embedding.position_embeddings.weight", "output_layer.weight"):
-        return duplicate(t, dim=1) * scale
+        return duplicate(t, dim=1)
     if t.dim() == 1:  # norms' gamma/beta, linear biases
-        return duplicate(t) * scale
+        return duplicate(t)
     raise KeyError(f"no width rule for checkpoint key {key!r} (shape {tuple(t.shape)})")
 
 

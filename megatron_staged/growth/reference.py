@@ -17,27 +17,9 @@ from megatron_staged.growth.spec import GrowthSpec
 
 def read_checkpoint_tensors(ckpt_dir: str) -> dict:
     """Every tensor of a torch_dist checkpoint, full (global) size, in one process."""
-    import os
-    import tempfile
+    from megatron_staged.checkpoint.global_tensors import read_global_tensors
 
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "full.pt")
-        dcp_to_torch_save(ckpt_dir, path)
-        sd = torch.load(path, weights_only=False)
-    return {k: v for k, v in _flatten(sd).items() if isinstance(v, torch.Tensor)}
-
-
-def _flatten(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
+    return read_global_tensors(ckpt_dir)
 
 
 def grow_global_state(src: dict, spec: GrowthSpec, old_model_cfg) -> dict:

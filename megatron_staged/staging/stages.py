@@ -25,6 +25,7 @@ import os
 import shutil
 import tempfile
 
+import torch
 import torch.distributed as dist
 
 from megatron_staged.errors import UserError
@@ -108,6 +109,10 @@ class StageRunner:
         tr.replace_components(new_cfg, model, optimizer, scheduler)
         after = tr.evaluate(eval_iters)
         entry = tr.stage_history[-1]
+        totals = torch.tensor([stats["seconds"], float(stats["bytes_read"])], dtype=torch.float64)
+        dist.all_reduce(totals[:1], op=dist.ReduceOp.MAX)  # the checkpoint's common state must agree
+        dist.all_reduce(totals[1:], op=dist.ReduceOp.SUM)
+        stats = {"seconds": float(totals[0]), "bytes_read": int(totals[1])}
         entry.update(eval_loss_before=before, eval_loss_after=after, growth_seconds=stats["seconds"],
                      bytes_read=stats["bytes_read"])
         e = entry

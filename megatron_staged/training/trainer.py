@@ -139,6 +139,9 @@ def average_loss_over_ranks(losses) -> float:
     return float(t[0] / t[1]) if t[1] > 0 else float("nan")
 
 
+# model fields a user may change on resume: they do not change any weight's shape or meaning
+NON_ARCHITECTURE_FIELDS = {"bf16", "fp16", "transformer_impl", "hidden_dropout", "attention_dropout",
+                           "vocab_size", "seq_length", "init_method_std"}
 GROWN_FIELDS = {"num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                 "kv_channels", "group_query_attention"}
 
@@ -194,8 +197,7 @@ class Trainer:
             explicit = explicit - GROWN_FIELDS
         for name, value in vars(saved).items():
             mine = getattr(cfg.model, name)
-            if name in explicit and mine != value and name not in ("bf16", "fp16", "transformer_impl",
-                                                                    "hidden_dropout", "attention_dropout"):
+            if name in explicit and mine != value and name not in NON_ARCHITECTURE_FIELDS:
                 raise UserError(f"--{name.replace('_', '-')} {mine} disagrees with the checkpoint "
                                 f"{ckpt_dir} ({value}); drop the flag or load a matching checkpoint")
             if name not in explicit:
