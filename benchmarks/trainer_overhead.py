@@ -44,6 +44,9 @@ DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 HEADING = "Trainer overhead"
 
 
+from common import replace_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     g = p.add_argument_group("model and layout (the same for both loops)")
@@ -418,26 +421,6 @@ def report(a, info, flags, tp, pp, world, n_params, trainer, gathered, loops, pe
 
 
 # ---- docs -----------------------------------------------------------------------------------------
-
-def replace_section(path: str, heading: str, body: str) -> None:
-    """Replace (or append) the '## heading' section of a markdown file, keeping the others intact."""
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    lines = text.splitlines()
-    start = next((i for i, l in enumerate(lines) if l.strip() == f"## {heading}"), None)
-    new = [f"## {heading}", ""] + body.rstrip("\n").splitlines() + [""]
-    if start is None:
-        while lines and not lines[-1].strip():
-            lines.pop()
-        lines = lines + [""] + new
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        lines = lines[:start] + new + lines[end:]
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + f".tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write("\n".join(lines).rstrip("\n") + "\n")
-    os.replace(tmp, path)
-
 
 def write_docs(path: str, r: dict) -> None:
     m, mi = r["model"], r["machine"]
