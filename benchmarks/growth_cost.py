@@ -29,11 +29,9 @@ What it does, on every rank:
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
-import platform
 import resource
 import shutil
 import sys
@@ -52,7 +50,7 @@ HEADING = "Growth cost"
 MB = 1 << 20
 
 
-from common import replace_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from common import machine_info as common_machine_info, replace_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 def parse_args(argv=None):
@@ -427,33 +425,7 @@ def main(argv=None) -> int:
 # ---- report ---------------------------------------------------------------------------------------
 
 def machine_info(world: int) -> dict:
-    import megatron.core
-    import torch
-
-    cpu = "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    total_mem = None
-    try:
-        import psutil
-
-        total_mem = psutil.virtual_memory().total
-    except Exception:
-        pass
-    return {"ranks": world, "cpu_model": cpu, "cpu_cores_usable": usable, "mem_total": total_mem,
-            "torch": torch.__version__, "megatron_core": megatron.core.__version__,
-            "python": platform.python_version(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-            "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-            "loadavg_end": list(os.getloadavg())}
+    return dict(common_machine_info(world), loadavg_end=list(os.getloadavg()))
 
 
 def report(a, world, flags, stage, src_params, grown_params, new_cfg, ckpt_bytes, g) -> dict:

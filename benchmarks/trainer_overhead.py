@@ -27,10 +27,8 @@ iteration index should agree; the largest difference is reported as a correctnes
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -44,7 +42,7 @@ DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 HEADING = "Trainer overhead"
 
 
-from common import replace_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from common import machine_info as common_machine_info, replace_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 def parse_args(argv=None):
@@ -200,26 +198,7 @@ class ReferenceLoop:
 # ---- measurement ----------------------------------------------------------------------------------
 
 def machine_info(world: int) -> dict:
-    import megatron.core
-    import torch
-
-    cpu = "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    return {"ranks": world, "cpu_model": cpu, "cpu_cores_usable": usable, "cpu_count": os.cpu_count(),
-            "torch": torch.__version__, "megatron_core": megatron.core.__version__,
-            "python": platform.python_version(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-            "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-            "loadavg_start": list(os.getloadavg())}
+    return dict(common_machine_info(world), loadavg_start=list(os.getloadavg()))
 
 
 def summarize(times: list[float]) -> dict:
