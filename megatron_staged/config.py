@@ -182,12 +182,16 @@ def _field_index() -> dict[str, tuple[str, dataclasses.Field]]:
 FIELDS = _field_index()
 
 
+def _base_type(f: dataclasses.Field) -> str:
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    return t[len("Optional["):-1] if t.startswith("Optional[") else t
+
+
 def _coerce(name: str, f: dataclasses.Field, value):
     """Convert a flag string or YAML value to the field's type."""
     if value is None:
         return None
-    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    base = t[len("Optional["):-1] if t.startswith("Optional[") else t
+    base = _base_type(f)
     try:
         if base == "bool":
             if isinstance(value, str):
@@ -211,10 +215,7 @@ def set_value(cfg: Config, name: str, value) -> None:
     if key not in FIELDS:
         raise UserError(f"unknown config key '{name}'; see `megatron-staged train --help` for the flags")
     sec, f = FIELDS[key]
-    value = _coerce(key, f, value)
-    choices = f.metadata.get("choices")
-    if choices and value is not None and value not in choices:
-        raise UserError(f"--{key.replace('_', '-')}: {value!r} is not one of {choices}")
+    value = coerce_field(key, f, value)
     setattr(getattr(cfg, sec), key, value)
 
 
@@ -250,6 +251,40 @@ def load_yaml(path: str) -> dict:
     return d
 
 
+def add_field_flag(group, name: str, f: dataclasses.Field, default=argparse.SUPPRESS) -> None:
+    """One flag for one dataclass field: ``--name-with-dashes``; bools get ``--no-...`` too."""
+    flag = "--" + name.replace("_", "-")
+    t = f.type if isinstance(f.type, str) else str(f.type)
+    help_ = f.metadata.get("help", "")
+    if "bool" in t:
+        group.add_argument(flag, dest=name, action="store_true", default=default, help=help_)
+        group.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false",
+                           default=default, help=argparse.SUPPRESS)
+    elif t == "list":
+        group.add_argument(flag, dest=name, nargs="+", default=default, help=help_)
+    else:
+        choices = f.metadata.get("choices")
+        if choices and not all(isinstance(c, str) for c in choices):
+            choices = None  # argparse compares the raw string; coerce_field checks typed choices
+        group.add_argument(flag, dest=name, default=default, help=help_, choices=choices)
+
+
+def coerce_field(name: str, f: dataclasses.Field, value, label: Optional[str] = None):
+    """A flag string or YAML value as the field's type, checked against its choices.
+
+    ``label`` names the value in errors (default ``--name``), e.g. ``staging.stages[1].depth_init``.
+    """
+    label = label or "--" + name.replace("_", "-")
+    try:
+        value = _coerce(name, f, value)
+    except UserError:
+        raise UserError(f"{label}: cannot interpret {value!r} as {_base_type(f)}") from None
+    choices = f.metadata.get("choices")
+    if choices and value is not None and value not in choices:
+        raise UserError(f"{label}: {value!r} is not one of {list(choices)}")
+    return value
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """Add one flag per config field. Defaults are SUPPRESSed so we know what the user gave."""
     parser.add_argument("--config", default=None, help="YAML file; flags override it")
@@ -258,18 +293,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         for name, (s, f) in FIELDS.items():
             if s != sec or name == "stages":
                 continue
-            flag = "--" + name.replace("_", "-")
-            t = f.type if isinstance(f.type, str) else str(f.type)
-            help_ = f.metadata.get("help", "")
-            if "bool" in t:
-                group.add_argument(flag, dest=name, action="store_true", default=argparse.SUPPRESS, help=help_)
-                group.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false",
-                                   default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-            elif t == "list":
-                group.add_argument(flag, dest=name, nargs="+", default=argparse.SUPPRESS, help=help_)
-            else:
-                group.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help_,
-                                   choices=f.metadata.get("choices"))
+            add_field_flag(group, name, f)
 
 
 def config_from_args(ns: argparse.Namespace, base: Optional[Config] = None) -> Config:

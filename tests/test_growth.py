@@ -20,7 +20,7 @@ from conftest import ROOT, TINY_GPT2, TINY_LLAMA, losses, read_records, torchrun
 
 from megatron_staged.config import Config
 from megatron_staged.growth.reference import grow_global_state, read_checkpoint_tensors
-from megatron_staged.growth.spec import depth_map_for, make_spec, parse_depth_map
+from megatron_staged.growth.spec import GrowthRequest, depth_map_for, make_spec, parse_depth_map
 
 TOL = 1e-5
 
@@ -110,7 +110,8 @@ def _old_cfg(source):
 
 def _spec(r):
     st = r["stage"]
-    return make_spec(_old_cfg(r["source"]), depth_factor=st.get("depth_factor"), width_factor=st.get("width_factor", 1))
+    return make_spec(_old_cfg(r["source"]), GrowthRequest(depth_factor=st.get("depth_factor"),
+                                                          width_factor=st.get("width_factor", 1)))
 
 
 def test_grown_state_equals_reference_operator(grown, sources):
@@ -264,8 +265,8 @@ def test_depth_maps():
     assert parse_depth_map("0,0,1,new", 2) == [0, 0, 1, None]
     cfg = Config()
     cfg.model.num_layers = 2
-    spec = make_spec(cfg, depth_map="0,1,0,1", depth_init="identity")
+    spec = make_spec(cfg, GrowthRequest(depth_map="0,1,0,1", depth_init="identity"))
     assert spec.new_layer == [False, False, True, True]
     assert spec.effective_rho() == pytest.approx(1.4)
-    spec = make_spec(cfg, depth_factor=2, width_factor=2)
+    spec = make_spec(cfg, GrowthRequest(depth_factor=2, width_factor=2))
     assert spec.effective_rho() == pytest.approx(1.4 * 1.8)

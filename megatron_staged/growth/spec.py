@@ -1,12 +1,13 @@
 """What a growth does: the depth map, the width factor, and the training-state rules.
 
-A :class:`GrowthSpec` is plain data. ``target_config`` turns it into the grown model's config and
+A :class:`GrowthRequest` is what a user asks for (``grow`` flags, YAML stage keys); ``make_spec``
+resolves it against the source model into a :class:`GrowthSpec` (plain data). ``target_config`` turns it into the grown model's config and
 checks it against the target layout *before* anything is built or written, so a bad request fails
 with a message a user can act on.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
 from megatron_staged.config import Config, validate
@@ -17,28 +18,102 @@ DEPTH_INITS = ("identity", "copy", "random")
 
 # Published ratios S_pre / S_target (Shen et al. 2022, fitted on GPT-2 curves); depth+width: product.
 DEFAULT_RHO = {"depth": 1.4, "width": 1.8}
-DEFAULT_REWARMUP_ITERS = 150
+
+
+def _opt(default=None, help: str = "", **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class GrowthRequest:
+    """What a user asks a growth to do: the one definition behind ``megatron-staged grow``'s flags
+    (``--depth-factor``) and the YAML stage keys (``staging.stages[n].depth_factor``), defaults
+    included. Fields marked ``stage_only`` are YAML stage keys without a ``grow`` flag.
+    """
+    at_iteration: Optional[int] = _opt(None, "iteration at which the stage grows the model", stage_only=True)
+    num_layers: Optional[int] = _opt(None, "target depth")
+    depth_factor: Optional[float] = _opt(None, "target depth = factor x source depth")
+    depth_map: Optional[str] = _opt(None, "explicit old->new layer map, e.g. 0,0,1,1,new")
+    depth_placement: str = _opt("interleave", "where copies go: interleave (i -> 2i, 2i+1), stack "
+                                "(i -> i, n+i) or middle (MIDAS)", choices=PLACEMENTS)
+    depth_init: str = _opt("identity", "new layers: identity (zeroed residual outputs: exact), copy or random",
+                           choices=DEPTH_INITS)
+    width_factor: int = _opt(1, "hidden size, heads, query groups and FFN x factor", choices=(1, 2))
+    width_split: float = _opt(0.6, "alpha of the final split [alpha*y, (1-alpha)*y]; 0.5 keeps the copies "
+                                   "symmetric")
+    width_noise: float = _opt(0.0, "noise std on new zero blocks (breaks exactness)")
+    target_tensor_model_parallel_size: Optional[int] = _opt(None, "TP of the grown model (default: unchanged)")
+    target_pipeline_model_parallel_size: Optional[int] = _opt(None, "PP of the grown model (default: unchanged)")
+    rho: Optional[float] = _opt(None, "S_pre / S_target for the LR schedule (default: depth 1.4, width 1.8, "
+                                      "both: product)")
+    rewarmup_iters: int = _opt(150, "re-warmup iterations up to the schedule's LR at S_target")
+    eval_iters: Optional[int] = _opt(None, "eval batches for the loss check before/after the stage "
+                                           "(default: --eval-iters)", stage_only=True)
+
+    @classmethod
+    def flag_fields(cls) -> list:
+        return [f for f in fields(cls) if not f.metadata.get("stage_only")]
+
+    @classmethod
+    def add_flags(cls, parser) -> None:
+        """The ``grow`` flags, one per field, with the field's default."""
+        from megatron_staged.config import add_field_flag
+
+        group = parser.add_argument_group("growth")
+        for f in cls.flag_fields():
+            add_field_flag(group, f.name, f, default=f.default)
+
+    @classmethod
+    def from_args(cls, ns) -> "GrowthRequest":
+        from megatron_staged.config import coerce_field
+
+        return cls(**{f.name: coerce_field(f.name, f, getattr(ns, f.name)) for f in cls.flag_fields()})
+
+    @classmethod
+    def from_stage(cls, stage, n: int) -> "GrowthRequest":
+        """A YAML stage mapping; errors name the key (``staging.stages[n].key``)."""
+        from megatron_staged.config import coerce_field
+
+        if not isinstance(stage, dict):
+            raise UserError(f"staging.stages[{n}] must be a mapping, got {stage!r}")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(stage) - set(known))
+        if unknown:
+            raise UserError(f"staging.stages[{n}]: unknown key(s) {unknown}; allowed: {sorted(known)}")
+        if stage.get("at_iteration") is None:
+            raise UserError(f"staging.stages[{n}] needs at_iteration")
+        return cls(**{k: coerce_field(k, known[k], v, label=f"staging.stages[{n}].{k}") for k, v in stage.items()})
+
+    def key_namer(self, n: Optional[int]):
+        """How errors name a field: a ``grow`` flag, or the YAML key of stage ``n``."""
+        if n is None:
+            return lambda name: "--" + name.replace("_", "-")
+        return lambda name: f"staging.stages[{n}].{name}"
 
 
 @dataclass
 class GrowthSpec:
-    """One growth. ``depth_map[j]`` is the old layer that new layer ``j`` comes from (None: fresh).
+    """A request resolved against its source model. ``depth_map[j]`` is the old layer that new
+    layer ``j`` comes from (None: fresh).
 
     ``new_layer[j]`` marks the layers that get ``depth_init`` (every copy of an old layer after its
     first occurrence, and fresh layers); the others are plain copies of their old layer.
     """
     old_num_layers: int
-    depth_map: list = field(default_factory=list)
-    depth_init: str = "identity"
-    placement: str = "interleave"
-    width_factor: int = 1
-    width_split: float = 0.6        # final-norm / output-layer split alpha (0.5: symmetric)
-    width_noise: float = 0.0        # std of noise added to new zero blocks (breaks exactness)
-    target_tp: Optional[int] = None
-    target_pp: Optional[int] = None
-    rho: Optional[float] = None
-    rewarmup_iters: int = DEFAULT_REWARMUP_ITERS
+    depth_map: list
+    request: GrowthRequest = field(default_factory=GrowthRequest)
     seed: int = 1234
+
+    # the request's options the operators read
+    depth_init = property(lambda self: self.request.depth_init)
+    placement = property(lambda self: self.request.depth_placement)
+    width_factor = property(lambda self: self.request.width_factor)
+    width_split = property(lambda self: self.request.width_split)
+    width_noise = property(lambda self: self.request.width_noise)
+    target_tp = property(lambda self: self.request.target_tensor_model_parallel_size)
+    target_pp = property(lambda self: self.request.target_pipeline_model_parallel_size)
+    rho = property(lambda self: self.request.rho)
+    rewarmup_iters = property(lambda self: self.request.rewarmup_iters)
 
     @property
     def new_num_layers(self) -> int:
@@ -68,7 +143,8 @@ class GrowthSpec:
         return rho
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return dict(asdict(self.request), old_num_layers=self.old_num_layers, depth_map=list(self.depth_map),
+                    seed=self.seed)
 
 
 # ---- depth placements ---------------------------------------------------------------------------
@@ -119,34 +195,42 @@ def parse_depth_map(text, old: int) -> list:
     return out
 
 
-def make_spec(old_cfg: Config, *, num_layers: Optional[int] = None, depth_factor: Optional[float] = None,
-              depth_map=None, placement: str = "interleave", depth_init: str = "identity",
-              width_factor: int = 1, width_split: float = 0.6, width_noise: float = 0.0,
-              target_tp: Optional[int] = None, target_pp: Optional[int] = None, rho: Optional[float] = None,
-              rewarmup_iters: int = DEFAULT_REWARMUP_ITERS, seed: Optional[int] = None) -> GrowthSpec:
-    """Build and check a GrowthSpec from user-facing options."""
+def make_spec(old_cfg: Config, request: GrowthRequest, stage_index: Optional[int] = None,
+              seed: Optional[int] = None) -> GrowthSpec:
+    """Resolve and check a request against the source model; errors name the flag or YAML key."""
+    r = request
+    name = r.key_namer(stage_index)
     old = old_cfg.model.num_layers
-    require(depth_init in DEPTH_INITS, f"--depth-init {depth_init!r}: choose one of {', '.join(DEPTH_INITS)}")
-    require(width_factor in (1, 2), f"--width-factor {width_factor}: only 1 or 2 is supported")
-    require(0.0 < width_split < 1.0, f"--width-split {width_split} must be in (0, 1)")
-    chosen = sum(x is not None for x in (num_layers, depth_factor, depth_map))
-    require(chosen <= 1, "give at most one of --num-layers, --depth-factor and --depth-map")
-    if depth_map is not None:
-        dmap = parse_depth_map(depth_map, old)
-    elif num_layers is not None or depth_factor is not None:
-        new = int(num_layers) if num_layers is not None else int(round(old * float(depth_factor)))
-        require(old > 0 or num_layers is not None, "a zero-layer model grows with --num-layers N, not a factor")
-        dmap = depth_map_for(old, new, placement)
-    else:
-        dmap = list(range(old))
+    require(0.0 < r.width_split < 1.0, f"{name('width_split')} {r.width_split} must be in (0, 1)")
+    require(r.width_noise >= 0.0, f"{name('width_noise')} {r.width_noise} must be >= 0")
+    require(r.rewarmup_iters >= 0, f"{name('rewarmup_iters')} {r.rewarmup_iters} must be >= 0")
+    require(r.rho is None or r.rho > 0, f"{name('rho')} {r.rho} must be > 0")
+    for key in ("target_tensor_model_parallel_size", "target_pipeline_model_parallel_size"):
+        v = getattr(r, key)
+        require(v is None or v >= 1, f"{name(key)} {v} must be >= 1")
+    chosen = [k for k in ("num_layers", "depth_factor", "depth_map") if getattr(r, k) is not None]
+    require(len(chosen) <= 1, f"give at most one of {', '.join(name(k) for k in chosen)}")
+    try:
+        if r.depth_map is not None:
+            dmap = parse_depth_map(r.depth_map, old)
+        elif r.num_layers is not None or r.depth_factor is not None:
+            require(old > 0 or r.num_layers is not None,
+                    f"a zero-layer model grows with {name('num_layers')} N, not {name('depth_factor')}")
+            require(r.depth_factor is None or r.depth_factor > 0, f"{name('depth_factor')} must be > 0")
+            new = int(r.num_layers) if r.num_layers is not None else int(round(old * float(r.depth_factor)))
+            dmap = depth_map_for(old, new, r.depth_placement)
+        else:
+            dmap = list(range(old))
+    except UserError as e:
+        raise UserError(str(e).replace("--depth-map", name("depth_map"))
+                        .replace("--depth-placement", name("depth_placement"))) from None
     if old == 0:
-        require(depth_init == "random", "a zero-layer model has no layer to copy: use --depth-init random")
-    spec = GrowthSpec(old_num_layers=old, depth_map=dmap, depth_init=depth_init, placement=placement,
-                      width_factor=width_factor, width_split=width_split, width_noise=width_noise,
-                      target_tp=target_tp, target_pp=target_pp, rho=rho, rewarmup_iters=rewarmup_iters,
+        require(r.depth_init == "random", f"a zero-layer model has no layer to copy: use {name('depth_init')} random")
+    spec = GrowthSpec(old_num_layers=old, depth_map=dmap, request=r,
                       seed=old_cfg.training.seed if seed is None else seed)
-    require(spec.grows_depth or width_factor > 1, "nothing to grow: give --num-layers/--depth-factor/"
-                                                 "--depth-map and/or --width-factor 2")
+    require(spec.grows_depth or r.width_factor > 1,
+            f"nothing to grow: give {name('num_layers')}/{name('depth_factor')}/{name('depth_map')} "
+            f"and/or {name('width_factor')} 2")
     return spec
 
 

@@ -122,3 +122,20 @@ def set_rng_state(state: dict) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def collective_device() -> torch.device:
+    """Where a tensor handed to a collective must live: the current CUDA device under NCCL."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_scalar(value: float, op: str = "sum") -> float:
+    """``value`` reduced over all ranks (``op``: sum, max or min); the value itself without a group."""
+    if not dist.is_initialized():
+        return float(value)
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+    t = torch.tensor([float(value)], dtype=torch.float64, device=collective_device())
+    dist.all_reduce(t, op=ops[op])
+    return float(t.item())

@@ -20,10 +20,6 @@ import time
 
 from megatron_staged.errors import UserError
 
-TRAIN_STATE_KEYS = ("iteration", "consumed_train_samples", "flops_so_far", "stage_history", "loss_history",
-                    "hf_import")
-
-
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="megatron-staged convert",
                                 description="Reshard a checkpoint to another TP/PP layout, keeping the training state.")
@@ -81,9 +77,9 @@ def convert(args) -> dict:
     import torch.distributed as dist
 
     from megatron_staged.checkpoint.manager import load_checkpoint, load_common, resolve_checkpoint_dir, save_checkpoint
-    from megatron_staged.runtime.distributed import init_distributed, set_parallel_layout, set_seed
-    from megatron_staged.training.lr import build_scheduler
-    from megatron_staged.training.trainer import build_model_chunks, build_optimizer
+    from megatron_staged.builders import build_components
+    from megatron_staged.runtime.distributed import init_distributed
+    from megatron_staged.training.state import TrainState
 
     ckpt_dir, _ = resolve_checkpoint_dir(args.load)
     check_target_dir(args.save, ckpt_dir)
@@ -92,16 +88,13 @@ def convert(args) -> dict:
     cfg = target_config(common, args, dist.get_world_size())
     source_state = common.get("train_state") or {}
     with_optim = not args.no_optimizer and source_state.get("has_optimizer", True)
-    layout = set_parallel_layout(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
-    set_seed(cfg.training.seed)
-    model = build_model_chunks(cfg, initialize=False)
-    optimizer = build_optimizer(cfg, model) if with_optim else None
-    scheduler = None
-    if with_optim and "opt_param_scheduler" in common:
-        scheduler = build_scheduler(optimizer, cfg.optim, cfg.training.train_iters)
+    cfg.checkpoint.override_opt_param_scheduler = False  # the saved schedule is carried over as it is
+    comps = build_components(cfg, initialize=False, with_optimizer=with_optim,
+                             with_scheduler=with_optim and "opt_param_scheduler" in common)
+    model, optimizer, scheduler, layout = comps.model, comps.optimizer, comps.scheduler, comps.layout
     state = load_checkpoint(ckpt_dir, model, optimizer, scheduler, load_optimizer=with_optim, load_rng=True)
-    train_state = {k: state[k] for k in TRAIN_STATE_KEYS if k in state}
-    path = save_checkpoint(args.save, int(state["iteration"]), model, optimizer, scheduler, train_state,
+    train_state = TrainState.from_dict(state)
+    path = save_checkpoint(args.save, train_state.iteration, model, optimizer, scheduler, train_state.to_dict(),
                            cfg.to_dict(), save_optimizer=with_optim)
     return {"source": ckpt_dir, "target": path, "layout": layout, "saved_layout": common.get("parallel_layout"),
             "iteration": int(state["iteration"]), "with_optimizer": with_optim,

@@ -12,34 +12,6 @@ import argparse
 from megatron_staged.errors import UserError
 
 
-def add_growth_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("growth")
-    g.add_argument("--num-layers", type=int, default=None, help="target depth")
-    g.add_argument("--depth-factor", type=float, default=None, help="target depth = factor x source depth")
-    g.add_argument("--depth-map", default=None, help="explicit old->new map, e.g. 0,0,1,1,new")
-    g.add_argument("--depth-placement", default="interleave", choices=["interleave", "stack", "middle"])
-    g.add_argument("--depth-init", default="identity", choices=["identity", "copy", "random"])
-    g.add_argument("--width-factor", type=int, default=1, choices=[1, 2])
-    g.add_argument("--width-split", type=float, default=0.6,
-                   help="alpha of the final split [alpha*y, (1-alpha)*y]; 0.5 keeps the copies symmetric")
-    g.add_argument("--width-noise", type=float, default=0.0, help="noise std on new zero blocks (not exact)")
-    g.add_argument("--target-tensor-model-parallel-size", type=int, default=None)
-    g.add_argument("--target-pipeline-model-parallel-size", type=int, default=None)
-    g.add_argument("--rho", type=float, default=None,
-                   help="S_pre / S_target for the LR schedule (default: depth 1.4, width 1.8, both: product)")
-    g.add_argument("--rewarmup-iters", type=int, default=150)
-
-
-def spec_from_args(a, old_cfg):
-    from megatron_staged.growth.spec import make_spec
-
-    return make_spec(old_cfg, num_layers=a.num_layers, depth_factor=a.depth_factor, depth_map=a.depth_map,
-                     placement=a.depth_placement, depth_init=a.depth_init, width_factor=a.width_factor,
-                     width_split=a.width_split, width_noise=a.width_noise,
-                     target_tp=a.target_tensor_model_parallel_size, target_pp=a.target_pipeline_model_parallel_size,
-                     rho=a.rho, rewarmup_iters=a.rewarmup_iters)
-
-
 def main(argv) -> int:
     import os
 
@@ -48,7 +20,7 @@ def main(argv) -> int:
     from megatron_staged.checkpoint.manager import load_common, resolve_checkpoint_dir, save_checkpoint
     from megatron_staged.config import Config
     from megatron_staged.growth.apply import grow_from_checkpoint
-    from megatron_staged.growth.spec import target_config
+    from megatron_staged.growth.spec import GrowthRequest, make_spec, target_config
     from megatron_staged.runtime.distributed import init_distributed, print_rank0
 
     p = argparse.ArgumentParser(prog="megatron-staged grow", description=__doc__,
@@ -56,7 +28,7 @@ def main(argv) -> int:
     p.add_argument("--load", required=True, help="source checkpoint (a --save directory or one iter_ dir)")
     p.add_argument("--save", required=True, help="where to write the grown checkpoint")
     p.add_argument("--no-optimizer", action="store_true", help="write weights only")
-    add_growth_flags(p)
+    GrowthRequest.add_flags(p)
     a = p.parse_args(argv)
     src_dir, _ = resolve_checkpoint_dir(a.load)
     common = load_common(src_dir)
@@ -64,16 +36,16 @@ def main(argv) -> int:
         raise UserError(f"{src_dir} has no run config (args) in common.pt; was it written by megatron_staged?")
     old_cfg = Config.from_dict(common["args"])
     init_distributed()
-    spec = spec_from_args(a, old_cfg)
+    spec = make_spec(old_cfg, GrowthRequest.from_args(a))
     new_cfg = target_config(old_cfg, spec, dist.get_world_size())  # validates before anything is written
     if os.path.abspath(a.save) == os.path.abspath(a.load):
         raise UserError("--save must differ from --load (the source checkpoint is kept)")
-    new_cfg, model, optimizer, scheduler, state, stats = grow_from_checkpoint(src_dir, spec, old_cfg, common, new_cfg)
+    comps, state, stats = grow_from_checkpoint(src_dir, spec, old_cfg, common, new_cfg)
     new_cfg.checkpoint.load = None
-    save_checkpoint(a.save, state["iteration"], model, optimizer, scheduler, state, new_cfg.to_dict(),
-                    save_optimizer=not a.no_optimizer)
-    e = state["stage_history"][-1]
-    print_rank0(f"grew {src_dir} -> {a.save} at iteration {state['iteration']}: {e['operator']} "
+    save_checkpoint(a.save, state.iteration, comps.model, comps.optimizer, comps.scheduler, state.to_dict(),
+                    new_cfg.to_dict(), save_optimizer=not a.no_optimizer)
+    e = state.stage_history[-1]
+    print_rank0(f"grew {src_dir} -> {a.save} at iteration {state.iteration}: {e['operator']} "
                 f"{e['from']['num_layers']}x{e['from']['hidden_size']} -> {e['to']['num_layers']}x{e['to']['hidden_size']}, "
                 f"layout TP{e['to']['tp']} PP{e['to']['pp']} DP{e['to']['dp']}, LR schedule step "
                 f"{e['schedule_step_before']} -> {e['schedule_step_after']} (rho {e['rho']:.3g}), "

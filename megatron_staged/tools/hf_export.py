@@ -216,17 +216,15 @@ def megatron_logits(load: str, tokens: torch.Tensor) -> torch.Tensor:
 
     from megatron_staged.checkpoint.manager import load_checkpoint
     from megatron_staged.model.builder import unwrap
-    from megatron_staged.runtime.distributed import init_distributed, set_parallel_layout, set_seed
-    from megatron_staged.training.trainer import build_model_chunks
+    from megatron_staged.builders import build_components
+    from megatron_staged.runtime.distributed import init_distributed
 
     _, _, _, cfg = load_checkpoint_config(load)
     init_distributed()
     if dist.get_world_size() != 1:
         raise UserError("--verify runs in one process; launch export-hf without torchrun")
     cfg.parallel.tensor_model_parallel_size = cfg.parallel.pipeline_model_parallel_size = 1
-    set_parallel_layout(1, 1)
-    set_seed(cfg.training.seed)
-    model = build_model_chunks(cfg, initialize=False)
+    model = build_components(cfg, initialize=False, with_optimizer=False).model
     load_checkpoint(load, model, None, None, load_optimizer=False, load_rng=False)
     net = unwrap(model[0])
     net.eval()

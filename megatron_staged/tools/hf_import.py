@@ -194,8 +194,9 @@ def main(argv) -> int:
     from megatron_staged.checkpoint.hf_mapping import arch_from_hf_config
     from megatron_staged.checkpoint.manager import TRACKER, save_checkpoint
     from megatron_staged.config import pad_vocab_size
-    from megatron_staged.runtime.distributed import init_distributed, print_rank0, set_parallel_layout, set_seed
-    from megatron_staged.training.trainer import build_model_chunks, build_optimizer
+    from megatron_staged.builders import build_components, build_optimizer
+    from megatron_staged.runtime.distributed import init_distributed, print_rank0
+    from megatron_staged.training.state import TrainState
 
     args = parse_args(argv)
     if not os.path.isdir(args.hf):
@@ -216,16 +217,13 @@ def main(argv) -> int:
 
     init_distributed()
     cfg = import_config(arch, args, args.hf, dist.get_world_size())
-    layout = set_parallel_layout(tp, pp)
-    set_seed(cfg.training.seed)
-    model = build_model_chunks(cfg, initialize=False)
+    comps = build_components(cfg, initialize=False, with_optimizer=False)
+    model, layout = comps.model, comps.layout
     fill_from_hf(model, weights, arch)
     optimizer = None if args.no_optimizer else build_optimizer(cfg, model)  # after filling: fp32 masters copy weights
-    train_state = {"iteration": 0, "consumed_train_samples": 0, "flops_so_far": 0.0, "stage_history": [],
-                   "loss_history": [],
-                   "hf_import": {"source": os.path.abspath(args.hf), "architecture": arch.hf_class,
-                                 "vocab_size": arch.vocab}}
-    path = save_checkpoint(args.save, 0, model, optimizer, None, train_state, cfg.to_dict(),
+    train_state = TrainState(extra={"hf_import": {"source": os.path.abspath(args.hf), "architecture": arch.hf_class,
+                                                  "vocab_size": arch.vocab}})
+    path = save_checkpoint(args.save, 0, model, optimizer, None, train_state.to_dict(), cfg.to_dict(),
                            save_optimizer=optimizer is not None)
     print_rank0(f"imported {arch.hf_class} from {args.hf} ({arch.num_layers} layers, hidden {arch.hidden}, "
                 f"vocabulary {arch.vocab} padded to {arch.padded_vocab}) into {path} at {layout}, "

@@ -1,9 +1,9 @@
 """The training loop: megatron-core's model, DDP, optimizer and pipeline schedules, composed.
 
-``Trainer`` owns the components (model chunks, optimizer, LR scheduler, data iterators, logger)
-and the run's bookkeeping (iteration, consumed samples, FLOPs so far, stage history). A growth
-stage replaces the model, optimizer and scheduler through :meth:`Trainer.replace_components`;
-the trainer knows *that* a stage boundary happened, never how an operator works.
+``Trainer`` holds the components (built by :mod:`megatron_staged.builders`), the run's bookkeeping
+(:class:`TrainState`), the data iterators and the logger. At a stage boundary the stage runner
+returns grown components and state and the trainer continues on them; it knows *that* a growth
+happened, never how an operator works.
 """
 from __future__ import annotations
 
@@ -17,72 +17,17 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_staged.builders import build_components
 from megatron_staged.config import Config, validate
+from megatron_staged.data.setup import prepare_data
 from megatron_staged.errors import UserError
-from megatron_staged.runtime.distributed import (Layout, barrier, current_layout, init_distributed,
-                                                 print_rank0, set_parallel_layout, set_seed)
+from megatron_staged.growth.spec import GrowthRequest
+from megatron_staged.model.builder import set_padded_vocab_size
+from megatron_staged.runtime.distributed import all_reduce_scalar, init_distributed, print_rank0
+from megatron_staged.staging.stages import StageRunner
 from megatron_staged.training.flops import flops_per_iteration
 from megatron_staged.training.logger import MetricsLogger
-
-
-# ---- components ---------------------------------------------------------------------------------
-
-def build_model_chunks(cfg: Config, seed: Optional[int] = None, initialize: bool = True) -> list:
-    """This rank's model chunk(s), wrapped in megatron DDP, initialised layout-independently."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.transformer.module import Float16Module
-
-    from megatron_staged.model.builder import build_model, init_global_weights
-
-    model = build_model(cfg, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
-    if initialize:
-        init_global_weights([model], cfg, cfg.training.seed if seed is None else seed)
-    tcfg = model.config
-    if cfg.model.bf16 or cfg.model.fp16:
-        model = Float16Module(tcfg, model)
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
-        overlap_param_gather=cfg.parallel.overlap_param_gather,
-        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-        check_for_nan_in_grad=False,
-    )
-    return [DistributedDataParallel(tcfg, ddp_config, model)]
-
-
-def build_optimizer(cfg: Config, model_chunks):
-    from megatron.core.optimizer import OptimizerConfig as MOptConfig
-    from megatron.core.optimizer import get_megatron_optimizer
-
-    from megatron_staged.checkpoint.manager import init_optimizer_state
-
-    o, m = cfg.optim, cfg.model
-    ocfg = MOptConfig(
-        optimizer=o.optimizer, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
-        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, sgd_momentum=o.sgd_momentum,
-        clip_grad=o.clip_grad, bf16=m.bf16, fp16=m.fp16, params_dtype=torch.float32,
-        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-        loss_scale=None if m.fp16 else None, initial_loss_scale=2**16 if m.fp16 else None,
-    )
-    optimizer = get_megatron_optimizer(ocfg, model_chunks)
-    init_optimizer_state(optimizer)
-    return optimizer
-
-
-def wire_schedule_hooks(model_chunks, optimizer, cfg: Config) -> None:
-    """What Megatron-LM's training loop sets on the model config before the schedules run."""
-    from megatron.core.distributed import finalize_model_grads
-    from megatron.core.utils import get_model_config
-
-    config = get_model_config(model_chunks[0])
-    config.grad_scale_func = optimizer.scale_loss
-    config.finalize_model_grads_func = finalize_model_grads
-    config.timers = None
-    if cfg.parallel.overlap_grad_reduce:
-        config.no_sync_func = model_chunks[0].no_sync
-    if cfg.parallel.overlap_param_gather and cfg.parallel.use_distributed_optimizer:
-        config.param_sync_func = model_chunks[0].start_param_sync
+from megatron_staged.training.state import TrainState
 
 
 # ---- forward step -----------------------------------------------------------------------------
@@ -149,50 +94,59 @@ GROWN_FIELDS = {"num_layers", "hidden_size", "ffn_hidden_size", "num_attention_h
 # ---- the trainer --------------------------------------------------------------------------------
 
 class Trainer:
-    """Pretrain (and grow) a GPT with megatron-core. Construct inside torchrun (or one process)."""
+    """Pretrain (and grow) a GPT with megatron-core. Construct inside torchrun (or one process).
+
+    Holds the run's :class:`Components` (config, layout, model, optimizer, scheduler), its
+    :class:`TrainState`, the data and the logger. A growth replaces the components as a whole.
+    """
 
     def __init__(self, cfg: Config):
-        self.cfg = cfg
         init_distributed(cfg.parallel.distributed_backend, cfg.parallel.distributed_timeout_minutes)
         self.world_size = dist.get_world_size()
-        self._adopt_checkpoint_model_config()
+        saved_state = self._adopt_checkpoint_model_config(cfg)
         validate(cfg, self.world_size)
-        self.layout = set_parallel_layout(cfg.parallel.tensor_model_parallel_size,
-                                          cfg.parallel.pipeline_model_parallel_size)
-        set_seed(cfg.training.seed)
-        self.iteration = 0
-        self.consumed_samples = 0
-        self.flops_so_far = 0.0
-        self.stage_history: list[dict] = []
-        self.loss_history: list[tuple[int, float, float]] = []  # (iteration, loss, flops so far)
-        self.tokenizer = None
-        self._build_data_and_vocab()
-        self.model, self.optimizer, self.scheduler = self.build_components(cfg)
+        self.state = TrainState()
+        self.tokenizer, self.datasets = prepare_data(cfg, self.world_size)
+        set_padded_vocab_size(cfg, self.tokenizer.vocab_size)
+        self.stages = StageRunner(cfg, self.world_size, saved_state)  # every stage checked before any build
+        self.components = build_components(cfg)
         self.logger = MetricsLogger(cfg)
         if cfg.checkpoint.load:
             self._load(cfg.checkpoint.load)
         self._build_iterators()
-        from megatron_staged.staging.stages import StageRunner  # noqa: WPS433 (import cycle)
 
-        self.stages = StageRunner(self)
+    # the components and the bookkeeping, by the names the logger and tools use
+    cfg = property(lambda self: self.components.cfg)
+    layout = property(lambda self: self.components.layout)
+    model = property(lambda self: self.components.model)
+    optimizer = property(lambda self: self.components.optimizer)
+    scheduler = property(lambda self: self.components.scheduler)
+    iteration = property(lambda self: self.state.iteration)
+    consumed_samples = property(lambda self: self.state.consumed_train_samples)
+    flops_so_far = property(lambda self: self.state.flops_so_far)
+    stage_history = property(lambda self: self.state.stage_history)
+    loss_history = property(lambda self: self.state.loss_history)
 
     # -- setup ------------------------------------------------------------------------------------
-    def _adopt_checkpoint_model_config(self) -> None:
-        """On --load, the architecture comes from the checkpoint (flags may only agree with it)."""
-        cfg = self.cfg
+    @staticmethod
+    def _adopt_checkpoint_model_config(cfg: Config) -> TrainState:
+        """On --load, the architecture comes from the checkpoint (flags may only agree with it).
+
+        Returns the checkpoint's training state (empty without --load), for planning the stages.
+        """
         if not cfg.checkpoint.load:
-            return
+            return TrainState()
         from megatron_staged.checkpoint.manager import load_common, resolve_checkpoint_dir
-        from megatron_staged.config import Config as _C
 
         ckpt_dir, _ = resolve_checkpoint_dir(cfg.checkpoint.load)
         common = load_common(ckpt_dir)
+        saved_state = TrainState.from_dict(dict(common.get("train_state", {}), iteration=common.get("iteration", 0)))
         args = common.get("args")
         if not args:
-            return
-        saved = _C.from_dict(args).model
+            return saved_state
+        saved = Config.from_dict(args).model
         explicit = getattr(cfg, "_explicit", set())
-        if common.get("train_state", {}).get("stage_history"):
+        if saved_state.stage_history:
             # a grown run: the config file still describes the first stage's model
             explicit = explicit - GROWN_FIELDS
         for name, value in vars(saved).items():
@@ -202,31 +156,9 @@ class Trainer:
                                 f"{ckpt_dir} ({value}); drop the flag or load a matching checkpoint")
             if name not in explicit:
                 setattr(cfg.model, name, value)
-
-    def _build_data_and_vocab(self) -> None:
-        from megatron_staged.data.setup import prepare_data
-
-        self.tokenizer, self.datasets = prepare_data(self.cfg, self.world_size)
-        from megatron_staged.model.builder import set_padded_vocab_size
-
-        set_padded_vocab_size(self.cfg, self.tokenizer.vocab_size)
-
-    def build_components(self, cfg: Config, initialize: bool = True):
-        from megatron_staged.training.lr import build_scheduler
-
-        model = build_model_chunks(cfg, initialize=initialize)
-        optimizer = build_optimizer(cfg, model)
-        scheduler = build_scheduler(optimizer, cfg.optim, cfg.training.train_iters,
-                                    override=cfg.checkpoint.override_opt_param_scheduler)
-        wire_schedule_hooks(model, optimizer, cfg)
-        return model, optimizer, scheduler
-
-    def replace_components(self, cfg: Config, model, optimizer, scheduler) -> None:
-        """Continue on a new (grown) model; called by the staging runner at a stage boundary."""
-        self.cfg = cfg
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.layout = current_layout()
-        self._build_iterators()
+        if cfg.checkpoint.finetune:
+            return TrainState()
+        return saved_state
 
     def _build_iterators(self) -> None:
         from megatron.core import parallel_state as ps
@@ -236,14 +168,9 @@ class Trainer:
         t = self.cfg.training
         dp, dpr = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         train_ds, valid_ds, _ = self.datasets
-        self.train_iter = build_data_iterator(train_ds, self.consumed_samples, t.micro_batch_size, dpr, dp,
-                                              num_workers=self.cfg.data.num_workers)
+        self.train_iter = build_data_iterator(train_ds, self.state.consumed_train_samples, t.micro_batch_size,
+                                              dpr, dp, num_workers=self.cfg.data.num_workers)
         self.valid_ds = valid_ds
-
-    def train_state(self) -> dict:
-        return {"iteration": self.iteration, "consumed_train_samples": self.consumed_samples,
-                "flops_so_far": self.flops_so_far, "stage_history": list(self.stage_history),
-                "loss_history": list(self.loss_history[-10000:])}
 
     # -- checkpoints --------------------------------------------------------------------------------
     def save(self) -> Optional[str]:
@@ -253,9 +180,9 @@ class Trainer:
         if not c.save:
             return None
         t0 = time.time()
-        path = save_checkpoint(c.save, self.iteration, self.model, self.optimizer, self.scheduler,
-                               self.train_state(), self.cfg.to_dict(), save_optimizer=not c.no_save_optim)
-        print_rank0(f"saved checkpoint at iteration {self.iteration:7d} to {c.save} in {time.time() - t0:.2f}s")
+        path = save_checkpoint(c.save, self.state.iteration, self.model, self.optimizer, self.scheduler,
+                               self.state.to_dict(), self.cfg.to_dict(), save_optimizer=not c.no_save_optim)
+        print_rank0(f"saved checkpoint at iteration {self.state.iteration:7d} to {c.save} in {time.time() - t0:.2f}s")
         return path
 
     def _load(self, path: str) -> None:
@@ -263,17 +190,43 @@ class Trainer:
 
         c = self.cfg.checkpoint
         finetune = c.finetune
-        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler,
+        saved = load_checkpoint(path, self.model, self.optimizer, self.scheduler,
                                 load_optimizer=not (c.no_load_optim or finetune),
                                 load_rng=not (c.no_load_rng or finetune))
         if not finetune:
-            self.iteration = int(state.get("iteration", 0))
-            self.consumed_samples = int(state.get("consumed_train_samples", 0))
-            self.flops_so_far = float(state.get("flops_so_far", 0.0))
-            self.stage_history = list(state.get("stage_history", []))
-            self.loss_history = [tuple(x) for x in state.get("loss_history", [])]
-        print_rank0(f"loaded checkpoint {path} at iteration {self.iteration} "
-                    f"(consumed samples {self.consumed_samples}, layout now {self.layout})")
+            self.state = TrainState.from_dict(saved)
+        print_rank0(f"loaded checkpoint {path} at iteration {self.state.iteration} "
+                    f"(consumed samples {self.state.consumed_train_samples}, layout now {self.layout})")
+
+    # -- growth -------------------------------------------------------------------------------------
+    def grow(self, request: GrowthRequest, stage_index: Optional[int] = None) -> dict:
+        """Grow the model and its training state now, and continue on the grown components.
+
+        Prints the eval loss just before and just after, on the same batches. Returns the stage
+        history entry. Collective.
+        """
+        eval_iters = request.eval_iters or self.cfg.training.eval_iters
+        before = self.evaluate(eval_iters)
+        old, self.components = self.components, None
+        self.components, self.state, stats = self.stages.grow(request, old, self.state, stage_index)
+        self._build_iterators()
+        after = self.evaluate(eval_iters)
+        seconds = all_reduce_scalar(stats["seconds"], "max")
+        bytes_read = int(all_reduce_scalar(float(stats["bytes_read"]), "sum"))
+        e = self.state.stage_history[-1]
+        e.update(eval_loss_before=before, eval_loss_after=after, growth_seconds=seconds, bytes_read=bytes_read)
+        self.logger.event(
+            f" growth at iteration {self.state.iteration}: {e['operator']} {e['from']['num_layers']} layers x "
+            f"{e['from']['hidden_size']} (TP{e['from']['tp']} PP{e['from']['pp']}) -> {e['to']['num_layers']} "
+            f"layers x {e['to']['hidden_size']} (TP{e['to']['tp']} PP{e['to']['pp']} DP{e['to']['dp']}) | "
+            f"eval loss before: {before:.6f} | after: {after:.6f} | diff: {after - before:+.2e} | "
+            f"LR schedule step {e['schedule_step_before']} -> {e['schedule_step_after']} (rho {e['rho']:.3g}, "
+            f"re-warmup {e['rewarmup_iters']}) | {seconds:.2f}s",
+            event="growth", iteration=self.state.iteration, eval_loss_before=before, eval_loss_after=after,
+            num_layers=e["to"]["num_layers"], hidden_size=e["to"]["hidden_size"])
+        if self.cfg.checkpoint.save:
+            self.save()  # the grown state becomes the latest checkpoint of the run
+        return e
 
     # -- loop -----------------------------------------------------------------------------------------
     @property
@@ -312,35 +265,33 @@ class Trainer:
 
     def train(self) -> dict:
         """Train to --train-iters (growing at the configured stages); returns a summary."""
-        cfg = self.cfg
-        t = cfg.training
         for chunk in self.model:
             chunk.train()
-        save_interval = cfg.checkpoint.save_interval
-        self.logger.start(self.iteration, t.train_iters)
+        save_interval = self.cfg.checkpoint.save_interval
+        self.logger.start(self.state.iteration, self.cfg.training.train_iters)
         last_loss = float("nan")
-        while self.iteration < t.train_iters:
-            self.stages.maybe_grow()
+        while self.state.iteration < self.cfg.training.train_iters:
+            stage = self.stages.due(self.state.iteration)
+            if stage is not None:
+                self.grow(stage.request, stage.index)
             cfg, t = self.cfg, self.cfg.training
             t0 = time.time()
             loss, grad_norm, ok = self.train_step()
             elapsed = time.time() - t0
-            self.iteration += 1
-            self.consumed_samples += t.global_batch_size
-            self.flops_so_far += flops_per_iteration(cfg.model, t.global_batch_size)
-            self.loss_history.append((self.iteration, loss, self.flops_so_far))
+            self.state.record_step(loss, t.global_batch_size, flops_per_iteration(cfg.model, t.global_batch_size))
             last_loss = loss
             if not math.isfinite(loss):
-                raise RuntimeError(f"loss is {loss} at iteration {self.iteration}; stopping (lower --lr?)")
+                raise RuntimeError(f"loss is {loss} at iteration {self.state.iteration}; stopping (lower --lr?)")
             self.logger.iteration(self, loss, grad_norm, elapsed, ok)
-            if t.eval_interval and self.iteration % t.eval_interval == 0:
+            if t.eval_interval and self.state.iteration % t.eval_interval == 0:
                 self.logger.eval(self, self.evaluate())
-            if save_interval and self.iteration % save_interval == 0:
+            if save_interval and self.state.iteration % save_interval == 0:
                 self.save()
-            if t.exit_interval and self.iteration % t.exit_interval == 0:
+            if t.exit_interval and self.state.iteration % t.exit_interval == 0:
                 break
         self.logger.close()
-        if cfg.checkpoint.save and not (save_interval and self.iteration % save_interval == 0):
+        if self.cfg.checkpoint.save and not (save_interval and self.state.iteration % save_interval == 0):
             self.save()
-        return {"iteration": self.iteration, "loss": last_loss, "consumed_samples": self.consumed_samples,
-                "flops_so_far": self.flops_so_far, "stage_history": self.stage_history}
+        s = self.state
+        return {"iteration": s.iteration, "loss": last_loss, "consumed_samples": s.consumed_train_samples,
+                "flops_so_far": s.flops_so_far, "stage_history": s.stage_history}

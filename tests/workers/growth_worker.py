@@ -1,7 +1,7 @@
 """Run growth cases inside one torchrun job (process groups are rebuilt per case).
 
 Each case: load a source checkpoint at a source layout with the trainer, apply one growth stage
-through the trainer's in-run path (StageRunner.grow: save, rebuild groups, grow, evaluate before
+through the trainer's in-run path (Trainer.grow: rebuild groups, grow, evaluate before
 and after on the same batches), save the grown state, and report the losses as JSON lines.
 
     torchrun --nproc-per-node W tests/workers/growth_worker.py CASES.json RESULTS.jsonl
@@ -19,6 +19,7 @@ def main():
     from megatron_staged.checkpoint.manager import save_checkpoint
     from megatron_staged.cli import _train_parser
     from megatron_staged.config import config_from_args
+    from megatron_staged.growth.spec import GrowthRequest
     from megatron_staged.training.trainer import Trainer
 
     cases = json.load(open(sys.argv[1]))
@@ -30,9 +31,9 @@ def main():
                 "--eval-iters", "2", "--progress-bar", "off"]
         cfg = config_from_args(_train_parser("worker").parse_args(args))
         trainer = Trainer(cfg)
-        entry = trainer.stages.grow(dict(case["stage"], at_iteration=trainer.iteration))
+        entry = trainer.grow(GrowthRequest(**case["stage"]))
         save_checkpoint(case["out"], trainer.iteration, trainer.model, trainer.optimizer, trainer.scheduler,
-                        trainer.train_state(), trainer.cfg.to_dict())
+                        trainer.state.to_dict(), trainer.cfg.to_dict())
         results.append({"name": case["name"], "before": entry["eval_loss_before"], "after": entry["eval_loss_after"],
                         "to": entry["to"], "from": entry["from"]})
         del trainer
