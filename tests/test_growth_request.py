@@ -1,0 +1,113 @@
+"""One definition of a growth request: the ``grow`` flags and the YAML stage keys come from
+``GrowthRequest``, and every configured stage is checked before the run builds anything."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+
+from megatron_staged.config import Config, resolve_model
+from megatron_staged.errors import UserError
+from megatron_staged.growth.spec import GrowthRequest
+from megatron_staged.staging.stages import plan_stages
+from megatron_staged.training.state import TrainState
+
+GROW_FLAGS = {"--num-layers", "--depth-factor", "--depth-map", "--depth-placement", "--depth-init",
+              "--width-factor", "--width-split", "--width-noise", "--target-tensor-model-parallel-size",
+              "--target-pipeline-model-parallel-size", "--rho", "--rewarmup-iters"}
+
+
+def _grow_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser()
+    GrowthRequest.add_flags(p)
+    return p
+
+
+def test_grow_flags_and_defaults_come_from_the_request():
+    p = _grow_parser()
+    flags = {s for a in p._actions for s in a.option_strings if s.startswith("--") and not s.startswith("--no-")}
+    assert flags - {"--help"} == GROW_FLAGS
+    parsed = GrowthRequest.from_args(p.parse_args([]))
+    assert parsed == GrowthRequest()  # the flags' defaults are the dataclass's
+    assert (parsed.depth_placement, parsed.depth_init, parsed.width_factor, parsed.width_split,
+            parsed.rewarmup_iters) == ("interleave", "identity", 1, 0.6, 150)
+    got = GrowthRequest.from_args(p.parse_args(["--depth-factor", "2", "--width-factor", "2", "--rho", "1.5",
+                                                "--target-tensor-model-parallel-size", "4"]))
+    assert (got.depth_factor, got.width_factor, got.rho, got.target_tensor_model_parallel_size) == (2.0, 2, 1.5, 4)
+    with pytest.raises(UserError, match=r"--width-factor: 3 is not one of \[1, 2\]"):
+        GrowthRequest.from_args(p.parse_args(["--width-factor", "3"]))
+
+
+def test_yaml_stage_keys_are_the_request_fields():
+    keys = {f.name for f in dataclasses.fields(GrowthRequest)}
+    assert keys == {f[2:].replace("-", "_") for f in GROW_FLAGS} | {"at_iteration", "eval_iters"}
+    r = GrowthRequest.from_stage({"at_iteration": 5, "depth_factor": 2, "width_factor": "2"}, 0)
+    assert (r.at_iteration, r.depth_factor, r.width_factor, r.depth_init) == (5, 2.0, 2, "identity")
+    with pytest.raises(UserError, match=r"staging.stages\[1\]: unknown key\(s\) \['depth'\]"):
+        GrowthRequest.from_stage({"at_iteration": 5, "depth": 2}, 1)
+    with pytest.raises(UserError, match=r"staging.stages\[0\] needs at_iteration"):
+        GrowthRequest.from_stage({"depth_factor": 2}, 0)
+    with pytest.raises(UserError, match=r"staging.stages\[2\].width_split: cannot interpret 'wide' as float"):
+        GrowthRequest.from_stage({"at_iteration": 1, "width_split": "wide"}, 2)
+
+
+def _cfg(layers=4, tp=1, pp=1, train_iters=100) -> Config:
+    cfg = Config()
+    m = cfg.model
+    m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length = layers, 64, 4, 32
+    m.padded_vocab_size = 512
+    cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size = tp, pp
+    cfg.training.train_iters, cfg.training.micro_batch_size, cfg.training.global_batch_size = train_iters, 2, 48
+    resolve_model(m)
+    return cfg
+
+
+@pytest.mark.parametrize("stages, world, message", [
+    ([{"at_iteration": 100, "depth_factor": 2}], 1,
+     r"staging.stages\[0\].at_iteration 100 is not before --train-iters 100"),
+    ([{"at_iteration": 10, "depth_factor": 2}, {"at_iteration": 10, "width_factor": 2}], 1,
+     r"staging.stages\[1\].at_iteration 10 repeats staging.stages\[0\]"),
+    ([{"at_iteration": 10, "depth_factor": 2, "depth_placement": "diagonal"}], 1,
+     r"staging.stages\[0\].depth_placement: 'diagonal' is not one of"),
+    ([{"at_iteration": 10, "depth_factor": 2, "num_layers": 8}], 1,
+     r"give at most one of staging.stages\[0\].num_layers, staging.stages\[0\].depth_factor"),
+    ([{"at_iteration": 10, "depth_map": "0,1,7"}], 1,
+     r"staging.stages\[0\].depth_map refers to layer 7"),
+    ([{"at_iteration": 10, "depth_placement": "middle", "num_layers": 12}], 1,
+     r"staging.stages\[0\].depth_placement middle can add between 1 and 4 layers"),
+    # the second stage is checked against the model the first produces (8 layers, PP 2 -> PP 3)
+    ([{"at_iteration": 10, "depth_factor": 2, "target_pipeline_model_parallel_size": 2},
+      {"at_iteration": 20, "width_factor": 2, "target_pipeline_model_parallel_size": 3}], 6,
+     r"staging.stages\[1\]: the grown model \(8 layers, hidden 128.*--num-layers 8 is not divisible by "
+     r"--pipeline-model-parallel-size 3"),
+    ([{"at_iteration": 10, "width_factor": 2, "target_tensor_model_parallel_size": 3}], 3,
+     r"staging.stages\[0\]: the grown model .* not divisible by --tensor-model-parallel-size 3"),
+    ([{"at_iteration": 10, "width_factor": 1}], 1, r"nothing to grow"),
+    ([{"at_iteration": 10, "depth_factor": 2, "rho": 0}], 1, r"staging.stages\[0\].rho 0.0 must be > 0"),
+])
+def test_every_stage_is_checked_before_the_run(stages, world, message):
+    with pytest.raises(UserError, match=message):
+        plan_stages(_cfg(), stages, world, TrainState())
+
+
+def test_valid_stages_are_planned_in_order_and_done_ones_skipped():
+    stages = [{"at_iteration": 30, "width_factor": 2}, {"at_iteration": 10, "depth_factor": 2}]
+    planned = plan_stages(_cfg(), stages, 1, TrainState())
+    assert [(s.index, s.at_iteration) for s in planned] == [(1, 10), (0, 30)]
+    resumed = TrainState(iteration=20, stage_history=[{"iteration": 10}])
+    assert [s.index for s in plan_stages(_cfg(), stages, 1, resumed)] == [0]
+    with pytest.raises(UserError, match=r"staging.stages\[1\] at iteration 10 lies before the resumed iteration 20"):
+        plan_stages(_cfg(), stages, 1, TrainState(iteration=20))
+
+
+def test_train_state_round_trip_keeps_unknown_keys():
+    s = TrainState.from_dict({"iteration": 7, "consumed_train_samples": 56, "flops_so_far": 1.5e9,
+                              "stage_history": [{"iteration": 3}], "loss_history": [[7, 2.5, 1.5e9]],
+                              "hf_import": {"source": "/m"}, "optimizer_step": 7, "has_optimizer": True})
+    d = s.to_dict()
+    assert d["hf_import"] == {"source": "/m"}  # carried over by every save (it was dropped before)
+    assert "optimizer_step" not in d and "has_optimizer" not in d  # the checkpoint manager's own keys
+    assert TrainState.from_dict(d) == s
+    s.record_step(2.0, 8, 1e9)
+    assert (s.iteration, s.consumed_train_samples, s.flops_so_far, s.loss_history[-1]) == (8, 64, 2.5e9, (8, 2.0, 2.5e9))
