@@ -140,6 +140,15 @@ class StagingConfig:
     # A list of growth stages, given in YAML: [{at_iteration: 200, depth_factor: 2}, ...]. See
     # megatron_staged.staging for the keys.
     stages: list = _lf("growth stages (YAML only)")
+    # slope triggers (staging/triggers.py): s = d log L / d log C over a trailing window of the curve
+    slope_window_ratio: float = _f(2.0, "slope window: the last factor of compute, [C/ratio, C]")
+    slope_min_points: int = _f(10, "iterations a slope window needs before it is trusted")
+    slope_patience: int = _f(3, "consecutive slope estimates above the threshold before a trigger fires")
+    slope_check_interval: int = _f(1, "evaluate slope triggers every N iterations")
+    stop_at_optimality: bool = _f(False, "end the run (with a checkpoint) when the last stage's slope "
+                                         "rises above --optimality-threshold (Shen et al.'s OPTIMALITY)")
+    optimality_threshold: float = _f(-0.052, "slope above which training the current model is no longer "
+                                             "compute-optimal")
 
 
 @dataclass

@@ -30,7 +30,13 @@ class GrowthRequest:
     (``--depth-factor``) and the YAML stage keys (``staging.stages[n].depth_factor``), defaults
     included. Fields marked ``stage_only`` are YAML stage keys without a ``grow`` flag.
     """
-    at_iteration: Optional[int] = _opt(None, "iteration at which the stage grows the model", stage_only=True)
+    at_iteration: Optional[int] = _opt(None, "grow at this iteration", stage_only=True)
+    at_flops: Optional[float] = _opt(None, "grow at the first iteration whose FLOPs so far reach this", stage_only=True)
+    trigger: Optional[str] = _opt(None, "grow when the learning curve's slope says so (slope: Shen et al.'s "
+                                        "PRE-GROWTH point)", choices=("slope",), stage_only=True)
+    slope_threshold: Optional[float] = _opt(None, "slope above which a slope trigger fires (default: the "
+                                                  "paper's, by operator: depth -0.0575, width -0.0475, "
+                                                  "depth+width -0.03)", stage_only=True)
     num_layers: Optional[int] = _opt(None, "target depth")
     depth_factor: Optional[float] = _opt(None, "target depth = factor x source depth")
     depth_map: Optional[str] = _opt(None, "explicit old->new layer map, e.g. 0,0,1,1,new")
@@ -80,9 +86,14 @@ class GrowthRequest:
         unknown = sorted(set(stage) - set(known))
         if unknown:
             raise UserError(f"staging.stages[{n}]: unknown key(s) {unknown}; allowed: {sorted(known)}")
-        if stage.get("at_iteration") is None:
-            raise UserError(f"staging.stages[{n}] needs at_iteration")
-        return cls(**{k: coerce_field(k, known[k], v, label=f"staging.stages[{n}].{k}") for k, v in stage.items()})
+        r = cls(**{k: coerce_field(k, known[k], v, label=f"staging.stages[{n}].{k}") for k, v in stage.items()})
+        when = [k for k in ("at_iteration", "at_flops", "trigger") if getattr(r, k) is not None]
+        if len(when) != 1:
+            raise UserError(f"staging.stages[{n}] needs exactly one of at_iteration, at_flops and trigger"
+                            + (f" (has {', '.join(when)})" if when else ""))
+        if r.slope_threshold is not None and r.trigger is None:
+            raise UserError(f"staging.stages[{n}].slope_threshold needs trigger: slope")
+        return r
 
     def key_namer(self, n: Optional[int]):
         """How errors name a field: a ``grow`` flag, or the YAML key of stage ``n``."""

@@ -2,12 +2,17 @@
 
 Stages come from the config (YAML); their keys are the fields of
 :class:`megatron_staged.growth.spec.GrowthRequest` (the ``grow`` flags with underscores, plus
-``at_iteration`` and ``eval_iters``)::
+when the stage runs and ``eval_iters``). Each stage names exactly one of ``at_iteration``,
+``at_flops`` or ``trigger: slope`` (grow when the learning curve's slope rises above the paper's
+threshold for the operator, or ``slope_threshold``; see :mod:`megatron_staged.staging.triggers`)::
 
     staging:
       stages:
         - {at_iteration: 200, depth_factor: 2}                       # 4 -> 8 layers, identity init
-        - {at_iteration: 400, width_factor: 2, target_tensor_model_parallel_size: 2}
+        - {trigger: slope, width_factor: 2, target_tensor_model_parallel_size: 2}
+      stop_at_optimality: true     # end the run when the last model's slope says so
+
+Stages run in the order they are listed.
 
 Every pending stage is checked when the run starts, each against the model the stages before it
 produce (factor, placement, divisibility by the target TP/PP, iteration within ``--train-iters``),
@@ -31,7 +36,10 @@ import torch.distributed as dist
 from megatron_staged.builders import Components
 from megatron_staged.config import Config
 from megatron_staged.errors import UserError, require
+from megatron_staged.growth.apply import operator_name
 from megatron_staged.growth.spec import GrowthRequest, make_spec, target_config
+from megatron_staged.staging.triggers import THRESHOLDS, SlopeTrigger, stage_curve
+from megatron_staged.training.flops import flops_per_iteration
 from megatron_staged.training.state import TrainState
 
 
@@ -41,38 +49,89 @@ class Stage:
     request: GrowthRequest
 
     @property
-    def at_iteration(self) -> int:
+    def at_iteration(self) -> Optional[int]:
         return self.request.at_iteration
 
 
+def _done(stage: Stage, history: list) -> bool:
+    for h in history:
+        if "stage_index" in h:
+            if h["stage_index"] == stage.index:
+                return True
+        elif stage.at_iteration is not None and h.get("iteration") == stage.at_iteration:
+            return True  # a checkpoint from before stage indices were recorded
+    return False
+
+
 def plan_stages(cfg: Config, stages: list, world_size: int, state: TrainState) -> list[Stage]:
-    """The stages still to run, each checked against the model the ones before it produce."""
-    requests = [GrowthRequest.from_stage(s, n) for n, s in enumerate(stages or [])]
-    done = {h.get("iteration") for h in state.stage_history}
-    seen: dict[int, int] = {}
-    for n, r in enumerate(requests):
-        require(r.at_iteration >= 0, f"staging.stages[{n}].at_iteration {r.at_iteration} must be >= 0")
-        require(r.at_iteration not in seen, f"staging.stages[{n}].at_iteration {r.at_iteration} repeats "
-                                            f"staging.stages[{seen.get(r.at_iteration)}]'s; merge the two stages")
-        seen[r.at_iteration] = n
-        require(r.at_iteration < cfg.training.train_iters,
-                f"staging.stages[{n}].at_iteration {r.at_iteration} is not before --train-iters "
-                f"{cfg.training.train_iters}: the stage would never run")
+    """The stages still to run, in list order, each checked against the model the ones before it
+    produce. Stages run in the order they are listed; fixed points (``at_iteration``,
+    ``at_flops``) must increase along the list."""
+    all_stages = [Stage(n, GrowthRequest.from_stage(s, n)) for n, s in enumerate(stages or [])]
+    last: dict[str, tuple[int, float]] = {}
+    for st in all_stages:
+        n, r = st.index, st.request
+        if r.at_iteration is not None:
+            require(r.at_iteration >= 0, f"staging.stages[{n}].at_iteration {r.at_iteration} must be >= 0")
+            require(r.at_iteration < cfg.training.train_iters,
+                    f"staging.stages[{n}].at_iteration {r.at_iteration} is not before --train-iters "
+                    f"{cfg.training.train_iters}: the stage would never run")
+        if r.at_flops is not None:
+            require(r.at_flops > 0, f"staging.stages[{n}].at_flops {r.at_flops} must be > 0")
+        for key in ("at_iteration", "at_flops"):
+            v = getattr(r, key)
+            if v is None:
+                continue
+            if key in last:
+                prev_n, prev_v = last[key]
+                require(v > prev_v, f"staging.stages[{n}].{key} {v:g} is not after staging.stages[{prev_n}]'s "
+                                    f"{prev_v:g}; list the stages in the order they run")
+            last[key] = (n, v)
         require(r.eval_iters is None or r.eval_iters >= 1, f"staging.stages[{n}].eval_iters must be >= 1")
-    pending = sorted((Stage(n, r) for n, r in enumerate(requests) if r.at_iteration not in done),
-                     key=lambda s: s.at_iteration)
-    stale = [s for s in pending if s.at_iteration < state.iteration]
-    if stale:
-        raise UserError(f"staging.stages[{stale[0].index}] at iteration {stale[0].at_iteration} lies before the "
-                        f"resumed iteration {state.iteration} and was never applied; remove it or resume earlier")
+    pending = [st for st in all_stages if not _done(st, state.stage_history)]
+    for st in pending:
+        r = st.request
+        stale = (r.at_iteration is not None and r.at_iteration < state.iteration) or (
+            r.at_flops is not None and state.iteration > 0 and r.at_flops < state.flops_so_far)
+        if stale:
+            when = f"iteration {r.at_iteration}" if r.at_iteration is not None else f"{r.at_flops:g} FLOPs"
+            raise UserError(f"staging.stages[{st.index}] at {when} lies before the resumed iteration "
+                            f"{state.iteration} and was never applied; remove it or resume earlier")
     model_cfg = cfg
-    for s in pending:
-        spec = make_spec(model_cfg, s.request, s.index)
+    for st in pending:
+        spec = make_spec(model_cfg, st.request, st.index)
         try:
             model_cfg = target_config(model_cfg, spec, world_size)
         except UserError as e:
-            raise UserError(f"staging.stages[{s.index}]: {e}") from None
+            raise UserError(f"staging.stages[{st.index}]: {e}") from None
     return pending
+
+
+def current_stage_curve(state: TrainState, cfg: Config):
+    """(iterations, curve) of the model trained since the last growth, on the from-scratch
+    compute axis (see staging/triggers.py)."""
+    since, step0 = 0, 0
+    if state.stage_history:
+        h = state.stage_history[-1]
+        since, step0 = int(h["iteration"]), int(h.get("schedule_step_after", 0))
+    fpi = flops_per_iteration(cfg.model, cfg.training.global_batch_size)
+    return stage_curve(state.loss_history, since, fpi, step0)
+
+
+def slope_fires(state: TrainState, cfg: Config, threshold: float) -> Optional[dict]:
+    """The trigger's reading if the current stage's curve has crossed ``threshold`` by now."""
+    st = cfg.staging
+    its, curve = current_stage_curve(state, cfg)
+    if not curve or its[-1] != state.iteration:
+        return None
+    trigger = SlopeTrigger(threshold, window_ratio=st.slope_window_ratio, min_points=st.slope_min_points,
+                           patience=st.slope_patience)
+    hit = trigger.first_firing(curve)
+    if hit is None:
+        return None
+    return {"trigger": "slope", "threshold": threshold, "slope": hit["slope"], "slope_min": hit["slope_min"],
+            "fired_at_iteration": its[hit["index"]], "loss": curve[hit["index"]][1],
+            "flops_so_far": state.flops_so_far}
 
 
 class StageRunner:
@@ -81,10 +140,33 @@ class StageRunner:
     def __init__(self, cfg: Config, world_size: int, state: TrainState):
         self.pending = plan_stages(cfg, cfg.staging.stages, world_size, state)
 
-    def due(self, iteration: int) -> Optional[Stage]:
-        if self.pending and self.pending[0].at_iteration == iteration:
-            return self.pending.pop(0)
-        return None
+    def due(self, state: TrainState, cfg: Config) -> tuple[Optional[Stage], Optional[dict]]:
+        """The next stage if it is due now, with why (for the log and the stage history)."""
+        if not self.pending:
+            return None, None
+        st, r = self.pending[0], self.pending[0].request
+        why = None
+        if r.at_iteration is not None and state.iteration >= r.at_iteration:
+            why = {"trigger": "iteration", "at_iteration": r.at_iteration}
+        elif r.at_flops is not None and state.flops_so_far >= r.at_flops:
+            why = {"trigger": "flops", "at_flops": r.at_flops, "flops_so_far": state.flops_so_far}
+        elif r.trigger == "slope" and state.iteration % max(1, cfg.staging.slope_check_interval) == 0:
+            threshold = r.slope_threshold
+            if threshold is None:
+                threshold = THRESHOLDS[operator_name(make_spec(cfg, r, st.index))]
+            why = slope_fires(state, cfg, threshold)
+        if why is None:
+            return None, None
+        self.pending.pop(0)
+        return st, why
+
+    def optimality_reached(self, state: TrainState, cfg: Config) -> Optional[dict]:
+        """With ``--stop-at-optimality``, after the last stage: the reading once the slope says that
+        training the current model further is no longer compute-optimal (Shen et al.'s OPTIMALITY)."""
+        st = cfg.staging
+        if not st.stop_at_optimality or self.pending or state.iteration % max(1, st.slope_check_interval):
+            return None
+        return slope_fires(state, cfg, st.optimality_threshold)
 
     @staticmethod
     def grow(request: GrowthRequest, old: Components, state: TrainState,

@@ -6,6 +6,7 @@ the writing.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from datetime import datetime
@@ -29,6 +30,7 @@ class MetricsLogger:
             except Exception as e:  # tensorboard is optional at run time
                 print(f"warning: TensorBoard disabled ({e})", flush=True)
         if self.rank0 and cfg.logging.log_file:
+            os.makedirs(os.path.dirname(os.path.abspath(cfg.logging.log_file)), exist_ok=True)
             self.jsonl = open(cfg.logging.log_file, "a")
 
     def start(self, iteration: int, train_iters: int) -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-LOSS_HISTORY_KEPT = 10000
+# Kept in memory and in checkpoints alike (the same last N points either way, so slope triggers,
+# which read it, decide the same after a resume).
+LOSS_HISTORY_KEPT = 100_000
 # written by the checkpoint manager, about the checkpoint rather than the run
 CHECKPOINT_KEYS = ("optimizer_step", "has_optimizer", "args", "rng_restored")
 
@@ -44,3 +46,5 @@ class TrainState:
         self.consumed_train_samples += global_batch_size
         self.flops_so_far += flops
         self.loss_history.append((self.iteration, loss, self.flops_so_far))
+        if len(self.loss_history) > LOSS_HISTORY_KEPT:
+            del self.loss_history[:len(self.loss_history) - LOSS_HISTORY_KEPT]

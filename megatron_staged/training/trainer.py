@@ -199,12 +199,15 @@ class Trainer:
                     f"(consumed samples {self.state.consumed_train_samples}, layout now {self.layout})")
 
     # -- growth -------------------------------------------------------------------------------------
-    def grow(self, request: GrowthRequest, stage_index: Optional[int] = None) -> dict:
+    def grow(self, request: GrowthRequest, stage_index: Optional[int] = None, why: Optional[dict] = None) -> dict:
         """Grow the model and its training state now, and continue on the grown components.
 
         Prints the eval loss just before and just after, on the same batches. Returns the stage
-        history entry. Collective.
+        history entry. ``why``: what made the stage due (a trigger's reading), for the log and the
+        history. Collective.
         """
+        if why and why.get("trigger") == "slope":
+            self._log_trigger("PRE-GROWTH", why)
         eval_iters = request.eval_iters or self.cfg.training.eval_iters
         before = self.evaluate(eval_iters)
         old, self.components = self.components, None
@@ -214,7 +217,8 @@ class Trainer:
         seconds = all_reduce_scalar(stats["seconds"], "max")
         bytes_read = int(all_reduce_scalar(float(stats["bytes_read"]), "sum"))
         e = self.state.stage_history[-1]
-        e.update(eval_loss_before=before, eval_loss_after=after, growth_seconds=seconds, bytes_read=bytes_read)
+        e.update(eval_loss_before=before, eval_loss_after=after, growth_seconds=seconds, bytes_read=bytes_read,
+                 stage_index=stage_index, trigger=why)
         self.logger.event(
             f" growth at iteration {self.state.iteration}: {e['operator']} {e['from']['num_layers']} layers x "
             f"{e['from']['hidden_size']} (TP{e['from']['tp']} PP{e['from']['pp']}) -> {e['to']['num_layers']} "
@@ -227,6 +231,14 @@ class Trainer:
         if self.cfg.checkpoint.save:
             self.save()  # the grown state becomes the latest checkpoint of the run
         return e
+
+    def _log_trigger(self, what: str, r: dict) -> None:
+        self.logger.event(
+            f" {what} slope trigger at iteration {self.state.iteration}: slope d log L / d log C = {r['slope']:.4f} "
+            f"> {r['threshold']:.4f} (minimum {r['slope_min']:.4f}) | loss {r['loss']:.4f} | "
+            f"{r['flops_so_far']:.4e} FLOPs so far",
+            event="trigger", kind=what, iteration=self.state.iteration, slope=r["slope"], threshold=r["threshold"],
+            loss=r["loss"], flops_so_far=r["flops_so_far"])
 
     # -- loop -----------------------------------------------------------------------------------------
     @property
@@ -271,9 +283,9 @@ class Trainer:
         self.logger.start(self.state.iteration, self.cfg.training.train_iters)
         last_loss = float("nan")
         while self.state.iteration < self.cfg.training.train_iters:
-            stage = self.stages.due(self.state.iteration)
+            stage, why = self.stages.due(self.state, self.cfg)
             if stage is not None:
-                self.grow(stage.request, stage.index)
+                self.grow(stage.request, stage.index, why)
             cfg, t = self.cfg, self.cfg.training
             t0 = time.time()
             loss, grad_norm, ok = self.train_step()
@@ -288,6 +300,12 @@ class Trainer:
             if save_interval and self.state.iteration % save_interval == 0:
                 self.save()
             if t.exit_interval and self.state.iteration % t.exit_interval == 0:
+                break
+            optimal = self.stages.optimality_reached(self.state, cfg)
+            if optimal is not None:
+                self._log_trigger("OPTIMALITY", optimal)
+                print_rank0(f"stopping at iteration {self.state.iteration}: further training of this model is "
+                            f"no longer compute-optimal (--stop-at-optimality)")
                 break
         self.logger.close()
         if self.cfg.checkpoint.save and not (save_interval and self.state.iteration % save_interval == 0):
