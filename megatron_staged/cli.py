@@ -61,6 +61,8 @@ _delegate("convert", "megatron_staged.tools.convert")
 _delegate("inspect", "megatron_staged.tools.inspect_ckpt")
 _delegate("export-hf", "megatron_staged.tools.hf_export")
 _delegate("import-hf", "megatron_staged.tools.hf_import")
+_delegate("report", "megatron_staged.tools.report")
+_delegate("fit-rho", "megatron_staged.tools.fit_rho")
 
 
 def main(argv=None) -> int:

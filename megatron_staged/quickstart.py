@@ -5,6 +5,8 @@ cached), then trains a 2-layer GPT-2-style model at TP2 x PP2 on 4 processes, gr
 run — depth x2 (2 -> 4 layers) at iteration 100, width x2 (hidden 128 -> 256, 4 -> 8 heads) at
 iteration 200 — and trains on to iteration 300, printing the eval loss just before and just after
 each growth. Extra flags are passed to ``train`` (e.g. ``--train-iters 600``, ``--save DIR``).
+It ends by writing ``quickstart_output/report.png`` (validation loss against FLOPs and wall time,
+growths marked) from the run's metric log, ``quickstart_output/metrics.jsonl``.
 
 Run outside torchrun, it relaunches itself with ``torch.distributed.run --nproc-per-node 4``.
 """
@@ -15,6 +17,7 @@ import subprocess
 import sys
 
 NPROC = 4
+OUTPUT_DIR = "quickstart_output"
 
 QUICKSTART_YAML = """\
 # A staged run: small model -> depth x2 -> width x2, on the built-in corpus.
@@ -32,7 +35,7 @@ training:
   micro_batch_size: 4
   global_batch_size: 16
   train_iters: 300
-  eval_interval: 100
+  eval_interval: 50
   eval_iters: 4
   log_interval: 20
 optim:
@@ -56,8 +59,17 @@ def main(argv) -> int:
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", "1")
         env.setdefault("PYTHONWARNINGS", "ignore")
+        os.makedirs(OUTPUT_DIR, exist_ok=True)
+        log = os.path.join(OUTPUT_DIR, "metrics.jsonl")
+        if os.path.exists(log):
+            os.remove(log)  # one run per log: report reads it whole
         print("launching: " + " ".join(cmd), flush=True)
-        return subprocess.call(cmd, env=env)
+        rc = subprocess.call(cmd, env=env)
+        if rc == 0:
+            from megatron_staged.tools.report import main as report
+
+            report([log, "--out", os.path.join(OUTPUT_DIR, "report.png")])
+        return rc
 
     from megatron_staged.cli import _train_parser
     from megatron_staged.config import config_from_args
@@ -70,6 +82,7 @@ def main(argv) -> int:
 
     base = Config()
     apply_mapping(base, yaml.safe_load(QUICKSTART_YAML), source="quickstart")
+    base.logging.log_file = os.path.join(OUTPUT_DIR, "metrics.jsonl")
     cfg = config_from_args(_train_parser("megatron-staged quickstart").parse_args(argv), base=base)
     summary = Trainer(cfg).train()
     print_rank0("\nquickstart finished: iteration {iteration}, final training loss {loss:.4f}, "

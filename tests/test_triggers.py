@@ -94,7 +94,7 @@ def test_windowed_slope_against_polyfit():
 TINY = ["--mock-data", "--model-family", "gpt2", "--num-layers", "2", "--hidden-size", "64",
         "--num-attention-heads", "4", "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4",
         "--train-iters", "100", "--log-interval", "10", "--eval-iters", "1", "--progress-bar", "off",
-        "--lr", "3e-3", "--lr-warmup-iters", "5", "--seed", "7"]
+        "--lr", "3e-3", "--lr-warmup-iters", "5", "--seed", "7", "--eval-interval", "25"]
 
 
 def polyfit_slopes(curve, ratio=2.0, min_points=5):
@@ -130,6 +130,9 @@ def test_slope_trigger_grows_in_run_and_again_after_resume(tmp_path):
     assert [(e["event"], e["iteration"]) for e in events] == [("trigger", expected), ("growth", expected)]
     assert events[0]["slope"] > th and events[0]["threshold"] == pytest.approx(th)
     assert events[1]["eval_loss_before"] == pytest.approx(events[1]["eval_loss_after"], abs=1e-5)
+    shown = run_cli(["report", str(log), "--baseline", str(base), "--out", str(tmp_path / "r.png")]).stdout
+    assert "stage 0: 2 layers x 64" in shown and "stage 1: 4 layers x 64" in shown
+    assert f"stage 0: 2 layers x 64: {expected} iterations" in shown
 
     # 3. interrupted two iterations before, resumed: it fires at the same iteration
     ck = tmp_path / "ck_resume"

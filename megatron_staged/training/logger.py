@@ -91,7 +91,8 @@ class MetricsLogger:
         if self.writer:
             self.writer.add_scalar("lm loss validation", loss, trainer.iteration)
         if self.jsonl:
-            self.jsonl.write(json.dumps({"iteration": trainer.iteration, "eval_loss": loss}) + "\n")
+            self.jsonl.write(json.dumps({"iteration": trainer.iteration, "eval_loss": loss,
+                                         "flops_so_far": trainer.flops_so_far}) + "\n")
             self.jsonl.flush()
 
     def event(self, text: str, **record) -> None:

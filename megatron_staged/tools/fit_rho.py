@@ -1,0 +1,92 @@
+"""``megatron-staged fit-rho --small SMALL.jsonl --large LARGE.jsonl [--at-iteration S]``.
+
+rho (Shen et al. 2022) = S_pre / S_target: a model grown at step ``S_pre`` of the small run
+continues on the large model's schedule at ``S_target``, the step where the large model trained
+from scratch reaches the small model's loss at ``S_pre``. Given the two runs' metric logs (both
+trained from scratch, same batch size), this reads both training-loss curves, smooths each with a
+trailing mean over ``--smooth`` iterations, and finds for each ``S_pre`` the first large-run step
+whose smoothed loss is at or below the small run's: ``rho = S_pre / S_target``.
+
+Without ``--at-iteration`` it prints rho at 20, 40, 60 and 80% of the small run and their median
+(the value to give as a stage's ``rho``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+from megatron_staged.errors import UserError
+
+
+def read_losses(path: str) -> list[tuple[int, float]]:
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file (give the JSONL written by `train --log-file`)")
+    out, last = [], 0
+    with open(path) as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"{path}:{n}: not a JSON line; is this a `train --log-file` metrics log?") from None
+            if "loss" in r and "iteration" in r and r["iteration"] > last:
+                last = r["iteration"]
+                out.append((int(r["iteration"]), float(r["loss"])))
+    if len(out) < 2:
+        raise UserError(f"{path} holds fewer than 2 training losses")
+    return out
+
+
+def smooth(curve: list[tuple[int, float]], window: int) -> list[tuple[int, float]]:
+    """Trailing mean over ``window`` points."""
+    out, acc = [], 0.0
+    for i, (it, v) in enumerate(curve):
+        acc += v
+        if i >= window:
+            acc -= curve[i - window][1]
+        out.append((it, acc / min(i + 1, window)))
+    return out
+
+
+def rho_at(small: list, large: list, s_pre: int) -> tuple[float, int] | None:
+    """(rho, S_target) for growth at small-run iteration ``s_pre``; None if the large run never
+    gets down to that loss."""
+    loss = next((v for it, v in small if it >= s_pre), None)
+    if loss is None:
+        raise UserError(f"--at-iteration {s_pre} lies beyond the small run's last iteration {small[-1][0]}")
+    s_target = next((it for it, v in large if v <= loss), None)
+    if s_target is None:
+        return None
+    return s_pre / s_target, s_target
+
+
+def main(argv) -> int:
+    p = argparse.ArgumentParser(prog="megatron-staged fit-rho", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p.add_argument("--small", required=True, help="metric log of the small model trained from scratch")
+    p.add_argument("--large", required=True, help="metric log of the large (target) model trained from scratch")
+    p.add_argument("--at-iteration", type=int, default=None, help="the growth step S_pre (default: a table)")
+    p.add_argument("--smooth", type=int, default=20, help="trailing-mean window over iterations")
+    a = p.parse_args(argv)
+    if a.smooth < 1:
+        raise UserError("--smooth must be >= 1")
+    small = smooth(read_losses(a.small), a.smooth)
+    large = smooth(read_losses(a.large), a.smooth)
+    last = small[-1][0]
+    points = [a.at_iteration] if a.at_iteration is not None else [max(1, int(last * f)) for f in (0.2, 0.4, 0.6, 0.8)]
+    rhos = []
+    for s_pre in points:
+        r = rho_at(small, large, s_pre)
+        if r is None:
+            print(f"S_pre {s_pre}: the large run never reaches the small run's loss there")
+            continue
+        rhos.append(r[0])
+        print(f"S_pre {s_pre}: large run reaches the small run's loss at S_target {r[1]}: rho = {r[0]:.3f}")
+    if not rhos:
+        raise UserError("no growth point where the large run reaches the small run's loss; train the large run longer")
+    if len(rhos) > 1:
+        print(f"median rho = {statistics.median(rhos):.3f}")
+    return 0

@@ -1,0 +1,185 @@
+"""``megatron-staged report RUN.jsonl... [--baseline RUN.jsonl] [--out report.png]``.
+
+Reads runs' metric logs (``train --log-file``) and prints, per run: the final validation loss, the
+FLOPs and wall time of each stage (between growths), and with ``--baseline`` the compute each run
+needed to reach the baseline's final validation loss and the saving against the baseline's total
+(``1 - C_run / C_baseline``). Writes a PNG of validation loss against FLOPs and against wall time
+with the growth points marked.
+
+Compute to reach a loss: the first validation point at or below it, interpolated linearly in
+(log C, loss) between that point and the one before. Wall time: the sum of the iterations' times
+plus the growths' seconds (what the log records), so it excludes start-up and evaluation.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+from megatron_staged.errors import UserError
+
+
+@dataclass
+class Run:
+    name: str
+    evals: list = field(default_factory=list)        # (iteration, flops so far, wall seconds, eval loss)
+    growths: list = field(default_factory=list)      # growth events as logged
+    stages: list = field(default_factory=list)       # per stage: dict(layers, hidden, iterations, flops, seconds)
+    final_flops: float = 0.0
+    final_seconds: float = 0.0
+
+    @property
+    def final_eval(self) -> float:
+        return self.evals[-1][3] if self.evals else math.nan
+
+
+def read_run(path: str) -> Run:
+    """A run from its JSONL metrics log (iteration records, eval records, events)."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file (give the JSONL written by `train --log-file`)")
+    run = Run(name=os.path.splitext(os.path.basename(path))[0])
+    seconds, flops, last_it = 0.0, 0.0, 0
+    stage = None
+    with open(path) as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"{path}:{n}: not a JSON line; is this a `train --log-file` metrics log?") from None
+            if "loss" in r and "flops_so_far" in r:
+                if r["iteration"] <= last_it:  # a resumed run repeats iterations after its checkpoint
+                    continue
+                last_it = r["iteration"]
+                seconds += r.get("elapsed_ms", 0.0) / 1e3
+                flops = r["flops_so_far"]
+                shape = (r.get("num_layers"), r.get("hidden_size"))
+                if stage is None or (stage["layers"], stage["hidden"]) != shape:
+                    stage = {"layers": shape[0], "hidden": shape[1], "iterations": 0, "flops": 0.0, "seconds": 0.0}
+                    run.stages.append(stage)
+                stage["iterations"] += 1
+                stage["seconds"] += r.get("elapsed_ms", 0.0) / 1e3
+                stage["flops_end"] = flops
+            elif "eval_loss" in r:
+                run.evals.append((r["iteration"], r.get("flops_so_far", flops), seconds, r["eval_loss"]))
+            elif r.get("event") == "growth":
+                seconds += r.get("growth_seconds", 0.0)
+                run.growths.append(dict(r, flops_so_far=flops, wall_seconds=seconds))
+    prev = 0.0
+    for st in run.stages:
+        st["flops"] = st.pop("flops_end", prev) - prev
+        prev += st["flops"]
+    run.final_flops, run.final_seconds = flops, seconds
+    if not run.evals:
+        raise UserError(f"{path} holds no validation losses; train with --eval-interval N (and --log-file)")
+    return run
+
+
+def compute_to_reach(run: Run, target: float) -> float:
+    """FLOPs at which the run's validation loss first reaches ``target`` (NaN if it never does)."""
+    prev = None
+    for _, c, _, loss in run.evals:
+        if loss <= target:
+            if prev is None or prev[0] <= 0 or c <= 0:
+                return c
+            (c0, l0) = prev
+            if l0 == loss:
+                return c
+            frac = (l0 - target) / (l0 - loss)
+            return 10 ** (math.log10(c0) + frac * (math.log10(c) - math.log10(c0)))
+        prev = (c, loss)
+    return math.nan
+
+
+def summarize(runs: list, baseline: Run | None) -> list:
+    rows = []
+    for run in runs:
+        row = {"run": run.name, "final_eval_loss": run.final_eval, "flops": run.final_flops,
+               "seconds": run.final_seconds, "stages": run.stages, "growths": len(run.growths)}
+        if baseline is not None:
+            target = baseline.final_eval
+            c = compute_to_reach(run, target)
+            row.update(target_loss=target, flops_to_target=c,
+                       saving=(1.0 - c / baseline.final_flops) if math.isfinite(c) else math.nan,
+                       final_loss_gap=run.final_eval - target)
+        rows.append(row)
+    return rows
+
+
+def plot(runs: list, baseline: Run | None, out: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("the picture needs matplotlib: pip install matplotlib (or megatron_staged[report])")
+    fig, (ax_c, ax_t) = plt.subplots(1, 2, figsize=(12, 4.5))
+    everything = ([baseline] if baseline else []) + list(runs)
+    for run in everything:
+        style = "--" if run is baseline else "-"
+        label = f"{run.name} (baseline)" if run is baseline else run.name
+        xs = [c for _, c, _, _ in run.evals]
+        ts = [t for _, _, t, _ in run.evals]
+        ys = [l for _, _, _, l in run.evals]
+        line, = ax_c.plot(xs, ys, style, marker=".", label=label)
+        ax_t.plot(ts, ys, style, marker=".", color=line.get_color(), label=label)
+        for g in run.growths:
+            ax_c.axvline(g["flops_so_far"], color=line.get_color(), alpha=0.4, linestyle=":")
+            ax_t.axvline(g["wall_seconds"], color=line.get_color(), alpha=0.4, linestyle=":")
+            ax_c.annotate(f"{g.get('num_layers')}x{g.get('hidden_size')}", (g["flops_so_far"], max(ys)),
+                          fontsize=7, rotation=90, va="top", color=line.get_color())
+    if baseline is not None:
+        for ax in (ax_c, ax_t):
+            ax.axhline(baseline.final_eval, color="grey", linewidth=0.8)
+    ax_c.set_xscale("log")
+    ax_c.set_xlabel("training FLOPs")
+    ax_t.set_xlabel("wall time (s, iterations + growths)")
+    for ax in (ax_c, ax_t):
+        ax.set_ylabel("validation loss")
+        ax.grid(alpha=0.3)
+    ax_c.legend(fontsize=8)
+    ax_c.set_title("validation loss vs compute (dotted: growths)")
+    ax_t.set_title("validation loss vs wall time")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def format_rows(rows: list) -> str:
+    lines = []
+    for r in rows:
+        head = f"{r['run']}: final validation loss {r['final_eval_loss']:.4f}, {r['flops']:.3e} FLOPs, {r['seconds']:.1f}s"
+        if "target_loss" in r:
+            if math.isfinite(r["flops_to_target"]):
+                head += (f" | reaches the baseline's {r['target_loss']:.4f} at {r['flops_to_target']:.3e} FLOPs: "
+                         f"saving {100 * r['saving']:+.1f}%")
+            else:
+                head += f" | never reaches the baseline's {r['target_loss']:.4f}"
+            head += f" | final gap {r['final_loss_gap']:+.4f}"
+        lines.append(head)
+        for i, st in enumerate(r["stages"]):
+            lines.append(f"    stage {i}: {st['layers']} layers x {st['hidden']}: {st['iterations']} iterations, "
+                         f"{st['flops']:.3e} FLOPs, {st['seconds']:.1f}s")
+    return "\n".join(lines)
+
+
+def main(argv) -> int:
+    p = argparse.ArgumentParser(prog="megatron-staged report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p.add_argument("runs", nargs="+", help="metric logs (JSONL from train --log-file)")
+    p.add_argument("--baseline", default=None, help="the run to compare against (e.g. the target trained from scratch)")
+    p.add_argument("--out", default="report.png", help="where to write the PNG")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    a = p.parse_args(argv)
+    runs = [read_run(r) for r in a.runs]
+    baseline = read_run(a.baseline) if a.baseline else None
+    rows = summarize(runs, baseline)
+    plot(runs, baseline, a.out)
+    print(json.dumps(rows, indent=1) if a.json else format_rows(rows))
+    print(f"wrote {a.out}")
+    return 0

@@ -1,0 +1,70 @@
+"""`report` and `fit-rho` on metric logs whose figures are worked out by hand here."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from conftest import run_cli
+
+
+def write_log(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def iters(first, last, flops_per_it, layers, hidden, ms=100.0, start_flops=0.0, loss=5.0):
+    return [{"iteration": i, "loss": loss, "flops_so_far": start_flops + (i - first + 1) * flops_per_it,
+             "elapsed_ms": ms, "num_layers": layers, "hidden_size": hidden} for i in range(first, last + 1)]
+
+
+def test_report_saving_stages_and_picture(tmp_path):
+    # baseline: 10 iterations at 4e12 FLOPs each; final validation loss 3.0 at 4e13 FLOPs
+    base = iters(1, 10, 4e12, 4, 128) + [
+        {"iteration": 5, "eval_loss": 3.6, "flops_so_far": 2e13}, {"iteration": 10, "eval_loss": 3.0, "flops_so_far": 4e13}]
+    # staged: 10 iterations at 1e12, a growth (2 s), 10 at 4e12 (200 ms each)
+    staged = (iters(1, 10, 1e12, 2, 128) + [{"iteration": 10, "eval_loss": 3.4, "flops_so_far": 1e13}]
+              + [{"event": "growth", "iteration": 10, "growth_seconds": 2.0, "num_layers": 4, "hidden_size": 128}]
+              + iters(11, 20, 4e12, 4, 128, ms=200.0, start_flops=1e13)
+              + [{"iteration": 15, "eval_loss": 3.2, "flops_so_far": 3e13},
+                 {"iteration": 20, "eval_loss": 2.8, "flops_so_far": 5e13}])
+    b = write_log(tmp_path / "base.jsonl", base)
+    s = write_log(tmp_path / "staged.jsonl", staged)
+    png = tmp_path / "out" / "r.png"
+    out = run_cli(["report", s, "--baseline", b, "--out", str(png), "--json"]).stdout
+    row = json.loads(out[:out.rindex("]") + 1])[0]
+    # 3.0 lies halfway (in loss) between 3.2 at 3e13 and 2.8 at 5e13: log-linear interpolation
+    c = 10 ** (math.log10(3e13) + 0.5 * (math.log10(5e13) - math.log10(3e13)))
+    assert row["flops_to_target"] == pytest.approx(c, rel=1e-9)
+    assert row["saving"] == pytest.approx(1 - c / 4e13, rel=1e-9)
+    assert row["final_loss_gap"] == pytest.approx(-0.2)
+    assert [(st["layers"], st["iterations"]) for st in row["stages"]] == [(2, 10), (4, 10)]
+    assert [st["flops"] for st in row["stages"]] == pytest.approx([1e13, 4e13])
+    assert [st["seconds"] for st in row["stages"]] == pytest.approx([1.0, 2.0])
+    assert row["seconds"] == pytest.approx(1.0 + 2.0 + 2.0)  # iterations + the growth
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = run_cli(["report", s, "--baseline", b, "--out", str(png)]).stdout
+    assert f"saving {100 * (1 - c / 4e13):+.1f}%" in text and "stage 1: 4 layers x 128: 10 iterations" in text
+
+
+def test_report_bad_inputs(tmp_path):
+    r = run_cli(["report", str(tmp_path / "missing.jsonl")], check=False)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+    noeval = write_log(tmp_path / "n.jsonl", iters(1, 3, 1e12, 2, 64))
+    r = run_cli(["report", noeval], check=False)
+    assert r.returncode == 2 and "no validation losses" in r.stderr
+
+
+def test_fit_rho(tmp_path):
+    # small: L = 2 + 10/t; large: L = 1.5 + 10/t. At S_pre the large run reaches 2 + 10/S_pre at the
+    # first t with 10/t <= 0.5 + 10/S_pre, i.e. t = ceil(10 / (0.5 + 10/S_pre)).
+    small = [{"iteration": t, "loss": 2 + 10 / t} for t in range(1, 201)]
+    large = [{"iteration": t, "loss": 1.5 + 10 / t} for t in range(1, 201)]
+    a, b = write_log(tmp_path / "s.jsonl", small), write_log(tmp_path / "l.jsonl", large)
+    out = run_cli(["fit-rho", "--small", a, "--large", b, "--smooth", "1", "--at-iteration", "40"]).stdout
+    s_target = math.ceil(10 / (0.5 + 10 / 40))
+    assert f"S_target {s_target}: rho = {40 / s_target:.3f}" in out
+    table = run_cli(["fit-rho", "--small", a, "--large", b, "--smooth", "1"]).stdout
+    rhos = [s / math.ceil(10 / (0.5 + 10 / s)) for s in (40, 80, 120, 160)]
+    assert f"median rho = {sorted(rhos)[1] / 2 + sorted(rhos)[2] / 2:.3f}" in table
