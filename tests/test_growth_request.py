@@ -41,13 +41,20 @@ def test_grow_flags_and_defaults_come_from_the_request():
 
 def test_yaml_stage_keys_are_the_request_fields():
     keys = {f.name for f in dataclasses.fields(GrowthRequest)}
-    assert keys == {f[2:].replace("-", "_") for f in GROW_FLAGS} | {"at_iteration", "eval_iters"}
+    assert keys == {f[2:].replace("-", "_") for f in GROW_FLAGS} | {"at_iteration", "at_flops", "trigger",
+                                                                    "slope_threshold", "eval_iters"}
     r = GrowthRequest.from_stage({"at_iteration": 5, "depth_factor": 2, "width_factor": "2"}, 0)
     assert (r.at_iteration, r.depth_factor, r.width_factor, r.depth_init) == (5, 2.0, 2, "identity")
     with pytest.raises(UserError, match=r"staging.stages\[1\]: unknown key\(s\) \['depth'\]"):
         GrowthRequest.from_stage({"at_iteration": 5, "depth": 2}, 1)
-    with pytest.raises(UserError, match=r"staging.stages\[0\] needs at_iteration"):
+    with pytest.raises(UserError, match=r"staging.stages\[0\] needs exactly one of at_iteration, at_flops and trigger$"):
         GrowthRequest.from_stage({"depth_factor": 2}, 0)
+    with pytest.raises(UserError, match=r"needs exactly one of .* \(has at_iteration, trigger\)"):
+        GrowthRequest.from_stage({"at_iteration": 3, "trigger": "slope", "depth_factor": 2}, 0)
+    with pytest.raises(UserError, match=r"staging.stages\[0\].slope_threshold needs trigger: slope"):
+        GrowthRequest.from_stage({"at_iteration": 3, "slope_threshold": -0.05, "depth_factor": 2}, 0)
+    with pytest.raises(UserError, match=r"staging.stages\[0\].trigger: 'loss' is not one of \['slope'\]"):
+        GrowthRequest.from_stage({"trigger": "loss", "depth_factor": 2}, 0)
     with pytest.raises(UserError, match=r"staging.stages\[2\].width_split: cannot interpret 'wide' as float"):
         GrowthRequest.from_stage({"at_iteration": 1, "width_split": "wide"}, 2)
 
@@ -67,7 +74,10 @@ def _cfg(layers=4, tp=1, pp=1, train_iters=100) -> Config:
     ([{"at_iteration": 100, "depth_factor": 2}], 1,
      r"staging.stages\[0\].at_iteration 100 is not before --train-iters 100"),
     ([{"at_iteration": 10, "depth_factor": 2}, {"at_iteration": 10, "width_factor": 2}], 1,
-     r"staging.stages\[1\].at_iteration 10 repeats staging.stages\[0\]"),
+     r"staging.stages\[1\].at_iteration 10 is not after staging.stages\[0\]'s 10; list the stages in the order"),
+    ([{"at_iteration": 30, "depth_factor": 2}, {"at_iteration": 10, "width_factor": 2}], 1,
+     r"staging.stages\[1\].at_iteration 10 is not after staging.stages\[0\]'s 30"),
+    ([{"at_flops": -1.0, "depth_factor": 2}], 1, r"staging.stages\[0\].at_flops -1.0 must be > 0"),
     ([{"at_iteration": 10, "depth_factor": 2, "depth_placement": "diagonal"}], 1,
      r"staging.stages\[0\].depth_placement: 'diagonal' is not one of"),
     ([{"at_iteration": 10, "depth_factor": 2, "num_layers": 8}], 1,
@@ -91,13 +101,18 @@ def test_every_stage_is_checked_before_the_run(stages, world, message):
         plan_stages(_cfg(), stages, world, TrainState())
 
 
-def test_valid_stages_are_planned_in_order_and_done_ones_skipped():
-    stages = [{"at_iteration": 30, "width_factor": 2}, {"at_iteration": 10, "depth_factor": 2}]
+def test_valid_stages_are_planned_in_list_order_and_done_ones_skipped():
+    stages = [{"at_iteration": 10, "depth_factor": 2}, {"trigger": "slope", "width_factor": 2},
+              {"at_iteration": 50, "depth_factor": 2}]
     planned = plan_stages(_cfg(), stages, 1, TrainState())
-    assert [(s.index, s.at_iteration) for s in planned] == [(1, 10), (0, 30)]
+    assert [(s.index, s.at_iteration) for s in planned] == [(0, 10), (1, None), (2, 50)]
+    # done: by the recorded stage index, or (checkpoints without one) by its iteration
     resumed = TrainState(iteration=20, stage_history=[{"iteration": 10}])
-    assert [s.index for s in plan_stages(_cfg(), stages, 1, resumed)] == [0]
-    with pytest.raises(UserError, match=r"staging.stages\[1\] at iteration 10 lies before the resumed iteration 20"):
+    assert [s.index for s in plan_stages(_cfg(), stages, 1, resumed)] == [1, 2]
+    resumed = TrainState(iteration=40, stage_history=[{"iteration": 10, "stage_index": 0},
+                                                      {"iteration": 33, "stage_index": 1}])
+    assert [s.index for s in plan_stages(_cfg(), stages, 1, resumed)] == [2]
+    with pytest.raises(UserError, match=r"staging.stages\[0\] at iteration 10 lies before the resumed iteration 20"):
         plan_stages(_cfg(), stages, 1, TrainState(iteration=20))
 
 
