@@ -23,6 +23,7 @@ class Components:
     model: list                    # this rank's model chunks, wrapped in megatron DDP
     optimizer: Optional[Any] = None
     scheduler: Optional[Any] = None
+    layer_drop: Optional[Any] = None   # subnet.LayerDropController when RaPTr / PLD is on
 
 
 def build_model_chunks(cfg: Config, seed: Optional[int] = None, initialize: bool = True) -> list:
@@ -107,4 +108,8 @@ def build_components(cfg: Config, *, initialize: bool = True, with_optimizer: bo
             scheduler = build_scheduler(optimizer, cfg.optim, cfg.training.train_iters,
                                         override=cfg.checkpoint.override_opt_param_scheduler)
         wire_schedule_hooks(model, optimizer, cfg)
-    return Components(cfg=cfg, layout=layout, model=model, optimizer=optimizer, scheduler=scheduler)
+    comps = Components(cfg=cfg, layout=layout, model=model, optimizer=optimizer, scheduler=scheduler)
+    from megatron_staged.subnet import attach_layer_drop
+
+    comps.layer_drop = attach_layer_drop(comps)
+    return comps

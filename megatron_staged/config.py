@@ -152,6 +152,28 @@ class StagingConfig:
 
 
 @dataclass
+class SubnetConfig:
+    # RaPTr / progressive layer dropping (megatron_staged.subnet, docs/raptr.md)
+    raptr_stages: Optional[str] = _f(None, "RaPTr: expected active layers per stage, e.g. 6,8,10,12 (of --num-layers)")
+    raptr_keep_probs: Optional[str] = _f(None, "RaPTr: keep-probability of each non-fixed layer per stage, e.g. 0.5,0.75,1")
+    raptr_stage_iters: Optional[str] = _f(None, "RaPTr: iterations per stage, e.g. 250,250,250,250 (default: equal split of --raptr-iters)")
+    raptr_stage_split: str = _f("iterations", "RaPTr: split --raptr-iters into stages of equal iterations or equal FLOPs",
+                                choices=["iterations", "flops"])
+    raptr_iters: Optional[int] = _f(None, "RaPTr: iterations the schedule spans, all layers after (default --train-iters, "
+                                          "or the first growth stage)")
+    raptr_fixed_layers: str = _f("first,last", "RaPTr: always-kept layers: first,last | none | 1-based numbers, e.g. 1,6,12")
+    raptr_rescale: bool = _f(False, "scale each kept layer's residual branch by 1/keep-prob (RaPTr and PLD; default off: "
+                                    "the trained function stays the full model's, no jump at stage changes)")
+    raptr_draw_per: str = _f("iteration", "one drop mask per iteration (all micro-batches and DP replicas) or per "
+                                          "global micro-batch", choices=["iteration", "micro-batch"])
+    progressive_layer_drop: bool = _f(False, "PLD baseline: keep layer l with 1-(l/L)(1-theta(t))")
+    pld_theta: float = _f(0.5, "PLD: theta_bar, the keep-probability floor of the last layer")
+    pld_gamma: float = _f(0.001, "PLD: decay rate of theta(t) per iteration")
+    layer_drop_skip_optimizer_update: bool = _f(True, "leave parameters of layers that got no gradient in a step "
+                                                      "(and their Adam moments) unchanged in that step")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -161,6 +183,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     staging: StagingConfig = field(default_factory=StagingConfig)
+    subnet: SubnetConfig = field(default_factory=SubnetConfig)
 
     # ---- conversion -------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -422,3 +445,6 @@ def validate(cfg: Config, world_size: int) -> None:
             f"--lr-warmup-iters {o.lr_warmup_iters} exceeds --lr-decay-iters {o.lr_decay_iters}")
     if not cfg.data.mock_data and not cfg.data.data_path and cfg.data.tokenizer_type == "NullTokenizer":
         raise UserError("--tokenizer-type NullTokenizer needs --data-path or --mock-data")
+    from megatron_staged.subnet.schedule import validate_subnet
+
+    validate_subnet(cfg, world_size)

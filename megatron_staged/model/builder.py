@@ -99,8 +99,16 @@ def layer_spec(cfg: Config):
     )
 
     if use_transformer_engine(cfg.model):
-        return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization=cfg.model.normalization)
+        spec = get_gpt_layer_with_transformer_engine_spec()
+    else:
+        spec = get_gpt_layer_local_spec(normalization=cfg.model.normalization)
+    from megatron_staged.subnet import enabled as layer_drop_enabled
+
+    if layer_drop_enabled(cfg):  # RaPTr / PLD: a TransformerLayer that a per-step mask can skip
+        from megatron_staged.subnet.layers import subnet_layer_spec
+
+        spec = subnet_layer_spec(spec)
+    return spec
 
 
 def build_model(cfg: Config, pre_process: bool, post_process: bool):

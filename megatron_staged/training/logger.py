@@ -20,7 +20,7 @@ class MetricsLogger:
         self.rank0 = is_rank0()
         self.writer = None
         self.bar = None
-        self.window: list[tuple[float, float]] = []  # (elapsed s, loss) since the last log line
+        self.window: list[tuple[float, float, float]] = []  # (elapsed s, loss, flops) since the last log line
         self.jsonl = None
         if self.rank0 and cfg.logging.tensorboard_dir:
             try:
@@ -43,10 +43,14 @@ class MetricsLogger:
     def iteration(self, trainer, loss: float, grad_norm, elapsed: float, ok: bool) -> None:
         it = trainer.iteration
         t = trainer.cfg.training
-        self.window.append((elapsed, loss))
-        lr = trainer.optimizer.param_groups[0]["lr"]
-        from megatron_staged.training.flops import flops_per_iteration
+        flops = getattr(trainer, "last_step_flops", None)
+        if flops is None:
+            from megatron_staged.training.flops import flops_per_iteration
 
+            flops = flops_per_iteration(trainer.cfg.model, t.global_batch_size)
+        active = getattr(trainer, "last_active_layers", None)
+        self.window.append((elapsed, loss, flops))
+        lr = trainer.optimizer.param_groups[0]["lr"]
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
@@ -54,6 +58,8 @@ class MetricsLogger:
                   "consumed_samples": trainer.consumed_samples, "flops_so_far": trainer.flops_so_far,
                   "elapsed_ms": elapsed * 1e3, "num_layers": trainer.cfg.model.num_layers,
                   "hidden_size": trainer.cfg.model.hidden_size}
+        if active is not None:
+            record["active_layers"] = active
         if self.jsonl:
             self.jsonl.write(json.dumps(record) + "\n")
             self.jsonl.flush()
@@ -66,10 +72,11 @@ class MetricsLogger:
             self.writer.add_scalar("iteration-time", elapsed, it)
         if it % max(t.log_interval, 1) != 0:
             return
-        ms = 1e3 * sum(e for e, _ in self.window) / len(self.window)
-        avg_loss = sum(l for _, l in self.window) / len(self.window)
+        ms = 1e3 * sum(e for e, _, _ in self.window) / len(self.window)
+        avg_loss = sum(l for _, l, _ in self.window) / len(self.window)
+        avg_flops = sum(f for _, _, f in self.window) / len(self.window)
         self.window = []
-        tflops = flops_per_iteration(trainer.cfg.model, t.global_batch_size) / (ms / 1e3) / trainer.world_size / 1e12
+        tflops = avg_flops / (ms / 1e3) / trainer.world_size / 1e12
         gn = f"{grad_norm:.3f}" if grad_norm is not None else "n/a"
         line = (f" [{datetime.now().strftime('%Y-%m-%d %H:%M:%S')}] iteration {it:8d}/{t.train_iters:8d} |"
                 f" consumed samples: {trainer.consumed_samples:12d} |"
@@ -78,6 +85,8 @@ class MetricsLogger:
                 f" learning rate: {lr:.6E} | global batch size: {t.global_batch_size:5d} |"
                 f" lm loss: {avg_loss:.6E} | grad norm: {gn} |"
                 f" number of skipped iterations: {0 if ok else 1:3d} |")
+        if active is not None:
+            line += f" active layers: {active:.2f}/{trainer.cfg.model.num_layers} |"
         if self.writer:
             self.writer.add_scalar("throughput-tflops-per-gpu", tflops, it)
         self.print(line)
@@ -94,6 +103,16 @@ class MetricsLogger:
             self.jsonl.write(json.dumps({"iteration": trainer.iteration, "eval_loss": loss,
                                          "flops_so_far": trainer.flops_so_far}) + "\n")
             self.jsonl.flush()
+
+    def layer_drop_stage(self, e: dict) -> None:
+        """A RaPTr stage transition (docs/raptr.md): log line and JSON record."""
+        if e["until"] is None:
+            text = (f" RaPTr schedule done at iteration {e['iteration']}: all {e['num_layers']} layers run from now on")
+        else:
+            text = (f" RaPTr stage {e['stage'] + 1}/{e['of']} at iteration {e['iteration']}: expected active layers "
+                    f"{e['expected_active_layers']:.2f}/{e['num_layers']} (keep-probability {e['keep_prob']:.4f}) "
+                    f"until iteration {e['until']}")
+        self.event(text, **e)
 
     def event(self, text: str, **record) -> None:
         self.print(text)

@@ -250,8 +250,15 @@ class Trainer:
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        loss = run_microbatches(self.model, self.train_iter, self.num_microbatches, self.cfg, forward_only=False)
-        ok, grad_norm, _ = self.optimizer.step()
+        layer_drop = self.components.layer_drop  # RaPTr / PLD: this step's masks, from (seed, iteration)
+        if layer_drop is not None:
+            layer_drop.begin_step(self.state.iteration, self.num_microbatches)
+        try:
+            loss = run_microbatches(self.model, self.train_iter, self.num_microbatches, self.cfg, forward_only=False)
+            ok, grad_norm, _ = self.optimizer.step()
+        finally:
+            if layer_drop is not None:
+                layer_drop.end_step()
         if ok:
             self.scheduler.step(increment=1)
         return loss, grad_norm, ok
@@ -287,10 +294,20 @@ class Trainer:
             if stage is not None:
                 self.grow(stage.request, stage.index, why)
             cfg, t = self.cfg, self.cfg.training
+            layer_drop = self.components.layer_drop
+            change = layer_drop.stage_change(self.state.iteration) if layer_drop is not None else None
+            if change is not None:
+                self.logger.layer_drop_stage(change)
             t0 = time.time()
             loss, grad_norm, ok = self.train_step()
             elapsed = time.time() - t0
-            self.state.record_step(loss, t.global_batch_size, flops_per_iteration(cfg.model, t.global_batch_size))
+            if layer_drop is not None:  # executed layers only
+                self.last_step_flops = layer_drop.step_flops(cfg.model, t.micro_batch_size, t.global_batch_size)
+                self.last_active_layers = layer_drop.active_layers()
+            else:
+                self.last_step_flops = flops_per_iteration(cfg.model, t.global_batch_size)
+                self.last_active_layers = None
+            self.state.record_step(loss, t.global_batch_size, self.last_step_flops)
             last_loss = loss
             if not math.isfinite(loss):
                 raise RuntimeError(f"loss is {loss} at iteration {self.state.iteration}; stopping (lower --lr?)")
