@@ -206,6 +206,11 @@ class LayerDropController:
             def post(inner_opt, args, kwargs, hidden=hidden):
                 for main, g in hidden:
                     main.grad = g
+                    # the step count stays common to all parameters (checkpoints hold one step, and
+                    # megatron's distributed optimizer asserts it); only value and moments stand still
+                    st = inner_opt.state.get(main)
+                    if st and "step" in st:
+                        st["step"] += 1
                 hidden.clear()
 
             inner.register_step_pre_hook(pre)
