@@ -86,6 +86,7 @@ class LayerDropController:
         self.layer_params: dict[int, list] = {}   # global layer number -> this rank's params
         self.no_grad_layers: set[int] = set()
         self.forced: Optional[torch.Tensor] = None  # tests: one mask for every micro-batch
+        self._announced = "nothing yet"             # the RaPTr stage last logged (None: past the schedule)
 
     # -- per step ----------------------------------------------------------------------------------
     def begin_step(self, iteration: int, local_micro_batches: int) -> None:
@@ -126,17 +127,16 @@ class LayerDropController:
         return sum(flops_per_iteration(model_cfg, micro_batch_size, num_layers=int(m.sum())) for m in self.masks)
 
     def stage_change(self, iteration: int) -> Optional[dict]:
-        """A record when step ``iteration`` starts a RaPTr stage (or the full model after it)."""
+        """A record when step ``iteration`` starts a RaPTr stage, or is the first step of this
+        process (a resumed or grown run says where it stands); None otherwise."""
         s = self.schedule
         if s.method != "raptr":
             return None
         cur = s.stage_index(iteration)
-        prev = s.stage_index(iteration - 1) if iteration > 0 else "start"
-        if cur == prev or (cur is None and iteration > s.span):
+        if self._announced == cur:
             return None
+        self._announced = cur
         if cur is None:
-            if iteration != s.span:
-                return None
             return {"event": "raptr_stage", "iteration": iteration, "stage": len(s.stages), "of": len(s.stages),
                     "keep_prob": 1.0, "expected_active_layers": float(s.num_layers), "num_layers": s.num_layers,
                     "until": None}
