@@ -150,9 +150,17 @@ def enabled(cfg) -> bool:
 
 
 def _first_growth_iteration(cfg) -> Optional[int]:
-    its = [st.get("at_iteration") for st in (cfg.staging.stages or []) if isinstance(st, dict)]
-    its = [i for i in its if isinstance(i, int)]
-    return min(its) if its else None
+    """The iteration of the first growth stage; UserError when it is not known in advance."""
+    stages = [st for st in (cfg.staging.stages or []) if isinstance(st, dict)]
+    if not stages:
+        return None
+    first = stages[0]  # stages run in list order
+    if isinstance(first.get("at_iteration"), int):
+        return first["at_iteration"]
+    require(cfg.subnet.raptr_iters is not None,
+            "the first growth stage has no at_iteration (at_flops or a slope trigger), so the RaPTr schedule "
+            "cannot end at it by default; give --raptr-iters")
+    return None
 
 
 def build_schedule(cfg) -> Optional[LayerDropSchedule]:
