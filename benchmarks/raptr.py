@@ -45,9 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--global-batch-size", type=int, default=8)
     p.add_argument("--stages", default="6,8,10,12")
-    p.add_argument("--timing-steps", type=int, default=24, help="measured steps per variant")
+    p.add_argument("--timing-steps", type=int, default=16, help="measured steps per variant")
     p.add_argument("--block", type=int, default=4, help="steps per block in the rotation")
-    p.add_argument("--train-iters", type=int, default=240, help="iterations of the schedule comparison")
+    p.add_argument("--train-iters", type=int, default=160, help="iterations of the schedule comparison")
     p.add_argument("--eval-iters", type=int, default=20)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--corpus-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "megatron_staged", "bench_corpus"))
@@ -115,6 +115,8 @@ def step_times(a, data) -> dict:
         for n in order:
             for _ in range(a.block):
                 times[n].append(run(n))
+        print(f"timing round {r + 1}/{rounds}: " + ", ".join(f"{n} {1e3 * statistics.median(v):.0f} ms"
+                                                          for n, v in times.items()), file=sys.stderr, flush=True)
     med = {n: 1e3 * statistics.median(v) for n, v in times.items()}
     # per-round ratios: the spread says how noisy the machine was
     per_round = {n: [statistics.median(times[n][i * a.block:(i + 1) * a.block]) /
@@ -130,6 +132,7 @@ def schedule_run(a, data, *extra) -> dict:
     summary = tr.train()
     wall = time.perf_counter() - t0
     val = tr.evaluate(a.eval_iters)
+    print(f"schedule run {extra or 'full'}: {wall:.1f}s, val loss {val:.4f}", file=sys.stderr, flush=True)
     return {"wall_s": wall, "flops": summary["flops_so_far"], "final_train_loss": summary["loss"], "val_loss": val,
             "tokens": summary["consumed_samples"] * a.seq_length}
 

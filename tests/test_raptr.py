@@ -254,3 +254,20 @@ def test_growth_stage_after_raptr(scenarios):
     assert steps[4]["active_layers"] == 8 and steps[5]["active_layers"] == 8  # schedule ended at the growth
     assert any(r.get("event") == "growth" for r in recs)
     assert all(math.isfinite(s["loss"]) for s in steps.values())
+
+
+def test_raptr_schedule_and_growth_stages(tmp_path):
+    """The schedule ends at the first growth by default, must not run past it, and needs
+    --raptr-iters when that growth is placed by FLOPs or a slope trigger."""
+    def cfg_with(stage, *flags):
+        y = tmp_path / "g.yaml"
+        y.write_text("staging:\n  stages:\n    - " + stage + "\n")
+        return _cfg("--config", str(y), "--raptr-stages", "6,12", *flags)
+
+    s = build_schedule(cfg_with("{at_iteration: 100, depth_factor: 2}"))
+    assert s.span == 100 and [st.iters for st in s.stages] == [50, 50]
+    with pytest.raises(UserError, match="past the first growth stage at iteration 100"):
+        cfg_with("{at_iteration: 100, depth_factor: 2}", "--raptr-iters", "200")
+    with pytest.raises(UserError, match="give --raptr-iters"):
+        cfg_with("{at_flops: 1.0e+12, depth_factor: 2}")
+    assert build_schedule(cfg_with("{at_flops: 1.0e+12, depth_factor: 2}", "--raptr-iters", "80")).span == 80
