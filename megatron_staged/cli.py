@@ -1,4 +1,4 @@
-"""``megatron-staged`` command line: train, quickstart, evaluate, grow, convert, inspect, export-hf, import-hf.
+"""``megatron-staged`` command line: train, quickstart, plan, evaluate, grow, convert, inspect, export-hf, import-hf.
 
 Bad input raises :class:`UserError`, printed here as one ``error:`` line with exit status 2.
 """
@@ -40,6 +40,9 @@ def cmd_train(argv):
     from megatron_staged.config import config_from_args
     from megatron_staged.training.trainer import Trainer
 
+    if "--dry-run" in argv:  # validate and print the stages' layouts and memory; build nothing
+        from megatron_staged.planning.cli import dry_run
+        return dry_run(argv)
     cfg = config_from_args(_train_parser("megatron-staged train").parse_args(argv))
     summary = Trainer(cfg).train()
     return summary
@@ -55,6 +58,7 @@ def _delegate(name: str, module: str):
 
 
 _delegate("quickstart", "megatron_staged.quickstart")
+_delegate("plan", "megatron_staged.planning.cli")
 _delegate("evaluate", "megatron_staged.tools.evaluate")
 _delegate("grow", "megatron_staged.tools.grow")
 _delegate("convert", "megatron_staged.tools.convert")

@@ -1,0 +1,172 @@
+"""``megatron-staged plan`` and ``megatron-staged train --dry-run``.
+
+``plan`` takes the trainer's flags (or ``--config`` YAML with ``staging.stages``) plus a recipe
+(``--stages``) and prints, per stage, what one mode computes. Modes share the model, the recipe and
+the stage derivation (``planning/recipe.py``) and add their own flags:
+
+* ``--mode cluster`` (default): layout, memory per GPU and time on ``--gpus`` GPUs.
+
+A mode is one ``PlanMode`` entry in ``MODES``: a flag adder and a ``run(args, cfg)`` that gets the
+run's config with the recipe applied. (A scaling-law mode, per-stage savings from Kaplan's
+L(N, S), plugs in the same way.)
+
+``train --dry-run --world-size N`` validates a full-size run (flags + YAML + stages) in one process,
+without torchrun, process groups, data or a model, and prints each stage at its configured layout.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+from megatron_staged.config import FIELDS, Config, add_config_flags, config_from_args
+from megatron_staged.planning.memory import RECOMPUTE_GRANULARITIES
+
+
+@dataclass(frozen=True)
+class PlanMode:
+    help: str
+    add_flags: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace, Config], int]
+
+
+def add_hardware_flags(p: argparse.ArgumentParser, check_fit: bool) -> None:
+    """``check_fit``: default --gpu-memory-gb to 80 (plan); else check fit only when it is given (dry run)."""
+    g = p.add_argument_group("cluster")
+    g.add_argument("--gpus", "--world-size", dest="gpus", type=int, default=_env_world_size(),
+                   help="number of GPUs (the run's world size; default $WORLD_SIZE)")
+    g.add_argument("--gpus-per-node", type=int, default=8, help="TP stays within a node (default 8)")
+    g.add_argument("--gpu-memory-gb", type=float, default=80.0 if check_fit else None,
+                   help="memory per GPU in GiB" + (" (default 80)" if check_fit else "; checks fit when given"))
+    g.add_argument("--reserved-memory-gb", type=float, default=4.0,
+                   help="GiB per GPU kept free for the CUDA context, NCCL and fragmentation (default 4)")
+    g.add_argument("--mfu", type=float, default=0.40, help="model FLOPs utilisation to predict time with (0.40)")
+    g.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="peak dense TFLOP/s per GPU (989: H100 SXM bf16)")
+    if "recompute_granularity" not in FIELDS:  # until the trainer has the flag, the planner takes it
+        g.add_argument("--recompute-granularity", default="none", choices=RECOMPUTE_GRANULARITIES,
+                       help="activation recomputation assumed for the memory totals (default none)")
+
+
+def _env_world_size():
+    ws = os.environ.get("WORLD_SIZE")
+    return int(ws) if ws else None
+
+
+def hardware(args):
+    from megatron_staged.errors import require
+    from megatron_staged.planning.cluster import Hardware
+
+    require(args.gpus is not None and args.gpus >= 1, "give the number of GPUs: --gpus N (or --world-size N)")
+    require(0 < args.mfu <= 1, f"--mfu {args.mfu} must be in (0, 1]")
+    return Hardware(gpus=args.gpus, gpus_per_node=args.gpus_per_node, gpu_memory_gb=args.gpu_memory_gb,
+                    reserved_memory_gb=args.reserved_memory_gb, mfu=args.mfu, peak_tflops=args.peak_tflops)
+
+
+def recompute_granularity(args, cfg: Config) -> str:
+    if "recompute_granularity" in FIELDS:
+        from megatron_staged.config import get_value
+
+        return get_value(cfg, "recompute_granularity") or "none"
+    return args.recompute_granularity
+
+
+def run_cluster(args, cfg: Config) -> int:
+    from megatron_staged.planning.cluster import cluster_report
+    from megatron_staged.planning.recipe import plan_stages
+
+    hw = hardware(args)
+    text, _ = cluster_report(plan_stages(cfg, hw.gpus), hw, recompute_granularity(args, cfg))
+    print(text)
+    return 0
+
+
+MODES = {
+    "cluster": PlanMode("TP/PP/DP, memory per GPU and time per stage on a cluster",
+                        lambda p: add_hardware_flags(p, check_fit=True), run_cluster),
+}
+
+
+def add_recipe_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("recipe")
+    g.add_argument("--stages", dest="recipe", default=None,  # not `stages`: that is the YAML's config field
+                   help="growth recipe replacing staging.stages, e.g. 'depth:2,depth:2' or "
+                        "'layers:16@2000,width:2+tp:2@6000' (@iteration, @0.5 or @50%% of the run)")
+    g.add_argument("--train-tokens", type=float, default=None,
+                   help="tokens to train on; sets --train-iters from the global batch and sequence length")
+
+
+def run_config(args) -> Config:
+    """The run's config from flags/YAML with --train-tokens and --stages applied."""
+    from megatron_staged.planning.recipe import parse_recipe, set_train_tokens
+
+    cfg = config_from_args(args)
+    set_train_tokens(cfg, args.train_tokens)
+    if args.recipe:
+        cfg.staging.stages = parse_recipe(args.recipe, cfg.training.train_iters)
+    return cfg
+
+
+def main(argv) -> int:
+    p = argparse.ArgumentParser(prog="megatron-staged plan", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", default="cluster", choices=sorted(MODES),
+                   help="; ".join(f"{k}: {v.help}" for k, v in MODES.items()))
+    add_recipe_flags(p)
+    for mode in MODES.values():
+        mode.add_flags(p)
+    add_config_flags(p)
+    args = p.parse_args(argv)
+    return MODES[args.mode].run(args, run_config(args))
+
+
+def dry_run(argv) -> int:
+    """``train --dry-run``: validate the run and print each stage's layout and memory; build nothing."""
+    from megatron_staged.planning.cluster import dry_run_report
+    from megatron_staged.planning.recipe import plan_stages
+
+    p = argparse.ArgumentParser(prog="megatron-staged train --dry-run")
+    p.add_argument("--dry-run", action="store_true", required=True)
+    add_recipe_flags(p)
+    add_hardware_flags(p, check_fit=False)
+    add_config_flags(p)
+    args = p.parse_args(argv)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return 0
+    hw = hardware(args)
+    cfg = run_config(args)
+    stages = plan_stages(cfg, hw.gpus)
+    text, plans = dry_run_report(stages, hw, recompute_granularity(args, cfg))
+    print(f"megatron-staged train --dry-run: the config is valid for {hw.gpus} processes "
+          f"(no model built, no process started)\n")
+    print(text)
+    for warning in data_warnings(cfg):
+        print(f"warning: {warning}")
+    bad = [pl for pl in plans if pl.fits is False]
+    if bad:
+        print(f"warning: stage(s) {', '.join(str(pl.stage.index) for pl in bad)} exceed {hw.gpu_memory_gb:g} GiB "
+              f"less {hw.reserved_memory_gb:g} reserved per GPU at the configured layout; "
+              f"`megatron-staged plan --config ... --gpus {hw.gpus}` suggests one that fits")
+    return 0
+
+
+def data_warnings(cfg: Config) -> list[str]:
+    """Inputs the run will read that are not here (data is not opened by a dry run)."""
+    d, out = cfg.data, []
+    prefixes = [x for x in d.data_path if not _is_number(x)]
+    for prefix in prefixes:
+        for ext in (".bin", ".idx"):
+            if not os.path.exists(prefix + ext):
+                out.append(f"--data-path {prefix}: {prefix + ext} not found (write it with tools/preprocess_data.py)")
+    if d.tokenizer_model and not os.path.exists(d.tokenizer_model):
+        out.append(f"--tokenizer-model {d.tokenizer_model} not found")
+    return out
+
+
+def _is_number(text) -> bool:
+    try:
+        float(text)
+    except (TypeError, ValueError):
+        return False
+    return True

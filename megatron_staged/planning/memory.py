@@ -1,0 +1,169 @@
+"""Parameters and GPU memory of a GPTModel at a TP x PP x DP layout, from its config alone.
+
+Nothing here builds a model: these are closed-form counts, so they work for a 7B model on a laptop.
+
+Parameters are counted module by module as megatron-core's ``GPTModel`` holds them (word and
+learned position embeddings, per layer: input norm, fused QKV, output projection, pre-MLP norm,
+FC1 (x2 with SwiGLU), FC2, biases unless ``--disable-bias-linear``; final norm; untied output
+layer). Under tensor parallelism the matrices, the column-parallel biases and the embeddings are
+split over TP; norms and the row-parallel biases (projection, FC2) are replicated. A pipeline
+stage holds its ``num_layers / PP`` layers, the first stage the embeddings, the last the final norm
+and the output layer (with tied embeddings and PP > 1, a copy of the word embedding).
+
+Bytes per parameter (Megatron-LM's distributed optimizer table, docs/distrib_optimizer.md):
+16-bit weights (2), fp32 gradients (4: the trainer builds DDP with ``grad_reduce_in_fp32``), fp32
+main parameters (4, only for bf16/fp16 runs) and Adam's two fp32 moments (8; SGD momentum 4),
+the last two sharded over DP by the distributed optimizer — 6 + 12/DP bytes for bf16 + Adam.
+
+Activations per transformer layer and micro batch, in bytes (Korthikanti et al. 2022, "Reducing
+Activation Recomputation in Large Transformer Models", section 4 and table 2), with ``s`` sequence,
+``b`` micro batch, ``h`` hidden, ``a`` heads, ``t`` TP size:
+
+* no recomputation:   ``sbh (34 + 5as/h) / t`` with sequence parallelism (or t = 1),
+                      ``sbh (10 + 24/t + 5as/(h t))`` with TP but no sequence parallelism;
+* selective (attention core recomputed): the ``5as/h`` term goes: ``34 sbh / t``, ``sbh (10 + 24/t)``;
+* full (each layer's input kept, the layer recomputed in backward): ``2 sbh / t`` with sequence
+  parallelism (the stored input is sequence-sharded), ``2 sbh`` without.
+
+The formula assumes 16-bit activations (doubled here for fp32 runs), GeLU with a 4h FFN and
+multi-head attention; it is the paper's, applied as is to SwiGLU/GQA models (see docs/scaling.md).
+Under the 1F1B pipeline schedule pipeline rank ``i`` holds ``min(PP - i, micro batches)`` micro
+batches in flight, each with its ``num_layers / PP`` layers' activations.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megatron_staged.config import Config, ModelConfig, resolve_model
+from megatron_staged.errors import require
+
+GIB = 2 ** 30
+RECOMPUTE_GRANULARITIES = ("none", "selective", "full")
+GRAD_BYTES = 4  # the trainer's DistributedDataParallelConfig(grad_reduce_in_fp32=True)
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameter counts of one model, split by where they live."""
+    num_layers: int
+    word_embedding: int          # padded_vocab x hidden
+    position_embedding: int      # max_position_embeddings x hidden (learned positions), else 0
+    layer: int                   # one transformer layer
+    layer_replicated: int        # of which replicated over TP (norms, row-parallel biases)
+    final_norm: int
+    output_layer: int            # untied output layer (0 when tied to the word embedding)
+
+    @property
+    def total(self) -> int:
+        return (self.word_embedding + self.position_embedding + self.num_layers * self.layer
+                + self.final_norm + self.output_layer)
+
+    @property
+    def non_embedding(self) -> int:
+        return self.num_layers * self.layer + self.final_norm
+
+
+def count_parameters(m: ModelConfig) -> ParamCounts:
+    """Exact parameter count of megatron-core's GPTModel for this config (needs padded_vocab_size)."""
+    resolve_model(m)
+    require(m.padded_vocab_size is not None, "the vocabulary size is unknown: give --vocab-size or --padded-vocab-size")
+    h, f, kv = m.hidden_size, m.ffn_hidden_size, m.kv_channels
+    a, g = m.num_attention_heads, m.num_query_groups
+    bias = not m.disable_bias_linear
+    norm = 2 * h if m.normalization == "LayerNorm" else h  # LayerNorm has a bias, RMSNorm not
+    fc1_out = 2 * f if m.swiglu else f
+    qkv_out = (a + 2 * g) * kv
+    layer = (norm + h * qkv_out + (qkv_out if bias else 0)       # input norm, QKV
+             + a * kv * h + (h if bias else 0)                    # output projection
+             + norm + h * fc1_out + (fc1_out if bias else 0)      # pre-MLP norm, FC1
+             + f * h + (h if bias else 0))                        # FC2
+    replicated = 2 * norm + (2 * h if bias else 0)
+    vh = m.padded_vocab_size * h
+    return ParamCounts(
+        num_layers=m.num_layers, word_embedding=vh,
+        position_embedding=m.max_position_embeddings * h if m.position_embedding_type == "learned_absolute" else 0,
+        layer=layer, layer_replicated=replicated, final_norm=norm,
+        output_layer=vh if m.untie_embeddings_and_output_weights else 0)
+
+
+def parameters_on_pipeline_rank(pc: ParamCounts, tp: int, pp: int, rank: int) -> int:
+    """Parameters one GPU holds at pipeline rank ``rank`` (any TP rank: shards are equal)."""
+    require(pc.num_layers % pp == 0, f"{pc.num_layers} layers do not split over PP {pp}")
+    split = pc.layer - pc.layer_replicated
+    require(split % tp == 0 and pc.word_embedding % tp == 0, f"the model does not split over TP {tp}")
+    n = (pc.num_layers // pp) * (split // tp + pc.layer_replicated)
+    if rank == 0:
+        n += pc.word_embedding // tp + pc.position_embedding
+    if rank == pp - 1:
+        n += pc.final_norm
+        if pc.output_layer:
+            n += pc.output_layer // tp
+        elif pp > 1:
+            n += pc.word_embedding // tp  # tied: the last stage keeps a copy of the word embedding
+    return n
+
+
+def activation_bytes_per_layer(m: ModelConfig, micro_batch_size: int, tp: int, sequence_parallel: bool,
+                               recompute: str) -> float:
+    """Korthikanti et al. (2022) activation memory of one layer for one micro batch, in bytes."""
+    require(recompute in RECOMPUTE_GRANULARITIES,
+            f"--recompute-granularity {recompute!r}: choose one of {', '.join(RECOMPUTE_GRANULARITIES)}")
+    s, b, h, a, t = m.seq_length, micro_batch_size, m.hidden_size, m.num_attention_heads, tp
+    sbh = s * b * h
+    sp = sequence_parallel or t == 1
+    attention_core = 0.0 if recompute == "selective" else 5 * a * s / h
+    if recompute == "full":
+        per = 2 * sbh / t if sp else 2 * sbh
+    elif sp:
+        per = sbh * (34 + attention_core) / t
+    else:
+        per = sbh * (10 + 24 / t + attention_core / t)
+    return per * (1 if (m.bf16 or m.fp16) else 2)
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes on the most loaded GPU (the pipeline rank whose total is largest)."""
+    pipeline_rank: int
+    parameters: int
+    weights: float
+    grads: float
+    optimizer: float
+    activations: dict = field(default_factory=dict)  # granularity -> bytes on that pipeline rank
+    recompute: str = "none"
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.activations[self.recompute]
+
+
+def bytes_per_parameter(cfg: Config, dp: int) -> tuple[float, float, float]:
+    """(weights, grads, optimizer) bytes per parameter on one GPU."""
+    sixteen_bit = cfg.model.bf16 or cfg.model.fp16
+    o = cfg.optim
+    moments = 8 if o.optimizer == "adam" else (4 if o.sgd_momentum else 0)
+    optimizer = (4 if sixteen_bit else 0) + moments
+    if cfg.parallel.use_distributed_optimizer:
+        optimizer = optimizer / dp
+    return (2 if sixteen_bit else 4), GRAD_BYTES, optimizer
+
+
+def estimate_memory(cfg: Config, tp: int, pp: int, dp: int, recompute: str = "none") -> MemoryEstimate:
+    """Peak training memory per GPU at TP x PP x DP (weights, grads, optimizer state, activations)."""
+    m, t = cfg.model, cfg.training
+    pc = count_parameters(m)
+    gbs = t.global_batch_size or t.micro_batch_size * dp
+    microbatches = gbs // (t.micro_batch_size * dp)
+    w, g, o = bytes_per_parameter(cfg, dp)
+    per_layer = {r: activation_bytes_per_layer(m, t.micro_batch_size, tp, cfg.parallel.sequence_parallel, r)
+                 for r in RECOMPUTE_GRANULARITIES}
+    best = None
+    for rank in range(pp):
+        n = parameters_on_pipeline_rank(pc, tp, pp, rank)
+        in_flight = min(pp - rank, microbatches)
+        acts = {r: v * (m.num_layers // pp) * in_flight for r, v in per_layer.items()}
+        est = MemoryEstimate(pipeline_rank=rank, parameters=n, weights=n * w, grads=n * g, optimizer=n * o,
+                             activations=acts, recompute=recompute)
+        if best is None or est.total > best.total:
+            best = est
+    return best

@@ -1,0 +1,160 @@
+"""The stages of a run as the trainer will see them: each stage's model, layout and iterations.
+
+Stages come from the config's ``staging.stages`` (the YAML the trainer reads) or from a recipe
+string (``--stages``), which is turned into the same stage mappings::
+
+    depth:2,depth:2            two depth doublings, evenly spaced over the run
+    depth:2@2000,width:2@6000  at iterations 2000 and 6000
+    layers:16@0.25,layers:32@50%   by fraction of --train-iters
+    width:2+tp:2               a width doubling onto TP 2 (``+`` joins keys of one stage)
+
+Short keys: ``depth`` (depth_factor), ``width`` (width_factor), ``layers`` (num_layers), ``tp`` and
+``pp`` (the target layout); any other stage key (``depth_init``, ``depth_placement``, ...) is taken
+as is. Each stage's model is derived with the growth code's own ``make_spec``/``target_config``, so
+the planner, ``train --dry-run`` and the trainer agree on what a stage is.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from megatron_staged.config import Config, pad_vocab_size, resolve_model, validate
+from megatron_staged.errors import UserError, require
+
+SHORT_KEYS = {"depth": "depth_factor", "width": "width_factor", "layers": "num_layers",
+              "tp": "target_tensor_model_parallel_size", "pp": "target_pipeline_model_parallel_size"}
+
+
+@dataclass
+class PlannedStage:
+    index: int
+    start_iteration: int
+    end_iteration: int
+    cfg: Config                  # this stage's model and the layout the trainer will run it at
+    growth: Optional[dict]       # the stage mapping that created it (None: the initial model)
+
+    @property
+    def iterations(self) -> int:
+        return self.end_iteration - self.start_iteration
+
+    @property
+    def tokens(self) -> int:
+        t = self.cfg.training
+        return self.iterations * t.global_batch_size * self.cfg.model.seq_length
+
+    @property
+    def label(self) -> str:
+        if self.growth is None:
+            return "initial"
+        inverse = {v: k for k, v in SHORT_KEYS.items()}  # the recipe's short form of the size keys
+        return "+".join(f"{inverse[k]}:{v}" for k, v in self.growth.items() if k in inverse)
+
+
+def _value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_recipe(text: str, train_iters: int) -> list[dict]:
+    """``"depth:2@2000,width:2"`` -> staging.stages mappings with ``at_iteration`` filled in."""
+    items = [x.strip() for x in str(text).split(",") if x.strip()]
+    require(items, "--stages is empty; e.g. --stages depth:2,depth:2")
+    stages = []
+    for n, item in enumerate(items):
+        body, _, at = item.partition("@")
+        stage = {}
+        for part in body.split("+"):
+            key, sep, val = part.replace("=", ":").partition(":")
+            key = key.strip()
+            require(sep and key and val.strip(), f"--stages item {item!r}: write KEY:VALUE[+KEY:VALUE][@ITERATION], "
+                                                 f"e.g. depth:2@2000")
+            stage[SHORT_KEYS.get(key, key)] = _value(val.strip())
+        if at:
+            at = at.strip()
+            frac = float(at[:-1]) / 100 if at.endswith("%") else (float(at) if "." in at else None)
+            if frac is not None:
+                require(0 <= frac < 1, f"--stages item {item!r}: a fraction of the run must be in [0, 1)")
+                stage["at_iteration"] = int(round(frac * train_iters))
+            else:
+                stage["at_iteration"] = int(at)
+        else:  # evenly spaced: stage n of N starts at (n+1)/(N+1) of the run
+            stage["at_iteration"] = (n + 1) * train_iters // (len(items) + 1)
+        stages.append(stage)
+    return stages
+
+
+def resolve_vocab(cfg: Config) -> int:
+    """Set and return ``padded_vocab_size`` without building data: from the flag, the tokenizer file
+    when it exists, or ``--vocab-size`` (standing for the tokenizer's size when its file is not here)."""
+    m, d = cfg.model, cfg.data
+    if m.padded_vocab_size is not None:
+        return m.padded_vocab_size
+    vocab = None
+    if d.tokenizer_model and os.path.exists(d.tokenizer_model) and d.tokenizer_type != "NullTokenizer":
+        from megatron_staged.data.tokenizer import build_tokenizer
+
+        vocab = build_tokenizer(d.tokenizer_type, d.tokenizer_model).vocab_size
+    elif m.vocab_size is not None:
+        null = d.tokenizer_type == "NullTokenizer" or (d.tokenizer_type is None and d.mock_data)
+        vocab = m.vocab_size + (1 if null else 0)  # NullTokenizer adds EOD
+    elif d.mock_data:
+        vocab = 1024 + 1  # the trainer's mock-data default (data/setup.py) plus EOD
+    elif not d.data_path and d.tokenizer_type is None:
+        import inspect
+
+        from megatron_staged.data.corpus import prepare_default_corpus
+
+        vocab = inspect.signature(prepare_default_corpus).parameters["vocab_size"].default  # built-in corpus
+    require(vocab is not None, f"the vocabulary size is unknown (tokenizer model {d.tokenizer_model!r} not "
+                               f"found): give --vocab-size N (the tokenizer's size) or --padded-vocab-size N")
+    m.padded_vocab_size = pad_vocab_size(vocab, m.make_vocab_size_divisible_by, cfg.parallel.tensor_model_parallel_size)
+    return m.padded_vocab_size
+
+
+def set_train_tokens(cfg: Config, train_tokens: Optional[float]) -> None:
+    """``--train-tokens`` sets ``--train-iters`` (ceil(tokens / (global batch x sequence)))."""
+    if train_tokens is None:
+        return
+    t = cfg.training
+    require(t.global_batch_size is not None, "--train-tokens needs --global-batch-size")
+    t.train_iters = int(math.ceil(float(train_tokens) / (t.global_batch_size * cfg.model.seq_length)))
+    if cfg.optim.lr_decay_iters is not None and cfg.optim.lr_decay_iters > t.train_iters:
+        cfg.optim.lr_decay_iters = t.train_iters
+
+
+def plan_stages(cfg: Config, world_size: int) -> list[PlannedStage]:
+    """Validate the run's config and derive every stage's config, as the trainer would at ``world_size``."""
+    from megatron_staged.growth.spec import target_config
+    from megatron_staged.staging.stages import check_stage, spec_for_stage
+
+    cfg = cfg.copy()
+    resolve_model(cfg.model)
+    resolve_vocab(cfg)
+    validate(cfg, world_size)
+    require(cfg.model.padded_vocab_size % cfg.parallel.tensor_model_parallel_size == 0,
+            f"the padded vocabulary ({cfg.model.padded_vocab_size}) cannot be split over "
+            f"TP {cfg.parallel.tensor_model_parallel_size}")
+    raw = list(cfg.staging.stages or [])
+    for n, s in enumerate(raw):
+        check_stage(s, n)
+    raw.sort(key=lambda s: s["at_iteration"])
+    T = cfg.training.train_iters
+    for s in raw:
+        require(0 <= s["at_iteration"] < T, f"growth stage at iteration {s['at_iteration']} is never reached: "
+                                            f"--train-iters is {T}")
+    out = [PlannedStage(0, 0, raw[0]["at_iteration"] if raw else T, cfg, None)]
+    for n, s in enumerate(raw):
+        prev = out[-1].cfg
+        try:
+            new = target_config(prev, spec_for_stage(s, prev), world_size)
+        except UserError as e:
+            raise UserError(f"staging.stages[{n}] (at iteration {s['at_iteration']}): {e}")
+        end = raw[n + 1]["at_iteration"] if n + 1 < len(raw) else T
+        out.append(PlannedStage(n + 1, s["at_iteration"], end, new, dict(s)))
+    return out
