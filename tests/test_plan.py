@@ -1,0 +1,302 @@
+"""`megatron-staged plan` and `train --dry-run`: the figures are the formulas', worked by hand here.
+
+Every expected number below is written out from the formulas (docs/scaling.md) for a small case,
+not produced by the planner's helpers; the parameter count is also checked against the GPTModel
+megatron-core actually builds.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, _env
+from megatron_staged.cli import main as cli_main
+from megatron_staged.config import Config, apply_mapping
+from megatron_staged.planning.cluster import Hardware, choose_layout, plan_stage
+from megatron_staged.planning.memory import GIB, count_parameters, estimate_memory, parameters_on_pipeline_rank
+from megatron_staged.planning.recipe import parse_recipe, plan_stages
+
+EXAMPLES = ROOT / "examples"
+# world size each example config is written for (every YAML under examples/ must be listed)
+EXAMPLE_WORLD = {"quickstart.yaml": 4, "llama_7b_progressive_depth/llama_7b.yaml": 64}
+EXAMPLE_FLAGS = {"llama_7b_progressive_depth/llama_7b.yaml": ["--vocab-size", "32000"]}  # tokenizer not here
+
+
+def small_llama(**over) -> Config:
+    """h 64, 4 heads of 16, 2 KV groups, SwiGLU FFN 176, vocab 256, seq 32, micro batch 2."""
+    cfg = Config()
+    apply_mapping(cfg, dict(dict(
+        model_family="llama", num_layers=2, hidden_size=64, num_attention_heads=4, group_query_attention=True,
+        num_query_groups=2, ffn_hidden_size=176, seq_length=32, padded_vocab_size=256, bf16=True,
+        use_distributed_optimizer=True, sequence_parallel=True, micro_batch_size=2, global_batch_size=8), **over),
+        "test")
+    return cfg
+
+
+def small_gpt2(**over) -> Config:
+    """h 64, 4 heads, FFN 4h = 256, vocab 128, seq 32 (learned positions), tied, biases, LayerNorm."""
+    cfg = Config()
+    apply_mapping(cfg, dict(dict(model_family="gpt2", num_layers=2, hidden_size=64, num_attention_heads=4,
+                                 seq_length=32, padded_vocab_size=128), **over), "test")
+    return cfg
+
+
+# ---- parameters --------------------------------------------------------------------------------
+
+# llama layer: norm 64 + QKV 64*(4+2*2)*16 = 8192 + proj 64*64 = 4096 + norm 64 + FC1 64*2*176 = 22528
+#              + FC2 176*64 = 11264                                                     = 46208
+LLAMA_LAYER = 64 + 8192 + 4096 + 64 + 22528 + 11264
+# gpt2 layer: LN 2*64 + QKV 64*192 + 192 + proj 64*64 + 64 + LN 128 + FC1 64*256 + 256 + FC2 256*64 + 64 = 49984
+GPT2_LAYER = 128 + 12288 + 192 + 4096 + 64 + 128 + 16384 + 256 + 16384 + 64
+
+
+def test_parameter_count_by_hand():
+    assert LLAMA_LAYER == 46208 and GPT2_LAYER == 49984
+    llama = count_parameters(small_llama().model)
+    # word embedding 256*64 + untied output 256*64 + final RMSNorm 64 + 2 layers
+    assert llama.total == 16384 + 16384 + 64 + 2 * 46208 == 125248
+    gpt2 = count_parameters(small_gpt2().model)
+    # word embedding 128*64 (tied output) + positions 32*64 + final LayerNorm 128 + 2 layers
+    assert gpt2.total == 8192 + 2048 + 128 + 2 * 49984 == 110336
+
+
+def test_parameter_count_equals_the_built_model():
+    """count_parameters against sum(numel) of megatron-core's GPTModel as the trainer builds it."""
+    code = r"""
+import json, warnings
+warnings.filterwarnings("ignore")
+from megatron_staged.config import Config, apply_mapping
+from megatron_staged.runtime.distributed import init_distributed, set_parallel_layout
+from megatron_staged.model.builder import build_model
+from megatron_staged.planning.memory import count_parameters
+init_distributed(); set_parallel_layout(1, 1)
+out = []
+for d in json.loads(SPECS):
+    cfg = Config(); apply_mapping(cfg, d, "test")
+    model = build_model(cfg, pre_process=True, post_process=True)
+    out.append([sum(p.numel() for p in model.parameters()), count_parameters(cfg.model).total])
+print("RESULT", json.dumps(out))
+"""
+    specs = [
+        dict(model_family="llama", num_layers=2, hidden_size=64, num_attention_heads=4, group_query_attention=True,
+             num_query_groups=2, ffn_hidden_size=176, seq_length=32, padded_vocab_size=256),
+        dict(model_family="gpt2", num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=32,
+             padded_vocab_size=128),
+        dict(model_family="gpt2", num_layers=3, hidden_size=48, num_attention_heads=4, seq_length=16,
+             padded_vocab_size=256, untie_embeddings_and_output_weights=True, normalization="RMSNorm"),
+    ]
+    r = subprocess.run([sys.executable, "-c", f"SPECS = {json.dumps(json.dumps(specs))}\n" + code],
+                       cwd=str(ROOT), env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    pairs = json.loads(r.stdout.split("RESULT", 1)[1])
+    assert pairs[0][0] == 125248 and pairs[1][0] == 110336
+    for built, counted in pairs:
+        assert built == counted
+
+
+def test_parameters_per_pipeline_rank_by_hand():
+    llama = count_parameters(small_llama(num_layers=4).model)
+    # TP2 PP2: a layer keeps its 2 norms (128) whole and splits the rest: 46080/2 + 128 = 23168; 2 layers per stage
+    assert parameters_on_pipeline_rank(llama, 2, 2, 0) == 2 * 23168 + 16384 // 2 == 54528
+    assert parameters_on_pipeline_rank(llama, 2, 2, 1) == 2 * 23168 + 64 + 16384 // 2 == 54592
+    gpt2 = count_parameters(small_gpt2().model)
+    # tied embeddings at PP2: the last stage holds a copy of the word embedding
+    assert parameters_on_pipeline_rank(gpt2, 1, 2, 0) == 49984 + 8192 + 2048
+    assert parameters_on_pipeline_rank(gpt2, 1, 2, 1) == 49984 + 128 + 8192
+    assert parameters_on_pipeline_rank(gpt2, 1, 1, 0) == 110336
+
+
+# ---- memory --------------------------------------------------------------------------------------
+
+def test_memory_per_gpu_by_hand():
+    """TP2 PP2 DP2, bf16, distributed Adam, sequence parallel, 4 layers, micro batch 2 of 32 tokens."""
+    cfg = small_llama(num_layers=4)
+    # bytes per parameter: bf16 weight 2 + fp32 grad 4 + (fp32 main 4 + Adam 8) / DP 2 = 12
+    # activations per layer, sbh = 32*2*64 = 4096, 5as/h = 5*4*32/64 = 10, t = 2:
+    #   none 4096*(34+10)/2 = 90112, selective 4096*34/2 = 69632, full 2*4096/2 = 4096
+    # 8 samples / (2 x DP2) = 2 micro batches: pipeline rank 0 holds 2 in flight, rank 1 holds 1
+    per_layer = {"none": 90112, "selective": 69632, "full": 4096}
+    for r, act in per_layer.items():
+        est = estimate_memory(cfg, tp=2, pp=2, dp=2, recompute=r)
+        rank0 = 54528 * 12 + act * 2 * 2
+        rank1 = 54592 * 12 + act * 2 * 1
+        assert est.pipeline_rank == 0 and rank0 > rank1
+        assert est.parameters == 54528
+        assert (est.weights, est.grads, est.optimizer) == (54528 * 2, 54528 * 4, 54528 * 6)
+        assert est.activations[r] == act * 2 * 2
+        assert est.total == rank0
+    assert estimate_memory(cfg, 2, 2, 2, "none").total == 1014784
+    # TP2 without sequence parallelism: sbh (10 + 24/t + 5as/(ht)) = 4096*(10+12+5); selective 4096*22; full 2sbh
+    cfg_nosp = small_llama(num_layers=4, sequence_parallel=False)
+    acts = estimate_memory(cfg_nosp, 2, 2, 2, "none").activations
+    assert acts == {"none": 4096 * 27 * 4, "selective": 4096 * 22 * 4, "full": 8192 * 4}
+    # fp32, optimizer not distributed, TP1 PP1 DP1: 4 + 4 + 8 bytes per parameter; fp32 activations x2
+    cfg32 = small_llama(bf16=False, use_distributed_optimizer=False, global_batch_size=2)
+    est = estimate_memory(cfg32, 1, 1, 1, "none")
+    assert est.total == 125248 * 16 + 4096 * 44 * 2 * 2 == 2724864
+
+
+# ---- throughput ------------------------------------------------------------------------------------
+
+def test_tokens_per_second_and_days_by_hand():
+    # Megatron's FLOPs per token for the 2-layer llama: 6 x (matmul parameters 2*(8192+4096+22528+11264)
+    # + logits 256*64) + attention scores and values 12*L*s*h = 552960 + 98304 + 49152 = 700416
+    flops_per_token = 6 * (2 * (8192 + 4096 + 22528 + 11264) + 256 * 64) + 12 * 2 * 32 * 64
+    assert flops_per_token == 700416
+    cfg = small_llama(train_iters=1000, global_batch_size=16)
+    stage = plan_stages(cfg, 8)[0]
+    hw = Hardware(gpus=8, gpu_memory_gb=None, mfu=0.5, peak_tflops=100.0)
+    p = plan_stage(stage, hw, "none", 1, 1)
+    assert p.flops_per_token == pytest.approx(700416, rel=1e-12)
+    tokens_per_s = 0.5 * 100e12 * 8 / 700416
+    assert p.tokens_per_second == pytest.approx(tokens_per_s, rel=1e-12)
+    assert stage.tokens == 1000 * 16 * 32
+    assert p.days == pytest.approx(512000 / tokens_per_s / 86400, rel=1e-12)
+
+
+# ---- layout choice -------------------------------------------------------------------------------
+
+def _hand_peak_bytes(L, h, heads, groups, ffn, V, tp, pp, gpus=8, global_batch=16):
+    """Independent oracle: bf16, replicated Adam (18 bytes/param), full recompute, SP; llama family."""
+    kv = h // heads
+    layer_split = h * (heads + 2 * groups) * kv + heads * kv * h + 2 * h * ffn + ffn * h
+    layer = layer_split // tp + 2 * h
+    act_layer = 2 * 32 * 2 * h // tp          # 2sbh/t, s 32, micro batch 2
+    micro = global_batch // (2 * (gpus // (tp * pp)))
+    peaks = []
+    for r in range(pp):
+        n = (L // pp) * layer + (V * h // tp if r == 0 else 0) + (h + V * h // tp if r == pp - 1 else 0)
+        peaks.append(n * 18 + act_layer * (L // pp) * min(pp - r, micro))
+    return max(peaks)
+
+
+def test_depth_growth_adds_pipeline_stages_and_width_growth_tensor_shards():
+    """Smallest TP, then PP, that fits on 8 GPUs: 4 layers fit one GPU exactly (the budget); 8 layers need
+    PP2; 2x width fits no PP at TP1 (the embedding and the 4x larger layers only shrink with TP): TP2 PP4."""
+    cfg = small_llama(num_layers=4, padded_vocab_size=1024, use_distributed_optimizer=False, global_batch_size=16)
+    cfg.staging.stages = [{"at_iteration": 10, "depth_factor": 2}, {"at_iteration": 20, "width_factor": 2}]
+    budget = _hand_peak_bytes(4, 64, 4, 2, 176, 1024, 1, 1)
+    hw = Hardware(gpus=8, gpu_memory_gb=(budget + 0.5) / GIB, reserved_memory_gb=0.0)
+    stages = plan_stages(cfg, 8)
+    chosen = [choose_layout(s, hw, "full") for s in stages]
+    assert [(c.tp, c.pp, c.dp) for c in chosen] == [(1, 1, 8), (1, 2, 4), (2, 4, 1)]
+    shapes = [(8, 64, 4, 2, 176), (8, 128, 8, 4, 352)]
+    # the oracle agrees: each chosen layout fits and every earlier candidate (TP, then PP ascending) does not
+    assert _hand_peak_bytes(8, 64, 4, 2, 176, 1024, 1, 1) > budget >= _hand_peak_bytes(8, 64, 4, 2, 176, 1024, 1, 2)
+    for tp, pp in [(1, 1), (1, 2), (1, 4), (1, 8), (2, 1), (2, 2)]:
+        assert _hand_peak_bytes(*shapes[1], 1024, tp, pp) > budget
+    assert _hand_peak_bytes(*shapes[1], 1024, 2, 4) <= budget
+    for c, (L, h, a, g, f) in zip(chosen[1:], shapes):
+        assert c.memory.total == _hand_peak_bytes(L, h, a, g, f, 1024, c.tp, c.pp)
+
+
+# ---- recipes and stages ------------------------------------------------------------------------
+
+def test_recipe_strings_become_yaml_stages():
+    assert parse_recipe("depth:2,depth:2", 300) == [{"depth_factor": 2, "at_iteration": 100},
+                                                    {"depth_factor": 2, "at_iteration": 200}]
+    assert parse_recipe("layers:16@0.25, width:2+tp:2@50%, depth:2+depth_init:copy@900", 1000) == [
+        {"num_layers": 16, "at_iteration": 250},
+        {"width_factor": 2, "target_tensor_model_parallel_size": 2, "at_iteration": 500},
+        {"depth_factor": 2, "depth_init": "copy", "at_iteration": 900}]
+    from megatron_staged.errors import UserError
+    for bad in ("depth", "depth:2@1.5", ""):
+        with pytest.raises(UserError):
+            parse_recipe(bad, 100)
+
+
+def test_stage_configs_follow_the_growth_code():
+    cfg = small_llama(num_layers=8, train_iters=100)
+    cfg.staging.stages = [{"at_iteration": 60, "width_factor": 2, "target_tensor_model_parallel_size": 2},
+                          {"at_iteration": 30, "depth_factor": 2}]
+    s = plan_stages(cfg, 4)
+    assert [(x.start_iteration, x.end_iteration) for x in s] == [(0, 30), (30, 60), (60, 100)]
+    m = [x.cfg.model for x in s]
+    assert [(x.num_layers, x.hidden_size, x.num_attention_heads, x.num_query_groups, x.ffn_hidden_size)
+            for x in m] == [(8, 64, 4, 2, 176), (16, 64, 4, 2, 176), (16, 128, 8, 4, 352)]
+    assert s[2].cfg.parallel.tensor_model_parallel_size == 2
+    assert s[1].tokens == 30 * 8 * 32
+
+
+# ---- the commands ----------------------------------------------------------------------------
+
+def test_plan_command_prints_every_stage(capsys):
+    rc = cli_main(["plan", "--model-family", "llama", "--num-layers", "8", "--hidden-size", "4096",
+                   "--ffn-hidden-size", "11008", "--num-attention-heads", "32", "--group-query-attention",
+                   "--num-query-groups", "8", "--seq-length", "4096", "--padded-vocab-size", "32000", "--bf16",
+                   "--use-distributed-optimizer", "--micro-batch-size", "1", "--global-batch-size", "1024",
+                   "--stages", "depth:2,depth:2", "--train-tokens", "210e9", "--gpus", "64",
+                   "--recompute-granularity", "selective"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "train_iters" not in out and "50068 iterations" in out  # ceil(210e9 / (1024 * 4096))
+    for layers in ("8", "16", "32"):
+        assert any(line.split()[4:5] == [layers] for line in out.splitlines() if line[:1].isdigit())
+    assert "fits" in out and "days" in out
+
+
+def test_plan_refuses_what_fits_nowhere(capsys):
+    rc = cli_main(["plan", "--model-family", "llama", "--num-layers", "8", "--hidden-size", "4096",
+                   "--num-attention-heads", "32", "--seq-length", "4096", "--padded-vocab-size", "32000",
+                   "--bf16", "--gpus", "1", "--gpu-memory-gb", "16"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: stage 0") and "--recompute-granularity selective" in err and err.count("\n") == 1
+
+
+def test_every_example_config_dry_runs(capsys):
+    configs = sorted(os.path.relpath(p, EXAMPLES) for p in glob.glob(str(EXAMPLES / "**" / "*.yaml"), recursive=True))
+    assert configs == sorted(EXAMPLE_WORLD), "list every example config's world size in EXAMPLE_WORLD"
+    for rel in configs:
+        rc = cli_main(["train", "--dry-run", "--config", str(EXAMPLES / rel), "--world-size", str(EXAMPLE_WORLD[rel]),
+                       "--gpu-memory-gb", "80", *EXAMPLE_FLAGS.get(rel, [])])
+        out = capsys.readouterr().out
+        assert rc == 0, rel
+        assert "the config is valid" in out and "fits" in out
+        assert "exceed" not in out, f"{rel}: a stage does not fit 80 GiB at its configured layout"
+    # the 7B example's stages: 8 -> 16 -> 32 layers of hidden 4096
+    rc = cli_main(["train", "--dry-run", "--config", str(EXAMPLES / "llama_7b_progressive_depth/llama_7b.yaml"),
+                   "--world-size", "64", "--vocab-size", "32000"])
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line[:1].isdigit() and "4096" in line]
+    assert [r[4] for r in rows[:3]] == ["8", "16", "32"]
+
+
+def test_example_shell_scripts_parse():
+    scripts = glob.glob(str(EXAMPLES / "**" / "*.sh"), recursive=True) + \
+        glob.glob(str(EXAMPLES / "**" / "*.sbatch"), recursive=True)
+    assert len(scripts) >= 3
+    for s in scripts:
+        r = subprocess.run(["bash", "-n", s], capture_output=True, text=True)
+        assert r.returncode == 0, f"{s}: {r.stderr}"
+
+
+def test_dry_run_builds_nothing_and_rejects_bad_configs():
+    """One process, no torchrun: no megatron-core model, no process group; bad stages fail in one line."""
+    code = r"""
+import sys
+from megatron_staged.cli import main
+rc = main(["train", "--dry-run", "--config", "examples/llama_7b_progressive_depth/llama_7b.yaml",
+           "--world-size", "64", "--vocab-size", "32000"])
+import torch.distributed as dist
+print("RESULT", rc, "megatron.core.models" in sys.modules, dist.is_initialized())
+bad = [["--world-size", "60"], ["--train-iters", "5000"], ["--world-size", "64", "--global-batch-size", "1000"]]
+for extra in bad:
+    print("BAD", main(["train", "--dry-run", "--config", "examples/llama_7b_progressive_depth/llama_7b.yaml",
+                       "--vocab-size", "32000", "--world-size", "64", *extra]))
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=str(ROOT), env=_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "RESULT 0 False False" in r.stdout
+    assert r.stdout.count("BAD 2") == 3
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 3
+    assert "not divisible by TP x PP" in errors[0] or "60" in errors[0]
+    assert "never reached" in errors[1]
+    assert "--global-batch-size 1000" in errors[2]
