@@ -129,9 +129,14 @@ def set_train_tokens(cfg: Config, train_tokens: Optional[float]) -> None:
 
 
 def plan_stages(cfg: Config, world_size: int) -> list[PlannedStage]:
-    """Validate the run's config and derive every stage's config, as the trainer would at ``world_size``."""
-    from megatron_staged.growth.spec import target_config
-    from megatron_staged.staging.stages import check_stage, spec_for_stage
+    """Validate the run's config and derive every stage's config, as the trainer would at ``world_size``.
+
+    The stages are checked by the trainer's own ``staging.stages.plan_stages`` (the check it runs at
+    start) and each stage's model comes from the growth code's ``make_spec`` and ``target_config``.
+    """
+    from megatron_staged.growth.spec import make_spec, target_config
+    from megatron_staged.staging.stages import plan_stages as check_stages
+    from megatron_staged.training.state import TrainState
 
     cfg = cfg.copy()
     resolve_model(cfg.model)
@@ -141,20 +146,12 @@ def plan_stages(cfg: Config, world_size: int) -> list[PlannedStage]:
             f"the padded vocabulary ({cfg.model.padded_vocab_size}) cannot be split over "
             f"TP {cfg.parallel.tensor_model_parallel_size}")
     raw = list(cfg.staging.stages or [])
-    for n, s in enumerate(raw):
-        check_stage(s, n)
-    raw.sort(key=lambda s: s["at_iteration"])
+    pending = check_stages(cfg, raw, world_size, TrainState())
     T = cfg.training.train_iters
-    for s in raw:
-        require(0 <= s["at_iteration"] < T, f"growth stage at iteration {s['at_iteration']} is never reached: "
-                                            f"--train-iters is {T}")
-    out = [PlannedStage(0, 0, raw[0]["at_iteration"] if raw else T, cfg, None)]
-    for n, s in enumerate(raw):
+    out = [PlannedStage(0, 0, pending[0].at_iteration if pending else T, cfg, None)]
+    for k, s in enumerate(pending):
         prev = out[-1].cfg
-        try:
-            new = target_config(prev, spec_for_stage(s, prev), world_size)
-        except UserError as e:
-            raise UserError(f"staging.stages[{n}] (at iteration {s['at_iteration']}): {e}")
-        end = raw[n + 1]["at_iteration"] if n + 1 < len(raw) else T
-        out.append(PlannedStage(n + 1, s["at_iteration"], end, new, dict(s)))
+        new = target_config(prev, make_spec(prev, s.request, s.index), world_size)
+        end = pending[k + 1].at_iteration if k + 1 < len(pending) else T
+        out.append(PlannedStage(k + 1, s.at_iteration, end, new, dict(raw[s.index])))
     return out
