@@ -302,3 +302,14 @@ for extra in bad:
     assert "not divisible by TP x PP" in errors[0] or "60" in errors[0]
     assert "staging.stages[0].at_iteration 6000" in errors[1] and "would never run" in errors[1]
     assert "--global-batch-size 1000" in errors[2]
+
+
+def test_example_readme_holds_the_current_plan(capsys):
+    """The plan committed in the 7B example's README is what `plan` prints today (docs do not rot)."""
+    readme = (EXAMPLES / "llama_7b_progressive_depth" / "README.md").read_text()
+    section = readme[readme.index("## Plan for 64"):]
+    committed = section[section.index("```\n") + 4:section.index("\n```", section.index("```\n") + 4)]
+    rc = cli_main(["plan", "--config", str(EXAMPLES / "llama_7b_progressive_depth/llama_7b.yaml"), "--gpus", "64",
+                   "--gpu-memory-gb", "80", "--vocab-size", "32000", "--recompute-granularity", "selective"])
+    assert rc == 0
+    assert capsys.readouterr().out.rstrip("\n") == committed

@@ -131,7 +131,8 @@ def fmt_count(n: float) -> str:
 
 
 def gib(x: float) -> str:
-    return f"{x / GIB:.1f}"
+    v = x / GIB
+    return f"{v:.1f}" if v >= 10 else f"{v:.3g}"
 
 
 def describe_run(stages: list[PlannedStage], hw: Hardware, recompute: str) -> str:
@@ -189,10 +190,14 @@ def layout_table(plans: list[StagePlan], configured: list[StagePlan]) -> str:
 
 def throughput_table(plans: list[StagePlan], hw: Hardware) -> str:
     rows = [[p.stage.index, f"{p.flops_per_token / 1e9:.2f}", f"{p.tokens_per_second:,.0f}",
-             f"{p.tokens_per_second / hw.gpus:,.0f}", fmt_count(p.stage.tokens), f"{p.days:.2f}"] for p in plans]
+             f"{p.tokens_per_second / hw.gpus:,.0f}", fmt_count(p.stage.tokens), _days(p.days)] for p in plans]
     rows.append(["all", "", "", "", fmt_count(sum(p.stage.tokens for p in plans)),
-                 f"{sum(p.days for p in plans):.2f}"])
+                 _days(sum(p.days for p in plans))])
     return _table(["stage", "GFLOP/token", "tokens/s", "tokens/s/GPU", "tokens", "days"], rows)
+
+
+def _days(d: float) -> str:
+    return f"{d:.2f}" if d >= 0.1 else f"{d:.2g}"
 
 
 def yaml_hint(plans: list[StagePlan]) -> str:
