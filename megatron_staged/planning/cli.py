@@ -109,7 +109,7 @@ def run_config(args) -> Config:
 
 
 def main(argv) -> int:
-    p = argparse.ArgumentParser(prog="megatron-staged plan", description=__doc__,
+    p = argparse.ArgumentParser(prog="megatron-staged plan", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", default="cluster", choices=sorted(MODES),
                    help="; ".join(f"{k}: {v.help}" for k, v in MODES.items()))
@@ -126,7 +126,7 @@ def dry_run(argv) -> int:
     from megatron_staged.planning.cluster import dry_run_report
     from megatron_staged.planning.recipe import plan_stages
 
-    p = argparse.ArgumentParser(prog="megatron-staged train --dry-run")
+    p = argparse.ArgumentParser(prog="megatron-staged train --dry-run", allow_abbrev=False)
     p.add_argument("--dry-run", action="store_true", required=True)
     add_recipe_flags(p)
     add_hardware_flags(p, check_fit=False)

@@ -189,11 +189,13 @@ def layout_table(plans: list[StagePlan], configured: list[StagePlan]) -> str:
 
 
 def throughput_table(plans: list[StagePlan], hw: Hardware) -> str:
+    flops = [p.flops_per_token * p.stage.tokens for p in plans]
     rows = [[p.stage.index, f"{p.flops_per_token / 1e9:.2f}", f"{p.tokens_per_second:,.0f}",
-             f"{p.tokens_per_second / hw.gpus:,.0f}", fmt_count(p.stage.tokens), _days(p.days)] for p in plans]
-    rows.append(["all", "", "", "", fmt_count(sum(p.stage.tokens for p in plans)),
+             f"{p.tokens_per_second / hw.gpus:,.0f}", fmt_count(p.stage.tokens), f"{f:.3g}",
+             f"{100 * f / sum(flops):.1f}%", _days(p.days)] for p, f in zip(plans, flops)]
+    rows.append(["all", "", "", "", fmt_count(sum(p.stage.tokens for p in plans)), f"{sum(flops):.3g}", "100%",
                  _days(sum(p.days for p in plans))])
-    return _table(["stage", "GFLOP/token", "tokens/s", "tokens/s/GPU", "tokens", "days"], rows)
+    return _table(["stage", "GFLOP/token", "tokens/s", "tokens/s/GPU", "tokens", "FLOPs", "share", "days"], rows)
 
 
 def _days(d: float) -> str:
