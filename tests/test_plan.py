@@ -65,6 +65,14 @@ def test_parameter_count_by_hand():
     gpt2 = count_parameters(small_gpt2().model)
     # word embedding 128*64 (tied output) + positions 32*64 + final LayerNorm 128 + 2 layers
     assert gpt2.total == 8192 + 2048 + 128 + 2 * 49984 == 110336
+    # the 7B example's final model: per layer 2 RMSNorms + QKV 4096*(32+2*8)*128 + proj 4096^2
+    # + SwiGLU FC1 4096*2*11008 + FC2 11008*4096; 32 layers, untied 32000-word embedding and output, final norm
+    layer_7b = 2 * 4096 + 4096 * 48 * 128 + 4096 * 4096 + 4096 * 2 * 11008 + 11008 * 4096
+    cfg = Config()
+    apply_mapping(cfg, dict(model_family="llama", num_layers=32, hidden_size=4096, ffn_hidden_size=11008,
+                            num_attention_heads=32, group_query_attention=True, num_query_groups=8,
+                            seq_length=4096, padded_vocab_size=32000), "test")
+    assert count_parameters(cfg.model).total == 32 * layer_7b + 2 * 32000 * 4096 + 4096 == 5_933_109_248
 
 
 def test_parameter_count_equals_the_built_model():
