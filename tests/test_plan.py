@@ -18,7 +18,8 @@ from conftest import ROOT, _env
 from megatron_staged.cli import main as cli_main
 from megatron_staged.config import Config, apply_mapping
 from megatron_staged.planning.cluster import Hardware, choose_layout, plan_stage
-from megatron_staged.planning.memory import GIB, count_parameters, estimate_memory, parameters_on_pipeline_rank
+from megatron_staged.planning.memory import (GIB, Recompute, count_parameters, estimate_memory,
+                                             parameters_on_pipeline_rank)
 from megatron_staged.planning.recipe import parse_recipe, plan_stages
 
 EXAMPLES = ROOT / "examples"
@@ -145,6 +146,11 @@ def test_memory_per_gpu_by_hand():
     cfg_nosp = small_llama(num_layers=4, sequence_parallel=False)
     acts = estimate_memory(cfg_nosp, 2, 2, 2, "none").activations
     assert acts == {"none": 4096 * 27 * 4, "selective": 4096 * 22 * 4, "full": 8192 * 4}
+    # Megatron's full-recompute methods, 2 layers per pipeline stage, 2 micro batches in flight on rank 0:
+    # uniform N=2 keeps one input per 2-layer chunk; block N=1 recomputes 1 layer and keeps all of the other
+    assert estimate_memory(cfg, 2, 2, 2, Recompute("full", "uniform", 2)).activations["full"] == 4096 * 1 * 2
+    assert estimate_memory(cfg, 2, 2, 2, Recompute("full", "uniform", 1)).activations["full"] == 4096 * 2 * 2
+    assert estimate_memory(cfg, 2, 2, 2, Recompute("full", "block", 1)).activations["full"] == (4096 + 90112) * 2
     # fp32, optimizer not distributed, TP1 PP1 DP1: 4 + 4 + 8 bytes per parameter; fp32 activations x2
     cfg32 = small_llama(bf16=False, use_distributed_optimizer=False, global_batch_size=2)
     est = estimate_memory(cfg32, 1, 1, 1, "none")
@@ -161,7 +167,7 @@ def test_tokens_per_second_and_days_by_hand():
     cfg = small_llama(train_iters=1000, global_batch_size=16)
     stage = plan_stages(cfg, 8)[0]
     hw = Hardware(gpus=8, gpu_memory_gb=None, mfu=0.5, peak_tflops=100.0)
-    p = plan_stage(stage, hw, "none", 1, 1)
+    p = plan_stage(stage, hw, Recompute("none"), 1, 1)
     assert p.flops_per_token == pytest.approx(700416, rel=1e-12)
     tokens_per_s = 0.5 * 100e12 * 8 / 700416
     assert p.tokens_per_second == pytest.approx(tokens_per_s, rel=1e-12)
@@ -193,7 +199,7 @@ def test_depth_growth_adds_pipeline_stages_and_width_growth_tensor_shards():
     budget = _hand_peak_bytes(4, 64, 4, 2, 176, 1024, 1, 1)
     hw = Hardware(gpus=8, gpu_memory_gb=(budget + 0.5) / GIB, reserved_memory_gb=0.0)
     stages = plan_stages(cfg, 8)
-    chosen = [choose_layout(s, hw, "full") for s in stages]
+    chosen = [choose_layout(s, hw, Recompute("full")) for s in stages]
     assert [(c.tp, c.pp, c.dp) for c in chosen] == [(1, 1, 8), (1, 2, 4), (2, 4, 1)]
     shapes = [(8, 64, 4, 2, 176), (8, 128, 8, 4, 352)]
     # the oracle agrees: each chosen layout fits and every earlier candidate (TP, then PP ascending) does not

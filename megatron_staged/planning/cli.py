@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from megatron_staged.config import FIELDS, Config, add_config_flags, config_from_args
-from megatron_staged.planning.memory import RECOMPUTE_GRANULARITIES
+from megatron_staged.planning.memory import RECOMPUTE_GRANULARITIES, Recompute
 
 
 @dataclass(frozen=True)
@@ -44,9 +44,12 @@ def add_hardware_flags(p: argparse.ArgumentParser, check_fit: bool) -> None:
     g.add_argument("--mfu", type=float, default=0.40, help="model FLOPs utilisation to predict time with (0.40)")
     g.add_argument("--peak-tflops", type=float, default=989.0,
                    help="peak dense TFLOP/s per GPU (989: H100 SXM bf16)")
-    if "recompute_granularity" not in FIELDS:  # until the trainer has the flag, the planner takes it
+    if "recompute_granularity" not in FIELDS:  # until the trainer has these flags, the planner takes them
         g.add_argument("--recompute-granularity", default="none", choices=RECOMPUTE_GRANULARITIES,
                        help="activation recomputation assumed for the memory totals (default none)")
+        g.add_argument("--recompute-method", default=None, choices=("uniform", "block"),
+                       help="with full: uniform (one kept input per N layers) or block (first N layers per stage)")
+        g.add_argument("--recompute-num-layers", type=int, default=None, help="the N of --recompute-method")
 
 
 def _env_world_size():
@@ -64,12 +67,16 @@ def hardware(args):
                     reserved_memory_gb=args.reserved_memory_gb, mfu=args.mfu, peak_tflops=args.peak_tflops)
 
 
-def recompute_granularity(args, cfg: Config) -> str:
-    if "recompute_granularity" in FIELDS:
+def recompute_settings(args, cfg: Config) -> Recompute:
+    """From the trainer's config when it has the recompute flags, else from the planner's own."""
+    names = ("recompute_granularity", "recompute_method", "recompute_num_layers")
+    if names[0] in FIELDS:
         from megatron_staged.config import get_value
 
-        return get_value(cfg, "recompute_granularity") or "none"
-    return args.recompute_granularity
+        g, method, n = (get_value(cfg, k) if k in FIELDS else None for k in names)
+    else:
+        g, method, n = (getattr(args, k) for k in names)
+    return Recompute(g or "none", method if g == "full" else None, n if g == "full" else None)
 
 
 def run_cluster(args, cfg: Config) -> int:
@@ -77,7 +84,7 @@ def run_cluster(args, cfg: Config) -> int:
     from megatron_staged.planning.recipe import plan_stages
 
     hw = hardware(args)
-    text, _ = cluster_report(plan_stages(cfg, hw.gpus), hw, recompute_granularity(args, cfg))
+    text, _ = cluster_report(plan_stages(cfg, hw.gpus), hw, recompute_settings(args, cfg))
     print(text)
     return 0
 
@@ -137,7 +144,7 @@ def dry_run(argv) -> int:
     hw = hardware(args)
     cfg = run_config(args)
     stages = plan_stages(cfg, hw.gpus)
-    text, plans = dry_run_report(stages, hw, recompute_granularity(args, cfg))
+    text, plans = dry_run_report(stages, hw, recompute_settings(args, cfg))
     print(f"megatron-staged train --dry-run: the config is valid for {hw.gpus} processes "
           f"(no model built, no process started)\n")
     print(text)

@@ -19,7 +19,7 @@ from typing import Optional
 
 from megatron_staged.config import Config, validate
 from megatron_staged.errors import UserError
-from megatron_staged.planning.memory import GIB, RECOMPUTE_GRANULARITIES, MemoryEstimate, estimate_memory
+from megatron_staged.planning.memory import GIB, RECOMPUTE_GRANULARITIES, MemoryEstimate, Recompute, estimate_memory
 from megatron_staged.planning.recipe import PlannedStage
 from megatron_staged.training.flops import flops_per_iteration
 
@@ -90,7 +90,7 @@ def candidate_layouts(cfg: Config, hw: Hardware):
                 yield tp, pp
 
 
-def plan_stage(stage: PlannedStage, hw: Hardware, recompute: str, tp: int, pp: int) -> StagePlan:
+def plan_stage(stage: PlannedStage, hw: Hardware, recompute: Recompute, tp: int, pp: int) -> StagePlan:
     cfg = stage.cfg
     dp = hw.gpus // (tp * pp)
     mem = estimate_memory(cfg, tp, pp, dp, recompute)
@@ -101,7 +101,7 @@ def plan_stage(stage: PlannedStage, hw: Hardware, recompute: str, tp: int, pp: i
     return StagePlan(stage, tp, pp, dp, mem, None if budget is None else mem.total <= budget, fpt, tps)
 
 
-def choose_layout(stage: PlannedStage, hw: Hardware, recompute: str) -> Optional[StagePlan]:
+def choose_layout(stage: PlannedStage, hw: Hardware, recompute: Recompute) -> Optional[StagePlan]:
     """The first candidate layout that fits, or None."""
     for tp, pp in candidate_layouts(stage.cfg, hw):
         p = plan_stage(stage, hw, recompute, tp, pp)
@@ -110,7 +110,7 @@ def choose_layout(stage: PlannedStage, hw: Hardware, recompute: str) -> Optional
     return None
 
 
-def configured_plan(stage: PlannedStage, hw: Hardware, recompute: str) -> StagePlan:
+def configured_plan(stage: PlannedStage, hw: Hardware, recompute: Recompute) -> StagePlan:
     p = stage.cfg.parallel
     return plan_stage(stage, hw, recompute, p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
 
@@ -135,7 +135,7 @@ def gib(x: float) -> str:
     return f"{v:.1f}" if v >= 10 else f"{v:.3g}"
 
 
-def describe_run(stages: list[PlannedStage], hw: Hardware, recompute: str) -> str:
+def describe_run(stages: list[PlannedStage], hw: Hardware, recompute: Recompute) -> str:
     cfg = stages[0].cfg
     m, t, p = cfg.model, cfg.training, cfg.parallel
     prec = "bf16" if m.bf16 else ("fp16" if m.fp16 else "fp32")
@@ -214,13 +214,13 @@ def yaml_hint(plans: list[StagePlan]) -> str:
     return "\n".join(lines)
 
 
-def cluster_report(stages: list[PlannedStage], hw: Hardware, recompute: str) -> tuple[str, list[StagePlan]]:
+def cluster_report(stages: list[PlannedStage], hw: Hardware, recompute: Recompute) -> tuple[str, list[StagePlan]]:
     """The plan as text, and the chosen StagePlans (raises UserError when a stage fits nowhere)."""
     plans, configured = [], []
     for s in stages:
         p = choose_layout(s, hw, recompute)
         if p is None:
-            hints = [r for r in RECOMPUTE_GRANULARITIES[RECOMPUTE_GRANULARITIES.index(recompute) + 1:]]
+            hints = list(RECOMPUTE_GRANULARITIES[RECOMPUTE_GRANULARITIES.index(recompute.granularity) + 1:])
             raise UserError(f"stage {s.index} ({s.cfg.model.num_layers} layers, hidden {s.cfg.model.hidden_size}) "
                             f"fits no TP<={hw.gpus_per_node} x PP layout of {hw.gpus} GPUs with "
                             f"{hw.gpu_memory_gb:g} GiB each; use more GPUs, a smaller micro batch"
@@ -238,7 +238,7 @@ def cluster_report(stages: list[PlannedStage], hw: Hardware, recompute: str) -> 
     return text, plans
 
 
-def dry_run_report(stages: list[PlannedStage], hw: Hardware, recompute: str) -> tuple[str, list[StagePlan]]:
+def dry_run_report(stages: list[PlannedStage], hw: Hardware, recompute: Recompute) -> tuple[str, list[StagePlan]]:
     """Each stage at the layout the config gives it (what `train` would run)."""
     plans = [configured_plan(s, hw, recompute) for s in stages]
     text = "\n\n".join([

@@ -23,7 +23,10 @@ Activation Recomputation in Large Transformer Models", section 4 and table 2), w
                       ``sbh (10 + 24/t + 5as/(h t))`` with TP but no sequence parallelism;
 * selective (attention core recomputed): the ``5as/h`` term goes: ``34 sbh / t``, ``sbh (10 + 24/t)``;
 * full (each layer's input kept, the layer recomputed in backward): ``2 sbh / t`` with sequence
-  parallelism (the stored input is sequence-sharded), ``2 sbh`` without.
+  parallelism (the stored input is sequence-sharded), ``2 sbh`` without. With Megatron's
+  ``--recompute-method uniform --recompute-num-layers N`` one input is kept per chunk of N layers;
+  with ``block`` the first N layers of each pipeline stage are recomputed and the others keep
+  everything (the ``none`` amount).
 
 The formula assumes 16-bit activations (doubled here for fp32 runs), GeLU with a 4h FFN and
 multi-head attention; it is the paper's, applied as is to SwiGLU/GQA models (see docs/scaling.md).
@@ -32,7 +35,9 @@ batches in flight, each with its ``num_layers / PP`` layers' activations.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 from megatron_staged.config import Config, ModelConfig, resolve_model
 from megatron_staged.errors import require
@@ -121,6 +126,39 @@ def activation_bytes_per_layer(m: ModelConfig, micro_batch_size: int, tp: int, s
     return per * (1 if (m.bf16 or m.fp16) else 2)
 
 
+@dataclass(frozen=True)
+class Recompute:
+    """Megatron's --recompute-granularity / --recompute-method / --recompute-num-layers."""
+    granularity: str = "none"
+    method: Optional[str] = None        # full only: uniform or block (None: uniform, 1 layer)
+    num_layers: Optional[int] = None
+
+    def __post_init__(self):
+        require(self.granularity in RECOMPUTE_GRANULARITIES, f"--recompute-granularity {self.granularity!r}: "
+                                                             f"choose one of {', '.join(RECOMPUTE_GRANULARITIES)}")
+        require(self.method in (None, "uniform", "block"), f"--recompute-method {self.method!r}: uniform or block")
+        require(self.num_layers is None or self.num_layers >= 1, "--recompute-num-layers must be >= 1")
+
+    def __str__(self):
+        if self.granularity == "full" and self.method:
+            return f"full ({self.method}, {self.num_layers or 1} layer(s))"
+        return self.granularity
+
+
+def stage_activation_bytes(per_layer: dict, layers: int, recompute: Recompute) -> dict:
+    """Activations of ``layers`` layers for one micro batch, per granularity; the ``full`` entry
+    follows the configured method (uniform chunks of N layers, or the first N layers of a block)."""
+    out = {r: v * layers for r, v in per_layer.items()}
+    if recompute.granularity == "full" and recompute.method is not None:
+        n = recompute.num_layers or 1
+        if recompute.method == "uniform":
+            out["full"] = per_layer["full"] * math.ceil(layers / n)
+        else:
+            k = min(n, layers)
+            out["full"] = per_layer["full"] * k + per_layer["none"] * (layers - k)
+    return out
+
+
 @dataclass
 class MemoryEstimate:
     """Bytes on the most loaded GPU (the pipeline rank whose total is largest)."""
@@ -130,11 +168,11 @@ class MemoryEstimate:
     grads: float
     optimizer: float
     activations: dict = field(default_factory=dict)  # granularity -> bytes on that pipeline rank
-    recompute: str = "none"
+    recompute: Recompute = Recompute()
 
     @property
     def total(self) -> float:
-        return self.weights + self.grads + self.optimizer + self.activations[self.recompute]
+        return self.weights + self.grads + self.optimizer + self.activations[self.recompute.granularity]
 
 
 def bytes_per_parameter(cfg: Config, dp: int) -> tuple[float, float, float]:
@@ -148,8 +186,12 @@ def bytes_per_parameter(cfg: Config, dp: int) -> tuple[float, float, float]:
     return (2 if sixteen_bit else 4), GRAD_BYTES, optimizer
 
 
-def estimate_memory(cfg: Config, tp: int, pp: int, dp: int, recompute: str = "none") -> MemoryEstimate:
-    """Peak training memory per GPU at TP x PP x DP (weights, grads, optimizer state, activations)."""
+def estimate_memory(cfg: Config, tp: int, pp: int, dp: int, recompute="none") -> MemoryEstimate:
+    """Peak training memory per GPU at TP x PP x DP (weights, grads, optimizer state, activations).
+
+    ``recompute``: a :class:`Recompute` or a granularity name."""
+    if isinstance(recompute, str):
+        recompute = Recompute(recompute)
     m, t = cfg.model, cfg.training
     pc = count_parameters(m)
     gbs = t.global_batch_size or t.micro_batch_size * dp
@@ -161,7 +203,7 @@ def estimate_memory(cfg: Config, tp: int, pp: int, dp: int, recompute: str = "no
     for rank in range(pp):
         n = parameters_on_pipeline_rank(pc, tp, pp, rank)
         in_flight = min(pp - rank, microbatches)
-        acts = {r: v * (m.num_layers // pp) * in_flight for r, v in per_layer.items()}
+        acts = {r: v * in_flight for r, v in stage_activation_bytes(per_layer, m.num_layers // pp, recompute).items()}
         est = MemoryEstimate(pipeline_rank=rank, parameters=n, weights=n * w, grads=n * g, optimizer=n * o,
                              activations=acts, recompute=recompute)
         if best is None or est.total > best.total:
