@@ -37,12 +37,12 @@ def _train_parser(prog: str) -> argparse.ArgumentParser:
 
 @command("train")
 def cmd_train(argv):
-    from megatron_staged.config import config_from_args
-    from megatron_staged.training.trainer import Trainer
-
     if "--dry-run" in argv:  # validate and print the stages' layouts and memory; build nothing
         from megatron_staged.planning.cli import dry_run
         return dry_run(argv)
+    from megatron_staged.config import config_from_args
+    from megatron_staged.training.trainer import Trainer
+
     cfg = config_from_args(_train_parser("megatron-staged train").parse_args(argv))
     summary = Trainer(cfg).train()
     return summary
