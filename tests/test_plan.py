@@ -300,7 +300,7 @@ from megatron_staged.cli import main
 rc = main(["train", "--dry-run", "--config", "examples/llama_7b_progressive_depth/llama_7b.yaml",
            "--world-size", "64", "--vocab-size", "32000"])
 import torch.distributed as dist
-print("RESULT", rc, "megatron.core.models" in sys.modules, dist.is_initialized())
+print("RESULT", rc, "megatron_staged.model.builder" in sys.modules, dist.is_initialized())  # nothing that builds a model
 bad = [["--world-size", "60"], ["--train-iters", "5000"], ["--world-size", "64", "--global-batch-size", "1000"]]
 for extra in bad:
     print("BAD", main(["train", "--dry-run", "--config", "examples/llama_7b_progressive_depth/llama_7b.yaml",
