@@ -228,8 +228,8 @@ def test_recipe_strings_become_yaml_stages():
 
 def test_stage_configs_follow_the_growth_code():
     cfg = small_llama(num_layers=8, train_iters=100)
-    cfg.staging.stages = [{"at_iteration": 60, "width_factor": 2, "target_tensor_model_parallel_size": 2},
-                          {"at_iteration": 30, "depth_factor": 2}]
+    cfg.staging.stages = [{"at_iteration": 30, "depth_factor": 2},
+                          {"at_iteration": 60, "width_factor": 2, "target_tensor_model_parallel_size": 2}]
     s = plan_stages(cfg, 4)
     assert [(x.start_iteration, x.end_iteration) for x in s] == [(0, 30), (30, 60), (60, 100)]
     m = [x.cfg.model for x in s]
@@ -237,6 +237,19 @@ def test_stage_configs_follow_the_growth_code():
             for x in m] == [(8, 64, 4, 2, 176), (16, 64, 4, 2, 176), (16, 128, 8, 4, 352)]
     assert s[2].cfg.parallel.tensor_model_parallel_size == 2
     assert s[1].tokens == 30 * 8 * 32
+
+
+def test_stage_start_from_flops_and_assumed_slope_trigger():
+    cfg = small_llama(train_iters=100, global_batch_size=16)
+    per_iteration = 700416 * 16 * 32  # Megatron FLOPs per token (by hand above) x tokens per iteration
+    cfg.staging.stages = [{"at_flops": 10 * per_iteration + 1, "depth_factor": 2},   # reached after 11 iterations
+                          {"trigger": "slope", "width_factor": 2},                    # assumed halfway: (11+50)//2
+                          {"at_iteration": 50, "depth_factor": 2}]
+    s = plan_stages(cfg, 8)
+    assert [(x.start_iteration, x.end_iteration) for x in s] == [(0, 11), (11, 30), (30, 50), (50, 100)]
+    assert [x.when for x in s] == ["", "at_flops", "slope (assumed)", "at_iteration"]
+    assert parse_recipe("depth:2@slope,width:2+at_flops:1e20", 100) == [
+        {"depth_factor": 2, "trigger": "slope"}, {"width_factor": 2, "at_flops": 1e20}]
 
 
 # ---- the commands ----------------------------------------------------------------------------
@@ -252,7 +265,7 @@ def test_plan_command_prints_every_stage(capsys):
     assert rc == 0
     assert "train_iters" not in out and "50068 iterations" in out  # ceil(210e9 / (1024 * 4096))
     for layers in ("8", "16", "32"):
-        assert any(line.split()[4:5] == [layers] for line in out.splitlines() if line[:1].isdigit())
+        assert any(line.split()[5:6] == [layers] for line in out.splitlines() if line[:1].isdigit())
     assert "fits" in out and "days" in out
 
 
@@ -280,7 +293,7 @@ def test_every_example_config_dry_runs(capsys):
                    "--world-size", "64", "--vocab-size", "32000"])
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line[:1].isdigit() and "4096" in line]
-    assert [r[4] for r in rows[:3]] == ["8", "16", "32"]
+    assert [r[5] for r in rows[:3]] == ["8", "16", "32"]
 
 
 def test_example_shell_scripts_parse():

@@ -157,11 +157,16 @@ def stage_table(stages: list[PlannedStage]) -> str:
     rows = []
     for s in stages:
         m = s.cfg.model
-        rows.append([s.index, s.label, f"{s.start_iteration}-{s.end_iteration}", fmt_count(s.tokens), m.num_layers,
+        rows.append([s.index, s.label, s.when or "-", f"{s.start_iteration}-{s.end_iteration}", fmt_count(s.tokens),
+                     m.num_layers,
                      m.hidden_size, f"{m.num_attention_heads}/{m.num_query_groups}", m.ffn_hidden_size,
                      fmt_count(_total_params(s.cfg))])
-    return _table(["stage", "growth", "iterations", "tokens", "layers", "hidden", "heads/groups", "ffn",
-                   "parameters"], rows)
+    table = _table(["stage", "growth", "starts", "iterations", "tokens", "layers", "hidden", "heads/groups", "ffn",
+                    "parameters"], rows)
+    if any(s.when == "slope (assumed)" for s in stages):
+        table += ("\n(a slope trigger's iteration is known only during the run: assumed halfway between the "
+                  "previous stage and the next fixed iteration)")
+    return table
 
 
 def _total_params(cfg: Config) -> int:

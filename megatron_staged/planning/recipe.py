@@ -7,6 +7,8 @@ string (``--stages``), which is turned into the same stage mappings::
     depth:2@2000,width:2@6000  at iterations 2000 and 6000
     layers:16@0.25,layers:32@50%   by fraction of --train-iters
     width:2+tp:2               a width doubling onto TP 2 (``+`` joins keys of one stage)
+    depth:2@slope              when the slope trigger fires (``trigger: slope``)
+    depth:2+at_flops:1e20      at a FLOPs count
 
 Short keys: ``depth`` (depth_factor), ``width`` (width_factor), ``layers`` (num_layers), ``tp`` and
 ``pp`` (the target layout); any other stage key (``depth_init``, ``depth_placement``, ...) is taken
@@ -45,6 +47,14 @@ class PlannedStage:
         return self.iterations * t.global_batch_size * self.cfg.model.seq_length
 
     @property
+    def when(self) -> str:
+        """How the stage's start is known: at_iteration, at_flops, or a slope trigger (assumed)."""
+        g = self.growth or {}
+        if g.get("trigger"):
+            return "slope (assumed)"
+        return "at_flops" if g.get("at_flops") is not None else ("at_iteration" if g else "")
+
+    @property
     def label(self) -> str:
         if self.growth is None:
             return "initial"
@@ -75,7 +85,11 @@ def parse_recipe(text: str, train_iters: int) -> list[dict]:
             require(sep and key and val.strip(), f"--stages item {item!r}: write KEY:VALUE[+KEY:VALUE][@ITERATION], "
                                                  f"e.g. depth:2@2000")
             stage[SHORT_KEYS.get(key, key)] = _value(val.strip())
-        if at:
+        if at.strip() == "slope":
+            stage["trigger"] = "slope"
+        elif "at_flops" in stage or "trigger" in stage:
+            require(not at, f"--stages item {item!r}: give one of @ITERATION, at_flops and trigger")
+        elif at:
             at = at.strip()
             frac = float(at[:-1]) / 100 if at.endswith("%") else (float(at) if "." in at else None)
             if frac is not None:
@@ -136,6 +150,7 @@ def plan_stages(cfg: Config, world_size: int) -> list[PlannedStage]:
     """
     from megatron_staged.growth.spec import make_spec, target_config
     from megatron_staged.staging.stages import plan_stages as check_stages
+    from megatron_staged.training.flops import flops_per_iteration
     from megatron_staged.training.state import TrainState
 
     cfg = cfg.copy()
@@ -148,10 +163,24 @@ def plan_stages(cfg: Config, world_size: int) -> list[PlannedStage]:
     raw = list(cfg.staging.stages or [])
     pending = check_stages(cfg, raw, world_size, TrainState())
     T = cfg.training.train_iters
-    out = [PlannedStage(0, 0, pending[0].at_iteration if pending else T, cfg, None)]
+    configs, starts, flops_at_start = [cfg], [], 0.0
     for k, s in enumerate(pending):
-        prev = out[-1].cfg
-        new = target_config(prev, make_spec(prev, s.request, s.index), world_size)
-        end = pending[k + 1].at_iteration if k + 1 < len(pending) else T
-        out.append(PlannedStage(k + 1, s.at_iteration, end, new, dict(raw[s.index])))
-    return out
+        prev = configs[-1]
+        configs.append(target_config(prev, make_spec(prev, s.request, s.index), world_size))
+        prev_start = starts[-1] if starts else 0
+        r = s.request
+        if r.at_iteration is not None:
+            start = r.at_iteration
+        elif r.at_flops is not None:  # the first iteration whose FLOPs so far reach at_flops
+            per_iter = flops_per_iteration(prev.model, prev.training.global_batch_size)
+            start = prev_start + max(0, math.ceil((r.at_flops - flops_at_start) / per_iter))
+        else:  # a slope trigger: unknown before the run; assume halfway to the next fixed iteration
+            nxt = next((p.request.at_iteration for p in pending[k + 1:] if p.request.at_iteration is not None), T)
+            start = (prev_start + nxt) // 2
+        require(start < T, f"staging.stages[{s.index}] would start at iteration {start}, not before "
+                           f"--train-iters {T}: the stage would never run")
+        flops_at_start += (start - prev_start) * flops_per_iteration(prev.model, prev.training.global_batch_size)
+        starts.append(max(start, prev_start))
+    bounds = [0] + starts + [T]
+    return [PlannedStage(k, bounds[k], bounds[k + 1], c, None if k == 0 else dict(raw[pending[k - 1].index]))
+            for k, c in enumerate(configs)]
