@@ -17,7 +17,7 @@ import pytest
 from conftest import ROOT, _env
 from megatron_staged.cli import main as cli_main
 from megatron_staged.config import Config, apply_mapping
-from megatron_staged.planning.cluster import Hardware, choose_layout, plan_stage
+from megatron_staged.planning.cluster import Hardware, choose_layout, cluster_report, plan_stage
 from megatron_staged.planning.memory import (GIB, Recompute, count_parameters, estimate_memory,
                                              parameters_on_pipeline_rank)
 from megatron_staged.planning.recipe import parse_recipe, plan_stages
@@ -209,6 +209,10 @@ def test_depth_growth_adds_pipeline_stages_and_width_growth_tensor_shards():
     assert _hand_peak_bytes(*shapes[1], 1024, 2, 4) <= budget
     for c, (L, h, a, g, f) in zip(chosen[1:], shapes):
         assert c.memory.total == _hand_peak_bytes(L, h, a, g, f, 1024, c.tp, c.pp)
+    # the printed plan names the change: depth growth +PP2, width growth +TP2 (and PP x2 more)
+    text, _ = cluster_report(stages, hw, Recompute("full"))
+    rows = {line.split()[0]: line.split() for line in text[text.index("layout per stage"):].splitlines()[2:5]}
+    assert rows["1"][1:5] == ["1", "2", "4", "+PP2"] and rows["2"][1:6] == ["2", "4", "1", "+PP2", "+TP2"]
 
 
 # ---- recipes and stages ------------------------------------------------------------------------
