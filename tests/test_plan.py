@@ -225,7 +225,7 @@ def test_recipe_strings_become_yaml_stages():
         {"width_factor": 2, "target_tensor_model_parallel_size": 2, "at_iteration": 500},
         {"depth_factor": 2, "depth_init": "copy", "at_iteration": 900}]
     from megatron_staged.errors import UserError
-    for bad in ("depth", "depth:2@1.5", ""):
+    for bad in ("depth", "depth:2@1.5", "", "depth:2@soon", "depth:2+at_flops:1e20@100"):
         with pytest.raises(UserError):
             parse_recipe(bad, 100)
 

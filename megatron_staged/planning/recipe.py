@@ -91,12 +91,16 @@ def parse_recipe(text: str, train_iters: int) -> list[dict]:
             require(not at, f"--stages item {item!r}: give one of @ITERATION, at_flops and trigger")
         elif at:
             at = at.strip()
-            frac = float(at[:-1]) / 100 if at.endswith("%") else (float(at) if "." in at else None)
+            try:
+                frac = float(at[:-1]) / 100 if at.endswith("%") else (float(at) if "." in at else None)
+                iteration = None if frac is not None else int(float(at))
+            except ValueError:
+                raise UserError(f"--stages item {item!r}: after @ give an iteration (2000), a fraction of the "
+                                f"run (0.25 or 25%) or slope") from None
             if frac is not None:
                 require(0 <= frac < 1, f"--stages item {item!r}: a fraction of the run must be in [0, 1)")
-                stage["at_iteration"] = int(round(frac * train_iters))
-            else:
-                stage["at_iteration"] = int(at)
+                iteration = int(round(frac * train_iters))
+            stage["at_iteration"] = iteration
         else:  # evenly spaced: stage n of N starts at (n+1)/(N+1) of the run
             stage["at_iteration"] = (n + 1) * train_iters // (len(items) + 1)
         stages.append(stage)
