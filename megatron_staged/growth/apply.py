@@ -1,4 +1,4 @@
-"""Grow a run: source checkpoint -> target components (model, optimizer, LR schedule) and state.
+"""Grow a run: source state (a checkpoint or the live shards) -> target components (model, optimizer, LR schedule) and state.
 
 One code path for the offline tool (``megatron-staged grow``) and for growth inside a running job.
 """
@@ -32,7 +32,17 @@ def needs_fresh_init(spec: GrowthSpec) -> bool:
 
 def grow_from_checkpoint(src_dir: str, spec: GrowthSpec, old_cfg: Config, common: dict,
                          new_cfg: Config = None) -> tuple[Components, TrainState, dict]:
-    """Build the grown components at the target layout and fill them from ``src_dir``.
+    """Offline growth: the source is the torch_dist checkpoint ``src_dir`` (see :func:`grow`)."""
+    from megatron_staged.growth.sources import CheckpointSource
+
+    return grow(CheckpointSource(src_dir), spec, old_cfg, common, new_cfg)
+
+
+def grow(source, spec: GrowthSpec, old_cfg: Config, common: dict,
+         new_cfg: Config = None) -> tuple[Components, TrainState, dict]:
+    """Build the grown components at the target layout and fill them from ``source``: a
+    checkpoint or the running job's own shards (:mod:`megatron_staged.growth.sources`).
+    ``common`` is the source's non-sharded state, as a checkpoint's ``common.pt`` holds it.
 
     Returns (components, train_state, stats); the state's stage history ends with this growth.
     Collective.
@@ -42,7 +52,7 @@ def grow_from_checkpoint(src_dir: str, spec: GrowthSpec, old_cfg: Config, common
     if new_cfg is None:
         new_cfg = target_config(old_cfg, spec, dist.get_world_size())
     comps = build_components(new_cfg, initialize=needs_fresh_init(spec))  # else every tensor comes from the source
-    stats = grow_sharded_state(src_dir, spec, old_cfg.model, comps.model, comps.optimizer)
+    stats = grow_sharded_state(source, spec, old_cfg.model, comps.model, comps.optimizer)
 
     saved = dict(common.get("train_state", {}))
     state = TrainState.from_dict(dict(saved, iteration=common.get("iteration", saved.get("iteration", 0))))

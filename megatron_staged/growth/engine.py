@@ -1,25 +1,27 @@
-"""Apply a growth to sharded training state: source checkpoint in, target shards filled.
+"""Apply a growth to sharded training state: a source in, this rank's target shards filled.
 
 Every rank builds the *target* model and optimizer at the target layout, asks them for their
-sharded state dict (megatron ShardedTensors: key, global shape, this rank's offset), and fills each
-of its target shards from the source slices it needs: for one target layer, that layer's source
-layer (per key, per state kind), read from the source checkpoint with dist_checkpointing at any
-offset, grown by :mod:`megatron_staged.growth.operators`, then sliced to the target shard. No rank
-holds more than one layer's global tensors (per key) at a time, nor the whole model or optimizer.
+sharded state dict (megatron ShardedTensors: key, global shape, this rank's offset), and plans,
+for each of its target shards, the pieces it is made of (:func:`operators.width_pieces`): each
+piece reads one box of one source tensor (of the source layer that ``depth_map`` names) times a
+scale, or is a new block. The rank then fetches exactly those boxes from a source
+(:mod:`megatron_staged.growth.sources`): a checkpoint on disk (offline ``megatron-staged grow``)
+or the running job's own shards (growth at a stage boundary). One engine, two sources.
 
-Reads are collective (dist_checkpointing plans them over all ranks), so ranks walk the same
-sequence of "slots": the non-layer tensors, then each local layer index in turn.
-
-The same function serves ``megatron-staged grow`` (offline) and growth inside a running job.
+Ranks walk the same sequence of slots (the non-layer tensors, then each local layer index in
+turn), so that the live source can move one slot's boxes between ranks at a time; no rank holds
+more than one slot's source boxes, nor any whole layer it does not grow.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
-from megatron_staged.growth.operators import grow_width, identity_init
+from megatron_staged.growth.operators import (grow_region, grow_width, grown_shape, identity_init,
+                                              is_residual_output, width_pieces, width_rule)
 from megatron_staged.growth.spec import GrowthSpec
 
 OPT_PREFIX = "optimizer.state."
@@ -80,144 +82,166 @@ def grown_global(model_key: str, kind: str, layer: int, spec: GrowthSpec, old_mo
     return t
 
 
-class SourceCheckpoint:
-    """Reads global slices (one layer of one key) of a torch_dist checkpoint, collectively."""
-
-    def __init__(self, ckpt_dir: str):
-        from torch.distributed.checkpoint import FileSystemReader
-
-        self.dir = ckpt_dir
-        meta = FileSystemReader(ckpt_dir).read_metadata().state_dict_metadata
-        self.shapes = {k: (tuple(v.size), v.properties.dtype) for k, v in meta.items() if hasattr(v, "size")}
-
-    def load(self, requests: dict) -> dict:
-        """requests: name -> (checkpoint key, layer or None). Returns name -> tensor. Collective."""
-        from megatron.core import dist_checkpointing
-        from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-        if torch.distributed.get_world_size() == 1:
-            return self._load_whole(requests)
-        sd = {}
-        for name, (ckey, layer) in requests.items():
-            shape, dtype = self.shapes[ckey]
-            if layer is None:
-                sd[name] = ShardedTensor.from_rank_offsets(ckey, torch.empty(shape, dtype=dtype), replica_id=0)
-            else:
-                sd[name] = ShardedTensor.from_rank_offsets(
-                    ckey, torch.empty(shape[1:], dtype=dtype), (0, layer, shape[0]), replica_id=0,
-                    prepend_axis_num=1)
-        loaded = dist_checkpointing.load(sd, self.dir, validate_access_integrity=False)
-        return {name: loaded[name] for name in requests}
-
-    def _load_whole(self, requests: dict) -> dict:
-        """One process: megatron's torch_dist loader cannot read a partial tensor at world size 1
-        (it places the other fragments on rank (rank+1) % world = itself), so read whole keys once."""
-        from megatron.core import dist_checkpointing
-        from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-        if not hasattr(self, "_whole"):
-            self._whole = {}
-        missing = {ckey for ckey, _ in requests.values()} - set(self._whole)
-        if missing:
-            sd = {k: ShardedTensor.from_rank_offsets(k, torch.empty(self.shapes[k][0], dtype=self.shapes[k][1]),
-                                                     replica_id=0) for k in missing}
-            loaded = dist_checkpointing.load(sd, self.dir, validate_access_integrity=False)
-            self._whole.update({k: loaded[k] for k in missing})
-        return {name: self._whole[ckey] if layer is None else self._whole[ckey][layer]
-                for name, (ckey, layer) in requests.items()}
-
-
 def _layer_of(st) -> int:
     return st.global_offset[0] if st.prepend_axis_num else -1
 
 
 def _target_region(st) -> tuple:
+    """The (start, stop) per axis of a target ShardedTensor in its layer's global tensor."""
     n = st.prepend_axis_num
-    return tuple(slice(o, o + s) for o, s in zip(st.global_offset[n:], st.local_shape))
+    return tuple((o, o + s) for o, s in zip(st.global_offset[n:], st.local_shape))
 
 
-@torch.no_grad()
-def grow_sharded_state(src_dir: str, spec: GrowthSpec, old_model_cfg, model_chunks, optimizer) -> dict:
-    """Fill this rank's target model and optimizer shards from the source checkpoint.
+@dataclass
+class ShardPlan:
+    """How one target shard is filled: ``action`` is ``grow`` (from ``source_key`` of source
+    ``src_layer``), ``zero`` (an identity layer's residual output, or a fresh layer's moment),
+    ``keep`` (a fresh layer's weight keeps the target's init) or ``model`` (the optimizer's fp32
+    copy of a fresh weight: the model's init)."""
+    shard: object
+    where: str
+    kind: str
+    model_key: str
+    action: str
+    source_key: Optional[str] = None
+    src_layer: Optional[int] = None
+    rule: object = None
+    source_shape: tuple = ()
+    pieces: tuple = ()
 
-    Returns statistics (bytes read, seconds). Must be called on every rank.
-    """
-    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, merge, nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factory_merges
+    def source_box(self, box: tuple) -> tuple:
+        """A box of one source layer as a box of the stored (layer-stacked) tensor."""
+        return box if self.src_layer is None else ((self.src_layer, self.src_layer + 1),) + box
+
+    def requests(self) -> list:
+        return [(self.source_key, self.source_box(p.source)) for p in self.pieces if p.source is not None]
+
+
+def plan_shard(st, where: str, layer: int, spec: GrowthSpec, old_model_cfg, shapes: dict) -> ShardPlan:
+    """What target shard ``st`` (of target layer ``layer``, -1 outside the stack) is made of."""
+    kind, mkey = split_state_key(st.key)
+    src_layer = None
+    if layer >= 0:
+        src_layer = spec.depth_map[layer]
+        new = spec.new_layer[layer]
+        if src_layer is None or (new and spec.depth_init == "random"):
+            fresh = "keep" if where == "model" else ("model" if kind == "param" else "zero")
+            return ShardPlan(st, where, kind, mkey, fresh)
+        if new and spec.depth_init == "identity" and is_residual_output(mkey):
+            return ShardPlan(st, where, kind, mkey, "zero")
+    ckey = _source_key(kind, mkey, shapes)
+    if ckey is None:  # not in the source: as a fresh layer's tensor
+        fresh = "keep" if where == "model" else ("model" if kind == "param" else "zero")
+        return ShardPlan(st, where, kind, mkey, fresh)
+    source_shape = tuple(shapes[ckey][1:] if src_layer is not None else shapes[ckey])
+    rule = None
+    if spec.width_factor == 2:
+        m = old_model_cfg
+        rule = width_rule(mkey, kind, len(source_shape), swiglu=bool(m.swiglu),
+                          tied=not m.untie_embeddings_and_output_weights, alpha=spec.width_split)
+    expect = tuple(st.global_shape[st.prepend_axis_num:])
+    if grown_shape(rule, source_shape) != expect:
+        raise RuntimeError(f"growth gives {grown_shape(rule, source_shape)} for {st.key}, target expects {expect}")
+    pieces = tuple(width_pieces(rule, source_shape, _target_region(st)))
+    return ShardPlan(st, where, kind, mkey, "grow", ckey, src_layer, rule, source_shape, pieces)
+
+
+def fill_shard(plan: ShardPlan, fetched: dict, spec: GrowthSpec, model_by_region: dict) -> None:
+    """Write one target shard from its plan and the fetched source boxes."""
+    st = plan.shard
+    if plan.action == "keep":
+        return
+    if plan.action == "zero":
+        st.data.zero_()
+        return
+    if plan.action == "model":
+        st.data.copy_(model_by_region[(plan.model_key, tuple(st.global_offset))].data.reshape(st.data.shape))
+        return
+
+    def read(box):
+        t = fetched[(plan.source_key, plan.source_box(box))]
+        return t if plan.src_layer is None else t[0]
+
+    # noise (if any) is seeded by the source layer: every copy of a layer gets the same
+    values = grow_region(plan.model_key, plan.kind, plan.rule, plan.source_shape, _target_region(st), read,
+                         noise_std=spec.width_noise, seed=spec.seed,
+                         layer=-1 if plan.src_layer is None else plan.src_layer)
+    st.data.copy_(values.reshape(st.data.shape).to(st.data.dtype))
+
+
+def target_shards(model_chunks, optimizer) -> tuple:
+    """This rank's target ShardedTensors (model, then optimizer) and what loading them needs."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
     from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess
-    from megatron.core import parallel_state as ps
 
-    from megatron_staged.checkpoint.manager import sharding_metadata, load_optimizer_state, model_sharded_state_dict
+    from megatron_staged.checkpoint.manager import model_sharded_state_dict, sharding_metadata
     from megatron_staged.model.builder import iter_sharded_tensors
-
-    t0 = time.time()
-    source = SourceCheckpoint(src_dir)
-    available = set(source.shapes)
 
     model_sd = model_sharded_state_dict(model_chunks)
     model_sts = [st for v in model_sd.values() for st in iter_sharded_tensors(v)]
-    model_by_region = {(st.key, tuple(st.global_offset)): st for st in model_sts}
     merged = {}
     for v in model_sd.values():
         merged.update(v)
-    opt_sd = None
+    opt = None
     opt_sts = []
     if optimizer is not None:
         raw = optimizer.sharded_state_dict(merged, is_loading=True, metadata=sharding_metadata())
-        opt_sd, nonpersistent, factories = load_preprocess(raw)
-        opt_sts = [v for v in nested_values(opt_sd) if isinstance(v, ShardedTensor)]
-    targets = [(st, "model") for st in model_sts] + [(st, "optim") for st in opt_sts]
+        opt = load_preprocess(raw)  # (sharded dict, non-persistent part, factories)
+        opt_sts = [v for v in nested_values(opt[0]) if isinstance(v, ShardedTensor)]
+    return [(st, "model") for st in model_sts] + [(st, "optim") for st in opt_sts], opt
+
+
+def load_grown_optimizer(optimizer, opt) -> None:
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, merge
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factory_merges
+
+    from megatron_staged.checkpoint.manager import load_optimizer_state
+
+    opt_sd, nonpersistent, factories = opt
+    loaded = dict_list_map_inplace(lambda x: x.data if isinstance(x, ShardedTensor) else x, opt_sd)
+    merge(loaded, nonpersistent)
+    load_optimizer_state(optimizer, apply_factory_merges(loaded, factories), 0)
+
+
+@torch.no_grad()
+def grow_sharded_state(source, spec: GrowthSpec, old_model_cfg, model_chunks, optimizer) -> dict:
+    """Fill this rank's target model and optimizer shards from ``source`` (a
+    :class:`~megatron_staged.growth.sources.CheckpointSource` or ``LiveSource``, or a checkpoint
+    directory). Must be called on every rank. Returns this rank's statistics: seconds, bytes moved
+    (read from storage or received) and copied locally, and the bytes of its target shards.
+    """
+    from megatron.core import parallel_state as ps
+
+    from megatron_staged.growth.sources import CheckpointSource
+
+    t0 = time.time()
+    if isinstance(source, str):
+        source = CheckpointSource(source)
+    targets, opt = target_shards(model_chunks, optimizer)
+    model_by_region = {(st.key, tuple(st.global_offset)): st for st, where in targets if where == "model"}
 
     per_stage = spec.new_num_layers // ps.get_pipeline_model_parallel_world_size()
     first_layer = ps.get_pipeline_model_parallel_rank() * per_stage
-    slots = [-1] + list(range(per_stage))
-    bytes_read = 0
-    width_cache: dict = {}  # the grown source layer of the previous slot (interleave reuses it)
-    for slot in slots:
-        layer = -1 if slot < 0 else first_layer + slot
-        mine = [(st, where) for st, where in targets if _layer_of(st) == layer]
-        src_layer = None if layer < 0 else spec.depth_map[layer]
-        width_cache = {k: v for k, v in width_cache.items() if src_layer is not None and k[2] == src_layer}
-        # what this slot needs from the source, deduplicated
-        needed, cache = {}, {}
-        for st, _ in mine:
-            kind, mkey = split_state_key(st.key)
-            if layer >= 0 and (src_layer is None or (spec.new_layer[layer] and spec.depth_init == "random")):
-                continue
-            ckey = _source_key(kind, mkey, available)
-            if ckey is not None and (kind, mkey, src_layer) not in width_cache:
-                needed[f"{ckey}@{src_layer}"] = (ckey, src_layer)
-        loaded = source.load(needed)  # collective: every rank calls it once per slot
-        bytes_read += sum(t.numel() * t.element_size() for t in loaded.values())
-
-        def fetch(kind, mkey, src_layer):
-            ckey = _source_key(kind, mkey, available)
-            return None if ckey is None else loaded[f"{ckey}@{src_layer}"]
-
-        for st, where in mine:
-            kind, mkey = split_state_key(st.key)
-            ck = (kind, mkey)
-            if ck not in cache:
-                cache[ck] = grown_global(mkey, kind, layer, spec, old_model_cfg, fetch, width_cache)
-            full = cache[ck]
-            if full is None:
-                if where == "model":
-                    continue  # a fresh layer keeps the target model's own (layout-independent) init
-                if kind == "param":  # the optimizer's fp32 copy of a fresh layer: the model's init
-                    src = model_by_region.get((mkey, tuple(st.global_offset)))
-                    st.data.copy_(src.data.reshape(st.data.shape))
-                else:
-                    st.data.zero_()
-                continue
-            expect = tuple(st.global_shape[st.prepend_axis_num:])
-            if tuple(full.shape) != expect:
-                raise RuntimeError(f"growth produced {tuple(full.shape)} for {st.key}, target expects {expect}")
-            st.data.copy_(full[_target_region(st)].reshape(st.data.shape).to(st.data.dtype))
-        del loaded, cache
-
+    slots = [-1] + [first_layer + i for i in range(per_stage)]
+    plans = [[plan_shard(st, where, layer, spec, old_model_cfg, source.shapes)
+              for st, where in targets if _layer_of(st) == layer] for layer in slots]
+    needed = [list(dict.fromkeys(r for p in slot for r in p.requests())) for slot in plans]
+    # interleaved copies read the same source layer in consecutive slots: keep it, fetch it once
+    fresh = [[r for r in needed[i] if i == 0 or r not in set(needed[i - 1])] for i in range(len(needed))]
+    source.prepare(fresh)
+    t_plan = time.time() - t0
+    kept: dict = {}
+    for i, slot_plans in enumerate(plans):
+        fetched = {r: kept[r] for r in needed[i] if r in kept}
+        fetched.update(source.fetch(i))
+        for plan in slot_plans:
+            fill_shard(plan, fetched, spec, model_by_region)
+        kept = fetched
+    del kept, fetched
+    source.close()
     if optimizer is not None:
-        loaded_opt = dict_list_map_inplace(lambda x: x.data if isinstance(x, ShardedTensor) else x, opt_sd)
-        merge(loaded_opt, nonpersistent)
-        loaded_opt = apply_factory_merges(loaded_opt, factories)
-        load_optimizer_state(optimizer, loaded_opt, 0)
-    return {"seconds": time.time() - t0, "bytes_read": bytes_read}
+        load_grown_optimizer(optimizer, opt)
+    target_bytes = sum(st.data.numel() * st.data.element_size() for st, _ in targets)
+    return dict(source.stats, seconds=time.time() - t0, plan_seconds=t_plan, target_bytes=target_bytes,
+                bytes_read=source.stats["bytes_moved"])

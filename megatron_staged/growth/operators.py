@@ -31,6 +31,9 @@ initialisation and get zero moments.
 from __future__ import annotations
 
 import hashlib
+import itertools
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -54,41 +57,48 @@ def _noise(shape, std: float, seed: int, key: str, layer: int) -> torch.Tensor:
     return torch.randn(shape, generator=g) * std
 
 
-def block_diag2(w: torch.Tensor, off: torch.Tensor | None = None) -> torch.Tensor:
-    """[[W, off], [off, W]] for W [r, c] -> [2r, 2c]; off defaults to zeros."""
-    r, c = w.shape
-    out = w.new_zeros(2 * r, 2 * c) if off is None else off.clone()
-    out[:r, :c] = w
-    out[r:, c:] = w
-    return out
+# ---- width x2 as index maps -----------------------------------------------------------------------
+# Along each axis a grown tensor is a list of runs: target indices [t, t+n) take source indices
+# [s, s+n) of copy c. A target region is then a product of runs per axis; each product either reads
+# one source box (times a scale) or, in a block-diagonal matrix whose row and column copies differ,
+# is a new zero block. So a rank growing one shard needs exactly the source boxes its pieces name.
+
+@dataclass(frozen=True)
+class Run:
+    """Target indices [target, target+length) <- source [source, source+length) of ``copy``
+    (``None``: the axis is not doubled)."""
+    target: int
+    source: int
+    length: int
+    copy: Optional[int]
 
 
-def double_qkv_weight(w: torch.Tensor, groups: int, off: torch.Tensor | None = None) -> torch.Tensor:
-    """Fused QKV [G*(q+2)*d, h] -> [2G*(q+2)*d, 2h]: groups 0..G-1 read copy 1, G..2G-1 copy 2."""
-    rows, h = w.shape
-    per = rows // groups
-    g = w.view(groups, per, h)
-    out = w.new_zeros(2 * groups, per, 2 * h) if off is None else off.view(2 * groups, per, 2 * h).clone()
-    out[:groups, :, :h] = g
-    out[groups:, :, h:] = g
-    return out.view(2 * rows, 2 * h)
+def kept_axis(n: int) -> list:
+    """An axis that does not grow (the vocabulary, sequence positions)."""
+    return [Run(0, 0, n, None)]
 
 
-def double_swiglu_fc1_weight(w: torch.Tensor, off: torch.Tensor | None = None) -> torch.Tensor:
-    """[gate; up] [2f, h] -> [gate'; up'] [4f, 2h], each half doubled block-diagonally."""
-    gate, up = w.chunk(2, dim=0)
-    offs = (None, None) if off is None else off.chunk(2, dim=0)
-    return torch.cat([block_diag2(gate, offs[0]), block_diag2(up, offs[1])], dim=0)
+def doubled_axis(n: int) -> list:
+    """[x] -> [x, x]: hidden, heads (query groups are contiguous, so QKV rows double as a whole), FFN."""
+    return [Run(0, 0, n, 0), Run(n, 0, n, 1)]
 
 
-def duplicate(v: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """[b] -> [b, b] along ``dim``."""
-    return torch.cat([v, v], dim=dim)
+def doubled_halves_axis(n: int) -> list:
+    """SwiGLU's fused [gate; up] (n = 2f) -> [gate, gate; up, up]: each half doubled on its own."""
+    f = n // 2
+    return [Run(0, 0, f, 0), Run(f, 0, f, 1), Run(2 * f, f, f, 0), Run(3 * f, f, f, 1)]
 
 
-def split_duplicate(v: torch.Tensor, alpha: float, dim: int = -1) -> torch.Tensor:
-    """[v] -> [alpha*v, (1-alpha)*v] along ``dim``: sums back to v."""
-    return torch.cat([alpha * v, (1.0 - alpha) * v], dim=dim)
+AXES = {"kept": kept_axis, "doubled": doubled_axis, "doubled_halves": doubled_halves_axis}
+
+
+@dataclass(frozen=True)
+class WidthRule:
+    """How one tensor grows: per-axis maps, a value scale per copy, and whether it is a
+    block-diagonal matrix (entries whose row and column copies differ are new: zero or noise)."""
+    axes: tuple
+    scale: tuple = (1.0, 1.0)
+    block_diagonal: bool = False
 
 
 def carries_split(key: str, tied: bool) -> bool:
@@ -98,41 +108,108 @@ def carries_split(key: str, tied: bool) -> bool:
     return key == "output_layer.weight"
 
 
+def width_rule(key: str, kind: str, ndim: int, *, swiglu: bool, tied: bool, alpha: float) -> WidthRule:
+    """The width x2 rule of one global tensor (``ndim`` without the layer axis)."""
+    sfx = layer_suffix(key)
+    if carries_split(key, tied):
+        # [alpha*y, (1-alpha)*y]; each copy receives the full gradient: moments duplicated unscaled
+        scale = (alpha, 1.0 - alpha) if kind == "param" else (1.0, 1.0)
+        return WidthRule(("kept", "doubled") if ndim == 2 else ("doubled",), scale)
+    m = MOMENT_SCALE[kind]  # each copy receives half the gradient: m/2, v/4
+    if sfx in ("self_attention.linear_qkv.weight", "self_attention.linear_proj.weight", "mlp.linear_fc2.weight"):
+        return WidthRule(("doubled", "doubled"), (m, m), block_diagonal=True)
+    if sfx == "mlp.linear_fc1.weight":
+        return WidthRule(("doubled_halves" if swiglu else "doubled", "doubled"), (m, m), block_diagonal=True)
+    if sfx == "mlp.linear_fc1.bias" and swiglu:
+        return WidthRule(("doubled_halves",), (m, m))
+    if key in ("embedding.word_embeddings.weight", "embedding.position_embeddings.weight", "output_layer.weight"):
+        return WidthRule(("kept", "doubled"), (m, m))
+    if ndim == 1:  # norms' gamma/beta, linear biases (QKV's bias is group-major: doubles as a whole)
+        return WidthRule(("doubled",), (m, m))
+    raise KeyError(f"no width rule for checkpoint key {key!r} ({ndim}-D)")
+
+
+
+
+def grown_shape(rule: Optional[WidthRule], source_shape: tuple) -> tuple:
+    if rule is None:
+        return tuple(source_shape)
+    return tuple(n if a == "kept" else 2 * n for a, n in zip(rule.axes, source_shape))
+
+
+def runs_in(runs: list, lo: int, hi: int) -> list:
+    """The runs clipped to target indices [lo, hi)."""
+    out = []
+    for r in runs:
+        a, b = max(lo, r.target), min(hi, r.target + r.length)
+        if a < b:
+            out.append(Run(a, r.source + a - r.target, b - a, r.copy))
+    return out
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One rectangular part of a target region. ``target``: (start, stop) per axis, relative to the
+    region; ``source``: (start, stop) per axis of the source tensor, or None for a new block."""
+    target: tuple
+    source: Optional[tuple]
+    scale: float
+
+
+def width_pieces(rule: Optional[WidthRule], source_shape: tuple, region: tuple) -> list:
+    """Split a target ``region`` ((start, stop) per axis, global) into pieces that each read one
+    source box. ``rule`` None: the width does not grow (the region reads itself)."""
+    if rule is None:
+        return [Piece(tuple((0, b - a) for a, b in region), tuple(region), 1.0)]
+    per_axis = [runs_in(AXES[a](n), lo, hi) for a, n, (lo, hi) in zip(rule.axes, source_shape, region)]
+    pieces = []
+    for combo in itertools.product(*per_axis):
+        target = tuple((r.target - lo, r.target - lo + r.length) for r, (lo, _) in zip(combo, region))
+        copies = [r.copy for r in combo if r.copy is not None]
+        if rule.block_diagonal and len(set(copies)) > 1:
+            pieces.append(Piece(target, None, 0.0))
+            continue
+        scale = rule.scale[copies[-1]] if copies else rule.scale[0]
+        pieces.append(Piece(target, tuple((r.source, r.source + r.length) for r in combo), scale))
+    return pieces
+
+
+def new_block_values(key: str, kind: str, shape: tuple, region: tuple, piece: Piece, *, noise_std: float,
+                     seed: int, layer: int) -> Optional[torch.Tensor]:
+    """A new block's values: None (zeros) or, for weights with ``--width-noise``, N(0, std^2) drawn
+    for the whole grown tensor (so any layout draws the same numbers) and sliced to the piece."""
+    if kind != "param" or noise_std <= 0:
+        return None
+    full = _noise(shape, noise_std, seed, key, layer)
+    return full[tuple(slice(lo + a, lo + b) for (lo, _), (a, b) in zip(region, piece.target))]
+
+
+def grow_region(key: str, kind: str, rule: Optional[WidthRule], source_shape: tuple, region: tuple,
+                read, *, noise_std: float = 0.0, seed: int = 0, layer: int = -1) -> torch.Tensor:
+    """The grown tensor's values on ``region`` (fp32). ``read(box)`` returns the source box."""
+    out = torch.zeros(tuple(b - a for a, b in region), dtype=torch.float32)
+    shape = grown_shape(rule, source_shape)
+    for p in width_pieces(rule, source_shape, region):
+        dst = out[tuple(slice(a, b) for a, b in p.target)]
+        if p.source is None:
+            v = new_block_values(key, kind, shape, region, p, noise_std=noise_std, seed=seed, layer=layer)
+            if v is not None:
+                dst.copy_(v)
+            continue
+        src = read(p.source).float()
+        dst.copy_(src * p.scale if p.scale != 1.0 else src)
+    return out
+
+
 def grow_width(key: str, kind: str, t: torch.Tensor, *, groups: int, swiglu: bool, tied: bool,
                alpha: float, noise_std: float = 0.0, seed: int = 0, layer: int = -1) -> torch.Tensor:
-    """Width x2 of one global tensor (one layer's, for decoder.layers keys)."""
-    sfx = layer_suffix(key)
-    is_param = kind == "param"
-    if carries_split(key, tied):
-        # full gradient reaches each copy: moments duplicated unscaled
-        return split_duplicate(t, alpha, dim=-1) if is_param else duplicate(t, dim=-1)
-    scale = MOMENT_SCALE[kind]
-    if scale != 1.0:
-        t = t * scale  # scale the source, not the 4x larger grown tensor
-    off = None  # the off-diagonal blocks: zeros, or noise when asked for
-    if sfx == "self_attention.linear_qkv.weight":
-        if is_param and noise_std > 0:
-            off = _noise((2 * t.shape[0], 2 * t.shape[1]), noise_std, seed, key, layer)
-        return double_qkv_weight(t, groups, off)
-    if sfx in ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight") or (
-            sfx == "mlp.linear_fc1.weight" and not swiglu):
-        if is_param and noise_std > 0:
-            off = _noise((2 * t.shape[0], 2 * t.shape[1]), noise_std, seed, key, layer)
-        return block_diag2(t, off)
-    if sfx == "mlp.linear_fc1.weight":  # SwiGLU
-        if is_param and noise_std > 0:
-            off = _noise((2 * t.shape[0], 2 * t.shape[1]), noise_std, seed, key, layer)
-        return double_swiglu_fc1_weight(t, off)
-    if sfx == "mlp.linear_fc1.bias" and swiglu:
-        gate, up = t.chunk(2)
-        return torch.cat([duplicate(gate), duplicate(up)])
-    if sfx == "self_attention.linear_qkv.bias":
-        return duplicate(t)  # group-major: groups G..2G-1 repeat groups 0..G-1
-    if key in ("embedding.word_embeddings.weight", "embedding.position_embeddings.weight", "output_layer.weight"):
-        return duplicate(t, dim=1)
-    if t.dim() == 1:  # norms' gamma/beta, linear biases
-        return duplicate(t)
-    raise KeyError(f"no width rule for checkpoint key {key!r} (shape {tuple(t.shape)})")
+    """Width x2 of one whole global tensor (one layer's, for decoder.layers keys)."""
+    del groups  # query groups are contiguous rows: the QKV rows double as a whole
+    rule = width_rule(key, kind, t.dim(), swiglu=swiglu, tied=tied, alpha=alpha)
+    region = tuple((0, n) for n in grown_shape(rule, tuple(t.shape)))
+    return grow_region(key, kind, rule, tuple(t.shape), region,
+                       lambda box: t[tuple(slice(a, b) for a, b in box)],
+                       noise_std=noise_std, seed=seed, layer=layer)
 
 
 def identity_init(key: str, t: torch.Tensor) -> torch.Tensor:
