@@ -18,16 +18,15 @@ Every pending stage is checked when the run starts, each against the model the s
 produce (factor, placement, divisibility by the target TP/PP, iteration within ``--train-iters``),
 so a stage that cannot map fails before iteration 1 with an error naming its YAML key.
 
-At a stage boundary the runner saves the training state (to ``<save>/stage_<n>_pre_growth`` when
-``--save`` is set: a rollback point; else to a temporary directory), and hands that checkpoint to
-the same growth code the offline tool uses; the layout is rebuilt without a restart. It returns
-the grown components; the trainer continues on them.
+At a stage boundary the runner grows the running job's own shards (model weights, fp32 masters,
+Adam moments; :class:`megatron_staged.growth.sources.LiveSource`) with the same engine the offline
+tool uses on a checkpoint: no checkpoint is written or read, ``--save`` is not needed, and ranks
+exchange only the slices their target shards need. The layout is rebuilt without a restart. It
+returns the grown components; the trainer continues on them (and, with ``--save``, saves the grown
+state as the run's latest checkpoint).
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import Optional
 
@@ -178,29 +177,26 @@ class StageRunner:
         """
         import gc
 
-        from megatron_staged.checkpoint.manager import load_common, resolve_checkpoint_dir, save_checkpoint
-        from megatron_staged.growth.apply import grow_from_checkpoint
+        from megatron_staged.growth.apply import grow
+        from megatron_staged.growth.sources import LiveSource
 
         old_cfg = old.cfg
         spec = make_spec(old_cfg, request, stage_index)
         new_cfg = target_config(old_cfg, spec, dist.get_world_size())  # fail before touching anything
-        n = len(state.stage_history)
-        tmp = None
-        if old_cfg.checkpoint.save:
-            root = os.path.join(old_cfg.checkpoint.save, f"stage_{n}_pre_growth")
-        else:
-            holder = [tempfile.mkdtemp(prefix="megatron_staged_growth_") if dist.get_rank() == 0 else None]
-            dist.broadcast_object_list(holder, src=0)
-            root = tmp = holder[0]
-        save_checkpoint(root, state.iteration, old.model, old.optimizer, old.scheduler, state.to_dict(),
-                        old_cfg.to_dict())
-        src_dir, _ = resolve_checkpoint_dir(root)
-        common = load_common(src_dir)
-        old.model = old.optimizer = old.scheduler = None  # free the small model before building the big one
+        common = live_common(old, state)
+        source = LiveSource(old.model, old.optimizer)  # under the source layout: captures what growth reads
+        old.model = old.optimizer = old.scheduler = None  # the source keeps only the tensors growth reads
         gc.collect()
-        grown, new_state, stats = grow_from_checkpoint(src_dir, spec, old_cfg, common, new_cfg)
-        if tmp is not None:
-            dist.barrier()
-            if dist.get_rank() == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
+        grown, new_state, stats = grow(source, spec, old_cfg, common, new_cfg)
         return grown, new_state, stats
+
+
+def live_common(old: Components, state: TrainState) -> dict:
+    """The running job's non-sharded state, as a checkpoint's ``common.pt`` would hold it."""
+    from megatron_staged.checkpoint.manager import get_optimizer_step
+
+    lay = old.layout
+    step = get_optimizer_step(old.optimizer) if old.optimizer is not None else 0
+    return {"iteration": state.iteration, "train_state": dict(state.to_dict(), optimizer_step=step),
+            "opt_param_scheduler": old.scheduler.state_dict() if old.scheduler is not None else {},
+            "parallel_layout": {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp}}
