@@ -1,30 +1,30 @@
 #!/usr/bin/env python
-"""Cost of an in-run growth (time, memory, bytes read) against one checkpoint save + load.
+"""Cost of an in-run growth (time, memory, bytes moved) against one checkpoint save + load.
 
-Run on 4 CPU ranks::
+Run on 4 CPU ranks (the two sizes in docs/benchmarks.md)::
 
-    OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore torchrun --nproc-per-node 4 benchmarks/growth_cost.py \\
-        --out-json /tmp/growth_cost.json --write-docs
+    OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore torchrun --nproc-per-node 4 benchmarks/growth_cost.py \
+        --out-json /tmp/growth_cost_160m.json --write-docs
+    OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore torchrun --nproc-per-node 4 benchmarks/growth_cost.py \
+        --hidden-size 1024 --num-attention-heads 16 --out-json /tmp/growth_cost_620m.json --write-docs
 
 What it does, on every rank:
 
-1. records the process's RSS after the imports and ``init_distributed`` (the *baseline*: before
-   anything is built), and starts a thread sampling this process's RSS every ``--sample-ms``;
+1. records the process's RSS after the imports and ``init_distributed`` (the *baseline*), and
+   starts a thread sampling this process's RSS every ``--sample-ms``;
 2. builds the project's ``Trainer`` on the source model (default gpt2, 6 layers x 512, mock data,
-   vocab 8192, seq 64, micro batch 1, TP2 PP2) and runs ``--train-steps`` steps so that the Adam
-   moments are real;
-3. grows it inside the run with ``StageRunner.grow`` (the code path of a configured growth stage:
-   eval before, pre-growth save, freeing the source, process-group rebuild, building the target
-   model/optimizer/scheduler, ``grow_sharded_state`` from the saved checkpoint, eval after), default
-   depth x2 + width x2 -> 12 layers x 1024 (>= 100M parameters, asserted). Each part is timed by
-   wrapping the functions ``StageRunner.grow`` and ``grow_from_checkpoint`` call (module attributes
-   patched for the duration of the growth only; the code that runs is the project's);
-4. saves the grown state with ``save_checkpoint`` and loads it back with ``load_checkpoint`` into
-   the same components, timed, for the comparison "growth costs no more than one save + load";
-5. reports per rank: the wall time of each part, bytes read by the growth and bytes/s, the grown
-   state's bytes (local parameters + Adam moments, and the DDP grad buffer separately), and peak
-   RSS (sampled per phase, and ``ru_maxrss`` for the process's lifetime peak), raw and minus the
-   baseline.
+   vocab 8192, seq 64, micro batch 1, TP2 PP2, distributed optimizer) and runs ``--train-steps``
+   steps so that the Adam moments are real;
+3. grows it inside the run with ``Trainer.grow`` (the code path of a configured growth stage:
+   eval before, capture of the live shards, freeing the source, building the target at the target
+   layout, ``grow_sharded_state`` from the live source, eval after), default depth x2 + width x2.
+   Parts are timed by wrapping the functions the growth calls (the code that runs is the
+   project's); ``grow_sharded_state`` returns each rank's bytes moved and its target shard's bytes;
+4. saves the grown state with ``save_checkpoint`` and loads it back with ``load_checkpoint``,
+   timed: the growth is compared with this one save + load (goal <= 0.5x);
+5. reports per rank: time per part, peak RSS above the baseline during the growth against the
+   rank's grown state (local parameters + Adam moments; goal <= 1.5x), bytes moved (received from
+   other ranks) and copied locally against the rank's target shard bytes.
 """
 from __future__ import annotations
 
@@ -63,11 +63,10 @@ def parse_args(argv=None):
     g.add_argument("--seq-length", type=int, default=64)
     g.add_argument("--micro-batch-size", type=int, default=1)
     g.add_argument("--global-batch-size", type=int, default=None)
-    g.add_argument("--mock-data", action="store_true", default=True, help="mock data (always on: no corpus needed)")
     g.add_argument("--vocab-size", type=int, default=8192)
     g.add_argument("--tp", type=int, default=2)
     g.add_argument("--pp", type=int, default=2)
-    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--no-distributed-optimizer", action="store_true")
     g.add_argument("--train-steps", type=int, default=2, help="source steps before the growth (real moments)")
     g = p.add_argument_group("growth")
     g.add_argument("--depth-factor", type=float, default=2.0)
@@ -75,15 +74,15 @@ def parse_args(argv=None):
     g.add_argument("--depth-init", default="identity", choices=["identity", "copy", "random"])
     g.add_argument("--target-tp", type=int, default=None)
     g.add_argument("--target-pp", type=int, default=None)
-    g.add_argument("--eval-iters", type=int, default=1, help="eval batches before/after the growth (StageRunner)")
-    g.add_argument("--min-params", type=float, default=100e6, help="assert the grown model has at least this many")
+    g.add_argument("--eval-iters", type=int, default=1, help="eval batches before/after the growth")
     g = p.add_argument_group("measurement")
     g.add_argument("--workdir", default=None, help="where the grown checkpoint is written (default: a temp dir)")
     g.add_argument("--sample-ms", type=float, default=5.0, help="RSS sampling period")
     g.add_argument("--out-json", default=None)
-    g.add_argument("--write-docs", action="store_true", help=f"write the '{HEADING}' section of docs/benchmarks.md")
-    g.add_argument("--from-json", default=None, metavar="PATH",
-                   help="measure nothing: (re)write the docs section from a saved --out-json result")
+    g.add_argument("--write-docs", action="store_true",
+                   help=f"add this size to the '{HEADING}' section of docs/benchmarks.md (one row per size)")
+    g.add_argument("--from-json", default=None, nargs="+", metavar="PATH",
+                   help="measure nothing: (re)write the docs section from saved --out-json results")
     g.add_argument("--docs", default=DOCS, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -215,7 +214,7 @@ def source_flags(a, train_iters: int) -> list[str]:
          str(a.eval_iters), "--progress-bar", "off", "--transformer-impl", "local"]
     if a.global_batch_size:
         f += ["--global-batch-size", str(a.global_batch_size)]
-    if a.use_distributed_optimizer:
+    if not a.no_distributed_optimizer:
         f += ["--use-distributed-optimizer"]
     return f
 
@@ -223,10 +222,9 @@ def source_flags(a, train_iters: int) -> list[str]:
 def main(argv=None) -> int:
     a = parse_args(argv)
     if a.from_json:
-        write_docs(a.docs, json.load(open(a.from_json)))
-        print(f"wrote the '{HEADING}' section of {a.docs} from {a.from_json}")
+        write_docs(a.docs, [json.load(open(p)) for p in a.from_json])
+        print(f"wrote the '{HEADING}' section of {a.docs} from {' '.join(a.from_json)}")
         return 0
-    import torch
     import torch.distributed as dist
 
     from megatron_staged.runtime.distributed import init_distributed
@@ -239,14 +237,13 @@ def main(argv=None) -> int:
 
     import megatron_staged.checkpoint.manager as manager
     import megatron_staged.growth.apply as apply_mod
+    import megatron_staged.growth.sources as sources_mod
     import megatron_staged.staging.stages as stages_mod
-    import megatron_staged.training.lr as lr_mod
-    import megatron_staged.training.trainer as trainer_mod
     from megatron_staged.cli import _train_parser
     from megatron_staged.config import config_from_args
-    from megatron_staged.growth.spec import target_config
+    from megatron_staged.growth.spec import GrowthRequest, make_spec, target_config
     from megatron_staged.model.builder import count_parameters
-    from megatron_staged.staging.stages import spec_for_stage
+    from megatron_staged.training.trainer import Trainer
 
     gc.collect()
     dist.barrier()
@@ -257,123 +254,60 @@ def main(argv=None) -> int:
 
     # ---- source ------------------------------------------------------------------------------------
     sampler.set_phase("source")
-    t0 = time.perf_counter()
     flags = source_flags(a, a.train_steps + 10)
-    cfg = config_from_args(_train_parser("megatron-staged train").parse_args(flags))
-    trainer = trainer_mod.Trainer(cfg)
-    t_build_source = time.perf_counter() - t0
+    trainer = Trainer(config_from_args(_train_parser("megatron-staged train").parse_args(flags)))
     src_state = state_bytes(trainer.model, trainer.optimizer)
     src_params = count_parameters(trainer.cfg)["total"]
-    step_times = []
     for chunk in trainer.model:
         chunk.train()
     for _ in range(a.train_steps):
-        t1 = time.perf_counter()
         loss, _, _ = trainer.train_step()
-        step_times.append(time.perf_counter() - t1)
-        trainer.iteration += 1
-        trainer.consumed_samples += trainer.cfg.training.global_batch_size
+        trainer.state.record_step(loss, trainer.cfg.training.global_batch_size, 0.0)
     mem["after_source_rss"] = sampler.rss()
-    mem["source_peak_rss"] = sampler.peaks.get("source", 0)
 
-    stage = {"at_iteration": trainer.iteration, "depth_factor": a.depth_factor, "width_factor": a.width_factor,
-             "depth_init": a.depth_init, "eval_iters": a.eval_iters}
-    if a.target_tp:
-        stage["target_tensor_model_parallel_size"] = a.target_tp
-    if a.target_pp:
-        stage["target_pipeline_model_parallel_size"] = a.target_pp
-    new_cfg_preview = target_config(trainer.cfg, spec_for_stage(stage, trainer.cfg), world)
-    grown_params = count_parameters(new_cfg_preview)["total"]
-    assert grown_params >= a.min_params, f"grown model has {grown_params:,} parameters < {a.min_params:,.0f}"
+    request = GrowthRequest(depth_factor=a.depth_factor, width_factor=a.width_factor, depth_init=a.depth_init,
+                            eval_iters=a.eval_iters, target_tensor_model_parallel_size=a.target_tp,
+                            target_pipeline_model_parallel_size=a.target_pp)
+    new_cfg = target_config(trainer.cfg, make_spec(trainer.cfg, request), world)
+    grown_params = count_parameters(new_cfg)["total"]
     if rank == 0:
         print(f"source {src_params / 1e6:.1f}M params -> grown {grown_params / 1e6:.1f}M params "
-              f"({new_cfg_preview.model.num_layers} layers x {new_cfg_preview.model.hidden_size}); "
-              f"source step {1e3 * min(step_times):.0f} ms", flush=True)
+              f"({new_cfg.model.num_layers} layers x {new_cfg.model.hidden_size})", flush=True)
 
-    # ---- growth (StageRunner.grow, parts timed) -----------------------------------------------------
-    orig_bmc = trainer_mod.build_model_chunks
+    # ---- growth (Trainer.grow, parts timed) ---------------------------------------------------------
     timers = Timers(sampler)
-    timers.wrap(trainer, "evaluate", "eval before+after")
-    timers.wrap(manager, "save_checkpoint", "pre-growth save")
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    # A one-time cost inside the first torch_dist save of a process: megatron spawns a
-    # multiprocessing Manager for the writers' results queue (a fresh interpreter, "spawn"), and the
-    # first put() of the write results makes that server unpickle them, i.e. import torch.
-    setup_label = "  of which: first-save setup (Manager spawn + its first put)"
-    orig_q = filesystem_async._get_write_results_queue
-
-    def timed_queue():
-        t = time.perf_counter()
-        fresh = filesystem_async._results_queue is None
-        q = orig_q()
-        timers.t[setup_label] = timers.t.get(setup_label, 0.0) + time.perf_counter() - t
-        if fresh:
-            put = q.put
-            first = [True]
-
-            def timed_put(*args, **kwargs):
-                t1 = time.perf_counter()
-                try:
-                    return put(*args, **kwargs)
-                finally:
-                    if first[0]:
-                        first[0] = False
-                        timers.t[setup_label] += time.perf_counter() - t1
-
-            q.put = timed_put
-        return q
-
-    filesystem_async._get_write_results_queue = timed_queue
-    timers.patched.append((filesystem_async, "_get_write_results_queue", orig_q))
-    timers.wrap(apply_mod, "set_parallel_layout", "process-group rebuild")
-    timers.wrap(trainer_mod, "build_model_chunks", "build target model (+init)")
-    timers.wrap(trainer_mod, "build_optimizer", "build target optimizer")
-    timers.wrap(lr_mod, "build_scheduler", "build target scheduler")
-    timers.wrap(trainer, "replace_components", "replace components (iterators)")
-
-    class _GC:  # StageRunner.grow calls gc.collect() after dropping the source model
-        @staticmethod
-        def collect(*args):
-            t = time.perf_counter()
-            try:
-                return gc.collect(*args)
-            finally:
-                timers.t["free source (gc)"] = timers.t.get("free source (gc)", 0.0) + time.perf_counter() - t
-
-    stages_mod.gc = _GC
+    timers.wrap(trainer, "evaluate", "eval before+after (loss check)")
+    timers.wrap(sources_mod.LiveSource, "__init__", "capture live shards")
+    timers.wrap(stages_mod, "live_common", "non-sharded state")
+    timers.wrap(apply_mod, "build_components", "build target (groups, model, optimizer, scheduler)")
     grow_stats = {}
     orig_gss = apply_mod.grow_sharded_state
 
     def grab_stats(*args, **kwargs):
         out = orig_gss(*args, **kwargs)
         grow_stats.update(out)
-        mem["rss_after_grow_sharded_state"] = sampler.rss()
         return out
 
-    apply_mod.grow_sharded_state = grab_stats  # keeps its stats; timed by the wrapper around it
-    timers.wrap(apply_mod, "grow_sharded_state", "grow_sharded_state")
-
+    apply_mod.grow_sharded_state = grab_stats
+    timers.wrap(apply_mod, "grow_sharded_state", "grow_sharded_state (plan, move, fill)")
     dist.barrier()
     sampler.set_phase("growth")
     t0 = time.perf_counter()
     try:
-        entry = trainer.stages.grow(stage)
+        entry = trainer.grow(request)
     finally:
         t_grow = time.perf_counter() - t0
         timers.restore()
         apply_mod.grow_sharded_state = orig_gss
-        stages_mod.gc = gc
-        del trainer.evaluate, trainer.replace_components  # back to the class's methods
-    assert trainer_mod.build_model_chunks is orig_bmc
+        trainer.__dict__.pop("evaluate", None)
     mem["after_growth_rss"] = sampler.rss()
-    mem["growth_peak_rss_sampled"] = max([sampler.peaks.get("growth", 0)] + [
+    mem["growth_peak_rss"] = max([sampler.peaks.get("growth", 0)] + [
         v for k, v in sampler.peaks.items() if k.startswith("part:")])
-    mem["maxrss_after_growth"] = ru_maxrss()
+    mem["growth_peak_rss_without_evals"] = max([sampler.peaks.get("growth", 0)] + [
+        v for k, v in sampler.peaks.items() if k.startswith("part:") and "eval" not in k])
     grown_state = state_bytes(trainer.model, trainer.optimizer)
     parts = dict(timers.t)
-    parts["other (target_config, load_common, logging, temp dir removal)"] = t_grow - sum(
-        v for k, v in parts.items() if not k.startswith("  "))
+    parts["other (logging, iterators, reductions)"] = t_grow - sum(parts.values())
 
     # ---- one save + load of the grown state --------------------------------------------------------
     sampler.set_phase("save+load")
@@ -382,8 +316,8 @@ def main(argv=None) -> int:
     ckpt_root = os.path.join(holder[0], "grown")
     dist.barrier()
     t0 = time.perf_counter()
-    manager.save_checkpoint(ckpt_root, trainer.iteration, trainer.model, trainer.optimizer, trainer.scheduler,
-                            trainer.train_state(), trainer.cfg.to_dict())
+    manager.save_checkpoint(ckpt_root, trainer.state.iteration, trainer.model, trainer.optimizer, trainer.scheduler,
+                            trainer.state.to_dict(), trainer.cfg.to_dict())
     t_save = time.perf_counter() - t0
     ckpt_bytes = 0
     if rank == 0:
@@ -393,29 +327,25 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     manager.load_checkpoint(ckpt_root, trainer.model, trainer.optimizer, trainer.scheduler)
     t_load = time.perf_counter() - t0
-    mem["saveload_peak_rss_sampled"] = sampler.peaks.get("save+load", 0)
-    mem["maxrss_end"] = ru_maxrss()
     sampler.stop()
     dist.barrier()
     if rank == 0 and not a.workdir:
         shutil.rmtree(holder[0], ignore_errors=True)
 
-    part_mem = {label: {"peak_rss": sampler.peaks.get("part:" + label, 0), "rss_after": timers.rss_after.get(label, 0)}
-                for label in timers.t}
-    mine = {"rank": rank, "mem": mem, "parts": parts, "part_mem": part_mem, "grow_total_s": t_grow, "save_s": t_save, "load_s": t_load,
-            "grow_sharded_state": grow_stats, "grown_state": grown_state, "source_state": src_state,
-            "build_source_s": t_build_source, "source_step_s": step_times, "rss_samples": sampler.samples,
+    mine = {"rank": rank, "mem": mem, "parts": parts, "grow_total_s": t_grow, "save_s": t_save, "load_s": t_load,
+            "grow_stats": grow_stats, "grown_state": grown_state, "source_state": src_state,
+            "part_peaks": {k[5:]: v for k, v in sampler.peaks.items() if k.startswith("part:")},
             "layout_after": entry.get("to"), "loss_before": entry.get("eval_loss_before"),
             "loss_after": entry.get("eval_loss_after")}
     gathered = [None] * world
     dist.all_gather_object(gathered, mine)
     if rank == 0:
-        result = report(a, world, flags, stage, src_params, grown_params, new_cfg_preview, ckpt_bytes, gathered)
+        result = report(a, world, request, src_params, grown_params, new_cfg, ckpt_bytes, gathered)
         if a.out_json:
             with open(a.out_json, "w") as fh:
                 json.dump(result, fh, indent=1)
         if a.write_docs:
-            write_docs(a.docs, result)
+            write_docs(a.docs, [result], merge=True)
             print(f"wrote the '{HEADING}' section of {a.docs}", flush=True)
     dist.barrier()
     dist.destroy_process_group()
@@ -424,79 +354,48 @@ def main(argv=None) -> int:
 
 # ---- report ---------------------------------------------------------------------------------------
 
-def machine_info(world: int) -> dict:
-    return dict(common_machine_info(world), loadavg_end=list(os.getloadavg()))
-
-
-def report(a, world, flags, stage, src_params, grown_params, new_cfg, ckpt_bytes, g) -> dict:
-    info = machine_info(world)
-    names = list(g[0]["parts"])
-    part_names = []
-    for n in names:  # nested parts ("  of which: ...") right after the pre-growth save
-        if not n.startswith("  "):
-            part_names.append(n)
-            if n == "pre-growth save":
-                part_names += [m for m in names if m.startswith("  ")]
+def report(a, world, request, src_params, grown_params, new_cfg, ckpt_bytes, g) -> dict:
+    info = dict(common_machine_info(world), loadavg_end=list(os.getloadavg()))
     ranks = []
     for r in g:
-        m, st = r["mem"], r["grown_state"]
-        peak_growth = max(m["growth_peak_rss_sampled"], m.get("rss_after_grow_sharded_state", 0))
-        gss = r["grow_sharded_state"]
+        m, st, gs = r["mem"], r["grown_state"], r["grow_stats"]
         ranks.append({
             "rank": r["rank"], "grow_total_s": r["grow_total_s"], "save_s": r["save_s"], "load_s": r["load_s"],
-            "parts": r["parts"],
-            "bytes_read": gss.get("bytes_read", 0), "gss_seconds": gss.get("seconds", 0.0),
-            "read_MBps": gss.get("bytes_read", 0) / MB / max(gss.get("seconds", 1e-9), 1e-9),
-            "state_bytes": st["state"], "params_bytes": st["params"], "moments_bytes": st["moments"],
-            "grad_buffer_bytes": st["grad_buffer"], "local_params": st["num_params_local"],
-            "baseline_rss": m["baseline_rss"], "source_peak_rss": m["source_peak_rss"],
-            "after_source_rss": m["after_source_rss"],
-            "growth_peak_rss": peak_growth, "after_growth_rss": m["after_growth_rss"],
-            "maxrss_after_growth": m["maxrss_after_growth"], "saveload_peak_rss": m["saveload_peak_rss_sampled"],
-            "maxrss_end": m["maxrss_end"],
-            "growth_peak_over_baseline_vs_state": (peak_growth - m["baseline_rss"]) / st["state"],
-            "growth_peak_raw_vs_state": peak_growth / st["state"],
-            "maxrss_over_baseline_vs_state": (m["maxrss_after_growth"] - m["baseline_rss"]) / st["state"],
-            "steady_over_baseline_vs_state": (m["after_growth_rss"] - m["baseline_rss"]) / st["state"],
-            "saveload_peak_over_baseline_vs_state": (m["saveload_peak_rss_sampled"] - m["baseline_rss"]) / st["state"],
+            "parts": r["parts"], "state_bytes": st["state"], "grad_buffer_bytes": st["grad_buffer"],
+            "local_params": st["num_params_local"], "baseline_rss": m["baseline_rss"],
+            "growth_peak_rss": m["growth_peak_rss"],
+            "peak_over_baseline_vs_state": (m["growth_peak_rss"] - m["baseline_rss"]) / st["state"],
+            "peak_without_evals_over_baseline_vs_state":
+                (m["growth_peak_rss_without_evals"] - m["baseline_rss"]) / st["state"],
+            "before_growth_over_baseline_vs_state": (m["after_source_rss"] - m["baseline_rss"]) / st["state"],
+            "bytes_moved": gs.get("bytes_moved", 0), "bytes_local": gs.get("bytes_local", 0),
+            "bytes_sent": gs.get("bytes_sent", 0), "target_bytes": gs.get("target_bytes", 0),
+            "moved_vs_target": gs.get("bytes_moved", 0) / max(gs.get("target_bytes", 1), 1),
+            "moved_and_local_vs_target": (gs.get("bytes_moved", 0) + gs.get("bytes_local", 0))
+                                         / max(gs.get("target_bytes", 1), 1),
         })
     slow = {k: max(r[k] for r in ranks) for k in ("grow_total_s", "save_s", "load_s")}
-    parts_max = {p: max(r["parts"].get(p, 0.0) for r in ranks) for p in part_names}
-    # memory in each part, over the baseline, worst rank (MiB)
-    parts_mem = {}
-    for p_ in part_names:
-        peaks = [x["part_mem"].get(p_, {}).get("peak_rss", 0) - x["mem"]["baseline_rss"] for x in g
-                 if x["part_mem"].get(p_, {}).get("peak_rss")]
-        afters = [x["part_mem"].get(p_, {}).get("rss_after", 0) - x["mem"]["baseline_rss"] for x in g
-                  if x["part_mem"].get(p_, {}).get("rss_after")]
-        parts_mem[p_] = {"peak_over_baseline_MiB": max(peaks) / MB if peaks else None,
-                         "after_over_baseline_MiB": max(afters) / MB if afters else None}
-    before_growth = max(x["mem"]["after_source_rss"] - x["mem"]["baseline_rss"] for x in g) / MB
-    evals = parts_max.get("eval before+after", 0.0)
+    parts = {p: max(r["parts"].get(p, 0.0) for r in ranks) for p in g[0]["parts"]}
+    evals = parts.get("eval before+after (loss check)", 0.0)
     saveload = slow["save_s"] + slow["load_s"]
-    setup = sum(v for k, v in parts_max.items() if k.startswith("  of which: first-save setup"))
-    total_read = sum(r["bytes_read"] for r in ranks)
-    source_state_total = sum(x["source_state"]["state"] for x in g)
-    gss_max = max(r["gss_seconds"] for r in ranks)
-    cmd = ("OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore torchrun --nproc-per-node "
-           f"{world} benchmarks/growth_cost.py " + " ".join(sys.argv[1:]))
     lay = g[0]["layout_after"] or {}
     result = {
-        "command": cmd, "machine": info, "source_flags": flags, "stage": stage, "sample_ms": a.sample_ms,
+        "command": ("OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore torchrun --nproc-per-node "
+                    f"{world} benchmarks/growth_cost.py " + " ".join(sys.argv[1:])),
+        "machine": info, "request": {k: v for k, v in vars(request).items() if v is not None},
         "source": {"params": src_params, "num_layers": a.num_layers, "hidden_size": a.hidden_size,
-                   "tp": a.tp, "pp": a.pp, "step_s": min(g[0]["source_step_s"]) if g[0]["source_step_s"] else None},
+                   "tp": a.tp, "pp": a.pp, "distributed_optimizer": not a.no_distributed_optimizer},
         "grown": {"params": grown_params, "num_layers": new_cfg.model.num_layers,
-                  "hidden_size": new_cfg.model.hidden_size, "num_attention_heads": new_cfg.model.num_attention_heads,
-                  "padded_vocab_size": new_cfg.model.padded_vocab_size, "layout": lay},
-        "slowest_rank": slow, "parts_slowest_rank": parts_max, "parts_memory": parts_mem,
-        "rss_before_growth_over_baseline_MiB": before_growth,
+                  "hidden_size": new_cfg.model.hidden_size, "layout": lay},
+        "slowest_rank": slow, "parts_slowest_rank": parts, "saveload_s": saveload,
         "growth_vs_saveload": slow["grow_total_s"] / saveload,
         "growth_without_evals_vs_saveload": (slow["grow_total_s"] - evals) / saveload,
-        "first_save_setup_s": setup,
-        "growth_without_evals_and_first_save_setup_vs_saveload": (slow["grow_total_s"] - evals - setup) / saveload,
-        "grow_sharded_state_vs_saveload": parts_max.get("grow_sharded_state", 0.0) / saveload,
-        "bytes_read_total": total_read, "source_state_bytes_total": source_state_total, "read_MBps_aggregate": total_read / MB / max(gss_max, 1e-9),
         "grown_checkpoint_bytes": ckpt_bytes, "per_rank": ranks,
+        "worst_peak_over_baseline_vs_state": max(r["peak_over_baseline_vs_state"] for r in ranks),
+        "worst_peak_without_evals_over_baseline_vs_state":
+            max(r["peak_without_evals_over_baseline_vs_state"] for r in ranks),
+        "worst_moved_vs_target": max(r["moved_vs_target"] for r in ranks),
+        "worst_moved_and_local_vs_target": max(r["moved_and_local_vs_target"] for r in ranks),
         "eval_loss_before": g[0]["loss_before"], "eval_loss_after": g[0]["loss_after"],
     }
     p = print
@@ -504,153 +403,113 @@ def report(a, world, flags, stage, src_params, grown_params, new_cfg, ckpt_bytes
       f"{new_cfg.model.num_layers}x{new_cfg.model.hidden_size} ({grown_params / 1e6:.1f}M), "
       f"TP{a.tp} PP{a.pp} -> TP{lay.get('tp')} PP{lay.get('pp')} DP{lay.get('dp')}, {world} ranks", flush=True)
     p(f"  eval loss before {result['eval_loss_before']:.6f} after {result['eval_loss_after']:.6f}")
-    p(f"  growth parts (slowest rank, s; RSS over baseline, worst rank, MiB: peak in the part / after it); "
-      f"RSS over baseline before the growth {before_growth:.0f} MiB:")
-    for k, v in parts_max.items():
-        pm = parts_mem[k]
-        pk = f"{pm['peak_over_baseline_MiB']:7.0f}" if pm["peak_over_baseline_MiB"] is not None else "      -"
-        af = f"{pm['after_over_baseline_MiB']:7.0f}" if pm["after_over_baseline_MiB"] is not None else "      -"
-        p(f"    {k:62s} {v:8.2f}  {pk} / {af}")
-    p(f"  growth total (StageRunner.grow) {slow['grow_total_s']:.2f} s; without the two evals "
-      f"{slow['grow_total_s'] - evals:.2f} s")
-    p(f"  save {slow['save_s']:.2f} s + load {slow['load_s']:.2f} s = {saveload:.2f} s "
+    for k, v in parts.items():
+        p(f"    {k:55s} {v:8.2f} s")
+    p(f"  growth {slow['grow_total_s']:.2f} s (without the loss check {slow['grow_total_s'] - evals:.2f} s); "
+      f"save {slow['save_s']:.2f} s + load {slow['load_s']:.2f} s = {saveload:.2f} s "
       f"(grown checkpoint {ckpt_bytes / MB:.0f} MiB)")
-    p(f"  ratio growth / (save+load) = {result['growth_vs_saveload']:.2f} (without evals "
-      f"{result['growth_without_evals_vs_saveload']:.2f}; without evals and the first-save setup "
-      f"{result['growth_without_evals_and_first_save_setup_vs_saveload']:.2f}; grow_sharded_state alone "
-      f"{result['grow_sharded_state_vs_saveload']:.2f})  goal <= 1")
-    p(f"  bytes read by the growth: {total_read / MB:.0f} MiB over all ranks "
-      f"({total_read / source_state_total:.1f}x the source's params + moments, {source_state_total / MB:.0f} MiB), "
-      f"{result['read_MBps_aggregate']:.0f} MiB/s aggregate")
-    p("  per rank: state = local params + Adam moments; peaks are RSS; ratios are to the state")
-    p("  rank  state MiB  grad-buf  baseline  growth-peak  (-base)/state  raw/state  maxrss(-base)/state  "
-      "steady(-base)/state  read MiB  MiB/s")
+    p(f"  growth / (save+load) = {result['growth_vs_saveload']:.2f}, without the loss check "
+      f"{result['growth_without_evals_vs_saveload']:.2f}  (goal <= 0.5)")
+    p("  rank  state MiB  grad-buf  (peak-base)/state  w/o evals  moved MiB  local MiB  target MiB  moved/target")
     for r in ranks:
         p(f"  {r['rank']:4d}  {r['state_bytes'] / MB:9.0f}  {r['grad_buffer_bytes'] / MB:8.0f}  "
-          f"{r['baseline_rss'] / MB:8.0f}  {r['growth_peak_rss'] / MB:11.0f}  "
-          f"{r['growth_peak_over_baseline_vs_state']:13.2f}  {r['growth_peak_raw_vs_state']:9.2f}  "
-          f"{r['maxrss_over_baseline_vs_state']:19.2f}  {r['steady_over_baseline_vs_state']:19.2f}  "
-          f"{r['bytes_read'] / MB:8.0f}  {r['read_MBps']:5.0f}")
+          f"{r['peak_over_baseline_vs_state']:17.2f}  {r['peak_without_evals_over_baseline_vs_state']:9.2f}  "
+          f"{r['bytes_moved'] / MB:9.1f}  {r['bytes_local'] / MB:9.1f}  {r['target_bytes'] / MB:10.0f}  "
+          f"{r['moved_vs_target']:12.3f}")
     p(f"  load average at the end {info['loadavg_end']}", flush=True)
     return result
 
 
 # ---- docs -----------------------------------------------------------------------------------------
 
-def write_docs(path: str, r: dict) -> None:
+def _size_rows(results: list) -> str:
+    rows = []
+    for r in results:
+        s, gr, sl = r["source"], r["grown"], r["slowest_rank"]
+        lay = gr["layout"]
+        rows.append(
+            f"| {s['params'] / 1e6:.0f}M ({s['num_layers']}x{s['hidden_size']}, TP{s['tp']} PP{s['pp']}) -> "
+            f"{gr['params'] / 1e6:.0f}M ({gr['num_layers']}x{gr['hidden_size']}, TP{lay.get('tp')} PP{lay.get('pp')} "
+            f"DP{lay.get('dp')}) | {sl['grow_total_s']:.2f} ({sl['grow_total_s'] - r['parts_slowest_rank'].get('eval before+after (loss check)', 0):.2f}) "
+            f"| {sl['save_s']:.2f} + {sl['load_s']:.2f} | **{r['growth_vs_saveload']:.2f}** "
+            f"({r['growth_without_evals_vs_saveload']:.2f}) | **{r['worst_peak_over_baseline_vs_state']:.2f}** "
+            f"({r['worst_peak_without_evals_over_baseline_vs_state']:.2f}) | {r['worst_moved_vs_target']:.3f} "
+            f"({r['worst_moved_and_local_vs_target']:.3f}) | {r['eval_loss_before']:.6f} / {r['eval_loss_after']:.6f} |")
+    return "\n".join(rows)
+
+
+def _detail(r: dict) -> str:
     mi, s, gr = r["machine"], r["source"], r["grown"]
-    lay = gr["layout"]
-    def mib(x):
-        return "-" if x is None else f"{x:.0f}"
-
-    parts = "\n".join(f"| {k.strip()} | {v:.2f} | {mib(r['parts_memory'][k]['peak_over_baseline_MiB'])} | "
-                      f"{mib(r['parts_memory'][k]['after_over_baseline_MiB'])} |"
-                      for k, v in r["parts_slowest_rank"].items())
-    rows = "\n".join(
+    parts = "\n".join(f"| {k} | {v:.2f} |" for k, v in r["parts_slowest_rank"].items())
+    ranks = "\n".join(
         f"| {x['rank']} | {x['local_params'] / 1e6:.1f}M | {x['state_bytes'] / MB:.0f} | {x['grad_buffer_bytes'] / MB:.0f} | "
-        f"{x['baseline_rss'] / MB:.0f} | {x['growth_peak_rss'] / MB:.0f} | {x['growth_peak_over_baseline_vs_state']:.2f} | "
-        f"{x['growth_peak_raw_vs_state']:.2f} | {x['maxrss_over_baseline_vs_state']:.2f} | "
-        f"{x['steady_over_baseline_vs_state']:.2f} | {x['bytes_read'] / MB:.0f} | {x['read_MBps']:.0f} |"
+        f"{x['before_growth_over_baseline_vs_state']:.2f} | {x['peak_over_baseline_vs_state']:.2f} | "
+        f"{x['peak_without_evals_over_baseline_vs_state']:.2f} | {x['bytes_moved'] / MB:.1f} | "
+        f"{x['bytes_local'] / MB:.1f} | {x['target_bytes'] / MB:.0f} | {x['moved_vs_target']:.3f} |"
         for x in r["per_rank"])
-    sl = r["slowest_rank"]
-    worst = max(x["growth_peak_over_baseline_vs_state"] for x in r["per_rank"])
-    worst_raw = max(x["growth_peak_raw_vs_state"] for x in r["per_rank"])
-    body = f"""\
-In-run growth (`StageRunner.grow`, the code path of a configured growth stage) of a model with
-{gr['params'] / 1e6:.0f}M parameters after growth, on {mi['ranks']} CPU ranks, against one `save_checkpoint` +
-`load_checkpoint` of the grown state in the same run. Goals: growth costs no more than one save +
-load; peak memory per rank within 1.5x of that rank's grown state (local parameters + Adam moments).
-
-Command:
+    return f"""\
+### {s['params'] / 1e6:.0f}M -> {gr['params'] / 1e6:.0f}M
 
 ```
 {r['command']}
 ```
 
-Source: {s.get('num_layers')} layers x {s.get('hidden_size')} ({s['params'] / 1e6:.1f}M parameters), TP{s['tp']} PP{s['pp']},
-mock data (padded vocab {gr['padded_vocab_size']}), trained {r['stage']['at_iteration']} step(s) first so the Adam moments
-are real. Growth: depth x{r['stage']['depth_factor']:g} ({r['stage']['depth_init']}) + width x{r['stage']['width_factor']}
--> {gr['num_layers']} layers x {gr['hidden_size']}, {gr['num_attention_heads']} heads ({gr['params'] / 1e6:.1f}M parameters),
-TP{lay.get('tp')} PP{lay.get('pp')} DP{lay.get('dp')}. Eval loss just before / after the growth (same batches):
-{r['eval_loss_before']:.6f} / {r['eval_loss_after']:.6f}.
+Measured {mi['date']} on {mi['ranks']} ranks, {mi['cpu_cores_usable']} usable core(s) ({mi['cpu_model']}), load average at
+the end {', '.join(f'{x:.1f}' for x in mi['loadavg_end'])} (the machine was shared with other jobs: times are upper
+bounds). Grown checkpoint on disk: {r['grown_checkpoint_bytes'] / MB:.0f} MiB.
 
-Machine: {mi['ranks']} ranks on {mi['cpu_cores_usable']} usable CPU core(s) ({mi['cpu_model']}),
-{(mi['mem_total'] or 0) / (1 << 30):.0f} GiB RAM, OMP_NUM_THREADS={mi['omp_num_threads']}, torch {mi['torch']},
-megatron-core {mi['megatron_core']}, Python {mi['python']}, {mi['date']}; load average at the end
-{', '.join(f'{x:.2f}' for x in mi['loadavg_end'])}.
-
-**Time** (seconds, slowest rank per row) and memory in each part (RSS minus the baseline, worst
-rank, MiB: the peak sampled inside the part, and the level right after it; before the growth:
-{r['rss_before_growth_over_baseline_MiB']:.0f} MiB):
-
-| part of the growth | s | peak RSS - baseline | RSS after - baseline |
-|---|---|---|---|
+| part of the growth (slowest rank) | s |
+|---|---|
 {parts}
-| **growth total** (`StageRunner.grow`) | **{sl['grow_total_s']:.2f}** | | |
-| one `save_checkpoint` of the grown state | {sl['save_s']:.2f} | | |
-| one `load_checkpoint` of the grown state | {sl['load_s']:.2f} | | |
+| **growth total** (`Trainer.grow`) | **{r['slowest_rank']['grow_total_s']:.2f}** |
+| one `save_checkpoint` + one `load_checkpoint` of the grown state | {r['slowest_rank']['save_s']:.2f} + {r['slowest_rank']['load_s']:.2f} |
 
-- growth / (save + load) = **{r['growth_vs_saveload']:.2f}** (goal <= 1); without the two evaluations
-  (the before/after loss check, not growth work): {r['growth_without_evals_vs_saveload']:.2f}; without the
-  evaluations and the one-time setup of the first torch_dist save in the process
-  ({r['first_save_setup_s']:.2f} s, see below): {r['growth_without_evals_and_first_save_setup_vs_saveload']:.2f};
-  `grow_sharded_state` alone: {r['grow_sharded_state_vs_saveload']:.2f}.
-- Bytes read by the growth (`grow_sharded_state`'s `bytes_read`): {r['bytes_read_total'] / MB:.0f} MiB over all ranks
-  ({r['bytes_read_total'] / r['source_state_bytes_total']:.1f}x the source's parameters + moments, {r['source_state_bytes_total'] / MB:.0f} MiB summed over the ranks),
-  {r['read_MBps_aggregate']:.0f} MiB/s aggregate (per rank below). The grown checkpoint is
-  {r['grown_checkpoint_bytes'] / MB:.0f} MiB on disk.
+| rank | local params | state MiB | grad buffer MiB | (RSS before growth - baseline) / state | (growth peak - baseline) / state | same, without the loss check | moved MiB | local MiB | target shard MiB | moved / target |
+|---|---|---|---|---|---|---|---|---|---|---|
+{ranks}
+"""
 
-**Memory** per rank (MiB; "state" = local parameters + Adam moments, the quantity the 1.5x goal
-refers to; the DDP grad buffer is listed apart; "baseline" = RSS after imports and
-`init_distributed`, before anything was built; growth peak = highest RSS sampled every
-{r.get('sample_ms', 5):g} ms during `StageRunner.grow`; maxrss = `ru_maxrss`, the process's lifetime peak up to the end
-of the growth):
 
-| rank | local params | state | grad buffer | baseline | growth peak | (peak - baseline) / state | peak / state | (maxrss - baseline) / state | (RSS after growth - baseline) / state | read MiB | MiB/s |
-|---|---|---|---|---|---|---|---|---|---|---|---|
-{rows}
+def write_docs(path: str, results: list, merge: bool = False) -> None:
+    """One row per model size; ``merge`` keeps the sizes already in the docs' JSON sidecar."""
+    sidecar = os.path.join(os.path.dirname(path), "benchmarks_growth_cost.json")
+    if merge and os.path.exists(sidecar):
+        old = json.load(open(sidecar))
+        mine = {r["grown"]["params"] for r in results}
+        results = [r for r in old if r["grown"]["params"] not in mine] + results
+    results = sorted(results, key=lambda r: r["grown"]["params"])
+    with open(sidecar, "w") as fh:
+        json.dump(results, fh, indent=1)
+    body = f"""\
+In-run growth (`Trainer.grow`: the code path of a configured growth stage) from the job's live
+shards, against one `save_checkpoint` + `load_checkpoint` of the grown state in the same run, at
+two model sizes, gpt2 depth x2 (identity) + width x2 on 4 CPU ranks (gloo). Goals (issue 8): growth
+<= 0.5x one save + load; peak RSS above the baseline <= 1.5x the rank's grown state (local
+parameters + Adam moments, fp32); bytes each rank moves about its target shard's share.
 
-Worst rank: (peak - baseline) / state = {worst:.2f}, raw peak / state = {worst_raw:.2f} (goal <= 1.5).
+How it works (`growth/engine.py`, `growth/sources.py`): each rank plans, from its *target*
+shards' global offsets, the source boxes it needs (`operators.width_pieces`: block-diagonal
+matrices read one source box per diagonal block, the off-diagonal blocks are new zeros), and the
+live source (the model's and distributed optimizer's ShardedTensors, captured before the source
+is freed) moves exactly those boxes between ranks, one send per (sender, receiver) pair per layer
+slot, or copies them locally where the rank holds them already. Offline `megatron-staged grow`
+reads the same boxes from a checkpoint through the same engine.
 
-How to read the memory figures: raw RSS includes the Python interpreter, torch, megatron-core and
-the gloo process groups (the baseline), which do not scale with the model, so the goal is judged
-on peak minus baseline. Even that is more than the grown state by construction: the trained model
-also holds the DDP grad buffer (4 bytes per parameter, i.e. a third of params + moments in fp32),
-activations of the before/after evaluation, the source slices read for one layer at a time and their
-grown copies, and glibc keeps freed heap pages (the source model's, the checkpoint reader's) mapped,
-so RSS does not fall back when Python frees tensors. The "RSS after growth" column is the resident
-level once the growth has finished.
+Columns: growth seconds (without the before/after eval loss check); save + load seconds; their
+ratio (without the loss check); worst rank's (growth peak RSS - baseline) / grown state (without
+the loss check's activations); worst rank's bytes received from other ranks / its target shard's
+bytes (in parentheses: received + copied locally); eval loss just before / after the growth.
+"Baseline" = RSS after imports and `init_distributed`, before anything was built; the peak is
+the highest RSS sampled every 5 ms during `Trainer.grow`. The grown state excludes the DDP grad
+buffer (4 bytes per parameter, a third of the state), which the trained model holds too.
 
-**Where the time and the memory go** (from the code, and from a profile of rank 0 in a separate
-run of this benchmark):
+| source -> grown | growth s | save + load s | growth / (save + load) | peak - baseline / state | moved / target | eval loss before / after |
+|---|---|---|---|---|---|---|
+{_size_rows(results)}
 
-- *First-save setup* (one-time per process): megatron-core's torch_dist writer
-  (`dist_checkpointing/strategies/filesystem_async.py`, `_get_write_results_queue`) starts a
-  multiprocessing `Manager` with the *spawn* method, a fresh interpreter, and the first `put()` of
-  write results makes that server unpickle them, i.e. import torch. The pre-growth save pays it
-  when it is the first save of the process (an earlier `--save-interval` save would have paid it).
-- *Build target model*: `growth/apply.py` builds the target with `build_model_chunks(new_cfg,
-  initialize=True)`, so `init_global_weights` draws a random value for every target tensor,
-  although `grow_sharded_state` then overwrites every tensor that has a source (all of them here:
-  no fresh layers, `depth_init` not random).
-- *Build target optimizer*: megatron's `get_megatron_optimizer` (parameter groups) and
-  `init_optimizer_state` zero-filling the Adam moments (their storage is needed anyway).
-- *grow_sharded_state* (`growth/engine.py`): one collective `dist_checkpointing.load` per slot
-  (the non-layer tensors, then each local target layer), each with its own global planning
-  (all-gather / reduce-scatter of plans and metadata); every TP rank reads the *whole* source layer
-  and computes the whole grown global tensor, of which it keeps 1/TP; with depth x2 interleave
-  target layers 2i and 2i+1 both come from source layer i on the same stage, but `loaded` and
-  `cache` are dropped after every slot, so each source layer is read and grown twice, hence the
-  read volume above; and `growth/operators.py` `grow_width` multiplies the (4x larger) grown tensor
-  by the moment scale, also by 1.0 for parameters, an extra full pass and allocation per tensor.
-- *Memory*: the peak is inside `grow_sharded_state` (table above): on top of the target's
-  parameters, grad buffer and moments, one slot holds the source slices of the layer and the grown
-  *full-width global* tensor of every key and state kind of the layer (`cache`, kept until the slot
-  ends) plus the intermediates of `grow_width`; then the freed heap stays mapped.
-
-**Noise.** Measured on a shared, busy machine ({mi['ranks']} ranks on {mi['cpu_cores_usable']} cores while other jobs
-were running): the times are upper bounds of what a quiet machine gives, and the memory figures are
-not affected. The lead will re-run this on a quiet machine.
+""" + "\n".join(_detail(r) for r in results) + f"""
+Every figure above is measured, from the JSON the runs wrote (`docs/benchmarks_growth_cost.json`);
+`benchmarks/growth_cost.py --from-json` rewrites this section from it.
 """
     replace_section(path, HEADING, body)
 

@@ -182,19 +182,81 @@ def staged_run(tmp_path_factory, corpus):
     return root
 
 
-def test_inrun_growth_equals_offline(staged_run, corpus):
-    """The in-run grown state (saved right after growth) == offline grow of the pre-growth checkpoint."""
-    pre = staged_run / "ckpt" / "stage_0_pre_growth"
-    off = staged_run / "offline"
-    torchrun(["grow", "--load", str(pre), "--save", str(off), "--depth-factor", "2", "--width-factor", "2",
-              "--target-tensor-model-parallel-size", "1", "--rewarmup-iters", "2"], nproc=1)
-    # right after growing, the run saved its grown state as iteration 3 (replacing the pre-growth save)
-    offline = read_checkpoint_tensors(str(off / "iter_0000003"))
-    grown_at_3 = read_checkpoint_tensors(str(staged_run / "ckpt" / "iter_0000003"))
-    keys = [k for k in offline if k.startswith(("embedding", "decoder", "output_layer", "optimizer.state"))]
-    assert len(keys) > 20 and any("exp_avg_sq" in k for k in keys)
-    for k in keys:
-        torch.testing.assert_close(grown_at_3[k], offline[k], rtol=0, atol=0, msg=k)
+# Live (in-run) growth with a layout change, then the same growth of the same state offline, in one
+# 4-process job: (family, source TP, source PP, stage).
+LIVE_CASES = [
+    ("gpt2", 2, 2, {"depth_factor": 2, "width_factor": 2, "target_tensor_model_parallel_size": 1,
+                    "target_pipeline_model_parallel_size": 4}),                       # TP2 PP2 -> TP1 PP4
+    ("llama", 2, 2, {"depth_factor": 2, "width_factor": 2, "target_tensor_model_parallel_size": 1}),  # -> TP1 PP2 DP2
+    ("llama", 1, 2, {"depth_factor": 2, "width_factor": 2, "target_tensor_model_parallel_size": 2}),  # DP2 -> TP2 PP2
+]
+
+
+@pytest.fixture(scope="session")
+def live_and_offline(tmp_path_factory, sources, corpus):
+    root = tmp_path_factory.mktemp("live")
+    cases = []
+    for n, (family, tp, pp, stage) in enumerate(LIVE_CASES):
+        name = f"{family}_tp{tp}pp{pp}_{n}"
+        cases.append({"name": name, "source": sources[family], "tp": tp, "pp": pp, "stage": stage, "data": corpus,
+                      "family": family, "out": str(root / name / "live"), "offline_out": str(root / name / "offline")})
+    (root / "cases.json").write_text(json.dumps(cases))
+    torchrun([str(root / "cases.json"), str(root / "results.jsonl")], nproc=4,
+             script=str(ROOT / "tests/workers/growth_worker.py"), timeout=900)
+    return {r["name"]: dict(next(c for c in cases if c["name"] == r["name"]), **r)
+            for r in read_records(root / "results.jsonl")}
+
+
+def test_live_growth_equals_offline_growth(live_and_offline):
+    """In-run growth from the live shards == offline growth of the same state from its checkpoint,
+    bit for bit (weights, fp32 masters, moments), with TP/PP/DP all changing."""
+    assert len(live_and_offline) == len(LIVE_CASES)
+    for name, r in live_and_offline.items():
+        assert abs(r["after"] - r["before"]) <= TOL, f"{name}: {r['before']} -> {r['after']}"
+        assert (r["from"]["tp"], r["from"]["pp"]) != (r["to"]["tp"], r["to"]["pp"]), name
+        live = read_checkpoint_tensors(os.path.join(r["out"], "iter_0000003"))
+        offline = read_checkpoint_tensors(os.path.join(r["offline_out"], "iter_0000003"))
+        keys = [k for k in offline if k.startswith(("embedding", "decoder", "output_layer", "optimizer.state"))]
+        assert len(keys) > 20 and any("exp_avg_sq" in k for k in keys) and set(keys) <= set(live)
+        for k in keys:
+            torch.testing.assert_close(live[k], offline[k], rtol=0, atol=0, msg=f"{name}: {k}")
+
+
+def _whole_source_layers_bytes(source: str, pp_rank: int, target_pp: int, new_layers: int) -> int:
+    """Bytes a rank would read if it read whole source layers (fp32 master and both moments) for
+    its target layers, plus every non-layer tensor: what the first engine read."""
+    meta = read_checkpoint_tensors(os.path.join(source, "iter_0000003"))
+    per = new_layers // target_pp
+    src_layers = {j // 2 for j in range(pp_rank * per, (pp_rank + 1) * per)}  # interleave x2
+    total = 0
+    for k, t in meta.items():
+        if not k.startswith(("optimizer.state.param.", "optimizer.state.exp_avg.", "optimizer.state.exp_avg_sq.")):
+            continue
+        if ".decoder.layers." in k:
+            total += len(src_layers) * t[0].numel() * t.element_size()
+        else:
+            total += t.numel() * t.element_size()
+    return total
+
+
+def test_each_rank_moves_only_its_target_shards_share(live_and_offline):
+    """Each rank receives (live) or reads (checkpoint) the source boxes its own target shards need:
+    both sources deliver the same bytes, well under the rank's target shard, and where the target
+    splits layers over TP ranks, about half of what reading whole source layers takes."""
+    for name, r in live_and_offline.items():
+        live = {s["rank"]: s for s in r["live_stats"]}
+        offline = {s["rank"]: s for s in r["offline_stats"]}
+        assert sorted(live) == sorted(offline) == [0, 1, 2, 3]
+        for rank, s in live.items():
+            got = s["bytes_moved"] + s["bytes_local"]
+            assert got == offline[rank]["bytes_moved"], f"{name} rank {rank}: live {got} != checkpoint"
+            assert 0 < got <= s["target_bytes"] / 2, f"{name} rank {rank}: {got} B for a {s['target_bytes']} B shard"
+            if r["to"]["tp"] == 2:
+                whole = _whole_source_layers_bytes(r["source"], s["pp_rank"], r["to"]["pp"], r["to"]["num_layers"])
+                assert got <= 0.6 * whole, f"{name} rank {rank}: {got} B, whole source layers {whole} B"
+        moved = sum(s["bytes_moved"] for s in live.values())
+        sent = sum(s["bytes_sent"] for s in live.values())
+        assert moved == sent > 0, f"{name}: received {moved} B, sent {sent} B"
 
 
 def test_training_continues_after_growth_and_units_diverge(staged_run):

@@ -5,6 +5,11 @@ layer: the leading layer axis is removed). ``kind`` says which training-state te
 ``param`` (model weight or the optimizer's fp32 copy), ``exp_avg`` (Adam m) or ``exp_avg_sq``
 (Adam v). Shapes use h = hidden, G = query groups, q = heads per group, d = head size, f = FFN.
 
+Width x2 is written as index maps (``width_rule``, ``width_pieces``, ``grow_region``): along each
+axis, runs of target indices read runs of source indices of copy 0 or 1, so a rank growing one
+shard (a rectangular region of the grown tensor) reads only the source boxes it needs; the whole
+tensor (``grow_width``) is the region that covers it all.
+
 Width x2 (Shen et al. 2022), exact: matrices become block-diagonal ``[[W,0],[0,W]]`` per fused
 chunk (each query group's [q.., k, v] rows; SwiGLU's gate and up halves separately), vectors and
 embeddings are duplicated ``[b, b]``; heads H..2H-1 (groups G..2G-1) read the second copy of the
