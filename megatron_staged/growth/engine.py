@@ -92,14 +92,149 @@ def _target_region(st) -> tuple:
     return tuple((o, o + s) for o, s in zip(st.global_offset[n:], st.local_shape))
 
 
+# ---- the target side: which regions of which tensors this rank writes ----------------------------
+
 @dataclass
-class ShardPlan:
-    """How one target shard is filled: ``action`` is ``grow`` (from ``source_key`` of source
+class TargetPart:
+    """A rectangular region of one target tensor (of one layer) that this rank writes.
+
+    ``key``: the checkpoint key naming the tensor and the state kind (model key: the weight;
+    ``optimizer.state.<kind>.<model key>``: the fp32 master or a moment). ``dest`` receives the
+    region's values: a tensor shaped like the region, or a flat one receiving ``flat`` = (start,
+    stop) of the region's row-major elements (a distributed optimizer's shard of a parameter).
+    ``model_init``: for the optimizer's fp32 master, the model weight's values there (a fresh layer
+    keeps the target model's own init).
+    """
+    key: str
+    layer: int
+    region: tuple
+    where: str
+    dest: torch.Tensor
+    flat: Optional[tuple] = None
+    model_init: Optional[Callable[[], torch.Tensor]] = None
+
+    def write(self, values: torch.Tensor) -> None:
+        if self.flat is not None:
+            values = values.reshape(-1)[self.flat[0]:self.flat[1]]
+        self.dest.copy_(values.reshape(self.dest.shape))
+
+
+def model_parts(model_chunks) -> tuple:
+    """One part per model ShardedTensor (the shard is the parameter, or a view of it)."""
+    from megatron_staged.checkpoint.manager import model_sharded_state_dict
+    from megatron_staged.model.builder import iter_sharded_tensors
+
+    sts = [st for v in model_sharded_state_dict(model_chunks).values() for st in iter_sharded_tensors(v)]
+    return sts, [TargetPart(st.key, _layer_of(st), _target_region(st), "model", st.data) for st in sts]
+
+
+def _param_of(st, params: list):
+    """The model parameter whose memory ShardedTensor ``st`` views, and the view's flat offset."""
+    ptr = st.data.data_ptr()
+    for p in params:
+        start = p.data_ptr()
+        if start <= ptr < start + p.numel() * p.element_size():
+            return p, (ptr - start) // p.element_size()
+    return None, 0  # not a parameter: no optimizer state
+
+
+def distributed_optimizer_parts(optimizer, model_chunks, sts: list) -> list:
+    """Parts written straight into a distributed optimizer's own shards: for each parameter, the
+    contiguous range of its flattened local tensor that this data-parallel rank owns, as the rows
+    of the model shard that range spans (so a rank reads only about 1/DP of the moments)."""
+    from collections import ChainMap
+
+    params = [p for c in model_chunks for p in c.parameters()]
+    views = {}
+    for st in sts:
+        p, off = _param_of(st, params)
+        if p is not None:
+            views.setdefault(id(p), []).append((st, off))
+    parts = []
+    for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        for gbuf_range_maps in opt.gbuf_ranges:
+            for per_bucket in gbuf_range_maps.values():
+                for p, ranges in ChainMap(*(b["param_map"] for b in per_bucket)).items():
+                    owned = ranges["param"]
+                    states = opt._get_main_param_and_optimizer_states(p)
+                    for st, off in views.get(id(p), []):
+                        parts += _owned_rows(st, off, owned.start, owned.end, p, states)
+    return parts
+
+
+def _owned_rows(st, off: int, start: int, end: int, param, states: dict) -> list:
+    """Parts for the owned flat range [start, end) of ``param`` inside its view ``st`` at ``off``."""
+    a, b = max(start, off), min(end, off + st.data.numel())
+    if a >= b:
+        return []
+    row = 1
+    for n in st.local_shape[1:]:
+        row *= n
+    r0, r1 = (a - off) // row, -(-(b - off) // row)
+    region = _target_region(st)
+    rows = ((region[0][0] + r0, region[0][0] + r1),) + region[1:]
+    flat = (a - off - r0 * row, b - off - r0 * row)
+    parts = []
+    for kind in ("param", "exp_avg", "exp_avg_sq"):
+        if kind not in states:
+            continue
+        dest = states[kind].view(-1)[a - start:b - start]
+        if kind == "param" and _shares_memory(dest, param):
+            continue  # an fp32 model: the master shard is the model weight, written as the model part
+        parts.append(TargetPart(f"{OPT_PREFIX}{kind}.{st.key}", _layer_of(st), rows, "optim", dest, flat,
+                                lambda p=param, a=a, b=b: p.detach().view(-1)[a:b]))
+    return parts
+
+
+def _shares_memory(view: torch.Tensor, param) -> bool:
+    start = param.data_ptr()
+    return start <= view.data_ptr() < start + param.numel() * param.element_size()
+
+
+def model_space_optimizer_parts(optimizer, model_chunks, model_sts: list) -> tuple:
+    """Parts for an optimizer that is not distributed: its model-space ShardedTensors, loaded into
+    the optimizer afterwards (:func:`load_grown_optimizer`)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess
+
+    from megatron_staged.checkpoint.manager import model_sharded_state_dict, sharding_metadata
+
+    merged = {}
+    for v in model_sharded_state_dict(model_chunks).values():
+        merged.update(v)
+    raw = optimizer.sharded_state_dict(merged, is_loading=True, metadata=sharding_metadata())
+    opt = load_preprocess(raw)  # (sharded dict, non-persistent part, factories)
+    by_region = {(st.key, tuple(st.global_offset)): st for st in model_sts}
+    parts = []
+    for st in (v for v in nested_values(opt[0]) if isinstance(v, ShardedTensor)):
+        model = by_region.get((split_state_key(st.key)[1], tuple(st.global_offset)))
+        parts.append(TargetPart(st.key, _layer_of(st), _target_region(st), "optim", st.data,
+                                model_init=None if model is None else (lambda m=model: m.data)))
+    return parts, opt
+
+
+def load_grown_optimizer(optimizer, opt) -> None:
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, merge
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factory_merges
+
+    from megatron_staged.checkpoint.manager import load_optimizer_state
+
+    opt_sd, nonpersistent, factories = opt
+    loaded = dict_list_map_inplace(lambda x: x.data if isinstance(x, ShardedTensor) else x, opt_sd)
+    merge(loaded, nonpersistent)
+    load_optimizer_state(optimizer, apply_factory_merges(loaded, factories), 0)
+
+
+# ---- planning and filling --------------------------------------------------------------------------
+
+@dataclass
+class PartPlan:
+    """How one target part is filled: ``action`` is ``grow`` (from ``source_key`` of source
     ``src_layer``), ``zero`` (an identity layer's residual output, or a fresh layer's moment),
     ``keep`` (a fresh layer's weight keeps the target's init) or ``model`` (the optimizer's fp32
     copy of a fresh weight: the model's init)."""
-    shard: object
-    where: str
+    part: TargetPart
     kind: str
     model_key: str
     action: str
@@ -117,45 +252,48 @@ class ShardPlan:
         return [(self.source_key, self.source_box(p.source)) for p in self.pieces if p.source is not None]
 
 
-def plan_shard(st, where: str, layer: int, spec: GrowthSpec, old_model_cfg, shapes: dict) -> ShardPlan:
-    """What target shard ``st`` (of target layer ``layer``, -1 outside the stack) is made of."""
-    kind, mkey = split_state_key(st.key)
+def _fresh(part: TargetPart, kind: str, mkey: str) -> PartPlan:
+    action = "keep" if part.where == "model" else ("model" if kind == "param" else "zero")
+    return PartPlan(part, kind, mkey, action)
+
+
+def plan_part(part: TargetPart, global_shape: tuple, spec: GrowthSpec, old_model_cfg, shapes: dict) -> PartPlan:
+    """What target part ``part`` (of target layer ``part.layer``, -1 outside the stack) is made of."""
+    kind, mkey = split_state_key(part.key)
     src_layer = None
-    if layer >= 0:
-        src_layer = spec.depth_map[layer]
-        new = spec.new_layer[layer]
+    if part.layer >= 0:
+        src_layer = spec.depth_map[part.layer]
+        new = spec.new_layer[part.layer]
         if src_layer is None or (new and spec.depth_init == "random"):
-            fresh = "keep" if where == "model" else ("model" if kind == "param" else "zero")
-            return ShardPlan(st, where, kind, mkey, fresh)
+            return _fresh(part, kind, mkey)
         if new and spec.depth_init == "identity" and is_residual_output(mkey):
-            return ShardPlan(st, where, kind, mkey, "zero")
+            return PartPlan(part, kind, mkey, "zero")
     ckey = _source_key(kind, mkey, shapes)
     if ckey is None:  # not in the source: as a fresh layer's tensor
-        fresh = "keep" if where == "model" else ("model" if kind == "param" else "zero")
-        return ShardPlan(st, where, kind, mkey, fresh)
+        return _fresh(part, kind, mkey)
     source_shape = tuple(shapes[ckey][1:] if src_layer is not None else shapes[ckey])
     rule = None
     if spec.width_factor == 2:
         m = old_model_cfg
         rule = width_rule(mkey, kind, len(source_shape), swiglu=bool(m.swiglu),
                           tied=not m.untie_embeddings_and_output_weights, alpha=spec.width_split)
-    expect = tuple(st.global_shape[st.prepend_axis_num:])
-    if grown_shape(rule, source_shape) != expect:
-        raise RuntimeError(f"growth gives {grown_shape(rule, source_shape)} for {st.key}, target expects {expect}")
-    pieces = tuple(width_pieces(rule, source_shape, _target_region(st)))
-    return ShardPlan(st, where, kind, mkey, "grow", ckey, src_layer, rule, source_shape, pieces)
+    if grown_shape(rule, source_shape) != tuple(global_shape):
+        raise RuntimeError(f"growth gives {grown_shape(rule, source_shape)} for {part.key}, "
+                           f"target expects {tuple(global_shape)}")
+    pieces = tuple(width_pieces(rule, source_shape, part.region))
+    return PartPlan(part, kind, mkey, "grow", ckey, src_layer, rule, source_shape, pieces)
 
 
-def fill_shard(plan: ShardPlan, fetched: dict, spec: GrowthSpec, model_by_region: dict) -> None:
-    """Write one target shard from its plan and the fetched source boxes."""
-    st = plan.shard
+def fill_part(plan: PartPlan, fetched: dict, spec: GrowthSpec) -> None:
+    """Write one target part from its plan and the fetched source boxes."""
+    part = plan.part
     if plan.action == "keep":
         return
     if plan.action == "zero":
-        st.data.zero_()
+        part.dest.zero_()
         return
     if plan.action == "model":
-        st.data.copy_(model_by_region[(plan.model_key, tuple(st.global_offset))].data.reshape(st.data.shape))
+        part.dest.copy_(part.model_init().reshape(part.dest.shape))
         return
 
     def read(box):
@@ -163,45 +301,30 @@ def fill_shard(plan: ShardPlan, fetched: dict, spec: GrowthSpec, model_by_region
         return t if plan.src_layer is None else t[0]
 
     # noise (if any) is seeded by the source layer: every copy of a layer gets the same
-    values = grow_region(plan.model_key, plan.kind, plan.rule, plan.source_shape, _target_region(st), read,
-                         noise_std=spec.width_noise, seed=spec.seed,
-                         layer=-1 if plan.src_layer is None else plan.src_layer)
-    st.data.copy_(values.reshape(st.data.shape).to(st.data.dtype))
+    part.write(grow_region(plan.model_key, plan.kind, plan.rule, plan.source_shape, part.region, read,
+                           noise_std=spec.width_noise, seed=spec.seed,
+                           layer=-1 if plan.src_layer is None else plan.src_layer, device=part.dest.device))
 
 
-def target_shards(model_chunks, optimizer) -> tuple:
-    """This rank's target ShardedTensors (model, then optimizer) and what loading them needs."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-    from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess
+def target_parts(model_chunks, optimizer) -> tuple:
+    """This rank's target parts (model, then optimizer), their tensors' global shapes by key, and
+    what loading a non-distributed optimizer needs afterwards (None otherwise)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    from megatron_staged.checkpoint.manager import model_sharded_state_dict, sharding_metadata
-    from megatron_staged.model.builder import iter_sharded_tensors
-
-    model_sd = model_sharded_state_dict(model_chunks)
-    model_sts = [st for v in model_sd.values() for st in iter_sharded_tensors(v)]
-    merged = {}
-    for v in model_sd.values():
-        merged.update(v)
+    sts, parts = model_parts(model_chunks)
+    shapes = {st.key: tuple(st.global_shape[st.prepend_axis_num:]) for st in sts}
     opt = None
-    opt_sts = []
     if optimizer is not None:
-        raw = optimizer.sharded_state_dict(merged, is_loading=True, metadata=sharding_metadata())
-        opt = load_preprocess(raw)  # (sharded dict, non-persistent part, factories)
-        opt_sts = [v for v in nested_values(opt[0]) if isinstance(v, ShardedTensor)]
-    return [(st, "model") for st in model_sts] + [(st, "optim") for st in opt_sts], opt
-
-
-def load_grown_optimizer(optimizer, opt) -> None:
-    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, merge
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factory_merges
-
-    from megatron_staged.checkpoint.manager import load_optimizer_state
-
-    opt_sd, nonpersistent, factories = opt
-    loaded = dict_list_map_inplace(lambda x: x.data if isinstance(x, ShardedTensor) else x, opt_sd)
-    merge(loaded, nonpersistent)
-    load_optimizer_state(optimizer, apply_factory_merges(loaded, factories), 0)
+        inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+        if all(isinstance(o, DistributedOptimizer) for o in inner):
+            parts += distributed_optimizer_parts(optimizer, model_chunks, sts)
+        else:
+            opt_parts, opt = model_space_optimizer_parts(optimizer, model_chunks, sts)
+            parts += opt_parts
+    for part in parts:
+        if part.where == "optim":
+            shapes.setdefault(part.key, shapes[split_state_key(part.key)[1]])
+    return parts, shapes, opt
 
 
 @torch.no_grad()
@@ -218,14 +341,13 @@ def grow_sharded_state(source, spec: GrowthSpec, old_model_cfg, model_chunks, op
     t0 = time.time()
     if isinstance(source, str):
         source = CheckpointSource(source)
-    targets, opt = target_shards(model_chunks, optimizer)
-    model_by_region = {(st.key, tuple(st.global_offset)): st for st, where in targets if where == "model"}
+    parts, target_shapes, opt = target_parts(model_chunks, optimizer)
 
     per_stage = spec.new_num_layers // ps.get_pipeline_model_parallel_world_size()
     first_layer = ps.get_pipeline_model_parallel_rank() * per_stage
     slots = [-1] + [first_layer + i for i in range(per_stage)]
-    plans = [[plan_shard(st, where, layer, spec, old_model_cfg, source.shapes)
-              for st, where in targets if _layer_of(st) == layer] for layer in slots]
+    plans = [[plan_part(p, target_shapes[p.key], spec, old_model_cfg, source.shapes)
+              for p in parts if p.layer == layer] for layer in slots]
     needed = [list(dict.fromkeys(r for p in slot for r in p.requests())) for slot in plans]
     # interleaved copies read the same source layer in consecutive slots: keep it, fetch it once
     fresh = [[r for r in needed[i] if i == 0 or r not in set(needed[i - 1])] for i in range(len(needed))]
@@ -236,12 +358,12 @@ def grow_sharded_state(source, spec: GrowthSpec, old_model_cfg, model_chunks, op
         fetched = {r: kept[r] for r in needed[i] if r in kept}
         fetched.update(source.fetch(i))
         for plan in slot_plans:
-            fill_shard(plan, fetched, spec, model_by_region)
+            fill_part(plan, fetched, spec)
         kept = fetched
     del kept, fetched
     source.close()
-    if optimizer is not None:
+    if opt is not None:
         load_grown_optimizer(optimizer, opt)
-    target_bytes = sum(st.data.numel() * st.data.element_size() for st, _ in targets)
+    target_bytes = sum(p.dest.numel() * p.dest.element_size() for p in parts)
     return dict(source.stats, seconds=time.time() - t0, plan_seconds=t_plan, target_bytes=target_bytes,
                 bytes_read=source.stats["bytes_moved"])

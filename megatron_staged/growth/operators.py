@@ -190,16 +190,16 @@ def new_block_values(key: str, kind: str, shape: tuple, region: tuple, piece: Pi
 
 
 def grow_region(key: str, kind: str, rule: Optional[WidthRule], source_shape: tuple, region: tuple,
-                read, *, noise_std: float = 0.0, seed: int = 0, layer: int = -1) -> torch.Tensor:
+                read, *, noise_std: float = 0.0, seed: int = 0, layer: int = -1, device=None) -> torch.Tensor:
     """The grown tensor's values on ``region`` (fp32). ``read(box)`` returns the source box."""
-    out = torch.zeros(tuple(b - a for a, b in region), dtype=torch.float32)
+    out = torch.zeros(tuple(b - a for a, b in region), dtype=torch.float32, device=device)
     shape = grown_shape(rule, source_shape)
     for p in width_pieces(rule, source_shape, region):
         dst = out[tuple(slice(a, b) for a, b in p.target)]
         if p.source is None:
             v = new_block_values(key, kind, shape, region, p, noise_std=noise_std, seed=seed, layer=layer)
             if v is not None:
-                dst.copy_(v)
+                dst.copy_(v)  # drawn on the CPU: the same numbers on any device
             continue
         src = read(p.source).float()
         dst.copy_(src * p.scale if p.scale != 1.0 else src)

@@ -152,6 +152,8 @@ class LiveSource:
             self.holdings[st.key].setdefault(layer_of(st.key, box), {})[box] = st.data.detach().reshape(box_shape(box))
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
+        # where the buffers live: the shards' device (NCCL moves device tensors, gloo CPU ones)
+        self.device = next((st.data.device for st in shards), torch.device("cpu"))
         everyone = [None] * self.world
         dist.all_gather_object(everyone, {"holds": self.held(), "shapes": self.shapes})
         self.holders: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))  # key -> layer -> box -> ranks
@@ -214,8 +216,8 @@ class LiveSource:
 
     def fetch(self, slot: int) -> dict:
         """This slot's boxes for this rank; every rank calls it for every slot (collective)."""
-        out = {(key, box): torch.empty(box_shape(box), dtype=torch.float32) for key, box in self.wants[slot]} \
-            if slot < len(self.wants) else {}
+        out = {(key, box): torch.empty(box_shape(box), dtype=torch.float32, device=self.device)
+               for key, box in self.wants[slot]} if slot < len(self.wants) else {}
         ops, inbox, keep = [], [], []
         for receiver, items in sorted(self.sends.get(slot, {}).items()):
             buf = torch.cat([self._held(key, hbox)[relative(inter, hbox)].reshape(-1).float()
@@ -224,7 +226,7 @@ class LiveSource:
             ops.append(dist.P2POp(dist.isend, buf, receiver))
             self.stats["bytes_sent"] += buf.numel() * buf.element_size()
         for sender, items in sorted(self.recvs.get(slot, {}).items()):
-            buf = torch.empty(sum(box_numel(inter) for _, _, inter in items), dtype=torch.float32)
+            buf = torch.empty(sum(box_numel(inter) for _, _, inter in items), dtype=torch.float32, device=self.device)
             inbox.append((buf, items))
             ops.append(dist.P2POp(dist.irecv, buf, sender))
         for key, box, hbox, inter in self.locals.get(slot, []):

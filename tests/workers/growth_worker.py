@@ -48,8 +48,8 @@ def main():
         result = {"name": case["name"], "before": entry["eval_loss_before"], "after": entry["eval_loss_after"],
                   "to": entry["to"], "from": entry["from"]}
         if case.get("offline_out"):
-            result["offline_stats"] = grow_offline(case, trainer)
             result["live_stats"] = gather_rank_stats(live_stats[-1])
+            result["offline_stats"] = grow_offline(case, trainer, entry["to"])
         results.append(result)
         del trainer
     if dist.get_rank() == 0:
@@ -70,8 +70,9 @@ def gather_rank_stats(stats: dict) -> list:
     return everyone
 
 
-def grow_offline(case: dict, trainer) -> list:
-    """Grow the case's source checkpoint offline to ``offline_out``, as ``megatron-staged grow`` does."""
+def grow_offline(case: dict, trainer, to: dict) -> list:
+    """Grow the case's source checkpoint offline to ``offline_out``, as ``megatron-staged grow`` does,
+    to the same target layout ``to`` as the in-run growth."""
     from megatron_staged.checkpoint.manager import load_common, resolve_checkpoint_dir, save_checkpoint
     from megatron_staged.config import Config
     from megatron_staged.growth.apply import grow_from_checkpoint
@@ -81,7 +82,9 @@ def grow_offline(case: dict, trainer) -> list:
     src_dir, _ = resolve_checkpoint_dir(case["source"])
     common = load_common(src_dir)
     old_cfg = Config.from_dict(common["args"])
-    spec = make_spec(old_cfg, GrowthRequest(**case["stage"]))
+    request = GrowthRequest(**dict(case["stage"], target_tensor_model_parallel_size=to["tp"],
+                                   target_pipeline_model_parallel_size=to["pp"]))
+    spec = make_spec(old_cfg, request)
     new_cfg = target_config(old_cfg, spec, dist.get_world_size())
     trainer.components = None  # one grown model at a time
     comps, state, stats = grow_from_checkpoint(src_dir, spec, old_cfg, common, new_cfg)
