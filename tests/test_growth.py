@@ -256,7 +256,11 @@ def test_each_rank_moves_only_its_target_shards_share(live_and_offline):
                 assert got <= 0.6 * whole, f"{name} rank {rank}: {got} B, whole source layers {whole} B"
         moved = sum(s["bytes_moved"] for s in live.values())
         sent = sum(s["bytes_sent"] for s in live.values())
-        assert moved == sent > 0, f"{name}: received {moved} B, sent {sent} B"
+        assert moved == sent, f"{name}: received {moved} B, sent {sent} B"
+        # a rank that holds what its target shard needs copies it locally (TP1 DP2 -> TP2 DP1 holds it
+        # all); a layout whose target shards lie on other ranks moves data
+        if (r["from"]["tp"], r["from"]["pp"]) == (2, 2) and r["to"]["pp"] == 4:
+            assert moved > 0, f"{name}: nothing moved between ranks"
 
 
 def test_training_continues_after_growth_and_units_diverge(staged_run):

@@ -336,7 +336,7 @@ def grow_sharded_state(source, spec: GrowthSpec, old_model_cfg, model_chunks, op
     """
     from megatron.core import parallel_state as ps
 
-    from megatron_staged.growth.sources import CheckpointSource
+    from megatron_staged.growth.sources import CheckpointSource, return_freed_memory
 
     t0 = time.time()
     if isinstance(source, str):
@@ -360,6 +360,7 @@ def grow_sharded_state(source, spec: GrowthSpec, old_model_cfg, model_chunks, op
         for plan in slot_plans:
             fill_part(plan, fetched, spec)
         kept = fetched
+        return_freed_memory()  # this slot's temporaries
     del kept, fetched
     source.close()
     if opt is not None:

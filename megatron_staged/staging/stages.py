@@ -178,7 +178,7 @@ class StageRunner:
         import gc
 
         from megatron_staged.growth.apply import grow
-        from megatron_staged.growth.sources import LiveSource
+        from megatron_staged.growth.sources import LiveSource, return_freed_memory
 
         old_cfg = old.cfg
         spec = make_spec(old_cfg, request, stage_index)
@@ -187,6 +187,7 @@ class StageRunner:
         source = LiveSource(old.model, old.optimizer)  # under the source layout: captures what growth reads
         old.model = old.optimizer = old.scheduler = None  # the source keeps only the tensors growth reads
         gc.collect()
+        return_freed_memory()
         grown, new_state, stats = grow(source, spec, old_cfg, common, new_cfg)
         return grown, new_state, stats
 
