@@ -336,3 +336,42 @@ def test_depth_maps():
     assert spec.effective_rho() == pytest.approx(1.4)
     spec = make_spec(cfg, GrowthRequest(depth_factor=2, width_factor=2))
     assert spec.effective_rho() == pytest.approx(1.4 * 1.8)
+
+
+def test_a_region_of_a_grown_tensor_is_the_slice_of_the_whole_and_reads_its_rows_only():
+    """Growing any rectangular region (a target shard) gives exactly that slice of the whole grown
+    tensor, and reads only source boxes that region needs (no process launched)."""
+    import random
+
+    from megatron_staged.growth.operators import grow_region, grow_width, grown_shape, width_pieces, width_rule
+
+    rng = random.Random(0)
+    torch.manual_seed(0)
+    cases = [("decoder.layers.self_attention.linear_qkv.weight", (24, 8)), ("decoder.layers.mlp.linear_fc1.weight", (32, 8)),
+             ("decoder.layers.mlp.linear_fc2.weight", (8, 16)), ("decoder.layers.mlp.linear_fc1.bias", (32,)),
+             ("embedding.word_embeddings.weight", (20, 8)), ("output_layer.weight", (20, 8)),
+             ("decoder.final_layernorm.weight", (8,))]
+    for key, shape in cases:
+        for kind in ("param", "exp_avg", "exp_avg_sq"):
+            for swiglu, tied in ((False, True), (True, False)):
+                t = torch.randn(shape)
+                whole = grow_width(key, kind, t, groups=2, swiglu=swiglu, tied=tied, alpha=0.6)
+                rule = width_rule(key, kind, t.dim(), swiglu=swiglu, tied=tied, alpha=0.6)
+                assert grown_shape(rule, shape) == tuple(whole.shape)
+                for _ in range(4):
+                    region = []
+                    for n in whole.shape:
+                        lo = rng.randrange(n)
+                        region.append((lo, rng.randrange(lo + 1, n + 1)))
+                    got = grow_region(key, kind, rule, shape, tuple(region),
+                                      lambda box: t[tuple(slice(a, b) for a, b in box)])
+                    torch.testing.assert_close(got, whole[tuple(slice(a, b) for a, b in region)], rtol=0, atol=0)
+    # a shard holding rows 0..h-1 of a doubled fc2 [2h, 2f]: reads the source once (the diagonal
+    # block); its other block is new (zero)
+    rule = width_rule("decoder.layers.mlp.linear_fc2.weight", "param", 2, swiglu=False, tied=True, alpha=0.6)
+    pieces = width_pieces(rule, (8, 16), ((0, 8), (0, 32)))
+    read = [p.source for p in pieces if p.source is not None]
+    assert read == [((0, 8), (0, 16))] and sum(p.source is None for p in pieces) == 1
+    # a shard holding rows 0..h/2-1 reads half the source rows
+    read = [p.source for p in width_pieces(rule, (8, 16), ((0, 4), (0, 32))) if p.source is not None]
+    assert read == [((0, 4), (0, 16))]
