@@ -3,7 +3,9 @@
 Properties: loss preserved by identity-depth, width and depth+width growth for both families at
 source layouts TP{1,2} x PP{1,2} x DP{1,2} (also when the growth changes the layout); the grown
 state equals the single-process reference operator on the gathered model whatever the layouts;
-offline and in-run growth give identical tensors; moments follow the rules; training continues and
+in-run growth from the live shards and offline growth from the checkpoint give identical tensors
+with TP, PP and DP all changing, and each rank reads or receives only its target shards' source
+boxes; any region of a grown tensor is the slice of the whole; moments follow the rules; training continues and
 its loss falls; duplicated width units diverge; bad requests fail before anything is written.
 """
 from __future__ import annotations
