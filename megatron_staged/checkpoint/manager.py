@@ -150,6 +150,55 @@ def load_error(ckpt_dir: str, e: BaseException) -> UserError:
                      f"{msg[0] if msg else ''} (does the model config match the checkpoint's?)")
 
 
+def _inside(child: str, parent: str) -> bool:
+    child, parent = os.path.realpath(child), os.path.realpath(parent)
+    return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def describe_contents(path: str) -> str:
+    """'holds a checkpoint (iteration 5 of gpt2 4x64)' or 'is not empty (3 entries, e.g. notes.txt)'."""
+    if is_checkpoint_root(path) or list_iterations(path):
+        it = read_tracker(path) if is_checkpoint_root(path) else list_iterations(path)[-1]
+        model = ""
+        try:
+            from megatron_staged.checkpoint.global_tensors import read_common
+
+            m = (read_common(iter_dir(path, it)).get("args") or {}).get("model") or {}
+            model = f" of a {m.get('model_family')} model, {m.get('num_layers')} layers x hidden {m.get('hidden_size')}"
+        except UserError:
+            pass
+        return f"already holds a checkpoint (iteration {it}{model})"
+    names = sorted(os.listdir(path))
+    return f"is not empty ({len(names)} entr{'y' if len(names) == 1 else 'ies'}, e.g. {names[0]})"
+
+
+def check_output_dir(path: str, flag: str, *, sources: tuple = (), overwrite: bool = False) -> None:
+    """Refuse (one line) to write into a source checkpoint, a file, or a non-empty directory without --overwrite.
+
+    ``sources`` are the iteration directories being read: writing into them or into their save root
+    would destroy the input, so that is refused even with --overwrite.
+    """
+    for src in sources:  # iteration directories being read; their --save root is theirs too
+        if src and (_inside(path, src) or os.path.realpath(path) == os.path.realpath(os.path.dirname(os.path.abspath(src)))):
+            raise UserError(f"{flag} {path} would write into the source checkpoint {src}; the source is kept: "
+                            f"give a new directory")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a file; give a directory")
+    if os.path.isdir(path) and os.listdir(path) and not overwrite:
+        raise UserError(f"{flag} {path} {describe_contents(path)}; choose an empty or new directory, or pass "
+                        f"--overwrite to replace it")
+
+
+def clear_checkpoint_root(root: str) -> None:
+    """For --overwrite: remove the tracker and iteration directories of the checkpoint at ``root`` (rank 0)."""
+    if not is_rank0() or not os.path.isdir(root):
+        return
+    for name in os.listdir(root):
+        p = os.path.join(root, name)
+        if name == TRACKER or (name.startswith("iter_") and os.path.isdir(p)):
+            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+
+
 def load_common(ckpt_dir: str) -> dict:
     """The non-sharded part (``common.pt``): args, iteration, train_state, scheduler, layout.
 
@@ -281,12 +330,18 @@ def load_optimizer_state(optimizer, sd: dict, step: int) -> None:
 # ---- save / load ------------------------------------------------------------------------------
 
 def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, scheduler, train_state: dict,
-                    args: dict, *, save_optimizer: bool = True) -> str:
-    """Save atomically to ``root/iter_XXXXXXX``; returns that path."""
+                    args: dict, *, save_optimizer: bool = True, replace_existing: bool = False) -> str:
+    """Save atomically to ``root/iter_XXXXXXX``; returns that path.
+
+    ``replace_existing`` (the tools' --overwrite) first removes any other checkpoint under ``root``,
+    so that one tracker never covers two runs' iterations.
+    """
     from megatron.core import dist_checkpointing
 
     final = iter_dir(root, iteration)
     tmp = final + ".tmp"
+    if replace_existing:
+        clear_checkpoint_root(root)
     if is_rank0():
         os.makedirs(root, exist_ok=True)
         if os.path.exists(tmp):

@@ -12,11 +12,11 @@ import json
 import math
 import os
 
-from megatron_staged.errors import UserError
+from megatron_staged.errors import ArgumentParser, UserError
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="megatron-staged inspect", description="Describe a checkpoint.")
+    p = ArgumentParser(prog="megatron-staged inspect", description="Describe a checkpoint.")
     p.add_argument("checkpoint", help="a --save directory (its latest iteration) or one iter_XXXXXXX directory")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-tensors", action="store_true", help="leave out the tensor list")
