@@ -285,7 +285,9 @@ def load_yaml(path: str) -> dict:
     except OSError as e:
         raise UserError(f"--config: cannot read {path}: {e.strerror}")
     except yaml.YAMLError as e:
-        raise UserError(f"--config: {path} is not valid YAML: {e}")
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise UserError(f"--config: {path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}")
     require(isinstance(d, dict), f"--config: {path} must hold a mapping of config keys")
     return d
 

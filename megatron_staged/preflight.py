@@ -33,10 +33,25 @@ def preflight(cfg: Config, command: str = "train") -> None:
 
     check_data_flags(cfg.data)
     common = _check_load(cfg, command)
+    _check_layout(cfg, common)
     if command == "train":
         _check_save(cfg, common)
         if common is not None:
             _check_schedule(cfg, common)
+
+
+def _check_layout(cfg: Config, common) -> None:
+    """``config.validate`` on a copy, with the model a --load would adopt and torchrun's world size."""
+    from megatron_staged.config import validate
+
+    trial = cfg.copy()
+    explicit = getattr(cfg, "_explicit", set())
+    saved = ((common or {}).get("args") or {}).get("model") or {}
+    grown = bool(((common or {}).get("train_state") or {}).get("stage_history"))
+    for name, value in saved.items():
+        if hasattr(trial.model, name) and (name not in explicit or grown):
+            setattr(trial.model, name, value)
+    validate(trial, int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def _describe_model(m: dict) -> str:

@@ -91,7 +91,7 @@ def read_manifest(ckpt_dir: str):
 
 def problems(ckpt_dir: str, checksums: bool = False) -> list[str]:
     """What is wrong with ``ckpt_dir`` (empty if nothing): one sentence per problem, naming the file."""
-    from megatron_staged.checkpoint.safe_load import load_dcp_metadata
+    from megatron_staged.checkpoint.safe_load import UnsafeCheckpoint, load_dcp_metadata
 
     found = []
     if not os.path.isdir(ckpt_dir):
@@ -119,6 +119,8 @@ def problems(ckpt_dir: str, checksums: bool = False) -> list[str]:
         return found  # the metadata check below would only repeat these
     try:
         md = load_dcp_metadata(ckpt_dir)
+    except UnsafeCheckpoint:
+        raise  # not damage: a refusal, reported as such
     except UserError as e:
         return [str(e)]
     need: dict[str, int] = {}

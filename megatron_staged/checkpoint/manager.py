@@ -137,11 +137,12 @@ def load_error(ckpt_dir: str, e: BaseException) -> UserError:
     """A one-line UserError for a failed megatron/DCP load: damage, an unsafe pickle, or a mismatch."""
     from megatron_staged.checkpoint.integrity import problems
 
+    from megatron_staged.checkpoint.safe_load import refusal, unsafe_global
+
     text = f"{e}\n{getattr(e, '__cause__', '') or ''}"
-    if "Weights only load failed" in text or "Unsupported global" in text or "not checkpoint metadata" in text:
-        culprit = next((l.strip() for l in text.splitlines() if "Unsupported global" in l), "")
-        return UserError(f"refusing to load {ckpt_dir}: an object in it is not plain checkpoint data ({culprit}); "
-                         f"it may run code if unpickled - only load checkpoints you trust with other tools")
+    name = unsafe_global(text)
+    if name:
+        return refusal(f"an object in {ckpt_dir}", name)
     found = problems(ckpt_dir, checksums=True)
     if found:
         return UserError(f"damaged checkpoint: {found[0]}")

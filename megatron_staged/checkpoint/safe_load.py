@@ -71,12 +71,22 @@ class _RestrictedPickleModule:
         return _DataOnlyUnpickler(fh).load()
 
 
-def _refusal(path: str, e: BaseException) -> UserError:
-    detail = str(e).strip().splitlines()
-    # torch's weights_only message is many lines; its useful part names the global
-    hit = next((l.strip() for l in detail if "Unsupported global" in l or "names" in l), detail[0] if detail else "")
-    return UserError(f"refusing to read {path}: it is not plain checkpoint data ({hit}); it may run code if "
-                     f"unpickled - only load checkpoints you trust with other tools")
+class UnsafeCheckpoint(UserError):
+    """A checkpoint file names code to run when unpickled; it is refused, never executed."""
+
+
+def unsafe_global(text: str):
+    """The global a refused pickle names ('posix.system'), from torch's or our unpickler's message; else None."""
+    import re
+
+    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text) or re.search(r"it names ([\w.]+), which", text)
+    return m.group(1) if m else None
+
+
+def refusal(path: str, name: str) -> UnsafeCheckpoint:
+    return UnsafeCheckpoint(f"refusing to read {path}: it is not plain checkpoint data (it names {name}, which "
+                            f"unpickling would call); checkpoints are read as data only - do not load it with "
+                            f"other tools unless you trust its source")
 
 
 def load_torch_file(path: str) -> Any:
@@ -84,7 +94,10 @@ def load_torch_file(path: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise _refusal(path, e) from None
+        name = unsafe_global(str(e))
+        if name:
+            raise refusal(path, name) from None
+        raise UserError(f"{path} is damaged: cannot read it (not a torch.save file)") from None
     except Exception as e:  # noqa: BLE001 - a truncated/garbled file is bad input too
         msg = str(e).strip().splitlines()
         raise UserError(f"{path} is damaged: cannot read it ({type(e).__name__}: {msg[0] if msg else ''})") from None
@@ -101,7 +114,10 @@ def load_dcp_metadata(ckpt_dir: str):
         with open(path, "rb") as fh:
             md = _DataOnlyUnpickler(fh).load()
     except pickle.UnpicklingError as e:
-        raise _refusal(path, e) from None
+        name = unsafe_global(str(e))
+        if name:
+            raise refusal(path, name) from None
+        raise UserError(f"{path} is damaged: cannot read it ({e})") from None
     except Exception as e:  # noqa: BLE001 - truncated or garbled
         raise UserError(f"{path} is damaged: cannot read it ({type(e).__name__}: {e})") from None
     if not isinstance(md, Metadata):
