@@ -84,7 +84,9 @@ def main(argv=None) -> int:
         print(f"error: unknown command {name!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     from megatron_staged.checkpoint.safe_load import untrusted_checkpoint_reads
+    from megatron_staged.training.watchdog import launcher_watchdog
 
+    launcher_watchdog()  # under torchrun: stop within seconds if the launcher is killed
     try:
         with untrusted_checkpoint_reads():  # no checkpoint file may run code, whichever loader reads it
             rc = COMMANDS[name](rest)

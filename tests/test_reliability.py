@@ -1,0 +1,120 @@
+"""Reliability behaviours that need a real run: Megatron's restart conventions, damaged-checkpoint
+fallback, the resume LR-schedule rule, ``inspect --verify``, ``--overwrite``, rank-0-only errors.
+
+Each launch is one plain process on a 2-layer model with mock data (a few seconds each); the
+bad-input catalogue itself is tests/test_bad_inputs.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import TINY_MOCK, read_records, run_cli, torchrun  # noqa: E402
+
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+def _tracker(d):
+    return (d / TRACKER).read_text().strip()
+
+
+def _records(log):
+    return {r["iteration"]: r for r in read_records(log) if "loss" in r}
+
+
+def test_load_absent_starts_from_scratch_then_resumes(tmp_path):
+    """Megatron's job-script convention: --load $CKPT --save $CKPT for the first run and every requeue."""
+    ckpt = tmp_path / "ckpt"
+    args = ["train", *TINY_MOCK, "--load", str(ckpt), "--save", str(ckpt)]
+    first = run_cli([*args, "--train-iters", "2"])
+    warn = [l for l in first.stderr.splitlines() if l.startswith("warning:")]
+    assert len(warn) == 1 and "no such directory; starting from scratch" in warn[0], first.stderr[-2000:]
+    assert _tracker(ckpt) == "2"
+    log = tmp_path / "second.jsonl"
+    second = run_cli([*args, "--train-iters", "3", "--log-file", str(log), "--use-checkpoint-opt_param-scheduler"])
+    assert "warning:" not in second.stderr, second.stderr[-2000:]
+    assert sorted(_records(log)) == [3] and _tracker(ckpt) == "3"
+
+
+def test_damaged_latest_falls_back_only_when_asked(tmp_path, tiny_checkpoint):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    victim = ckpt / "iter_0000002" / "__0_0.distcp"
+    with open(victim, "r+b") as fh:
+        fh.truncate(100)
+    args = ["train", *TINY_MOCK, "--train-iters", "3", "--load", str(ckpt), "--save", str(ckpt),
+            "--use-checkpoint-opt_param-scheduler"]
+    r = run_cli(args, check=False)
+    assert r.returncode == 2
+    err = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(err) == 1 and str(victim) in err[0] and "--ckpt-fallback-to-intact" in err[0], r.stderr
+    log = tmp_path / "log.jsonl"
+    r = run_cli([*args, "--ckpt-fallback-to-intact", "--save-interval", "1", "--log-file", str(log)])
+    assert "falling back to the newest intact one" in r.stderr and "iter_0000001" in r.stderr
+    assert sorted(_records(log)) == [2, 3], "resumed after iteration 1"
+    assert _tracker(ckpt) == "3"
+    v = run_cli(["inspect", str(ckpt), "--verify"])
+    assert v.stdout.count("ok ") == 3 and "DAMAGED" not in v.stdout  # the damaged iteration 2 was saved anew
+
+
+def test_resume_schedule_follows_megatron_rule_and_says_so(tmp_path, tiny_checkpoint):
+    """Extending --train-iters on resume: the checkpoint's schedule (LR already at min-lr 0), with a note;
+    --override-opt-param-scheduler takes the flags' schedule."""
+    logs = {}
+    for mode, extra in (("checkpoint", []), ("override", ["--override-opt-param-scheduler"])):
+        ckpt = tmp_path / mode
+        shutil.copytree(tiny_checkpoint, ckpt)
+        logs[mode] = tmp_path / f"{mode}.jsonl"
+        r = run_cli(["train", *TINY_MOCK, "--train-iters", "4", "--load", str(ckpt), "--save", str(ckpt),
+                     "--log-file", str(logs[mode]), *extra])
+        warn = [l for l in r.stderr.splitlines() if l.startswith("warning:")]
+        assert len(warn) == 1, r.stderr[-2000:]
+        if mode == "checkpoint":
+            assert "the checkpoint's LR schedule (Megatron's rule" in warn[0]
+            assert "--train-iters gives 4, the checkpoint has 2" in warn[0] and "run at 0.0" in warn[0]
+        else:
+            assert "the flags' LR schedule (--override-opt-param-scheduler)" in warn[0]
+    kept, overridden = _records(logs["checkpoint"]), _records(logs["override"])
+    assert kept[3]["lr"] == 0.0 and kept[4]["lr"] == 0.0, "the checkpoint's schedule had decayed to min-lr"
+    assert overridden[3]["lr"] > 0.0, "the flags' schedule decays over 4 iterations"
+
+
+def test_inspect_verify_finds_a_flipped_byte(tmp_path, tiny_checkpoint):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    ok = run_cli(["inspect", str(ckpt), "--verify"])
+    assert ok.returncode == 0 and ok.stdout.count("sizes and CRC-32 match manifest.json") == 2, ok.stdout
+    f = ckpt / "iter_0000001" / "__0_1.distcp"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    bad = run_cli(["inspect", str(ckpt), "--verify"], check=False)
+    assert bad.returncode == 1
+    line = [l for l in bad.stdout.splitlines() if l.startswith("DAMAGED")]
+    assert len(line) == 1 and str(f) in line[0] and "CRC-32 differs" in line[0], bad.stdout
+    manifest = json.loads((ckpt / "iter_0000002" / "manifest.json").read_text())
+    assert {".metadata", "common.pt", "__0_0.distcp", "__0_1.distcp"} <= set(manifest["files"])
+
+
+def test_convert_overwrite_replaces_the_other_checkpoint(tmp_path, tiny_checkpoint):
+    """--overwrite into another run's checkpoint: its iterations are removed, one run under the tracker."""
+    other = tmp_path / "other"
+    shutil.copytree(tiny_checkpoint, other)
+    shutil.move(str(other / "iter_0000001"), str(other / "iter_0000009"))
+    (other / TRACKER).write_text("9")
+    (other / "notes.txt").write_text("kept\n")
+    run_cli(["convert", "--load", str(tiny_checkpoint / "iter_0000001"), "--save", str(other), "--overwrite"])
+    assert _tracker(other) == "1"
+    assert sorted(p.name for p in other.iterdir()) == ["iter_0000001", TRACKER, "notes.txt"]
+
+
+def test_only_rank0_prints_the_error_under_torchrun(tmp_path):
+    r = torchrun(["train", *TINY_MOCK, "--train-iters", "2", "--lr", "-1"], nproc=2, check=False, timeout=300)
+    assert r.returncode != 0
+    lines = [l for l in (r.stdout + r.stderr).splitlines() if "error: --lr -1.0 must be positive" in l]
+    assert len(lines) == 1, r.stderr[-3000:]
