@@ -84,6 +84,9 @@ class TrainingConfig:
     exit_interval: Optional[int] = _f(None, "save and stop when the iteration is a multiple of this")
     exit_duration_in_mins: Optional[float] = _f(None, "save and stop once the job has run this many minutes")
     exit_signal_handler: bool = _f(False, "on SIGTERM (what schedulers send before a kill): save and exit 0")
+    on_non_finite: str = _f("stop", "non-finite loss or gradients: stop (save the last good state, exit 2) or "
+                            "skip the step", choices=["stop", "skip"])
+    max_consecutive_skipped_iterations: int = _f(10, "with --on-non-finite skip: stop after this many in a row")
     progress_bar: str = _f("auto", "auto: on rank 0 when stdout is a terminal", choices=["auto", "on", "off"])
 
 
@@ -443,7 +446,7 @@ def check_values(cfg: Config) -> None:
                   "rotary_base", "norm_epsilon"],
         "parallel": ["tensor_model_parallel_size", "pipeline_model_parallel_size", "distributed_timeout_minutes"],
         "training": ["micro_batch_size", "global_batch_size", "train_iters", "eval_iters", "log_interval",
-                     "exit_interval", "exit_duration_in_mins"],
+                     "exit_interval", "exit_duration_in_mins", "max_consecutive_skipped_iterations"],
         "optim": ["lr", "lr_decay_iters", "lr_wsd_decay_iters", "adam_eps"],
         "checkpoint": ["save_interval"],
     }
@@ -470,16 +473,6 @@ def check_values(cfg: Config) -> None:
         require(getattr(o, name) < 1, f"{_flag(name)} {getattr(o, name)} must be below 1 (e.g. 0.9, 0.999)")
     require(o.min_lr <= o.lr, f"--min-lr {o.min_lr} exceeds --lr {o.lr}")
     parse_split(cfg.data.split)
-    t = cfg.training
-    for n, stage in enumerate(cfg.staging.stages or []):
-        if not isinstance(stage, dict) or "at_iteration" not in stage:
-            continue  # the staging runner names what is wrong with its shape
-        at = stage["at_iteration"]
-        require(isinstance(at, int) and not isinstance(at, bool) and at >= 0,
-                f"staging.stages[{n}].at_iteration {at!r} must be a non-negative integer")
-        require(at < t.train_iters,
-                f"staging.stages[{n}] at iteration {at} can never run: --train-iters is {t.train_iters}; "
-                f"raise --train-iters or grow earlier")
 
 
 def validate(cfg: Config, world_size: int) -> None:

@@ -41,7 +41,8 @@ def preflight(cfg: Config, command: str = "train") -> None:
 
 
 def _check_layout(cfg: Config, common) -> None:
-    """``config.validate`` on a copy, with the model a --load would adopt and torchrun's world size."""
+    """``config.validate`` and the growth-stage plan on a copy, with the model a --load would adopt and
+    torchrun's world size."""
     from megatron_staged.config import validate
 
     trial = cfg.copy()
@@ -51,7 +52,16 @@ def _check_layout(cfg: Config, common) -> None:
     for name, value in saved.items():
         if hasattr(trial.model, name) and (name not in explicit or grown):
             setattr(trial.model, name, value)
-    validate(trial, int(os.environ.get("WORLD_SIZE", "1")))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    validate(trial, world)
+    if trial.staging.stages:
+        from megatron_staged.staging.stages import plan_stages
+        from megatron_staged.training.state import TrainState
+
+        saved = TrainState()
+        if common is not None and not cfg.checkpoint.finetune:
+            saved = TrainState.from_dict(dict(common.get("train_state") or {}, iteration=common.get("iteration", 0)))
+        plan_stages(trial, trial.staging.stages, world, saved)
 
 
 def _describe_model(m: dict) -> str:

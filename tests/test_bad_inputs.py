@@ -123,6 +123,8 @@ def build_sandbox(root, good_ckpt):
     open(s("list.yaml"), "w").write("- 1\n- 2\n")
     open(s("unknown.yaml"), "w").write("hidden_sise: 64\n")
     open(s("late_stage.yaml"), "w").write("staging:\n  stages:\n    - {at_iteration: 50, depth_factor: 2}\n")
+    open(s("unmappable_stage.yaml"), "w").write("staging:\n  stages:\n    - {at_iteration: 1, depth_map: '0,1,5'}\n")
+    open(s("unknown_stage_key.yaml"), "w").write("staging:\n  stages:\n    - {at_iteration: 1, depth_factr: 2}\n")
     open(s("negative_stage.yaml"), "w").write("staging:\n  stages:\n    - {at_iteration: -1, depth_factor: 2}\n")
     # a user's directory (export-hf --out target), a plain file, a HF-like directory
     os.makedirs(s("user_dir"))
@@ -195,8 +197,10 @@ CASES = [
     ("config-invalid", ["train", *T, "--config", "{S}/bad.yaml"], r"--config: .*bad.yaml is not valid YAML"),
     ("config-not-mapping", ["train", *T, "--config", "{S}/list.yaml"], r"must hold a mapping of config keys"),
     ("config-unknown-key", ["train", *T, "--config", "{S}/unknown.yaml"], r"unknown config key 'hidden_sise'"),
-    ("stage-beyond-train-iters", ["train", *T, "--config", "{S}/late_stage.yaml"], r"stages\[0\] at iteration 50 can never run: --train-iters is 2"),
-    ("stage-negative", ["train", *T, "--config", "{S}/negative_stage.yaml"], r"at_iteration -1 must be a non-negative integer"),
+    ("stage-beyond-train-iters", ["train", *T, "--config", "{S}/late_stage.yaml"], r"staging.stages\[0\].at_iteration 50 is not before --train-iters 2: the stage would never run"),
+    ("stage-negative", ["train", *T, "--config", "{S}/negative_stage.yaml"], r"staging.stages\[0\].at_iteration -1 must be >= 0"),
+    ("stage-unmappable", ["train", *T, "--config", "{S}/unmappable_stage.yaml"], r"staging.stages\[0\].*refers to layer 5"),
+    ("stage-unknown-key", ["train", *T, "--config", "{S}/unknown_stage_key.yaml"], r"staging.stages\[0\].*depth_factr"),
     # data
     ("data-missing", ["train", *T, "--no-mock-data", "--data-path", "{S}/data/nope"], r"no indexed dataset at .*data/nope"),
     ("data-odd-pairs", ["train", *T, "--no-mock-data", "--data-path", "0.5", "{S}/data/ok", "0.5"], r"got an odd number of items \(3\)"),

@@ -118,3 +118,130 @@ def test_only_rank0_prints_the_error_under_torchrun(tmp_path):
     assert r.returncode != 0
     lines = [l for l in (r.stdout + r.stderr).splitlines() if "error: --lr -1.0 must be positive" in l]
     assert len(lines) == 1, r.stderr[-3000:]
+
+
+# ---- exit conditions, non-finite steps, launcher death (trainer loop) ------------------------------
+
+def _run_env(args, extra_env=None, timeout=900):
+    from conftest import _env, _run
+
+    return _run([sys.executable, "-m", "megatron_staged", *args], timeout, _env(extra_env))
+
+
+def _wait_for_iterations(log, n, proc, timeout=600):
+    import time
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if log.exists() and len(_records(log)) >= n:
+            return
+        assert proc.poll() is None, "training ended early"
+        time.sleep(0.5)
+    raise AssertionError(f"no {n} iterations logged in {timeout}s")
+
+
+def test_sigterm_with_exit_signal_handler_saves_and_exits_0(tmp_path):
+    import signal
+    import subprocess
+
+    from conftest import ROOT, _env
+
+    ckpt, log = tmp_path / "ckpt", tmp_path / "log.jsonl"
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        p = subprocess.Popen([sys.executable, "-m", "megatron_staged", "train", *TINY_MOCK, "--train-iters", "100000",
+                              "--exit-signal-handler", "--save", str(ckpt), "--log-file", str(log)],
+                             cwd=str(ROOT), env=_env(), stdout=out, stderr=err, start_new_session=True)
+        try:
+            _wait_for_iterations(log, 2, p)
+            p.send_signal(signal.SIGTERM)
+            rc = p.wait(timeout=300)
+        finally:
+            if p.poll() is None:
+                p.kill()
+    stdout = (tmp_path / "out").read_text()
+    assert rc == 0, (tmp_path / "err").read_text()[-3000:]
+    assert "received SIGTERM (--exit-signal-handler); saving a checkpoint" in stdout
+    last = max(_records(log))
+    assert _tracker(ckpt) == str(last) and (ckpt / f"iter_{last:07d}" / "manifest.json").exists()
+
+
+def test_exit_duration_in_mins_saves_and_exits_0(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    r = _run_env(["train", *TINY_MOCK, "--train-iters", "100000", "--exit-duration-in-mins", "0.0001",
+                  "--save", str(ckpt)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "exiting at iteration 1: ran" in r.stdout and "--exit-duration-in-mins 0.0001" in r.stdout
+    assert _tracker(ckpt) == "1"
+
+
+def test_non_finite_step_stops_with_last_good_state(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    r = _run_env(["train", *TINY_MOCK, "--train-iters", "5", "--save", str(ckpt)], {"MEGATRON_STAGED_FAULT": "nan:3"})
+    assert r.returncode == 2, r.stderr[-3000:]
+    lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "stopping: non-finite gradients at iteration 3; saved the last good state " \
+                                "(iteration 2)" in lines[0], r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    assert _tracker(ckpt) == "2"
+
+
+def test_non_finite_step_skipped_changes_nothing(tmp_path):
+    """--on-non-finite skip: the poisoned step leaves weights, moments and the LR schedule as they were."""
+    from megatron_staged.checkpoint.global_tensors import read_common, read_global_tensors
+
+    ckpt, log = tmp_path / "ckpt", tmp_path / "log.jsonl"
+    r = _run_env(["train", *TINY_MOCK, "--train-iters", "4", "--save", str(ckpt), "--save-interval", "1",
+                  "--on-non-finite", "skip", "--log-file", str(log)], {"MEGATRON_STAGED_FAULT": "nan:3"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "non-finite gradients at iteration 3; step skipped" in r.stdout
+    recs = _records(log)
+    assert sorted(recs) == [1, 2, 3, 4]
+    before, after = read_global_tensors(str(ckpt / "iter_0000002")), read_global_tensors(str(ckpt / "iter_0000003"))
+    assert sorted(before) == sorted(after)
+    changed = [k for k in before if not bool((before[k] == after[k]).all())]
+    assert not changed, f"the skipped step changed {changed}"
+    s2, s3 = (read_common(str(ckpt / f"iter_000000{i}"))["opt_param_scheduler"]["num_steps"] for i in (2, 3))
+    assert s2 == s3, "the LR schedule did not advance on the skipped step"
+    later = read_global_tensors(str(ckpt / "iter_0000004"))
+    assert any(not bool((after[k] == later[k]).all()) for k in after), "training continued after the skip"
+
+
+def test_workers_stop_when_the_launcher_is_killed(tmp_path):
+    """torchrun SIGKILLed: its workers (in sessions of their own) stop within seconds and write nothing more."""
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    from conftest import ROOT, _env, free_port
+
+    ckpt, log = tmp_path / "ckpt", tmp_path / "log.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "megatron_staged", "train", *TINY_MOCK, "--train-iters", "100000", "--save", str(ckpt),
+           "--save-interval", "2", "--log-file", str(log)]
+    workers = []
+    with open(tmp_path / "out", "w") as out:
+        p = subprocess.Popen(cmd, cwd=str(ROOT), env=_env(), stdout=out, stderr=out, start_new_session=True)
+        try:
+            _wait_for_iterations(log, 3, p)
+            workers = [c for c in psutil.Process(p.pid).children(recursive=True)
+                       if "megatron_staged" in " ".join(c.cmdline())]
+            assert len(workers) >= 2
+            os.kill(p.pid, signal.SIGKILL)  # the launcher only, as `kill -9 <torchrun>` does
+            t0 = time.time()
+            gone, alive = psutil.wait_procs(workers, timeout=30)
+            stopped_after = time.time() - t0
+            assert not alive, f"workers still running {stopped_after:.0f}s after the launcher died"
+            assert stopped_after < 15
+            snap = {q: q.stat().st_mtime_ns for q in ckpt.rglob("*")}
+            time.sleep(3)
+            assert {q: q.stat().st_mtime_ns for q in ckpt.rglob("*")} == snap, "files written after the workers stopped"
+        finally:
+            for q in [p, *workers]:
+                try:
+                    q.kill()
+                except (ProcessLookupError, psutil.NoSuchProcess):
+                    pass
+    tracker = int(_tracker(ckpt))
+    assert (ckpt / f"iter_{tracker:07d}" / "manifest.json").exists(), "the latest checkpoint is complete"
