@@ -245,3 +245,23 @@ def test_workers_stop_when_the_launcher_is_killed(tmp_path):
                     pass
     tracker = int(_tracker(ckpt))
     assert (ckpt / f"iter_{tracker:07d}" / "manifest.json").exists(), "the latest checkpoint is complete"
+
+
+def test_resume_just_before_and_after_a_growth_stage_is_exact(tmp_path):
+    """Interrupted (--exit-interval) just before and just after an in-run depth growth and resumed in a
+    new process: the same losses, bit for bit, as the uninterrupted run."""
+    cfg = tmp_path / "stages.yaml"
+    cfg.write_text("staging:\n  stages:\n    - {at_iteration: 2, depth_factor: 2, rewarmup_iters: 2}\n")
+    base = ["train", *TINY_MOCK, "--train-iters", "4", "--config", str(cfg)]
+    straight = tmp_path / "straight.jsonl"
+    run_cli([*base, "--log-file", str(straight)])
+    ref = {i: r["loss"] for i, r in _records(straight).items()}
+    assert sorted(ref) == [1, 2, 3, 4]
+    for stop in (2, 3):  # 2: saved before the growth due at iteration 2; 3: one step after it
+        ckpt = tmp_path / f"ckpt{stop}"
+        first, second = tmp_path / f"first{stop}.jsonl", tmp_path / f"second{stop}.jsonl"
+        run_cli([*base, "--exit-interval", str(stop), "--save", str(ckpt), "--log-file", str(first)])
+        run_cli([*base, "--load", str(ckpt), "--save", str(ckpt), "--log-file", str(second)])
+        got = {**{i: r["loss"] for i, r in _records(first).items()}, **{i: r["loss"] for i, r in _records(second).items()}}
+        assert sorted(_records(second)) == list(range(stop + 1, 5))
+        assert got == ref, f"interrupted at {stop}: {got} != {ref}"
