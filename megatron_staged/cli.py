@@ -9,7 +9,7 @@ import os
 import sys
 import warnings
 
-from megatron_staged.errors import UserError
+from megatron_staged.errors import ArgumentParser, UserError
 
 COMMANDS = {}
 
@@ -30,7 +30,7 @@ def _quiet_warnings() -> None:
 def _train_parser(prog: str) -> argparse.ArgumentParser:
     from megatron_staged.config import add_config_flags
 
-    p = argparse.ArgumentParser(prog=prog, description="Pretrain a GPT with megatron-core (Megatron-LM's flags).")
+    p = ArgumentParser(prog=prog, description="Pretrain a GPT with megatron-core (Megatron-LM's flags).")
     add_config_flags(p)
     return p
 
@@ -41,9 +41,12 @@ def cmd_train(argv):
         from megatron_staged.planning.cli import dry_run
         return dry_run(argv)
     from megatron_staged.config import config_from_args
-    from megatron_staged.training.trainer import Trainer
+    from megatron_staged.preflight import preflight
 
     cfg = config_from_args(_train_parser("megatron-staged train").parse_args(argv))
+    preflight(cfg, "train")  # every flag and file checked before megatron is imported
+    from megatron_staged.training.trainer import Trainer
+
     summary = Trainer(cfg).train()
     return summary
 
@@ -80,12 +83,18 @@ def main(argv=None) -> int:
     if name not in COMMANDS:
         print(f"error: unknown command {name!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    from megatron_staged.checkpoint.safe_load import untrusted_checkpoint_reads
+    from megatron_staged.training.watchdog import launcher_watchdog
+
+    launcher_watchdog()  # under torchrun: stop within seconds if the launcher is killed
     try:
-        rc = COMMANDS[name](rest)
+        with untrusted_checkpoint_reads():  # no checkpoint file may run code, whichever loader reads it
+            rc = COMMANDS[name](rest)
     except UserError as e:
         rank = os.environ.get("RANK", "0")
         if rank == "0":
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            one_line = " ".join(part.strip() for part in str(e).splitlines() if part.strip())
+            print(f"error: {one_line}", file=sys.stderr, flush=True)
         return 2
     finally:
         _shutdown()

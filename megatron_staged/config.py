@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
-from megatron_staged.errors import UserError, require
+from megatron_staged.errors import ArgumentParser, UserError, require
 
 
 def _f(default=None, help: str = "", **kw):
@@ -81,7 +81,12 @@ class TrainingConfig:
     eval_interval: int = _f(0, "0 disables evaluation during training")
     eval_iters: int = _f(10)
     log_interval: int = _f(10)
-    exit_interval: Optional[int] = _f(None, "stop (after saving) at this iteration")
+    exit_interval: Optional[int] = _f(None, "save and stop when the iteration is a multiple of this")
+    exit_duration_in_mins: Optional[float] = _f(None, "save and stop once the job has run this many minutes")
+    exit_signal_handler: bool = _f(False, "on SIGTERM (what schedulers send before a kill): save and exit 0")
+    on_non_finite: str = _f("stop", "non-finite loss or gradients: stop (save the last good state, exit 2) or "
+                            "skip the step", choices=["stop", "skip"])
+    max_consecutive_skipped_iterations: int = _f(10, "with --on-non-finite skip: stop after this many in a row")
     progress_bar: str = _f("auto", "auto: on rank 0 when stdout is a terminal", choices=["auto", "on", "off"])
 
 
@@ -127,6 +132,11 @@ class CheckpointConfig:
     finetune: bool = _f(False, "load weights only; reset iteration, optimizer and data position")
     ckpt_format: str = _f("torch_dist", choices=["torch_dist"])
     override_opt_param_scheduler: bool = _f(False, "on --load, take the LR schedule from the flags, not the checkpoint")
+    use_checkpoint_opt_param_scheduler: bool = _f(
+        False, "on --load, take the LR schedule from the checkpoint (the default here) without a note when "
+        "the flags differ", aliases=["--use-checkpoint-opt_param-scheduler"])
+    ckpt_fallback_to_intact: bool = _f(False, "on --load, if the latest checkpoint is damaged, resume from the "
+                                       "newest intact iteration (with a warning) instead of stopping")
 
 
 @dataclass
@@ -278,7 +288,9 @@ def load_yaml(path: str) -> dict:
     except OSError as e:
         raise UserError(f"--config: cannot read {path}: {e.strerror}")
     except yaml.YAMLError as e:
-        raise UserError(f"--config: {path} is not valid YAML: {e}")
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise UserError(f"--config: {path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}")
     require(isinstance(d, dict), f"--config: {path} must hold a mapping of config keys")
     return d
 
@@ -289,7 +301,8 @@ def add_field_flag(group, name: str, f: dataclasses.Field, default=argparse.SUPP
     t = f.type if isinstance(f.type, str) else str(f.type)
     help_ = f.metadata.get("help", "")
     if "bool" in t:
-        group.add_argument(flag, dest=name, action="store_true", default=default, help=help_)
+        group.add_argument(flag, *f.metadata.get("aliases", []), dest=name, action="store_true", default=default,
+                           help=help_)
         group.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false",
                            default=default, help=argparse.SUPPRESS)
     elif t == "list":
@@ -352,7 +365,7 @@ def _flat_keys(d: dict) -> set[str]:
 
 
 def parse_config(argv: list[str]) -> Config:
-    p = argparse.ArgumentParser(prog="megatron-staged train")
+    p = ArgumentParser(prog="megatron-staged train")
     add_config_flags(p)
     return config_from_args(p.parse_args(argv))
 
@@ -404,9 +417,68 @@ def pad_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def parse_split(split: str) -> list[float]:
+    """Megatron's ``--split 969,30,1`` (or ``98/2/0``): up to three non-negative weights, positive sum."""
+    parts = str(split).replace("/", ",").split(",")
+    try:
+        w = [float(x) for x in parts]
+    except ValueError:
+        raise UserError(f"--split {split!r}: expected up to three comma-separated numbers, e.g. 969,30,1") from None
+    require(1 <= len(w) <= 3 and all(math.isfinite(x) and x >= 0 for x in w) and sum(w) > 0,
+            f"--split {split!r}: expected up to three non-negative numbers with a positive sum, e.g. 969,30,1")
+    return w
+
+
+def check_values(cfg: Config) -> None:
+    """Every number in range, before anything is built (no world size needed); UserError naming the flag.
+
+    Sizes, iterations, batch sizes and learning rates that are zero or negative (or NaN) would
+    otherwise surface as AssertionError / ZeroDivisionError deep inside megatron-core, or as a
+    run that silently does nothing.
+    """
+    positive = {  # must be >= 1 (or > 0 for floats)
+        "model": ["hidden_size", "num_attention_heads", "seq_length", "make_vocab_size_divisible_by",
+                  "ffn_hidden_size", "kv_channels", "num_query_groups", "max_position_embeddings", "vocab_size",
+                  "rotary_base", "norm_epsilon"],
+        "parallel": ["tensor_model_parallel_size", "pipeline_model_parallel_size", "distributed_timeout_minutes"],
+        "training": ["micro_batch_size", "global_batch_size", "train_iters", "eval_iters", "log_interval",
+                     "exit_interval", "exit_duration_in_mins", "max_consecutive_skipped_iterations"],
+        "optim": ["lr", "lr_decay_iters", "lr_wsd_decay_iters", "adam_eps"],
+        "checkpoint": ["save_interval"],
+    }
+    non_negative = {
+        "model": ["num_layers", "init_method_std", "hidden_dropout", "attention_dropout"],
+        "training": ["seed", "eval_interval"],
+        "optim": ["min_lr", "lr_warmup_iters", "lr_warmup_init", "weight_decay", "clip_grad", "adam_beta1",
+                  "adam_beta2", "sgd_momentum"],
+        "data": ["num_workers"],
+    }
+    for table, strict in ((positive, True), (non_negative, False)):
+        for sec, names in table.items():
+            for name in names:
+                v = getattr(getattr(cfg, sec), name)
+                if v is None or isinstance(v, bool):
+                    continue
+                ok = math.isfinite(v) and (v > 0 if strict else v >= 0)
+                require(ok, f"{_flag(name)} {v} must be {'positive' if strict else 'non-negative'}"
+                            f"{' (> 0)' if strict else ' (>= 0)'}")
+    m, o = cfg.model, cfg.optim
+    for name in ("hidden_dropout", "attention_dropout"):
+        require(getattr(m, name) < 1, f"{_flag(name)} {getattr(m, name)} must be below 1")
+    for name in ("adam_beta1", "adam_beta2"):
+        require(getattr(o, name) < 1, f"{_flag(name)} {getattr(o, name)} must be below 1 (e.g. 0.9, 0.999)")
+    require(o.min_lr <= o.lr, f"--min-lr {o.min_lr} exceeds --lr {o.lr}")
+    parse_split(cfg.data.split)
+
+
 def validate(cfg: Config, world_size: int) -> None:
-    """Check the layout and batch arithmetic; raise UserError with the fix."""
+    """Check values, the layout and batch arithmetic; raise UserError with the fix."""
     m, p, t, o = cfg.model, cfg.parallel, cfg.training, cfg.optim
+    check_values(cfg)
     resolve_model(m)
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     require(tp >= 1 and pp >= 1, "--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")

@@ -97,3 +97,17 @@ def corpus(tmp_path_factory):
     info = prepare_default_corpus(str(d), vocab_size=512, max_bytes=1_500_000)
     return ["--data-path", info["data_prefix"], "--tokenizer-type", "SentencePieceTokenizer",
             "--tokenizer-model", info["tokenizer_model"], "--split", "98,2,0"]
+
+
+# A tiny model on mock data: one process, a few seconds (the reliability and bad-input tests).
+TINY_MOCK = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "128", "--num-layers", "2",
+             "--hidden-size", "32", "--num-attention-heads", "2", "--seq-length", "16", "--micro-batch-size", "2",
+             "--lr", "1e-3", "--log-interval", "1", "--eval-iters", "1", "--progress-bar", "off"]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A real checkpoint root with iterations 1 and 2 (tracker -> 2), written by one plain process."""
+    d = tmp_path_factory.mktemp("tiny_ckpt") / "ckpt"
+    run_cli(["train", *TINY_MOCK, "--train-iters", "2", "--save-interval", "1", "--save", str(d)], timeout=900)
+    return d

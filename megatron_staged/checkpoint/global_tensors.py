@@ -19,6 +19,7 @@ from typing import Iterable, Optional
 
 import torch
 
+from megatron_staged.checkpoint.safe_load import load_dcp_metadata, load_torch_file, untrusted_checkpoint_reads
 from megatron_staged.errors import UserError
 
 OPTIMIZER_PREFIX = "optimizer."
@@ -31,21 +32,15 @@ def read_common(ckpt_dir: str) -> dict:
         raise UserError(f"{ckpt_dir} has no common.pt; it is not a complete torch_dist checkpoint "
                         f"(was the save interrupted? point at a directory listed by "
                         f"latest_checkpointed_iteration.txt)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - report any unpickling failure as bad input
-        raise UserError(f"cannot read {path}: {type(e).__name__}: {e}")
+    common = load_torch_file(path)  # weights_only: a checkpoint's pickle runs no code
+    if not isinstance(common, dict):
+        raise UserError(f"{path} holds a {type(common).__name__}, not a checkpoint's common state dict")
+    return common
 
 
 def read_metadata(ckpt_dir: str):
     """The torch DCP ``Metadata`` of a checkpoint directory."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    try:
-        return FileSystemReader(ckpt_dir).read_metadata()
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"cannot read the DCP metadata of {ckpt_dir} ({type(e).__name__}: {e}); "
-                        f"is it a torch_dist checkpoint directory (with a .metadata file)?")
+    return load_dcp_metadata(ckpt_dir)  # restricted unpickler: DCP's metadata classes only
 
 
 def tensor_specs(ckpt_dir: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -74,7 +69,7 @@ def read_global_tensors(ckpt_dir: str, keys: Optional[Iterable[str]] = None) -> 
                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
                         + "; run `megatron-staged inspect` on it to list what it holds")
     sd = {k: torch.empty(specs[k][0], dtype=specs[k][1]) for k in keys}
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), untrusted_checkpoint_reads():
         warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process"
         dcp.load(sd, storage_reader=FileSystemReader(ckpt_dir), no_dist=True)
     return sd

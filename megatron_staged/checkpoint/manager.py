@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
+from megatron_staged.checkpoint.integrity import write_manifest
+from megatron_staged.checkpoint.safe_load import untrusted_checkpoint_reads
 from megatron_staged.errors import UserError
 from megatron_staged.runtime.distributed import barrier, current_layout, is_rank0, rng_state, set_rng_state
 
@@ -62,17 +65,34 @@ def read_tracker(root: str) -> Optional[int]:
         raise UserError(f"{path} holds {text!r}, not an iteration number; the checkpoint directory is corrupt")
 
 
-def resolve_checkpoint_dir(path: str) -> tuple[str, int]:
-    """Accept a save root (with a tracker file) or one ``iter_XXXXXXX`` directory."""
+def list_iterations(root: str) -> list[int]:
+    """Iterations saved under a --save directory (``iter_XXXXXXX`` directories, not ``.tmp``), ascending."""
+    if not os.path.isdir(root):
+        return []
+    return sorted(int(n[5:]) for n in os.listdir(root)
+                  if n.startswith("iter_") and n[5:].isdigit() and os.path.isdir(os.path.join(root, n)))
+
+
+def is_checkpoint_root(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, TRACKER))
+
+
+def is_iteration_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "common.pt")) or os.path.isfile(os.path.join(path, ".metadata")) \
+        or os.path.isfile(os.path.join(path, "metadata.json"))
+
+
+def _locate(path: str) -> tuple[str, int]:
     if not os.path.exists(path):
         raise UserError(f"--load {path}: no such directory")
     it = read_tracker(path)
     if it is not None:
         d = iter_dir(path, it) if it > 0 or not os.path.isdir(os.path.join(path, "release")) else os.path.join(path, "release")
         if not os.path.isdir(d):
-            raise UserError(f"--load {path}: tracker names iteration {it} but {d} is missing")
+            tmp = " (only its interrupted save " + os.path.basename(d) + ".tmp exists)" if os.path.isdir(d + ".tmp") else ""
+            raise UserError(f"damaged checkpoint: {path}/{TRACKER} names iteration {it} but {d} is missing{tmp}")
         return d, it
-    if os.path.isfile(os.path.join(path, "common.pt")) or os.path.isfile(os.path.join(path, "metadata.json")):
+    if is_iteration_dir(path):
         base = os.path.basename(os.path.normpath(path))
         it = int(base[5:]) if base.startswith("iter_") and base[5:].isdigit() else 0
         return path, it
@@ -80,16 +100,114 @@ def resolve_checkpoint_dir(path: str) -> tuple[str, int]:
                     f"point --load at the directory given to --save")
 
 
-def load_common(ckpt_dir: str) -> dict:
-    """The non-sharded part (``common.pt``): args, iteration, train_state, scheduler, layout."""
-    from megatron.core import dist_checkpointing
+def resolve_checkpoint_dir(path: str, *, fallback: bool = False) -> tuple[str, int]:
+    """Accept a save root (with a tracker file) or one ``iter_XXXXXXX`` directory; check it is intact.
+
+    A damaged checkpoint (missing or truncated files, see ``checkpoint.integrity``) is a one-line
+    UserError naming the file. With ``fallback`` and a save root, the newest intact iteration older
+    than the damaged one is used instead, with a warning.
+    """
+    from megatron_staged.checkpoint.integrity import problems
 
     try:
-        return dist_checkpointing.load_common_state_dict(ckpt_dir)
-    except BaseException as e:  # noqa: BLE001 - DCP errors derive from BaseException
-        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+        ckpt_dir, it = _locate(path)
+        found = problems(ckpt_dir)
+    except UserError as e:
+        if not (fallback and is_checkpoint_root(path) and str(e).startswith("damaged checkpoint")):
             raise
-        raise UserError(f"cannot read checkpoint {ckpt_dir}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        ckpt_dir, it, found = None, read_tracker(path), [str(e)[len("damaged checkpoint: "):]]
+    if not found:
+        return ckpt_dir, it
+    if not (fallback and is_checkpoint_root(path)):
+        hint = "; pass --ckpt-fallback-to-intact to resume from the newest intact one" \
+            if is_checkpoint_root(path) and len(list_iterations(path)) > 1 else ""
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise UserError(f"damaged checkpoint: {found[0]}{more}{hint}")
+    for older in reversed([i for i in list_iterations(path) if it is None or i < it]):
+        d = iter_dir(path, older)
+        if not problems(d):
+            if is_rank0():
+                print(f"warning: the latest checkpoint is damaged ({found[0]}); falling back to the newest "
+                      f"intact one, {d} (--ckpt-fallback-to-intact)", file=sys.stderr, flush=True)
+            return d, older
+    raise UserError(f"damaged checkpoint: {found[0]}; no older intact iteration under {path} to fall back to")
+
+
+def load_error(ckpt_dir: str, e: BaseException) -> UserError:
+    """A one-line UserError for a failed megatron/DCP load: damage, an unsafe pickle, or a mismatch."""
+    from megatron_staged.checkpoint.integrity import problems
+
+    from megatron_staged.checkpoint.safe_load import refusal, unsafe_global
+
+    text = f"{e}\n{getattr(e, '__cause__', '') or ''}"
+    name = unsafe_global(text)
+    if name:
+        return refusal(f"an object in {ckpt_dir}", name)
+    found = problems(ckpt_dir, checksums=True)
+    if found:
+        return UserError(f"damaged checkpoint: {found[0]}")
+    msg = str(e).strip().splitlines()
+    return UserError(f"cannot load checkpoint {ckpt_dir} into this model: {type(e).__name__}: "
+                     f"{msg[0] if msg else ''} (does the model config match the checkpoint's?)")
+
+
+def _inside(child: str, parent: str) -> bool:
+    child, parent = os.path.realpath(child), os.path.realpath(parent)
+    return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def describe_contents(path: str) -> str:
+    """'holds a checkpoint (iteration 5 of gpt2 4x64)' or 'is not empty (3 entries, e.g. notes.txt)'."""
+    if is_checkpoint_root(path) or list_iterations(path):
+        it = read_tracker(path) if is_checkpoint_root(path) else list_iterations(path)[-1]
+        model = ""
+        try:
+            from megatron_staged.checkpoint.global_tensors import read_common
+
+            m = (read_common(iter_dir(path, it)).get("args") or {}).get("model") or {}
+            model = f" of a {m.get('model_family')} model, {m.get('num_layers')} layers x hidden {m.get('hidden_size')}"
+        except UserError:
+            pass
+        return f"already holds a checkpoint (iteration {it}{model})"
+    names = sorted(os.listdir(path))
+    return f"is not empty ({len(names)} entr{'y' if len(names) == 1 else 'ies'}, e.g. {names[0]})"
+
+
+def check_output_dir(path: str, flag: str, *, sources: tuple = (), overwrite: bool = False) -> None:
+    """Refuse (one line) to write into a source checkpoint, a file, or a non-empty directory without --overwrite.
+
+    ``sources`` are the iteration directories being read: writing into them or into their save root
+    would destroy the input, so that is refused even with --overwrite.
+    """
+    for src in sources:  # iteration directories being read; their --save root is theirs too
+        if src and (_inside(path, src) or os.path.realpath(path) == os.path.realpath(os.path.dirname(os.path.abspath(src)))):
+            raise UserError(f"{flag} {path} would write into the source checkpoint {src}; the source is kept: "
+                            f"give a new directory")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a file; give a directory")
+    if os.path.isdir(path) and os.listdir(path) and not overwrite:
+        raise UserError(f"{flag} {path} {describe_contents(path)}; choose an empty or new directory, or pass "
+                        f"--overwrite to replace it")
+
+
+def clear_checkpoint_root(root: str) -> None:
+    """For --overwrite: remove the tracker and iteration directories of the checkpoint at ``root`` (rank 0)."""
+    if not is_rank0() or not os.path.isdir(root):
+        return
+    for name in os.listdir(root):
+        p = os.path.join(root, name)
+        if name == TRACKER or (name.startswith("iter_") and os.path.isdir(p)):
+            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+
+
+def load_common(ckpt_dir: str) -> dict:
+    """The non-sharded part (``common.pt``): args, iteration, train_state, scheduler, layout.
+
+    Read with ``torch.load(weights_only=True)``: a checkpoint's pickle runs no code.
+    """
+    from megatron_staged.checkpoint.global_tensors import read_common
+
+    return read_common(ckpt_dir)
 
 
 # ---- sharded state dict -------------------------------------------------------------------------
@@ -107,9 +225,22 @@ def _rng_sharded_object():
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     lay = current_layout()
-    return ShardedObject("rng_state", rng_state(), (lay.pp, lay.tp, lay.dp),
+    return ShardedObject("rng_state", plain_rng_state(rng_state()), (lay.pp, lay.tp, lay.dp),
                          (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
                           ps.get_data_parallel_rank()), replica_id=0)
+
+
+def plain_rng_state(state: dict) -> dict:
+    """The RNG state as plain data (numpy's key array as a list), so it loads with weights_only=True."""
+    kind, keys, pos, has_gauss, cached = state["np"]
+    return dict(state, np=[kind, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)])
+
+
+def rng_state_from_plain(state: dict) -> dict:
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = state["np"]
+    return dict(state, np=(kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
 def build_state_dict(model_chunks, optimizer, scheduler, common: dict, *, is_loading: bool,
@@ -200,12 +331,18 @@ def load_optimizer_state(optimizer, sd: dict, step: int) -> None:
 # ---- save / load ------------------------------------------------------------------------------
 
 def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, scheduler, train_state: dict,
-                    args: dict, *, save_optimizer: bool = True) -> str:
-    """Save atomically to ``root/iter_XXXXXXX``; returns that path."""
+                    args: dict, *, save_optimizer: bool = True, replace_existing: bool = False) -> str:
+    """Save atomically to ``root/iter_XXXXXXX``; returns that path.
+
+    ``replace_existing`` (the tools' --overwrite) first removes any other checkpoint under ``root``,
+    so that one tracker never covers two runs' iterations.
+    """
     from megatron.core import dist_checkpointing
 
     final = iter_dir(root, iteration)
     tmp = final + ".tmp"
+    if replace_existing:
+        clear_checkpoint_root(root)
     if is_rank0():
         os.makedirs(root, exist_ok=True)
         if os.path.exists(tmp):
@@ -227,6 +364,8 @@ def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, schedule
                           with_optimizer=save_optimizer, with_rng=True)
     dist_checkpointing.save(sd, tmp, validate_access_integrity=True)
     _fault_injection("save", iteration)
+    barrier()
+    write_manifest(tmp)  # sizes + checksums, before the rename makes the checkpoint visible
     barrier()
     if is_rank0():
         if os.path.exists(final):
@@ -290,13 +429,12 @@ def load_checkpoint(path: str, model_chunks, optimizer, scheduler, *, load_optim
     sd = build_state_dict(model_chunks, optimizer, None, {}, is_loading=True,
                           with_optimizer=with_optim, with_rng=load_rng and same_layout)
     try:
-        loaded = dist_checkpointing.load(sd, ckpt_dir, strict="assume_ok_unexpected")
+        with untrusted_checkpoint_reads():
+            loaded = dist_checkpointing.load(sd, ckpt_dir, strict="assume_ok_unexpected")
     except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException derives from BaseException
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
-        msg = str(e).strip().splitlines()
-        raise UserError(f"cannot load checkpoint {ckpt_dir} into this model: {type(e).__name__}: "
-                        f"{msg[0] if msg else ''} (does the model config match the checkpoint's?)")
+        raise load_error(ckpt_dir, e) from None
     from megatron_staged.model.builder import unwrap
 
     if len(model_chunks) == 1:
@@ -309,7 +447,7 @@ def load_checkpoint(path: str, model_chunks, optimizer, scheduler, *, load_optim
     if scheduler is not None and "opt_param_scheduler" in common and load_optimizer:
         scheduler.load_state_dict(common["opt_param_scheduler"])
     if load_rng and same_layout and "rng_state" in loaded:
-        set_rng_state(loaded["rng_state"])
+        set_rng_state(rng_state_from_plain(loaded["rng_state"]))
     state["iteration"] = common.get("iteration", 0)
     state["args"] = common.get("args")
     state["rng_restored"] = bool(load_rng and same_layout)

@@ -214,7 +214,7 @@ def _chain(first, rest):
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="preprocess_data.py",
+        prog="preprocess_data.py", allow_abbrev=False,
         description="Tokenize JSONL or plain-text documents into megatron-core .bin/.idx files.")
     g = p.add_argument_group("input data")
     g.add_argument("--input", nargs="+", required=True,

@@ -85,7 +85,7 @@ def train_sentencepiece(inputs: list[str] | str, model_prefix: str, json_keys=("
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train_tokenizer.py",
+    p = argparse.ArgumentParser(prog="train_tokenizer.py", allow_abbrev=False,
                                 description="Train a sentencepiece tokenizer (eos, pad, byte "
                                             "fallback) for SentencePieceTokenizer.")
     p.add_argument("--input", nargs="+", required=True,

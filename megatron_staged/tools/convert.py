@@ -18,10 +18,10 @@ from __future__ import annotations
 import argparse
 import time
 
-from megatron_staged.errors import UserError
+from megatron_staged.errors import ArgumentParser, UserError
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="megatron-staged convert",
+    p = ArgumentParser(prog="megatron-staged convert",
                                 description="Reshard a checkpoint to another TP/PP layout, keeping the training state.")
     p.add_argument("--load", required=True, help="source checkpoint (a --save directory or an iter_XXXXXXX directory)")
     p.add_argument("--save", required=True, help="target checkpoint directory")
@@ -29,6 +29,7 @@ def parse_args(argv):
     p.add_argument("--target-pipeline-model-parallel-size", type=int, default=None, help="default: as saved")
     p.add_argument("--no-optimizer", action="store_true", help="write weights only (no optimizer or scheduler state)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="parameter dtype (default: as saved)")
+    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint or files already in --save")
     return p.parse_args(argv)
 
 
@@ -60,30 +61,30 @@ def target_config(common: dict, args, world_size: int):
     return cfg
 
 
-def check_target_dir(save: str, source_dir: str) -> None:
-    """Refuse to write over the source or over another checkpoint (a tracker file would be replaced)."""
-    import os
+def check_target_dir(save: str, source_dir: str, overwrite: bool = False) -> None:
+    """Refuse to write over the source, a file, or a non-empty directory (unless --overwrite)."""
+    from megatron_staged.checkpoint.manager import check_output_dir
 
-    from megatron_staged.checkpoint.manager import TRACKER
-
-    src_root = os.path.dirname(os.path.abspath(source_dir))
-    if os.path.abspath(save) in (src_root, os.path.abspath(source_dir)):
-        raise UserError("--save must differ from --load (the source checkpoint is kept); give a new directory")
-    if os.path.isfile(os.path.join(save, TRACKER)):
-        raise UserError(f"--save {save} already holds a checkpoint ({TRACKER}); choose a new directory or remove it")
+    check_output_dir(save, "--save", sources=(source_dir,), overwrite=overwrite)
 
 
 def convert(args) -> dict:
     import torch.distributed as dist
 
+    for flag, v in (("--target-tensor-model-parallel-size", args.target_tensor_model_parallel_size),
+                    ("--target-pipeline-model-parallel-size", args.target_pipeline_model_parallel_size)):
+        if v is not None and v < 1:
+            raise UserError(f"{flag} {v} must be positive (>= 1)")
+
     from megatron_staged.checkpoint.manager import load_checkpoint, load_common, resolve_checkpoint_dir, save_checkpoint
+
+    ckpt_dir, _ = resolve_checkpoint_dir(args.load)
+    check_target_dir(args.save, ckpt_dir, args.overwrite)
+    common = load_common(ckpt_dir)
     from megatron_staged.builders import build_components
     from megatron_staged.runtime.distributed import init_distributed
     from megatron_staged.training.state import TrainState
 
-    ckpt_dir, _ = resolve_checkpoint_dir(args.load)
-    check_target_dir(args.save, ckpt_dir)
-    common = load_common(ckpt_dir)
     init_distributed()
     cfg = target_config(common, args, dist.get_world_size())
     source_state = common.get("train_state") or {}
@@ -95,7 +96,7 @@ def convert(args) -> dict:
     state = load_checkpoint(ckpt_dir, model, optimizer, scheduler, load_optimizer=with_optim, load_rng=True)
     train_state = TrainState.from_dict(state)
     path = save_checkpoint(args.save, train_state.iteration, model, optimizer, scheduler, train_state.to_dict(),
-                           cfg.to_dict(), save_optimizer=with_optim)
+                           cfg.to_dict(), save_optimizer=with_optim, replace_existing=args.overwrite)
     return {"source": ckpt_dir, "target": path, "layout": layout, "saved_layout": common.get("parallel_layout"),
             "iteration": int(state["iteration"]), "with_optimizer": with_optim,
             "source_had_optimizer": source_state.get("has_optimizer", True),

@@ -9,13 +9,13 @@ from __future__ import annotations
 def main(argv) -> int:
     from megatron_staged.cli import _train_parser
     from megatron_staged.config import config_from_args
-    from megatron_staged.errors import UserError
+    from megatron_staged.preflight import preflight
+
+    cfg = config_from_args(_train_parser("megatron-staged evaluate").parse_args(argv))
+    preflight(cfg, "evaluate")  # flags, data and the checkpoint checked before megatron is imported
     from megatron_staged.runtime.distributed import print_rank0
     from megatron_staged.training.trainer import Trainer
 
-    cfg = config_from_args(_train_parser("megatron-staged evaluate").parse_args(argv))
-    if not cfg.checkpoint.load:
-        raise UserError("evaluate needs --load CKPT")
     cfg.checkpoint.no_load_rng = True
     cfg.checkpoint.no_load_optim = True  # weights only
     trainer = Trainer(cfg)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from megatron_staged.errors import UserError
+from megatron_staged.errors import ArgumentParser, UserError
 
 
 def main(argv) -> int:
@@ -17,20 +17,22 @@ def main(argv) -> int:
 
     import torch.distributed as dist
 
-    from megatron_staged.checkpoint.manager import load_common, resolve_checkpoint_dir, save_checkpoint
+    from megatron_staged.checkpoint.manager import check_output_dir, load_common, resolve_checkpoint_dir, save_checkpoint
     from megatron_staged.config import Config
     from megatron_staged.growth.apply import grow_from_checkpoint
     from megatron_staged.growth.spec import GrowthRequest, make_spec, target_config
     from megatron_staged.runtime.distributed import init_distributed, print_rank0
 
-    p = argparse.ArgumentParser(prog="megatron-staged grow", description=__doc__,
+    p = ArgumentParser(prog="megatron-staged grow", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="source checkpoint (a --save directory or one iter_ dir)")
     p.add_argument("--save", required=True, help="where to write the grown checkpoint")
     p.add_argument("--no-optimizer", action="store_true", help="write weights only")
+    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint or files already in --save")
     GrowthRequest.add_flags(p)
     a = p.parse_args(argv)
     src_dir, _ = resolve_checkpoint_dir(a.load)
+    check_output_dir(a.save, "--save", sources=(src_dir,), overwrite=a.overwrite)
     common = load_common(src_dir)
     if not common.get("args"):
         raise UserError(f"{src_dir} has no run config (args) in common.pt; was it written by megatron_staged?")
@@ -38,12 +40,10 @@ def main(argv) -> int:
     init_distributed()
     spec = make_spec(old_cfg, GrowthRequest.from_args(a))
     new_cfg = target_config(old_cfg, spec, dist.get_world_size())  # validates before anything is written
-    if os.path.abspath(a.save) == os.path.abspath(a.load):
-        raise UserError("--save must differ from --load (the source checkpoint is kept)")
     comps, state, stats = grow_from_checkpoint(src_dir, spec, old_cfg, common, new_cfg)
     new_cfg.checkpoint.load = None
     save_checkpoint(a.save, state.iteration, comps.model, comps.optimizer, comps.scheduler, state.to_dict(),
-                    new_cfg.to_dict(), save_optimizer=not a.no_optimizer)
+                    new_cfg.to_dict(), save_optimizer=not a.no_optimizer, replace_existing=a.overwrite)
     e = state.stage_history[-1]
     print_rank0(f"grew {src_dir} -> {a.save} at iteration {state.iteration}: {e['operator']} "
                 f"{e['from']['num_layers']}x{e['from']['hidden_size']} -> {e['to']['num_layers']}x{e['to']['hidden_size']}, "

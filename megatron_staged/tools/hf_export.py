@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from megatron_staged.errors import UserError
+from megatron_staged.errors import ArgumentParser, UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -35,13 +35,15 @@ FOREIGN_WEIGHTS = ("pytorch_model.bin", "model.safetensors.index.json", "pytorch
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="megatron-staged export-hf",
+    p = ArgumentParser(prog="megatron-staged export-hf",
                                 description="Export a checkpoint as a HuggingFace transformers model directory.")
     p.add_argument("--load", required=True, help="checkpoint: a --save directory or one iter_XXXXXXX directory")
     p.add_argument("--out", required=True, help="output directory (config.json, model.safetensors, tokenizer)")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="true vocabulary size (rows to export) when the checkpoint's tokenizer is not available")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights dtype (default: as stored)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --out (files of the same names are replaced)")
     p.add_argument("--verify", action="store_true",
                    help="run megatron and transformers on random tokens and check the logits agree")
     return p.parse_args(argv)
@@ -166,24 +168,26 @@ def hf_config(arch, tok: Optional[TokenizerInfo], dtype: torch.dtype, extra: dic
     return config
 
 
-def check_out_dir(out: str) -> None:
-    if os.path.isfile(out):
-        raise UserError(f"--out {out} is a file; give a directory")
+def check_out_dir(out: str, overwrite: bool = False, source: Optional[str] = None) -> None:
+    from megatron_staged.checkpoint.manager import check_output_dir
+
+    check_output_dir(out, "--out", sources=(source,) if source else (), overwrite=overwrite)
     stale = [f for f in FOREIGN_WEIGHTS if os.path.exists(os.path.join(out, f))]
     if stale:
         raise UserError(f"--out {out} already holds {stale[0]}, which transformers would load instead of the "
                         f"export; choose an empty directory")
 
 
-def export(load: str, out: str, vocab_size: Optional[int] = None, dtype: Optional[str] = None) -> dict:
+def export(load: str, out: str, vocab_size: Optional[int] = None, dtype: Optional[str] = None,
+           overwrite: bool = False) -> dict:
     """Export checkpoint ``load`` to ``out``; returns a summary dict."""
     from safetensors.torch import save_file
 
     from megatron_staged.checkpoint.global_tensors import read_model_tensors, tensor_specs
     from megatron_staged.checkpoint.hf_mapping import arch_from_model_config, check_checkpoint_shapes, megatron_to_hf
 
-    check_out_dir(out)
     ckpt_dir, iteration, common, cfg = load_checkpoint_config(load)
+    check_out_dir(out, overwrite, ckpt_dir)
     tok = checkpoint_tokenizer(cfg)
     vocab, vocab_source = true_vocab_size(vocab_size, common, tok)
     arch = arch_from_model_config(cfg.model, vocab)
@@ -254,7 +258,7 @@ def verify(load: str, out: str, vocab: int, seq: int) -> float:
 
 def main(argv) -> int:
     args = parse_args(argv)
-    s = export(args.load, args.out, args.vocab_size, args.dtype)
+    s = export(args.load, args.out, args.vocab_size, args.dtype, args.overwrite)
     print(f"exported iteration {s['iteration']} of {s['checkpoint']} to {s['out']} as {s['architecture']}: "
           f"{s['num_layers']} layers, hidden {s['hidden_size']}, {s['num_parameters']:,} parameters, "
           f"{s['dtype']}; vocabulary {s['vocab_size']} (from {s['vocab_source']}) of {s['padded_vocab_size']} "

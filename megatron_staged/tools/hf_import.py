@@ -22,13 +22,13 @@ from typing import Optional
 
 import torch
 
-from megatron_staged.errors import UserError
+from megatron_staged.errors import ArgumentParser, UserError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="megatron-staged import-hf",
+    p = ArgumentParser(prog="megatron-staged import-hf",
                                 description="Import a local HuggingFace GPT-2 / Llama model as a checkpoint.")
     p.add_argument("--hf", required=True, help="HuggingFace model directory (config.json + weights)")
     p.add_argument("--save", required=True, help="checkpoint directory to write (iteration 0)")
@@ -42,6 +42,7 @@ def parse_args(argv):
     p.add_argument("--use-distributed-optimizer", action="store_true",
                    help="record --use-distributed-optimizer in the checkpoint's args")
     p.add_argument("--no-optimizer", action="store_true", help="write weights only (no optimizer state)")
+    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint or files already in --save")
     return p.parse_args(argv)
 
 
@@ -192,19 +193,23 @@ def main(argv) -> int:
     import torch.distributed as dist
 
     from megatron_staged.checkpoint.hf_mapping import arch_from_hf_config
-    from megatron_staged.checkpoint.manager import TRACKER, save_checkpoint
+    from megatron_staged.checkpoint.manager import check_output_dir, save_checkpoint
     from megatron_staged.config import pad_vocab_size
-    from megatron_staged.builders import build_components, build_optimizer
     from megatron_staged.runtime.distributed import init_distributed, print_rank0
-    from megatron_staged.training.state import TrainState
 
     args = parse_args(argv)
+    for flag, v in (("--target-tensor-model-parallel-size", args.target_tensor_model_parallel_size),
+                    ("--target-pipeline-model-parallel-size", args.target_pipeline_model_parallel_size),
+                    ("--seq-length", args.seq_length),
+                    ("--make-vocab-size-divisible-by", args.make_vocab_size_divisible_by)):
+        if v is not None and v < 1:
+            raise UserError(f"{flag} {v} must be positive (>= 1)")
     if not os.path.isdir(args.hf):
         raise UserError(f"--hf {args.hf}: no such directory (a local HuggingFace model directory; "
                         f"nothing is downloaded)")
-    if os.path.isfile(os.path.join(args.save, TRACKER)):
-        raise UserError(f"--save {args.save} already holds a checkpoint ({TRACKER}); choose a new directory or "
-                        f"remove it")
+    if os.path.realpath(args.save) == os.path.realpath(args.hf):
+        raise UserError(f"--save {args.save} is the --hf directory being imported; give a new directory")
+    check_output_dir(args.save, "--save", overwrite=args.overwrite)
     hf_cfg = read_hf_config(args.hf)
     tp, pp = args.target_tensor_model_parallel_size, args.target_pipeline_model_parallel_size
     arch = arch_from_hf_config(hf_cfg)
@@ -215,6 +220,9 @@ def main(argv) -> int:
     weights = HFWeights(args.hf)
     check_hf_shapes(weights, arch)
 
+    from megatron_staged.builders import build_components, build_optimizer
+    from megatron_staged.training.state import TrainState
+
     init_distributed()
     cfg = import_config(arch, args, args.hf, dist.get_world_size())
     comps = build_components(cfg, initialize=False, with_optimizer=False)
@@ -224,7 +232,7 @@ def main(argv) -> int:
     train_state = TrainState(extra={"hf_import": {"source": os.path.abspath(args.hf), "architecture": arch.hf_class,
                                                   "vocab_size": arch.vocab}})
     path = save_checkpoint(args.save, 0, model, optimizer, None, train_state.to_dict(), cfg.to_dict(),
-                           save_optimizer=optimizer is not None)
+                           save_optimizer=optimizer is not None, replace_existing=args.overwrite)
     print_rank0(f"imported {arch.hf_class} from {args.hf} ({arch.num_layers} layers, hidden {arch.hidden}, "
                 f"vocabulary {arch.vocab} padded to {arch.padded_vocab}) into {path} at {layout}, "
                 f"{'bf16' if cfg.model.bf16 else 'fp32'}"

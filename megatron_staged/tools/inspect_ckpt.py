@@ -12,26 +12,49 @@ import json
 import math
 import os
 
-from megatron_staged.errors import UserError
+from megatron_staged.errors import ArgumentParser, UserError
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="megatron-staged inspect", description="Describe a checkpoint.")
+    p = ArgumentParser(prog="megatron-staged inspect", description="Describe a checkpoint.")
     p.add_argument("checkpoint", help="a --save directory (its latest iteration) or one iter_XXXXXXX directory")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-tensors", action="store_true", help="leave out the tensor list")
+    p.add_argument("--verify", action="store_true",
+                   help="check every file against the sizes and CRC-32 checksums recorded at save time (reads "
+                        "every byte) and the byte ranges .metadata lists; exit status 1 if damaged")
     return p.parse_args(argv)
 
 
-def list_iterations(root: str) -> list[int]:
-    """Complete iterations saved under a --save directory (``iter_XXXXXXX`` without ``.tmp``)."""
-    if not os.path.isdir(root):
-        return []
-    its = []
-    for name in os.listdir(root):
-        if name.startswith("iter_") and name[5:].isdigit() and os.path.isdir(os.path.join(root, name)):
-            its.append(int(name[5:]))
-    return sorted(its)
+def verify(path: str) -> int:
+    """``inspect --verify``: every iteration's files against its manifest; 0 if all intact, else 1."""
+    from megatron_staged.checkpoint.integrity import read_manifest, problems
+    from megatron_staged.checkpoint.manager import is_checkpoint_root, iter_dir, list_iterations, read_tracker
+
+    if is_checkpoint_root(path):
+        latest = read_tracker(path)
+        dirs = [iter_dir(path, i) for i in list_iterations(path)]
+        if latest is not None and iter_dir(path, latest) not in dirs:
+            print(f"DAMAGED {iter_dir(path, latest)}: named by the tracker but missing")
+            bad = 1
+        else:
+            bad = 0
+    else:
+        dirs, bad = [path], 0
+    for d in dirs:
+        try:
+            found = problems(d, checksums=True)
+            has_manifest = read_manifest(d) is not None
+        except UserError as e:
+            found, has_manifest = [str(e)], False
+        if found:
+            bad += 1
+            print(f"DAMAGED {d}: " + "; ".join(found))
+        else:
+            how = "sizes and CRC-32 match manifest.json" if has_manifest else \
+                "no manifest.json (saved by an older version): file sizes match .metadata only"
+            print(f"ok      {d}: {how}")
+    return 1 if bad else 0
 
 
 def dtype_name(dtype) -> str:
@@ -41,7 +64,7 @@ def dtype_name(dtype) -> str:
 def describe(path: str) -> dict:
     """Everything ``inspect`` reports, as a JSON-serialisable dict."""
     from megatron_staged.checkpoint.global_tensors import OPTIMIZER_PREFIX, read_common, tensor_specs
-    from megatron_staged.checkpoint.manager import resolve_checkpoint_dir
+    from megatron_staged.checkpoint.manager import list_iterations, resolve_checkpoint_dir
 
     ckpt_dir, _ = resolve_checkpoint_dir(path)
     common = read_common(ckpt_dir)
@@ -151,6 +174,8 @@ def main(argv) -> int:
     args = parse_args(argv)
     if not os.path.exists(args.checkpoint):
         raise UserError(f"{args.checkpoint}: no such checkpoint directory")
+    if args.verify:
+        return verify(args.checkpoint)
     d = describe(args.checkpoint)
     if args.no_tensors:
         d.pop("tensors")

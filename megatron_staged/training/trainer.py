@@ -26,6 +26,7 @@ from megatron_staged.model.builder import set_padded_vocab_size
 from megatron_staged.runtime.distributed import all_reduce_scalar, init_distributed, print_rank0
 from megatron_staged.staging.stages import StageRunner
 from megatron_staged.training.flops import flops_per_iteration
+from megatron_staged.training.guards import ExitConditions
 from megatron_staged.training.logger import MetricsLogger
 from megatron_staged.training.state import TrainState
 
@@ -101,6 +102,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config):
+        self.start_time = time.time()  # --exit-duration-in-mins counts setup too, as Megatron's does
         init_distributed(cfg.parallel.distributed_backend, cfg.parallel.distributed_timeout_minutes)
         self.world_size = dist.get_world_size()
         saved_state = self._adopt_checkpoint_model_config(cfg)
@@ -247,6 +249,9 @@ class Trainer:
         return t.global_batch_size // (t.micro_batch_size * self.layout.dp)
 
     def train_step(self) -> tuple[float, Optional[float], bool]:
+        """One optimizer step; ``ok`` is False when it was not applied (non-finite loss or gradients)."""
+        from megatron_staged.training.guards import inject_nan, step_is_finite
+
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -255,6 +260,10 @@ class Trainer:
             layer_drop.begin_step(self.state.iteration, self.num_microbatches)
         try:
             loss = run_microbatches(self.model, self.train_iter, self.num_microbatches, self.cfg, forward_only=False)
+            inject_nan(self.state.iteration + 1, self.model)
+            self.step_finite = step_is_finite(loss, self.model)
+            if not self.step_finite:
+                return loss, float("nan"), False
             ok, grad_norm, _ = self.optimizer.step()
         finally:
             if layer_drop is not None:
@@ -288,7 +297,23 @@ class Trainer:
             chunk.train()
         save_interval = self.cfg.checkpoint.save_interval
         self.logger.start(self.state.iteration, self.cfg.training.train_iters)
+        t = self.cfg.training
+        exits = ExitConditions(t.exit_signal_handler, t.exit_duration_in_mins, self.start_time)
+        try:
+            last_loss = self._loop(exits)
+        finally:
+            exits.close()
+        self.logger.close()
+        if self.cfg.checkpoint.save and not (save_interval and self.state.iteration % save_interval == 0):
+            self.save()
+        s = self.state
+        return {"iteration": s.iteration, "loss": last_loss, "consumed_samples": s.consumed_train_samples,
+                "flops_so_far": s.flops_so_far, "stage_history": s.stage_history}
+
+    def _loop(self, exits) -> float:
+        save_interval = self.cfg.checkpoint.save_interval
         last_loss = float("nan")
+        skipped_in_a_row = 0
         while self.state.iteration < self.cfg.training.train_iters:
             stage, why = self.stages.due(self.state, self.cfg)
             if stage is not None:
@@ -301,6 +326,11 @@ class Trainer:
             t0 = time.time()
             loss, grad_norm, ok = self.train_step()
             elapsed = time.time() - t0
+            if not self.step_finite:
+                skipped_in_a_row += 1
+                self._non_finite(loss, skipped_in_a_row)
+            else:
+                skipped_in_a_row = 0
             if layer_drop is not None:  # executed layers only
                 self.last_step_flops = layer_drop.step_flops(cfg.model, t.micro_batch_size, t.global_batch_size)
                 self.last_active_layers = layer_drop.active_layers()
@@ -309,14 +339,13 @@ class Trainer:
                 self.last_active_layers = None
             self.state.record_step(loss, t.global_batch_size, self.last_step_flops)
             last_loss = loss
-            if not math.isfinite(loss):
-                raise RuntimeError(f"loss is {loss} at iteration {self.state.iteration}; stopping (lower --lr?)")
             self.logger.iteration(self, loss, grad_norm, elapsed, ok)
             if t.eval_interval and self.state.iteration % t.eval_interval == 0:
                 self.logger.eval(self, self.evaluate())
             if save_interval and self.state.iteration % save_interval == 0:
                 self.save()
             if t.exit_interval and self.state.iteration % t.exit_interval == 0:
+                print_rank0(f"exiting at iteration {self.state.iteration}: --exit-interval {t.exit_interval}")
                 break
             optimal = self.stages.optimality_reached(self.state, cfg)
             if optimal is not None:
@@ -324,9 +353,25 @@ class Trainer:
                 print_rank0(f"stopping at iteration {self.state.iteration}: further training of this model is "
                             f"no longer compute-optimal (--stop-at-optimality)")
                 break
-        self.logger.close()
-        if self.cfg.checkpoint.save and not (save_interval and self.state.iteration % save_interval == 0):
-            self.save()
-        s = self.state
-        return {"iteration": s.iteration, "loss": last_loss, "consumed_samples": s.consumed_train_samples,
-                "flops_so_far": s.flops_so_far, "stage_history": s.stage_history}
+            reason = exits.check()
+            if reason:
+                print_rank0(f"exiting at iteration {self.state.iteration}: {reason}; saving a checkpoint")
+                break
+        return last_loss
+
+    def _non_finite(self, loss: float, in_a_row: int) -> None:
+        """Skip the step (``--on-non-finite skip``) or save the last good state and stop with one line."""
+        t = self.cfg.training
+        it = self.state.iteration + 1
+        what = f"loss {loss}" if not math.isfinite(loss) else "non-finite gradients"
+        if t.on_non_finite == "skip" and in_a_row <= t.max_consecutive_skipped_iterations:
+            print_rank0(f"warning: {what} at iteration {it}; step skipped (--on-non-finite skip, {in_a_row} in a row)")
+            return
+        saved = ""
+        if self.cfg.checkpoint.save:
+            self.save()  # the step was not applied: this is the last good state
+            saved = f"; saved the last good state (iteration {self.state.iteration}) to {self.cfg.checkpoint.save}"
+        why = (f"{in_a_row} non-finite steps in a row (--max-consecutive-skipped-iterations "
+               f"{t.max_consecutive_skipped_iterations})" if t.on_non_finite == "skip" else f"{what} at iteration {it}")
+        raise UserError(f"stopping: {why}{saved}; resume from it with a lower --lr or --clip-grad, or pass "
+                        f"--on-non-finite skip to drop such steps")
