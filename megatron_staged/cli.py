@@ -81,7 +81,10 @@ def main(argv=None) -> int:
         print(f"error: unknown command {name!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     try:
-        rc = COMMANDS[name](rest)
+        from megatron_staged import runtime
+
+        with runtime.installed():  # megatron-core fixes; the CPU backend when there is no CUDA
+            rc = COMMANDS[name](rest)
     except UserError as e:
         rank = os.environ.get("RANK", "0")
         if rank == "0":

@@ -1,0 +1,44 @@
+"""The process-wide runtime an entry point sets up before building anything.
+
+:func:`install` applies the megatron-core fixes (:mod:`.megatron_fixes`, version-checked) and, when
+CUDA is unavailable, the CPU backend (:mod:`.cpu_backend`, strict device checks when
+``MEGATRON_STAGED_STRICT_DEVICE=1``). Entry points own it: ``megatron_staged.cli.main`` runs each
+command inside :func:`installed` (undone afterwards), ``Trainer`` installs it when constructed from
+library code. Tests undo it with :func:`uninstall`.
+"""
+from __future__ import annotations
+
+import contextlib
+
+
+def install(strict: bool | None = None) -> list[str]:
+    """Install (idempotent); returns what is patched and why, one line per patch."""
+    from megatron_staged.runtime import cpu_backend, megatron_fixes
+
+    lines = [f"megatron-core fix: {f}" for f in megatron_fixes.install()]
+    if cpu_backend.install(strict):
+        lines += [f"CPU backend: {p}" for p in cpu_backend.describe()]
+    return lines
+
+
+def uninstall() -> None:
+    from megatron_staged.runtime import cpu_backend, megatron_fixes
+
+    cpu_backend.uninstall()
+    megatron_fixes.uninstall()
+
+
+@contextlib.contextmanager
+def installed(strict: bool | None = None):
+    """Install for the block; undo afterwards what this block installed."""
+    from megatron_staged.runtime import cpu_backend, megatron_fixes
+
+    had = (cpu_backend.is_installed(), megatron_fixes.is_installed())
+    lines = install(strict)
+    try:
+        yield lines
+    finally:
+        if not had[0]:
+            cpu_backend.uninstall()
+        if not had[1]:
+            megatron_fixes.uninstall()

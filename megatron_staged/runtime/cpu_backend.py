@@ -136,6 +136,7 @@ _CROSS_DEVICE_OK = {
     torch.Tensor.__getitem__, torch.Tensor.new_tensor, torch.Tensor.new_empty, torch.Tensor.new_zeros,
     torch.Tensor.new_ones, torch.Tensor.new_full, torch.Tensor.set_, torch.Tensor.type_as,
     torch.Tensor.index_put_, torch.Tensor.index_put, torch.Tensor.record_stream,
+    torch._has_compatible_shallow_copy_type,  # nn.Module._apply asks before moving a parameter
 }
 _DESCRIPTORS = {name: getattr(torch._C.TensorBase, name) for name in ("data", "device", "is_cuda")}
 
