@@ -13,14 +13,22 @@ attention is *not* allowed; with no mask and a causal layer the causal mask is i
 """
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-_SDPA_HAS_GQA = "enable_gqa" in inspect.signature(F.scaled_dot_product_attention).parameters
+def _sdpa_has_gqa() -> bool:
+    """torch >= 2.5 takes ``enable_gqa`` (no K/V copies for GQA); older ones need repeat_interleave."""
+    try:
+        F.scaled_dot_product_attention(*(torch.zeros(1, 2, 1, 1),) + (torch.zeros(1, 1, 1, 1),) * 2, enable_gqa=True)
+    except TypeError:
+        return False
+    return True
+
+
+_SDPA_HAS_GQA = _sdpa_has_gqa()
 
 
 class SDPAttention(torch.nn.Module):

@@ -159,6 +159,8 @@ class _CudaToCpuMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
+        if func is torch.autograd.backward or func is torch.Tensor.backward:
+            return self._backward(func, args, kwargs)
         prop = _descriptor(func)
         if not self.strict:
             if func is torch.Tensor.cuda:
@@ -171,6 +173,32 @@ class _CudaToCpuMode(TorchFunctionMode):
             a, k = _map_devices(func, args, kwargs)
             return func(*a, **k)
         return self._strict(func, prop, args, kwargs)
+
+    def _backward(self, func, args, kwargs):
+        """Run the autograd engine with this mode active. torch pops a mode while its handler runs,
+        and activation recomputation runs forward code (``device='cuda'`` factories) inside the
+        engine; so the engine is called here, under the mode, as ``torch.autograd.backward`` would."""
+        from torch.autograd import _make_grads, _tensor_or_tensors_to_tuple
+        from torch.autograd.graph import _engine_run_backward
+
+        if func is torch.Tensor.backward:
+            names = ("gradient", "retain_graph", "create_graph", "inputs")
+            call = dict(zip(names, args[1:]), **kwargs)
+            tensors, grads = (args[0],), call.get("gradient")
+        else:
+            names = ("grad_tensors", "retain_graph", "create_graph", "grad_variables", "inputs")
+            call = dict(zip(names, args[1:]), **kwargs)
+            tensors, grads = args[0], call.get("grad_tensors")
+            tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+        inputs = call.get("inputs")
+        inputs = () if inputs is None else (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+        create_graph = bool(call.get("create_graph", False))
+        retain_graph = call.get("retain_graph")
+        retain_graph = create_graph if retain_graph is None else retain_graph
+        grads = _make_grads(tensors, _tensor_or_tensors_to_tuple(grads, len(tensors)), is_grads_batched=False)
+        with self:
+            _engine_run_backward(tensors, grads, retain_graph, create_graph, inputs,
+                                 allow_unreachable=True, accumulate_grad=True)
 
     # -- strict mode ------------------------------------------------------------------------------
     def _strict(self, func, prop, args, kwargs):
