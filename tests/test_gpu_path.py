@@ -358,3 +358,52 @@ def test_megatron_fixes_check_the_version(monkeypatch):
         megatron_fixes.uninstall()
         if was:
             megatron_fixes.install()
+
+
+# ---- examples/gpu_smoke.sh ---------------------------------------------------------------------------
+
+def test_peak_throughput_and_mfu_arithmetic():
+    from megatron_staged.runtime import perf
+
+    assert perf.peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.4  # SXM
+    assert perf.peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0
+    assert perf.peak_tflops("NVIDIA H200", "fp16") == 989.4
+    assert perf.peak_tflops("NVIDIA A100-SXM4-80GB", "bf16") == 312.0
+    assert perf.peak_tflops("NVIDIA H100 80GB HBM3", "fp32") is None
+    assert perf.peak_tflops("cpu", "bf16") is None
+    # 1e15 model FLOPs per iteration; iterations 1..5 of 2 s each except the 4 s warm-up iteration 1;
+    # skip 1 -> 4 iterations in 8 s on 2 GPUs = 1e15 * 4 / 8 / 2 = 250 TFLOP/s per GPU
+    records = [{"iteration": 1, "elapsed_ms": 4000.0}] + [{"iteration": i, "elapsed_ms": 2000.0} for i in range(2, 6)]
+    records += [{"iteration": 3, "eval_loss": 1.0}, {"iteration": 6, "elapsed_ms": 1.0}]  # ignored
+    ph = perf.phase_from_records(records, 1, 5, 1e15, world_size=2, skip=1)
+    assert ph.iterations == 4 and ph.ms_per_iteration == 2000.0
+    assert ph.tflops_per_gpu == pytest.approx(250.0)
+    assert ph.mfu(1000.0) == pytest.approx(0.25) and ph.mfu(None) is None
+    assert perf.eval_loss_verdict(10.0, 10.05, "bf16").startswith("OK")
+    assert perf.eval_loss_verdict(10.0, 10.2, "bf16").startswith("FAIL")
+    assert perf.eval_loss_verdict(10.0, 10.001, "fp32").startswith("FAIL")
+
+
+def test_gpu_smoke_script_runs_at_toy_size(tmp_path):
+    """examples/gpu_smoke.sh --toy: the whole script (phases, in-run growth, report) on CPU."""
+    import json
+    import os
+    import subprocess
+
+    from conftest import ROOT, _env
+
+    out = tmp_path / "smoke.json"
+    r = subprocess.run(["bash", str(ROOT / "examples" / "gpu_smoke.sh"), "--toy", "--json", str(out)],
+                       cwd=str(ROOT), env=_env(), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    lines = [l for l in r.stdout.splitlines() if l.startswith("gpu_smoke ")]
+    assert [l.split(":")[0] for l in lines] == ["gpu_smoke device", "gpu_smoke before growth", "gpu_smoke growth",
+                                               "gpu_smoke after growth"], r.stdout[-3000:]
+    res = json.loads(out.read_text())
+    assert res["before"]["layers"] == 2 and res["after"]["layers"] == 4
+    assert res["after"]["parameters"] > res["before"]["parameters"]
+    assert res["before"]["tflops_per_gpu"] > 0 and res["after"]["tflops_per_gpu"] > 0
+    g = res["growth"]
+    assert g["eval_loss_after"] == pytest.approx(g["eval_loss_before"], rel=1e-5) and g["verdict"].startswith("OK")
+    assert g["seconds"] > 0
+    assert "features: " in r.stdout and os.path.isfile(out)
