@@ -5,6 +5,7 @@ Bad input raises :class:`UserError`, printed here as one ``error:`` line with ex
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import warnings
@@ -69,6 +70,11 @@ _delegate("report", "megatron_staged.tools.report")
 _delegate("fit-rho", "megatron_staged.tools.fit_rho")
 
 
+# read checkpoints or configs without megatron-core (or relaunch under torchrun first); if they do
+# build a model, Trainer / init_distributed install the runtime then
+WITHOUT_MEGATRON = {"inspect", "export-hf", "quickstart", "plan"}
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_warnings()
@@ -83,7 +89,10 @@ def main(argv=None) -> int:
     try:
         from megatron_staged import runtime
 
-        with runtime.installed():  # megatron-core fixes; the CPU backend when there is no CUDA
+        # megatron-core fixes, and the CPU backend when there is no CUDA; undone afterwards
+        # (commands that may not touch megatron-core at all import it only when they do)
+        scope = contextlib.nullcontext() if name in WITHOUT_MEGATRON else runtime.installed()
+        with scope:
             rc = COMMANDS[name](rest)
     except UserError as e:
         rank = os.environ.get("RANK", "0")

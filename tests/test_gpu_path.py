@@ -115,6 +115,12 @@ def test_strict_mode_tags_placement_and_rejects_what_cuda_rejects(strict_runtime
     objs = [{"a": 1}]
     dist.broadcast_object_list(objs, src=0)
     assert objs == [{"a": 1}]
+    # groups made with backend="gloo" (megatron's *_gloo groups) take host tensors on GPU machines too
+    gloo = dist.new_group([0], backend="gloo")
+    host2 = torch.ones(2)
+    dist.all_reduce(host2, group=gloo)
+    with pytest.raises(DeviceDisciplineError):
+        dist.all_reduce(host2, group=dist.new_group([0]))
 
 
 def test_average_loss_over_ranks_reduces_on_the_device(strict_runtime):

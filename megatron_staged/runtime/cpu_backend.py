@@ -304,9 +304,24 @@ _OBJECT_COLLECTIVES = ("broadcast_object_list", "all_gather_object", "gather_obj
 _local = threading.local()
 
 
-def _check_collective(name, args, kwargs):
+_GLOO_GROUPS: "weakref.WeakSet" = None  # groups created with backend="gloo": host tensors are right there
+
+
+def _group_of(fn, args, kwargs):
+    import inspect
+
+    try:
+        return inspect.signature(fn).bind_partial(*args, **kwargs).arguments.get("group")
+    except (TypeError, ValueError):
+        return kwargs.get("group")
+
+
+def _check_collective(name, args, kwargs, fn=None):
     if not is_strict() or getattr(_local, "in_object_collective", 0):
         return
+    group = _group_of(fn, args, kwargs) if fn is not None else None
+    if group is not None and _GLOO_GROUPS is not None and group in _GLOO_GROUPS:
+        return  # megatron's *_gloo groups (e.g. the optimizer-state gather) take host tensors on GPU too
     for t in _iter_tensors(args, kwargs):
         if on_device(t) is False:
             raise DeviceDisciplineError(
@@ -316,7 +331,7 @@ def _check_collective(name, args, kwargs):
 
 def _wrap_collective(name, fn):
     def wrapper(*args, **kwargs):
-        _check_collective(name, args, kwargs)
+        _check_collective(name, args, kwargs, fn)
         return fn(*args, **kwargs)
     wrapper.__wrapped__ = fn
     wrapper.__name__ = name
@@ -342,6 +357,25 @@ def _wrap_object_collective(fn):
     wrapper.__wrapped__ = fn
     wrapper.__name__ = fn.__name__
     return wrapper
+
+
+def _wrap_new_group(fn):
+    def new_group(*args, **kwargs):
+        group = fn(*args, **kwargs)
+        try:
+            import inspect
+
+            backend = inspect.signature(fn).bind_partial(*args, **kwargs).arguments.get("backend")
+        except (TypeError, ValueError):
+            backend = kwargs.get("backend")
+        if backend is not None and str(backend).lower() == "gloo" and group is not None:
+            try:
+                _GLOO_GROUPS.add(group)
+            except TypeError:
+                pass
+        return group
+    new_group.__wrapped__ = fn
+    return new_group
 
 
 def _parameter_new(original):
@@ -480,7 +514,16 @@ def _install_strict(patches: _Patches) -> None:
     import torch.distributed as dist
     import torch.distributed.distributed_c10d as c10d
 
+    import weakref
+
+    global _GLOO_GROUPS
+    if _GLOO_GROUPS is None:
+        _GLOO_GROUPS = weakref.WeakSet()
     replaced = {}
+    new_group = _wrap_new_group(c10d.new_group)
+    replaced[id(c10d.new_group)] = new_group
+    patches.set(c10d, "new_group", new_group)
+    patches.set(dist, "new_group", new_group)
     for name in _TENSOR_COLLECTIVES + _OBJECT_COLLECTIVES + ("batch_isend_irecv",):
         fn = getattr(c10d, name, None)
         if fn is None:
