@@ -19,16 +19,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-def _sdpa_has_gqa() -> bool:
-    """torch >= 2.5 takes ``enable_gqa`` (no K/V copies for GQA); older ones need repeat_interleave."""
-    try:
-        F.scaled_dot_product_attention(*(torch.zeros(1, 2, 1, 1),) + (torch.zeros(1, 1, 1, 1),) * 2, enable_gqa=True)
-    except TypeError:
-        return False
-    return True
-
-
-_SDPA_HAS_GQA = _sdpa_has_gqa()
 
 
 class SDPAttention(torch.nn.Module):
@@ -63,13 +53,11 @@ class SDPAttention(torch.nn.Module):
             raise ValueError("SDPAttention supports neither packed sequences nor an attention bias")
         sq, b = query.shape[0], query.shape[1]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, n, s, hn]
-        kwargs = {}
         if self.groups != self.heads:
-            if _SDPA_HAS_GQA:
-                kwargs["enable_gqa"] = True
-            else:
-                rep = self.heads // self.groups
-                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            # explicit K/V copies per query head (as DotProductAttention): SDPA's enable_gqa is not
+            # taken by every fused kernel, and a fallback to the math kernel would cost far more
+            rep = self.heads // self.groups
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         mask = None if attention_mask is None else ~attention_mask
         causal = mask is None and mask_type == AttnMaskType.causal
@@ -77,8 +65,8 @@ class SDPAttention(torch.nn.Module):
         if p > 0 and not self.config.sequence_parallel:
             with get_cuda_rng_tracker().fork():  # per-TP-rank stream, as DotProductAttention
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal,
-                                                     scale=self.softmax_scale, **kwargs)
+                                                     scale=self.softmax_scale)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal,
-                                                 scale=self.softmax_scale, **kwargs)
+                                                 scale=self.softmax_scale)
         return out.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
