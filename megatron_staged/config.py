@@ -426,8 +426,11 @@ def pad_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
 
 
 def validate_performance(cfg: Config) -> None:
-    """Recomputation and loss-scaling flags, checked as Megatron-LM checks them."""
-    r, o = cfg.performance, cfg.optim
+    """Recomputation, overlap and loss-scaling flags, checked as Megatron-LM checks them."""
+    r, o, p = cfg.performance, cfg.optim, cfg.parallel
+    if p.overlap_param_gather:
+        require(p.use_distributed_optimizer and p.overlap_grad_reduce,
+                "--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce")
     if r.recompute_granularity == "full":
         require(r.recompute_method is not None and r.recompute_num_layers is not None,
                 "--recompute-granularity full needs --recompute-method (uniform or block) and "

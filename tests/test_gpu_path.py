@@ -149,6 +149,42 @@ def test_model_lives_on_the_device_and_trains(strict_runtime, distributed_optimi
     assert ok and torch.isfinite(torch.tensor(loss)) and grad_norm > 0
 
 
+@pytest.mark.parametrize("precision", ["--bf16", "--fp16"])
+def test_16bit_training_keeps_fp32_main_params_on_the_device(strict_runtime, precision):
+    from megatron_staged.runtime.cpu_backend import on_device
+
+    loss, _, comps = _loss_and_grads(_cfg(GPT2 + [precision]), _batches())
+    opt = (getattr(comps.optimizer, "chained_optimizers", None) or [comps.optimizer])[0]
+    model_dtypes = {p.dtype for p in comps.model[0].parameters()}
+    main = [p for g in opt.optimizer.param_groups for p in g["params"]]
+    assert model_dtypes == {torch.bfloat16 if precision == "--bf16" else torch.float16}
+    assert main and all(p.dtype == torch.float32 and on_device(p) is True for p in main)
+    ok, _, _ = comps.optimizer.step()
+    assert torch.isfinite(torch.tensor(loss)) and (ok or precision == "--fp16")  # fp16 may skip a step
+
+
+def test_overlapped_grad_reduce_and_param_gather_train_the_same(strict_runtime):
+    """megatron DDP's bucketed overlap (async collectives, param-gather hooks): same losses."""
+    from megatron_staged.builders import build_components
+    from megatron_staged.training.trainer import run_microbatches
+
+    def losses(extra):
+        cfg = _cfg(LLAMA_GQA + ["--use-distributed-optimizer"] + extra)
+        comps = build_components(cfg)
+        out = []
+        for batch in _batches(seed=3, n=3):
+            for chunk in comps.model:
+                chunk.zero_grad_buffer()
+            comps.optimizer.zero_grad()
+            out.append(run_microbatches(comps.model, iter([batch]), 1, cfg, forward_only=False))
+            comps.optimizer.step()
+        return out
+
+    ref = losses([])
+    got = losses(["--overlap-grad-reduce", "--overlap-param-gather"])
+    assert got == pytest.approx(ref, rel=1e-6) and got[-1] != got[0]
+
+
 # ---- attention and recomputation ----------------------------------------------------------------
 
 @pytest.mark.parametrize("family", ["gpt2", "llama_gqa"])
@@ -215,6 +251,7 @@ def test_recompute_gives_the_same_loss_and_grads(strict_runtime, flags):
     (["--recompute-granularity", "full"], "needs --recompute-method"),
     (["--recompute-method", "block", "--recompute-num-layers", "1"], "need --recompute-granularity full"),
     (["--fp16", "--initial-loss-scale", "0.5", "--min-loss-scale", "1"], "--initial-loss-scale"),
+    (["--overlap-param-gather"], "--overlap-param-gather needs --use-distributed-optimizer"),
 ])
 def test_bad_performance_flags_are_user_errors(argv, needle):
     from megatron_staged.config import parse_config, validate
