@@ -8,6 +8,7 @@ multi-process tests run under it too (conftest sets MEGATRON_STAGED_STRICT_DEVIC
 """
 from __future__ import annotations
 
+import os
 import types
 
 import pytest
@@ -29,6 +30,7 @@ def strict_runtime():
     if torch.cuda.is_available():
         pytest.skip("the strict CPU backend is for machines without CUDA")
     was_installed = cpu_backend.is_installed()
+    saved_env = dict(os.environ)  # init_distributed sets MASTER_PORT etc. for its one-rank group
     runtime.uninstall()
     runtime.install(strict=True)
     from megatron_staged.runtime.distributed import init_distributed
@@ -42,6 +44,8 @@ def strict_runtime():
     runtime.uninstall()
     if was_installed:
         runtime.install()
+    os.environ.clear()
+    os.environ.update(saved_env)
 
 
 def _cfg(argv):
@@ -436,8 +440,10 @@ def test_gpu_smoke_script_runs_at_toy_size(tmp_path):
     from conftest import ROOT, _env
 
     out = tmp_path / "smoke.json"
+    env = {k: v for k, v in _env().items()  # not the in-process group's rendezvous (see strict_runtime)
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     r = subprocess.run(["bash", str(ROOT / "examples" / "gpu_smoke.sh"), "--toy", "--json", str(out)],
-                       cwd=str(ROOT), env=_env(), capture_output=True, text=True, timeout=900)
+                       cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
     lines = [l for l in r.stdout.splitlines() if l.startswith("gpu_smoke ")]
     assert [l.split(":")[0] for l in lines] == ["gpu_smoke device", "gpu_smoke before growth", "gpu_smoke growth",
