@@ -72,7 +72,7 @@ _delegate("fit-rho", "megatron_staged.tools.fit_rho")
 
 # read checkpoints or configs without megatron-core (or relaunch under torchrun first); if they do
 # build a model, Trainer / init_distributed install the runtime then
-WITHOUT_MEGATRON = {"inspect", "export-hf", "quickstart", "plan"}
+WITHOUT_MEGATRON = {"inspect", "export-hf", "quickstart", "plan", "report", "fit-rho"}
 
 
 def main(argv=None) -> int:
