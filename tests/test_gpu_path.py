@@ -372,6 +372,9 @@ def test_runtime_install_is_undone_by_uninstall():
             assert torch.cuda.current_device() == 0 and dist.all_reduce is not originals[1]
             assert DistributedOptimizer.get_parameter_state_dp_zero is not originals[3]
             assert torch.zeros(1, device="cuda").device.type == "cuda"  # tagged: reports the device
+            assert runtime.summary() == ("runtime patches: megatron-core 0.16.1 fixes: "
+                                         "DistributedOptimizer.get_parameter_state_dp_zero | "
+                                         "CPU backend for megatron-core (strict device checks)")
         assert (torch.cuda.current_device, dist.all_reduce, torch.nn.Parameter.__new__,
                 DistributedOptimizer.get_parameter_state_dp_zero) == originals
         assert not cpu_backend.is_installed() and not megatron_fixes.is_installed()

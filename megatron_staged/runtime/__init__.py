@@ -21,6 +21,19 @@ def install(strict: bool | None = None) -> list[str]:
     return lines
 
 
+def summary() -> str:
+    """One line for the start of a run: which patches are in place (install() returns the reasons)."""
+    from megatron_staged.runtime import cpu_backend, megatron_fixes
+
+    parts = []
+    if megatron_fixes.is_installed():
+        parts.append(f"megatron-core {megatron_fixes.megatron_core_version()} fixes: "
+                     + "; ".join(f.split(":")[0] for f in megatron_fixes.FIXES))
+    if cpu_backend.is_installed():
+        parts.append("CPU backend for megatron-core" + (" (strict device checks)" if cpu_backend.is_strict() else ""))
+    return "runtime patches: " + (" | ".join(parts) or "none")
+
+
 def uninstall() -> None:
     from megatron_staged.runtime import cpu_backend, megatron_fixes
 

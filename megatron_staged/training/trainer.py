@@ -114,6 +114,7 @@ class Trainer:
         saved_state = self._adopt_checkpoint_model_config(cfg)
         validate(cfg, self.world_size)
         print_rank0(features.describe(cfg, features.detect(), dist.get_backend()))
+        print_rank0(runtime.summary())
         self.state = TrainState()
         self.tokenizer, self.datasets = prepare_data(cfg, self.world_size)
         set_padded_vocab_size(cfg, self.tokenizer.vocab_size)
