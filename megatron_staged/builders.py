@@ -67,7 +67,9 @@ def build_optimizer(cfg: Config, model_chunks):
         adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, sgd_momentum=o.sgd_momentum,
         clip_grad=o.clip_grad, bf16=m.bf16, fp16=m.fp16, params_dtype=torch.float32,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-        loss_scale=None, initial_loss_scale=2**16 if m.fp16 else None,
+        # fp16: Megatron-LM's dynamic loss scaling (or a constant --loss-scale); bf16 needs none
+        loss_scale=o.loss_scale if m.fp16 else None, initial_loss_scale=o.initial_loss_scale,
+        min_loss_scale=o.min_loss_scale, loss_scale_window=o.loss_scale_window, hysteresis=o.hysteresis,
     )
     optimizer = get_megatron_optimizer(ocfg, model_chunks)
     init_optimizer_state(optimizer)

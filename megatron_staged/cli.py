@@ -72,6 +72,8 @@ _delegate("report", "megatron_staged.tools.report")
 _delegate("fit-rho", "megatron_staged.tools.fit_rho")
 
 
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_warnings()
@@ -88,7 +90,12 @@ def main(argv=None) -> int:
 
     launcher_watchdog()  # under torchrun: stop within seconds if the launcher is killed
     try:
-        with untrusted_checkpoint_reads():  # no checkpoint file may run code, whichever loader reads it
+        from megatron_staged import runtime
+
+        # megatron-core fixes, and the CPU backend when there is no CUDA: installed where a command
+        # first needs them (init_distributed), after its input checks, and undone afterwards.
+        # No checkpoint file may run code, whichever loader reads it.
+        with untrusted_checkpoint_reads(), runtime.owned():
             rc = COMMANDS[name](rest)
     except UserError as e:
         rank = os.environ.get("RANK", "0")

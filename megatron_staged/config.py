@@ -107,6 +107,26 @@ class OptimizerConfig:
     adam_beta2: float = _f(0.999)
     adam_eps: float = _f(1e-8)
     sgd_momentum: float = _f(0.9)
+    # fp16 loss scaling, Megatron-LM's flags (bf16 needs none)
+    loss_scale: Optional[float] = _f(None, "fp16: a constant loss scale; default dynamic scaling")
+    initial_loss_scale: float = _f(2.0 ** 32, "fp16 dynamic scaling: the first scale")
+    min_loss_scale: float = _f(1.0, "fp16 dynamic scaling: the scale never drops below this")
+    loss_scale_window: int = _f(1000, "fp16 dynamic scaling: iterations without overflow before doubling")
+    hysteresis: int = _f(2, "fp16 dynamic scaling: overflows tolerated before halving")
+
+
+@dataclass
+class PerformanceConfig:
+    """How the model computes (never what): kernels and activation recomputation."""
+    attention_backend: str = _f("auto", "core attention of the local spec: auto (torch SDPA on GPU, megatron's "
+                                "DotProductAttention on CPU), sdpa, or local; TE's spec uses TE's fused attention",
+                                choices=["auto", "sdpa", "local"])
+    recompute_granularity: Optional[str] = _f(None, "activation recomputation: full or selective",
+                                              choices=["full", "selective"])
+    recompute_method: Optional[str] = _f(None, "with --recompute-granularity full: uniform or block",
+                                         choices=["uniform", "block"])
+    recompute_num_layers: Optional[int] = _f(None, "with --recompute-granularity full: layers per "
+                                             "recomputed chunk (uniform) or per stage (block)")
 
 
 @dataclass
@@ -189,6 +209,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    performance: PerformanceConfig = field(default_factory=PerformanceConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -475,6 +496,26 @@ def check_values(cfg: Config) -> None:
     parse_split(cfg.data.split)
 
 
+def validate_performance(cfg: Config) -> None:
+    """Recomputation, overlap and loss-scaling flags, checked as Megatron-LM checks them."""
+    r, o, p = cfg.performance, cfg.optim, cfg.parallel
+    if p.overlap_param_gather:
+        require(p.use_distributed_optimizer and p.overlap_grad_reduce,
+                "--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce")
+    if r.recompute_granularity == "full":
+        require(r.recompute_method is not None and r.recompute_num_layers is not None,
+                "--recompute-granularity full needs --recompute-method (uniform or block) and "
+                "--recompute-num-layers N")
+        require(r.recompute_num_layers >= 1, "--recompute-num-layers must be >= 1")
+    else:
+        require(r.recompute_method is None and r.recompute_num_layers is None,
+                "--recompute-method and --recompute-num-layers need --recompute-granularity full")
+    require(o.loss_scale is None or o.loss_scale > 0, "--loss-scale must be > 0")
+    require(o.min_loss_scale > 0 and o.initial_loss_scale >= o.min_loss_scale,
+            f"--initial-loss-scale {o.initial_loss_scale} must be >= --min-loss-scale {o.min_loss_scale} > 0")
+    require(o.loss_scale_window >= 1 and o.hysteresis >= 1, "--loss-scale-window and --hysteresis must be >= 1")
+
+
 def validate(cfg: Config, world_size: int) -> None:
     """Check values, the layout and batch arithmetic; raise UserError with the fix."""
     m, p, t, o = cfg.model, cfg.parallel, cfg.training, cfg.optim
@@ -499,6 +540,7 @@ def validate(cfg: Config, world_size: int) -> None:
     require(m.max_position_embeddings >= m.seq_length or m.position_embedding_type == "rope",
             f"--max-position-embeddings {m.max_position_embeddings} < --seq-length {m.seq_length}")
     require(not (m.bf16 and m.fp16), "choose one of --bf16 and --fp16")
+    validate_performance(cfg)
     require(world_size % (tp * pp) == 0,
             f"world size {world_size} is not divisible by TP x PP = {tp} x {pp}; "
             f"launch a multiple of {tp * pp} processes (torchrun --nproc-per-node)")

@@ -12,6 +12,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Strict device discipline for every run the tests start (subprocesses inherit it): a CPU run
+# fails where a GPU run would, e.g. a collective on a host tensor (see runtime/cpu_backend.py).
+os.environ.setdefault("MEGATRON_STAGED_STRICT_DEVICE", "1")
+
 
 def free_port() -> int:
     with socket.socket() as s:

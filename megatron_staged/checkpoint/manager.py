@@ -278,23 +278,46 @@ def init_optimizer_state(optimizer) -> None:
     set_optimizer_step(optimizer, get_optimizer_step(optimizer))
 
 
+def step_lives_in_param_groups(inner) -> bool:
+    """Fused Adams (Transformer Engine's and apex's ``FusedAdam``) keep one ``step`` per param group
+    (``group['step']``, the bias-correction count); torch's Adam/AdamW keep one per parameter."""
+    if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+        return False
+    return "Adam" in type(inner).__name__ or any("step" in g for g in inner.param_groups)
+
+
 def get_optimizer_step(optimizer) -> int:
+    """The optimizer's step count (Adam's bias-correction step), wherever this optimizer keeps it."""
     for inner in _inner_optimizers(optimizer):
-        for st in inner.state.values():
-            if "step" in st:
-                return int(st["step"])
+        if step_lives_in_param_groups(inner):
+            # TE's FusedAdam does not count steps of empty groups (megatron aligns them on save)
+            steps = [int(g["step"]) for g in inner.param_groups if "step" in g and g.get("params")]
+            if steps:
+                return max(steps)
+        else:
+            for st in inner.state.values():
+                if "step" in st:
+                    return int(st["step"])
     return 0
 
 
 def set_optimizer_step(optimizer, step: int) -> None:
+    """Set the step count everywhere this optimizer keeps it (per parameter or per param group)."""
     for inner in _inner_optimizers(optimizer):
-        if not isinstance(inner, torch.optim.Adam) and not isinstance(inner, torch.optim.AdamW):
+        if step_lives_in_param_groups(inner):
+            for group in inner.param_groups:
+                old = group.get("step")
+                group["step"] = torch.full_like(old, step) if torch.is_tensor(old) else int(step)
+            continue
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
             continue
         for group in inner.param_groups:
             for p in group["params"]:
                 st = inner.state[p]
                 if "exp_avg" in st:
-                    st["step"] = torch.tensor(float(step), dtype=torch.float32)
+                    old = st.get("step")
+                    device = old.device if torch.is_tensor(old) else None  # capturable/fused: on the device
+                    st["step"] = torch.tensor(float(step), dtype=torch.float32, device=device)
 
 
 def load_optimizer_state(optimizer, sd: dict, step: int) -> None:

@@ -2,7 +2,10 @@
 
 The model is a plain megatron-core ``GPTModel`` built from a layer spec: Transformer Engine's
 spec when TE is installed and CUDA is available (fused attention, fused norms), else the "local"
-spec (megatron's own ``DotProductAttention`` and torch norms), which is what runs on CPU.
+spec (apex's fused LayerNorm when apex is installed, torch norms otherwise) whose core attention is
+:class:`~megatron_staged.model.attention.SDPAttention` (torch's fused SDPA) on GPU and megatron's
+``DotProductAttention`` on CPU (``--attention-backend`` chooses). The built model lives on the
+current device (``torch.cuda.current_device()``; host memory under the CPU backend).
 
 Initialisation is done here, not by megatron: every parameter is drawn from a generator seeded by
 ``(seed, checkpoint key, global layer index, row block)`` over its *global* shape, and each rank
@@ -39,6 +42,25 @@ def use_transformer_engine(m: ModelConfig) -> bool:
     return available
 
 
+def attention_backend(cfg: Config) -> str:
+    """'transformer_engine', 'sdpa' or 'local': the core attention the model will use."""
+    if use_transformer_engine(cfg.model):
+        return "transformer_engine"
+    choice = cfg.performance.attention_backend
+    if choice == "auto":
+        return "sdpa" if torch.cuda.is_available() else "local"
+    return choice
+
+
+def _have_fused_softmax_kernels() -> bool:
+    try:
+        import scaled_masked_softmax_cuda  # noqa: F401  (apex / megatron's fused kernels)
+        import scaled_upper_triang_masked_softmax_cuda  # noqa: F401
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
 def params_dtype(m: ModelConfig) -> torch.dtype:
     return torch.bfloat16 if m.bf16 else torch.float16 if m.fp16 else torch.float32
 
@@ -47,15 +69,12 @@ def transformer_config(cfg: Config):
     """The megatron-core ``TransformerConfig`` for ``cfg`` (model + parallel sections)."""
     from megatron.core.transformer import TransformerConfig
 
-    m, p = resolve_model(cfg.model), cfg.parallel
+    m, p, r = resolve_model(cfg.model), cfg.parallel, cfg.performance
     dtype = params_dtype(m)
     on_gpu = torch.cuda.is_available()
     if p.sequence_parallel and not use_transformer_engine(m):
-        try:
-            import apex  # noqa: F401
-        except Exception:
-            raise UserError("--sequence-parallel needs Transformer Engine or apex norms (not available "
-                            "here); drop --sequence-parallel")
+        raise UserError("--sequence-parallel needs Transformer Engine on a GPU (not available here); "
+                        "drop --sequence-parallel")
     return TransformerConfig(
         # a zero-layer model is built with one layer that is then removed (see build_model);
         # megatron's config divides by num_layers for the scaled output init.
@@ -84,11 +103,14 @@ def transformer_config(cfg: Config):
         fp16=m.fp16,
         bias_activation_fusion=on_gpu and not m.swiglu and not m.disable_bias_linear,
         bias_dropout_fusion=on_gpu,
-        masked_softmax_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu and _have_fused_softmax_kernels(),
         apply_rope_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         deallocate_pipeline_outputs=on_gpu,
+        recompute_granularity=r.recompute_granularity,
+        recompute_method=r.recompute_method,
+        recompute_num_layers=r.recompute_num_layers,
     )
 
 
@@ -98,10 +120,15 @@ def layer_spec(cfg: Config):
         get_gpt_layer_with_transformer_engine_spec,
     )
 
-    if use_transformer_engine(cfg.model):
+    backend = attention_backend(cfg)
+    if backend == "transformer_engine":
         spec = get_gpt_layer_with_transformer_engine_spec()
     else:
         spec = get_gpt_layer_local_spec(normalization=cfg.model.normalization)
+        if backend == "sdpa":
+            from megatron_staged.model.attention import SDPAttention
+
+            spec.submodules.self_attention.submodules.core_attention = SDPAttention
     from megatron_staged.subnet import enabled as layer_drop_enabled
 
     if layer_drop_enabled(cfg):  # RaPTr / PLD: a TransformerLayer that a per-step mask can skip
@@ -136,6 +163,9 @@ def build_model(cfg: Config, pre_process: bool, post_process: bool):
         # embedding -> final norm -> output head, no transformer blocks (zero-layer model)
         model.decoder.layers = torch.nn.ModuleList()
         model.decoder.config.num_layers = 0
+    # megatron built the weights in host memory (use_cpu_initialization: layout-independent init);
+    # only the distributed optimizer's buffers would move them, so move the model here
+    model.cuda(torch.cuda.current_device())
     return model
 
 

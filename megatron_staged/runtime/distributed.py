@@ -29,8 +29,14 @@ class Layout:
 
 
 def init_distributed(backend: str = "auto", timeout_minutes: int = 10) -> None:
-    """Start torch.distributed once per process (idempotent)."""
-    cpu_backend.activate()
+    """Start torch.distributed once per process (idempotent).
+
+    Entry points install the runtime first (``megatron_staged.runtime.install``); a library caller
+    that did not gets it installed here, since megatron-core cannot run on CPU without it.
+    """
+    from megatron_staged import runtime
+
+    runtime.install()
     if dist.is_initialized():
         return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -124,11 +130,22 @@ def set_rng_state(state: dict) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def collective_device() -> torch.device:
-    """Where a tensor handed to a collective must live: the current CUDA device under NCCL."""
-    if dist.is_initialized() and dist.get_backend() == "nccl":
+def current_device() -> torch.device:
+    """Where the model, its inputs and every collective's tensors live: the current CUDA device.
+
+    Under the CPU backend ``cuda`` maps to host memory, and strict mode tags what is made here as
+    "on the device" (so a tensor made elsewhere fails in a collective, as under NCCL).
+    """
+    if torch.cuda.is_available() or cpu_backend.is_installed():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def collective_device() -> torch.device:
+    """Where a tensor handed to a collective must live (see :func:`current_device`)."""
+    if torch.cuda.is_available() and dist.is_initialized() and dist.get_backend() != "nccl":
+        return torch.device("cpu")  # gloo on a GPU machine (--distributed-backend gloo)
+    return current_device()
 
 
 def all_reduce_scalar(value: float, op: str = "sum") -> float:

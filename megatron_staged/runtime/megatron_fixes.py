@@ -1,4 +1,4 @@
-"""Corrections to megatron-core 0.16.1 that this project depends on (applied once, idempotent).
+"""Corrections to megatron-core 0.16.1 that this project depends on: :func:`install` / :func:`uninstall`.
 
 ``DistributedOptimizer.get_parameter_state_dp_zero`` concatenates each bucket's gathered state
 *without* the padding at bucket ends ("gets rid of the padding between buckets"), but
@@ -13,9 +13,6 @@ index it correctly; only the fully_reshardable path, the one this project uses, 
 from __future__ import annotations
 
 import torch
-
-_APPLIED = False
-
 
 def _with_bucket_padding(self, state):
     for gbuf_idx, dtype_state in state.items():
@@ -38,12 +35,47 @@ def _with_bucket_padding(self, state):
     return state
 
 
-def apply() -> None:
-    global _APPLIED
-    if _APPLIED:
-        return
+KNOWN_VERSIONS = ("0.16.1",)  # the megatron-core releases these fixes were checked against
+FIXES = (
+    "DistributedOptimizer.get_parameter_state_dp_zero: re-insert bucket-end padding so that "
+    "fully_reshardable saves slice parameters at their param_index_map offsets (without it, "
+    "parameters after a padded bucket end, e.g. tied embeddings at PP>1, are saved shifted)",
+)
+_STATE: dict | None = None
+
+
+def megatron_core_version() -> str:
+    try:
+        from megatron.core.package_info import __version__
+    except Exception:  # noqa: BLE001 - very old or unusual installs
+        import importlib.metadata
+
+        return importlib.metadata.version("megatron-core")
+    return __version__
+
+
+def install() -> list[str]:
+    """Apply the fixes (idempotent); returns what they patch and why.
+
+    On a megatron-core version other than :data:`KNOWN_VERSIONS` the fixes are applied only if the
+    internals they wrap are still there (with a warning: re-check them); otherwise UserError.
+    """
+    global _STATE
+    if _STATE is not None:
+        return list(FIXES)
+    import warnings
+
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
+    from megatron_staged.errors import UserError
+
+    version = megatron_core_version()
+    if version not in KNOWN_VERSIONS:
+        if not hasattr(DistributedOptimizer, "get_parameter_state_dp_zero"):
+            raise UserError(f"megatron-core {version} is not supported (checked: {', '.join(KNOWN_VERSIONS)}); "
+                            f"install megatron-core=={KNOWN_VERSIONS[-1]}")
+        warnings.warn(f"megatron-core {version} is not a version megatron_staged's fixes were checked against "
+                      f"({', '.join(KNOWN_VERSIONS)}); applying them anyway: {'; '.join(FIXES)}")
     original = DistributedOptimizer.get_parameter_state_dp_zero
 
     def get_parameter_state_dp_zero(self, *args, **kwargs):
@@ -51,4 +83,23 @@ def apply() -> None:
         return state if state is None else _with_bucket_padding(self, state)
 
     DistributedOptimizer.get_parameter_state_dp_zero = get_parameter_state_dp_zero
-    _APPLIED = True
+    _STATE = {"original": original, "version": version}
+    return list(FIXES)
+
+
+def uninstall() -> None:
+    global _STATE
+    if _STATE is None:
+        return
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    DistributedOptimizer.get_parameter_state_dp_zero = _STATE["original"]
+    _STATE = None
+
+
+def is_installed() -> bool:
+    return _STATE is not None
+
+
+# the name older callers use
+apply = install

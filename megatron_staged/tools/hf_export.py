@@ -221,7 +221,7 @@ def megatron_logits(load: str, tokens: torch.Tensor) -> torch.Tensor:
     from megatron_staged.checkpoint.manager import load_checkpoint
     from megatron_staged.model.builder import unwrap
     from megatron_staged.builders import build_components
-    from megatron_staged.runtime.distributed import init_distributed
+    from megatron_staged.runtime.distributed import current_device, init_distributed
 
     _, _, _, cfg = load_checkpoint_config(load)
     init_distributed()
@@ -232,9 +232,11 @@ def megatron_logits(load: str, tokens: torch.Tensor) -> torch.Tensor:
     load_checkpoint(load, model, None, None, load_optimizer=False, load_rng=False)
     net = unwrap(model[0])
     net.eval()
-    positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    dev = current_device()  # the model's device (a GPU rank: the current CUDA device)
+    tokens = tokens.to(dev)
+    positions = torch.arange(tokens.shape[1], device=dev).unsqueeze(0).expand_as(tokens)
     with torch.no_grad():  # not around the build: megatron DDP needs autograd to hook gradients
-        return net(tokens, positions, None).float()
+        return net(tokens, positions, None).float().cpu()
 
 
 @torch.no_grad()

@@ -23,7 +23,8 @@ from megatron_staged.data.setup import prepare_data
 from megatron_staged.errors import UserError
 from megatron_staged.growth.spec import GrowthRequest
 from megatron_staged.model.builder import set_padded_vocab_size
-from megatron_staged.runtime.distributed import all_reduce_scalar, init_distributed, print_rank0
+from megatron_staged.runtime.distributed import (all_reduce_scalar, collective_device, current_device,
+                                                 init_distributed, print_rank0)
 from megatron_staged.staging.stages import StageRunner
 from megatron_staged.training.flops import flops_per_iteration
 from megatron_staged.training.guards import ExitConditions
@@ -45,12 +46,15 @@ def forward_step(data_iterator, model):
     batch = next(data_iterator)
     tokens = batch["tokens"]
     labels = batch["labels"]
+    dev = current_device()  # the batch comes from the data loader in host memory
+    tokens, labels = tokens.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
     position_ids = batch.get("position_ids")
     if position_ids is None:
-        position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    tokens, labels, position_ids = tokens.to(dev), labels.to(dev), position_ids.to(dev)
-    loss_mask = batch.get("loss_mask", torch.ones_like(labels, dtype=torch.float)).to(dev)
+        position_ids = torch.arange(tokens.shape[1], device=dev).unsqueeze(0).expand_as(tokens)
+    position_ids = position_ids.to(dev, non_blocking=True)
+    loss_mask = batch.get("loss_mask")
+    loss_mask = (torch.ones_like(labels, dtype=torch.float) if loss_mask is None
+                 else loss_mask.to(dev, non_blocking=True))
     output = model(tokens, position_ids, None, labels=labels)
     return output, partial(_loss_func, loss_mask)
 
@@ -76,7 +80,7 @@ def average_loss_over_ranks(losses) -> float:
     """Mean of the last pipeline stage's micro-batch losses over DP, made known to every rank."""
     from megatron.core import parallel_state as ps
 
-    t = torch.zeros(2, dtype=torch.float64)
+    t = torch.zeros(2, dtype=torch.float64, device=collective_device())  # NCCL: on the device
     if ps.is_pipeline_last_stage() and losses:
         t[0] = float(torch.stack([l["lm loss"] for l in losses]).mean())
         t[1] = 1.0
@@ -103,10 +107,16 @@ class Trainer:
 
     def __init__(self, cfg: Config):
         self.start_time = time.time()  # --exit-duration-in-mins counts setup too, as Megatron's does
+        from megatron_staged import runtime
+        from megatron_staged.runtime import features
+
+        runtime.install()  # idempotent; the CLI has installed it already
         init_distributed(cfg.parallel.distributed_backend, cfg.parallel.distributed_timeout_minutes)
         self.world_size = dist.get_world_size()
         saved_state = self._adopt_checkpoint_model_config(cfg)
         validate(cfg, self.world_size)
+        print_rank0(features.describe(cfg, features.detect(), dist.get_backend()))
+        print_rank0(runtime.summary())
         self.state = TrainState()
         self.tokenizer, self.datasets = prepare_data(cfg, self.world_size)
         set_padded_vocab_size(cfg, self.tokenizer.vocab_size)
