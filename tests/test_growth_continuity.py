@@ -44,7 +44,7 @@ def inrun(tmp_path_factory, corpus):
     root = tmp_path_factory.mktemp("continuity")
     cfg = root / "stages.yaml"
     cfg.write_text(f"staging:\n  stages:\n    - {{at_iteration: {GROW_AT}, depth_factor: 2, rho: {RHO}, "
-                   f"rewarmup_iters: {REWARM}}}\n")
+                   f"rewarmup_iters: {REWARM}, fresh_moments: bias-corrected}}\n")
     flags = list(TINY_GPT2)
     flags[flags.index("--num-layers") + 1] = "2"
     flags[flags.index("--lr") + 1] = str(LR)
@@ -72,14 +72,16 @@ def test_lr_jumps_to_s_pre_over_rho_with_rewarmup(inrun):
 
 
 def test_first_update_after_growth_is_adam_at_the_kept_step(inrun):
-    """p7 = p6 (1 - lr wd) - lr m^/(sqrt(v^) + eps), bias corrections at step t = S_pre + 1 = 7."""
+    """p7 = p6 (1 - lr wd) - lr m^/(sqrt(v^) + eps), bias corrections at step t = S_pre + 1 = 7 for the
+    carried-over elements; with ``fresh_moments: bias-corrected``, at step k = 1 for the elements whose
+    moments were zero at the growth (the new identity layers' linear_proj and linear_fc2)."""
     p0 = O.read_tensors(str(inrun / "ckpt" / f"iter_{GROW_AT:07d}"))
     p1 = O.read_tensors(str(inrun / "ckpt" / f"iter_{GROW_AT + 1:07d}"))
     assert O.read_common(str(inrun / "ckpt" / f"iter_{GROW_AT:07d}"))["train_state"]["optimizer_step"] == GROW_AT
     assert O.read_common(str(inrun / "ckpt" / f"iter_{GROW_AT + 1:07d}"))["train_state"]["optimizer_step"] == GROW_AT + 1
     lr = lr_at(round(GROW_AT / RHO), round(GROW_AT / RHO))  # the first step after the jump
     t = GROW_AT + 1
-    worst_kept, worst_reset, n = 0.0, 0.0, 0
+    worst_kept, worst_reset, worst_fresh, n, n_fresh = 0.0, 0.0, 0.0, 0, 0
     for key in p0:
         if not key.startswith(O.OPT + "param."):
             continue
@@ -94,13 +96,19 @@ def test_first_update_after_growth_is_adam_at_the_kept_step(inrun):
             denom = (v1 / (1 - B2 ** step)).sqrt() + EPS
             return p0[key] * (1 - lr * wd) - lr * (m1 / (1 - B1 ** step)) / denom
 
+        fresh = (m0 == 0) & (v0 == 0)
         moved = (p1[key] - p0[key]).abs().max()
         if moved == 0:
             continue
-        n += 1
-        worst_kept = max(worst_kept, float((p1[key] - update(t)).abs().max() / moved))
-        worst_reset = max(worst_reset, float((p1[key] - update(1)).abs().max() / moved))
-    assert n > 10
+        if fresh.any():
+            n_fresh += 1
+            worst_fresh = max(worst_fresh, float((p1[key] - update(1))[fresh].abs().max() / moved))
+        if (~fresh).any():
+            n += 1
+            worst_kept = max(worst_kept, float((p1[key] - update(t))[~fresh].abs().max() / moved))
+            worst_reset = max(worst_reset, float((p1[key] - update(1))[~fresh].abs().max() / moved))
+    assert n > 10 and n_fresh >= 4, (n, n_fresh)
+    assert worst_fresh < 1e-3, f"fresh elements: update differs from AdamW at step 1 by {worst_fresh:.2e}"
     assert worst_kept < 1e-3, f"update differs from AdamW at step {t} by {worst_kept:.2e} of its size"
     assert worst_reset > 0.1, "a reset step would give the same update: the test cannot tell"
 
