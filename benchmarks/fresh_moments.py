@@ -121,13 +121,19 @@ def main() -> int:
     p.add_argument("--after", type=int, default=100)
     p.add_argument("--modes", nargs="+", default=["zero", "bias-corrected", "scratch"])
     p.add_argument("--write", default=None, help="update this markdown file's section")
-    p.add_argument("--json", default=None, help="also write the raw results here")
+    p.add_argument("--json", default=None, help="also write the raw results here (after every run)")
+    p.add_argument("--from-json", nargs="+", default=None,
+                   help="only summarize results written by earlier --json runs (e.g. one per seed)")
+    p.add_argument("--corpus-dir", default=None, help="where the built-in corpus is built or found")
     a = p.parse_args()
+    if a.from_json:
+        results = [r for path in a.from_json for r in json.load(open(path))]
+        return report(results, a)
 
     from megatron_staged.data import prepare_default_corpus
 
     work = tempfile.mkdtemp(prefix="fresh_moments_")
-    info = prepare_default_corpus(os.path.join(work, "corpus"))
+    info = prepare_default_corpus(a.corpus_dir or os.path.join(work, "corpus"))
     data = ["--data-path", info["data_prefix"], "--tokenizer-type", "SentencePieceTokenizer",
             "--tokenizer-model", info["tokenizer_model"], "--split", "95,5,0"]
     results = []
@@ -136,14 +142,19 @@ def main() -> int:
             r = run(mode, seed, a.grow_at, a.after, data, work)
             print(json.dumps({k: r[k] for k in ("mode", "seed", "seconds")} | {"eval": r["eval"]}), flush=True)
             results.append(r)
+            if a.json:
+                json.dump(results, open(a.json, "w"))
+    return report(results, a)
+
+
+def report(results: list, a) -> int:
     text = summarize(results, a.grow_at)
     print(text)
-    if a.json:
-        json.dump(results, open(a.json, "w"))
     if a.write:
         from benchmarks.common import machine_info, replace_section
 
-        cmd = ("OMP_NUM_THREADS=1 python benchmarks/fresh_moments.py --seeds " + " ".join(map(str, a.seeds))
+        seeds = sorted({r["seed"] for r in results})
+        cmd = ("OMP_NUM_THREADS=1 python benchmarks/fresh_moments.py --seeds " + " ".join(map(str, seeds))
                + f" --grow-at {a.grow_at} --after {a.after} --write {a.write}")
         body = (f"Command: `{cmd}`\n\nMachine: `{json.dumps(machine_info(1))}`\n\n" + text + "\n")
         replace_section(a.write, "Fresh Adam moments after growth (issue 8, item 7)", body)

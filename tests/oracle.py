@@ -278,3 +278,40 @@ def grown_arch(a: dict, *, layers: int, width: bool) -> dict:
     if width:
         b.update(hidden=2 * a["hidden"], heads=2 * a["heads"], groups=2 * a["groups"])
     return b
+
+
+# ---- one AdamW step, recomputed from two checkpoints ------------------------------------------------
+
+def adamw_step_errors(before: dict, after: dict, lr: float, step: int, *, fresh_step: int | None = None,
+                      betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01) -> dict:
+    """How far each tensor's update between two checkpoints is from torch AdamW's (decoupled decay,
+    none for biases and 1-D tensors, as megatron groups them), with bias corrections at ``step``;
+    at ``fresh_step`` instead for the elements whose moments were both zero in ``before`` (when given).
+
+    The gradient is recovered from the moments: g = (m1 - b1 m0) / (1 - b1), and v1 = b2 v0 + (1-b2) g^2
+    is checked. Returns {model key: (max error / max |update| on carried elements, same with step 1
+    instead of ``step``, same on fresh elements or None)} for the tensors that moved.
+    """
+    b1, b2 = betas
+    out = {}
+    for key in before:
+        if not key.startswith(OPT + "param."):
+            continue
+        mkey = key[len(OPT + "param."):]
+        m0, v0 = before[f"{OPT}exp_avg.{mkey}"], before[f"{OPT}exp_avg_sq.{mkey}"]
+        m1, v1 = after[f"{OPT}exp_avg.{mkey}"], after[f"{OPT}exp_avg_sq.{mkey}"]
+        g = (m1 - b1 * m0) / (1 - b1)
+        torch.testing.assert_close(v1, b2 * v0 + (1 - b2) * g * g, rtol=1e-3, atol=1e-12, msg=mkey)
+        vector = before[key].dim() - (1 if mkey.startswith("decoder.layers.") else 0) == 1
+        wd = 0.0 if (mkey.endswith("bias") or vector) else weight_decay
+
+        def update(t):
+            return before[key] * (1 - lr * wd) - lr * (m1 / (1 - b1 ** t)) / ((v1 / (1 - b2 ** t)).sqrt() + eps)
+
+        moved = float((after[key] - before[key]).abs().max())
+        if moved == 0:
+            continue
+        fresh = ((m0 == 0) & (v0 == 0)) if fresh_step is not None else torch.zeros_like(m0, dtype=torch.bool)
+        err = lambda t, sel: float((after[key] - update(t))[sel].abs().max()) / moved if sel.any() else None  # noqa: E731
+        out[mkey] = (err(step, ~fresh), err(1, ~fresh), err(fresh_step, fresh) if fresh.any() else None)
+    return out

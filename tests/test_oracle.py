@@ -59,6 +59,9 @@ CASES = {
                                                          "--target-pipeline-model-parallel-size", "2"],
                                            [0, 1, 0, 1], "identity", True),
     "gpt2_width_noise_w1": ("gpt2", 1, ["--width-factor", "2", "--width-noise", "0.01"], [0, 1], "noise", True),
+    # optimizer-side option: the grown checkpoint is the same; training resumed from it differs
+    "gpt2_interleave_identity_freshbc_w1": ("gpt2", 1, ["--depth-factor", "2", "--fresh-moments", "bias-corrected"],
+                                            [0, 0, 1, 1], "identity", False),
 }
 NOISE_STD = 0.01
 DEFAULT_RHO = {"depth": 1.4, "width": 1.8}  # docs/design.md
@@ -214,3 +217,29 @@ def test_training_state_carried_over(oracle_sources, oracle_grown):
         h = gs["stage_history"][-1]
         assert h["rho"] == pytest.approx(rho) and h["iteration"] == 4
         assert (h["to"]["num_layers"], h["to"]["hidden_size"]) == (len(dmap), 128 if width else 64)
+
+
+def test_resume_after_offline_grow_applies_fresh_moments(oracle_grown, corpus, tmp_path):
+    """``grow --fresh-moments bias-corrected`` then ``train --load``: the first step moves the elements
+    whose moments are zero as AdamW at step 1, all others as AdamW at the kept step 5; the default
+    (``zero``) grown checkpoint resumed the same way moves every element at the kept step."""
+    lr = 5e-2 * 0.5 * (1 + math.cos(math.pi * (3 - 1) / (100 - 1))) / 150  # step round(4/1.4)=3, ramp 1/150
+    runs = {}
+    for name in ("gpt2_interleave_identity_freshbc_w1", "gpt2_interleave_identity_w1"):
+        out = tmp_path / name
+        runs[name] = out
+    with ThreadPoolExecutor(2) as ex:
+        list(ex.map(lambda n: run_cli(["train", "--load", oracle_grown[n], *SOURCES["gpt2"], *ARCH[8:], *corpus,
+                                       "--train-iters", "5", "--save", str(runs[n])]), runs))
+    for name, out in runs.items():
+        common = O.read_common(oracle_grown[name])
+        mode = common["train_state"]["stage_history"][-1]["spec"]["fresh_moments"]
+        assert mode == ("bias-corrected" if "freshbc" in name else "zero")
+        before, after = O.read_tensors(oracle_grown[name]), O.read_tensors(str(out))
+        assert O.read_common(str(out))["train_state"]["optimizer_step"] == 5
+        errs = O.adamw_step_errors(before, after, lr, 5, fresh_step=1 if mode == "bias-corrected" else 5)
+        kept = [e[0] for e in errs.values() if e[0] is not None]
+        fresh = [e[2] for e in errs.values() if e[2] is not None]
+        assert len(kept) > 10 and len(fresh) >= 4, (name, errs)
+        assert max(kept) < 1e-3, f"{name}: carried elements are not AdamW at step 5 ({max(kept):.2e})"
+        assert max(fresh) < 1e-3, f"{name}: fresh elements are not AdamW at the expected step ({max(fresh):.2e})"
