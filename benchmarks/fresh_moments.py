@@ -127,7 +127,8 @@ def main() -> int:
     p.add_argument("--corpus-dir", default=None, help="where the built-in corpus is built or found")
     a = p.parse_args()
     if a.from_json:
-        results = [r for path in a.from_json for r in json.load(open(path))]
+        results = [dict(r, eval={int(k): v for k, v in r["eval"].items()})
+                   for path in a.from_json for r in json.load(open(path))]
         return report(results, a)
 
     from megatron_staged.data import prepare_default_corpus

@@ -11,7 +11,9 @@ steps of history. ``k`` steps after the growth, for a steady gradient ``g``::
            ~ lr * (1 - b1^k) / sqrt(1 - b2^k)                    (t large)
 
 which is ``(1 - b1) / sqrt(1 - b2) ~ 3.2 x`` nominal at k = 1 with (0.9, 0.999), peaks near 6x
-around k = 10-20, and is still ~2x at k = 200 (``benchmarks/fresh_moments.py`` measures it).
+around k = 10-20, and is still ~2x at k = 200, for a late growth (large t). For the exact form,
+multiply by ``sqrt(1 - b2^t)``: a growth at t = 100 sees about 0.3x of that, i.e. no overshoot
+against a steady gradient (``benchmarks/fresh_moments.py`` measures it on real text).
 
 The options (stage key / ``grow`` flag ``fresh_moments``):
 
