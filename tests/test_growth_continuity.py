@@ -1,10 +1,12 @@
 """What a growth inside a run must carry over, checked from first principles (REFERENCE.md 1).
 
 One single-process run: gpt2 2 layers, grown in-run at iteration 6 to 4 layers (interleave,
-identity) with rho 2 and a 3-step re-warmup, trained to iteration 9. Checked independently of the
+identity, ``fresh_moments: bias-corrected``) with rho 2 and a 3-step re-warmup, trained to iteration 9.
+Checked independently of the
 code: the logged LR follows Megatron's warmup+cosine formula at schedule step S_pre/rho times the
 linear ramp; the first update after growth is torch AdamW's update at the *kept* step S_pre + 1
-(recomputed per tensor from the saved moments; a reset step would predict another update); FLOPs
+(recomputed per tensor from the saved moments; a reset step would predict another update), and at
+step 1 for the elements whose moments were zero at the growth; FLOPs
 per iteration follow the textbook 72 B s L h^2 (1 + s/6h + V/12hL) before and after, and
 iterations and consumed samples run on without a gap.
 """
