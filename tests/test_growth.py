@@ -2,7 +2,7 @@
 
 Properties: loss preserved by identity-depth, width and depth+width growth for both families at
 source layouts TP{1,2} x PP{1,2} x DP{1,2} (also when the growth changes the layout); the grown
-state equals the single-process reference operator on the gathered model whatever the layouts;
+state equals the independent oracle (tests/oracle.py) on the gathered model whatever the layouts;
 in-run growth from the live shards and offline growth from the checkpoint give identical tensors
 with TP, PP and DP all changing, and each rank reads or receives only its target shards' source
 boxes; any region of a grown tensor is the slice of the whole; moments follow the rules; training continues and
@@ -20,9 +20,11 @@ import torch
 
 from conftest import ROOT, TINY_GPT2, TINY_LLAMA, losses, read_records, torchrun
 
+import oracle as O
 from megatron_staged.config import Config
-from megatron_staged.growth.reference import grow_global_state, read_checkpoint_tensors
 from megatron_staged.growth.spec import GrowthRequest, depth_map_for, make_spec, parse_depth_map
+
+read_checkpoint_tensors = O.read_tensors
 
 TOL = 1e-5
 
@@ -101,31 +103,18 @@ def test_growth_preserves_loss_at_every_layout(grown):
     assert ("layout-change", "depth") in seen and ("layout-change", "width") in seen
 
 
-def _old_cfg(source):
-    from megatron_staged.checkpoint.manager import load_common, resolve_checkpoint_dir
-    from megatron_staged.config import resolve_model
-
-    cfg = Config.from_dict(load_common(resolve_checkpoint_dir(source)[0])["args"])
-    resolve_model(cfg.model)
-    return cfg
-
-
-def _spec(r):
-    st = r["stage"]
-    return make_spec(_old_cfg(r["source"]), GrowthRequest(depth_factor=st.get("depth_factor"),
-                                                          width_factor=st.get("width_factor", 1)))
-
-
-def test_grown_state_equals_reference_operator(grown, sources):
-    """Whatever the source/target layouts, the grown checkpoint == reference op on the gathered source."""
+def test_grown_state_equals_oracle_at_every_layout(grown, sources):
+    """Whatever the source/target layouts, the grown checkpoint == the independent oracle
+    (tests/oracle.py) applied to the gathered source: 2 -> 4 layers interleave identity, width x2."""
     src_tensors = {f: read_checkpoint_tensors(os.path.join(p, "iter_0000003")) for f, p in sources.items()}
     for name, r in grown.items():
         got = read_checkpoint_tensors(os.path.join(r["out"], "iter_0000003"))
-        ref = grow_global_state(src_tensors[r["family"]], _spec(r), _old_cfg(r["source"]).model)
+        a = O.describe(O.read_common(os.path.join(r["source"], "iter_0000003")))
+        depth = "depth" in r["op"]
+        dmap = [0, 0, 1, 1] if depth else [0, 1]  # interleave: old i -> new 2i, 2i+1
+        ref = O.stacked(O.grow_state(src_tensors[r["family"]], a, depth_map=dmap, width="width" in r["op"]))
         compared = 0
         for key, want in ref.items():
-            if key.endswith("#layers") or want is None:
-                continue
             assert key in got, f"{name}: grown checkpoint lacks {key}"
             assert got[key].shape == want.shape, f"{name}: {key} {tuple(got[key].shape)} != {tuple(want.shape)}"
             torch.testing.assert_close(got[key].float(), want.float(), rtol=0, atol=0, msg=f"{name}: {key}")

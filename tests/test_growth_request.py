@@ -15,7 +15,7 @@ from megatron_staged.training.state import TrainState
 
 GROW_FLAGS = {"--num-layers", "--depth-factor", "--depth-map", "--depth-placement", "--depth-init",
               "--width-factor", "--width-split", "--width-noise", "--target-tensor-model-parallel-size",
-              "--target-pipeline-model-parallel-size", "--rho", "--rewarmup-iters"}
+              "--target-pipeline-model-parallel-size", "--rho", "--rewarmup-iters", "--fresh-moments"}
 
 
 def _grow_parser() -> argparse.ArgumentParser:
@@ -37,6 +37,8 @@ def test_grow_flags_and_defaults_come_from_the_request():
     assert (got.depth_factor, got.width_factor, got.rho, got.target_tensor_model_parallel_size) == (2.0, 2, 1.5, 4)
     with pytest.raises(UserError, match=r"--width-factor: 3 is not one of \[1, 2\]"):
         GrowthRequest.from_args(p.parse_args(["--width-factor", "3"]))
+    assert parsed.fresh_moments == "zero"
+    assert GrowthRequest.from_args(p.parse_args(["--fresh-moments", "bias-corrected"])).fresh_moments == "bias-corrected"
 
 
 def test_yaml_stage_keys_are_the_request_fields():
@@ -55,6 +57,8 @@ def test_yaml_stage_keys_are_the_request_fields():
         GrowthRequest.from_stage({"at_iteration": 3, "slope_threshold": -0.05, "depth_factor": 2}, 0)
     with pytest.raises(UserError, match=r"staging.stages\[0\].trigger: 'loss' is not one of \['slope'\]"):
         GrowthRequest.from_stage({"trigger": "loss", "depth_factor": 2}, 0)
+    with pytest.raises(UserError, match=r"staging.stages\[0\].fresh_moments: 'seeded' is not one of"):
+        GrowthRequest.from_stage({"at_iteration": 1, "fresh_moments": "seeded"}, 0)
     with pytest.raises(UserError, match=r"staging.stages\[2\].width_split: cannot interpret 'wide' as float"):
         GrowthRequest.from_stage({"at_iteration": 1, "width_split": "wide"}, 2)
 

@@ -12,6 +12,7 @@ from typing import Optional
 
 from megatron_staged.config import Config, validate
 from megatron_staged.errors import UserError, require
+from megatron_staged.growth.fresh_moments import FRESH_MOMENTS
 
 PLACEMENTS = ("interleave", "stack", "middle")
 DEPTH_INITS = ("identity", "copy", "random")
@@ -53,6 +54,10 @@ class GrowthRequest:
     rho: Optional[float] = _opt(None, "S_pre / S_target for the LR schedule (default: depth 1.4, width 1.8, "
                                       "both: product)")
     rewarmup_iters: int = _opt(150, "re-warmup iterations up to the schedule's LR at S_target")
+    fresh_moments: str = _opt("zero", "Adam bias correction of elements whose moments start at zero (new "
+                                      "zero blocks, zeroed projections, fresh layers): zero = at the kept "
+                                      "step; bias-corrected = counted from the growth (docs/design.md)",
+                              choices=FRESH_MOMENTS)
     eval_iters: Optional[int] = _opt(None, "eval batches for the loss check before/after the stage "
                                            "(default: --eval-iters)", stage_only=True)
 

@@ -6,7 +6,7 @@
 offsets, which count the padding. Every parameter after a padded bucket end is saved shifted by the
 padding: with pipeline parallelism and tied embeddings (the shared embedding gets its own bucket)
 the embedding's fp32 main weight and Adam moments were written one row off at TP1 PP2 (found by
-``tests/test_growth.py::test_grown_state_equals_reference_operator``). Loading is unaffected (it
+``tests/test_growth.py::test_grown_state_equals_oracle_at_every_layout``). Loading is unaffected (it
 slices per parameter). The fix re-lays the gathered state out with the padding, so the offsets
 index it correctly; only the fully_reshardable path, the one this project uses, reads it.
 """

@@ -126,6 +126,8 @@ class Trainer:
         if cfg.checkpoint.load:
             self._load(cfg.checkpoint.load)
         self._build_iterators()
+        self.fresh_correction = None
+        self._apply_fresh_moments()  # resuming a grown checkpoint at its growth iteration
 
     # the components and the bookkeeping, by the names the logger and tools use
     cfg = property(lambda self: self.components.cfg)
@@ -225,6 +227,7 @@ class Trainer:
         old, self.components = self.components, None
         self.components, self.state, stats = self.stages.grow(request, old, self.state, stage_index)
         self._build_iterators()
+        self._apply_fresh_moments()
         after = self.evaluate(eval_iters)
         seconds = all_reduce_scalar(stats["seconds"], "max")
         bytes_read = int(all_reduce_scalar(float(stats["bytes_read"]), "sum"))
@@ -243,6 +246,23 @@ class Trainer:
         if self.cfg.checkpoint.save:
             self.save()  # the grown state becomes the latest checkpoint of the run
         return e
+
+    def _apply_fresh_moments(self) -> None:
+        """Right after a growth (in-run, or resuming a grown checkpoint at its growth iteration),
+        install the growth's ``fresh_moments`` rule on the optimizer (growth/fresh_moments.py)."""
+        from megatron_staged.growth import fresh_moments
+
+        if self.fresh_correction is not None:
+            self.fresh_correction.remove()
+            self.fresh_correction = None
+        last = self.state.stage_history[-1] if self.state.stage_history else None
+        if last is None or last.get("iteration") != self.state.iteration or self.optimizer is None:
+            return
+        mode = last.get("spec", {}).get("fresh_moments", "zero")
+        self.fresh_correction = fresh_moments.apply(self.optimizer, mode)
+        if self.fresh_correction is not None:
+            print_rank0(f"fresh_moments {mode}: {self.fresh_correction.num_fresh} elements (rank 0) with zero "
+                        f"moments are bias-corrected from iteration {self.state.iteration}")
 
     def _log_trigger(self, what: str, r: dict) -> None:
         self.logger.event(
@@ -335,6 +355,8 @@ class Trainer:
                 self.logger.layer_drop_stage(change)
             t0 = time.time()
             loss, grad_norm, ok = self.train_step()
+            if self.fresh_correction is not None:
+                self.fresh_correction.after_step()
             elapsed = time.time() - t0
             if not self.step_finite:
                 skipped_in_a_row += 1
