@@ -2,10 +2,9 @@
 
 In one process, without megatron-core: a random HuggingFace model of a random small shape (layers,
 heads, query groups, head size, FFN, vocabulary) is mapped to megatron's global checkpoint tensors
-(``hf_to_megatron``), grown by the growth operator's global specification
-(``growth.reference.grow_global_state``: the same ``grown_global`` the sharded engine applies per
-slot, which ``tests/test_growth.py`` checks against grown checkpoints written at several layouts),
-mapped back, and the grown model's logits must equal the source model's. The oracle is the
+(``hf_to_megatron``), grown whole by the engine's one-tensor path (``growth.engine.grown_global``:
+the operators' maths applied to the whole region, which ``tests/test_growth.py`` checks equal to
+every shard's region and ``tests/test_oracle.py`` checks against the paper's equations), mapped back, and the grown model's logits must equal the source model's. The oracle is the
 independent HF forward pass. Few examples, no deadline: a few seconds per example on a loaded CPU.
 """
 from __future__ import annotations
@@ -76,7 +75,7 @@ def _hf_model(arch, state=None, seed=0):
 @given(growth_cases())
 def test_growth_preserves_the_function(c):
     from megatron_staged.checkpoint.hf_mapping import arch_from_model_config, hf_to_megatron, megatron_to_hf
-    from megatron_staged.growth.reference import grow_global_state
+    from megatron_staged.growth.engine import grown_global
     from megatron_staged.growth.spec import GrowthRequest, make_spec, target_config
 
     old_cfg = _config(c)
@@ -88,7 +87,15 @@ def test_growth_preserves_the_function(c):
                             width_factor=c["width_factor"], width_split=c["width_split"])
     spec = make_spec(old_cfg, request)
     new_cfg = target_config(old_cfg, spec, 1)
-    grown = {k: v for k, v in grow_global_state(src, spec, old_cfg.model).items() if not k.endswith("#layers")}
+    grown = {}
+    for key, t in src.items():
+        def fetch(kind, mkey, layer, _t=t):
+            return _t if layer is None else _t[layer]
+        if key.startswith("decoder.layers."):
+            grown[key] = torch.stack([grown_global(key, "param", j, spec, old_cfg.model, fetch)
+                                      for j in range(spec.new_num_layers)])
+        else:
+            grown[key] = grown_global(key, "param", -1, spec, old_cfg.model, fetch)
     assert all(v is not None for v in grown.values()), [k for k, v in grown.items() if v is None]
     new_arch = arch_from_model_config(new_cfg.model, c["vocab"])
     big = _hf_model(new_arch, megatron_to_hf(grown, new_arch))
