@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import torch
 
-from megatron_staged.config import Config
+from megatron_staged.config import Config, lr_schedule_steps
 from megatron_staged.runtime.distributed import Layout, set_parallel_layout, set_seed
 
 
@@ -108,7 +108,8 @@ def build_components(cfg: Config, *, initialize: bool = True, with_optimizer: bo
     if optimizer is not None:
         if with_scheduler:
             scheduler = build_scheduler(optimizer, cfg.optim, cfg.training.train_iters,
-                                        override=cfg.checkpoint.override_opt_param_scheduler)
+                                        override=cfg.checkpoint.override_opt_param_scheduler,
+                                        steps=lr_schedule_steps(cfg))
         wire_schedule_hooks(model, optimizer, cfg)
     comps = Components(cfg=cfg, layout=layout, model=model, optimizer=optimizer, scheduler=scheduler)
     from megatron_staged.subnet import attach_layer_drop

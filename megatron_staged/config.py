@@ -13,6 +13,7 @@ on the command line override the file.
 from __future__ import annotations
 
 import argparse
+import os
 import dataclasses
 import math
 from dataclasses import dataclass, field, fields
@@ -58,6 +59,19 @@ class ModelConfig:
     fp16: bool = _f(False)
     transformer_impl: str = _f("auto", "auto (TE on GPU when installed), transformer_engine or local",
                                choices=["auto", "transformer_engine", "local"])
+    # -- Megatron-LM compatibility (docs/megatron_compat.md) --
+    rotary_percent: float = _f(1.0, "fraction of each head's channels that RoPE rotates")
+    attention_softmax_in_fp32: bool = _f(False, "compute the attention softmax in fp32 (bf16/fp16 runs)")
+    # kernel fusions: used on GPU when the kernels exist; CPU runs never fuse, whatever these say
+    masked_softmax_fusion: bool = _f(True, "fused scale+mask+softmax (GPU)")
+    bias_gelu_fusion: bool = _f(True, "fused bias+GeLU (GPU)")
+    bias_swiglu_fusion: bool = _f(True, "fused bias+SwiGLU (GPU)")
+    bias_dropout_fusion: bool = _f(True, "fused bias+dropout+add (GPU)")
+    apply_rope_fusion: bool = _f(True, "fused RoPE (GPU, Transformer Engine); --no-rope-fusion turns it off")
+    gradient_accumulation_fusion: bool = _f(True, "fused weight-gradient accumulation (GPU, apex/TE)")
+    vocab_padding: str = _f("megatron", "pad the vocabulary to a multiple of divisible_by x TP (megatron, "
+                            "Megatron-LM's rule) or of lcm(divisible_by, TP) (lcm: the same size at every TP "
+                            "up to divisible_by)", choices=["megatron", "lcm"])
 
 
 @dataclass
@@ -88,6 +102,9 @@ class TrainingConfig:
                             "skip the step", choices=["stop", "skip"])
     max_consecutive_skipped_iterations: int = _f(10, "with --on-non-finite skip: stop after this many in a row")
     progress_bar: str = _f("auto", "auto: on rank 0 when stdout is a terminal", choices=["auto", "on", "off"])
+    # -- Megatron-LM compatibility: sample-based training (exclusive with --train-iters) --
+    train_samples: Optional[int] = _f(None, "train for this many sequences; --train-iters becomes "
+                                      "train_samples // global_batch_size")
 
 
 @dataclass
@@ -114,6 +131,16 @@ class OptimizerConfig:
     loss_scale_window: int = _f(1000, "fp16 dynamic scaling: iterations without overflow before doubling")
     hysteresis: int = _f(2, "fp16 dynamic scaling: overflows tolerated before halving")
 
+    # -- Megatron-LM compatibility: LR schedule in samples (with --train-samples) or as a fraction --
+    lr_decay_samples: Optional[int] = _f(None, "sample-based: decay the LR over this many sequences "
+                                         "(default --train-samples)")
+    lr_warmup_samples: int = _f(0, "sample-based: warm the LR up over this many sequences")
+    lr_wsd_decay_samples: Optional[int] = _f(None, "sample-based: WSD decay phase in sequences")
+    lr_warmup_fraction: Optional[float] = _f(None, "warm up over this fraction of the decay span "
+                                             "(instead of --lr-warmup-iters/--lr-warmup-samples)")
+    accumulate_allreduce_grads_in_fp32: bool = _f(False, "keep gradients and their all-reduce in fp32 "
+                                                  "with --bf16 (always the case here: see docs)")
+
 
 @dataclass
 class PerformanceConfig:
@@ -131,14 +158,26 @@ class PerformanceConfig:
 
 @dataclass
 class DataConfig:
-    data_path: list = _lf("blend: PREFIX | PREFIX1 PREFIX2 | W1 PREFIX1 W2 PREFIX2; none -> built-in corpus")
+    data_path: list = _lf("blend: PREFIX | PREFIX1 PREFIX2 | W1 PREFIX1 W2 PREFIX2")
     split: str = _f("969,30,1")
     mock_data: bool = _f(False)
-    tokenizer_type: Optional[str] = _f(None, choices=["SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer"])
+    tokenizer_type: Optional[str] = _f(None, choices=["GPT2BPETokenizer", "SentencePieceTokenizer",
+                                                      "GPTSentencePieceTokenizer", "Llama2Tokenizer",
+                                                      "HuggingFaceTokenizer", "TikTokenizer", "NullTokenizer"])
     tokenizer_model: Optional[str] = _f(None)
     data_cache_path: Optional[str] = _f(None)
     num_workers: int = _f(0)
     default_corpus_dir: Optional[str] = _f(None, "cache for the built-in corpus (default ~/.cache/megatron_staged)")
+    # -- Megatron-LM compatibility: per-split data and the tokenizers' file flags --
+    train_data_path: list = _lf("blend for the training split only (instead of --data-path/--split)")
+    valid_data_path: list = _lf("blend for the validation split only")
+    test_data_path: list = _lf("blend for the test split only")
+    builtin_corpus: bool = _f(False, "train on the built-in corpus (Python stdlib source, sentencepiece); "
+                                    "what the quickstart uses")
+    vocab_file: Optional[str] = _f(None, "GPT2BPETokenizer: vocab.json (local file)")
+    merge_file: Optional[str] = _f(None, "GPT2BPETokenizer: merges.txt (local file)")
+    tiktoken_pattern: Optional[str] = _f(None, "TikTokenizer: v1 or v2", choices=["v1", "v2"])
+    tiktoken_num_special_tokens: int = _f(1000, "TikTokenizer: ids reserved for special tokens")
 
 
 @dataclass
@@ -150,19 +189,34 @@ class CheckpointConfig:
     no_load_optim: bool = _f(False)
     no_load_rng: bool = _f(False)
     finetune: bool = _f(False, "load weights only; reset iteration, optimizer and data position")
-    ckpt_format: str = _f("torch_dist", choices=["torch_dist"])
+    ckpt_format: str = _f("torch_dist", "torch_dist only (Megatron-LM's default); see docs/megatron_compat.md")
     override_opt_param_scheduler: bool = _f(False, "on --load, take the LR schedule from the flags, not the checkpoint")
     use_checkpoint_opt_param_scheduler: bool = _f(
         False, "on --load, take the LR schedule from the checkpoint (the default here) without a note when "
         "the flags differ", aliases=["--use-checkpoint-opt_param-scheduler"])
     ckpt_fallback_to_intact: bool = _f(False, "on --load, if the latest checkpoint is damaged, resume from the "
                                        "newest intact iteration (with a warning) instead of stopping")
+    # -- Megatron-LM compatibility --
+    exit_on_missing_checkpoint: bool = _f(False, "with --load: stop with an error if there is no checkpoint "
+                                          "(default: start from scratch, as Megatron-LM does)")
 
 
 @dataclass
 class LoggingConfig:
     tensorboard_dir: Optional[str] = _f(None)
     log_file: Optional[str] = _f(None, "also append per-iteration JSON records here (rank 0)")
+    # -- Megatron-LM compatibility: what the log line and TensorBoard show --
+    log_throughput: bool = _f(False, "add 'throughput per GPU (TFLOP/s/GPU)' to the log line")
+    log_params_norm: bool = _f(False, "add 'params norm' (L2 norm of all parameters) to the log line")
+    tensorboard_log_interval: int = _f(1, "write TensorBoard scalars every this many iterations")
+    log_timers_to_tensorboard: bool = _f(False, "write iteration-time (and throughput) to TensorBoard")
+    log_validation_ppl_to_tensorboard: bool = _f(False, "write 'lm loss validation ppl' to TensorBoard")
+    log_loss_scale_to_tensorboard: bool = _f(True, "write loss-scale to TensorBoard")
+    log_world_size_to_tensorboard: bool = _f(False, "write world-size to TensorBoard")
+    wandb_project: Optional[str] = _f(None, "log to Weights & Biases under this project (needs wandb)")
+    wandb_exp_name: Optional[str] = _f(None, "W&B run name")
+    wandb_save_dir: Optional[str] = _f(None, "W&B local directory (default <tensorboard-dir>/wandb)")
+    wandb_entity: Optional[str] = _f(None, "W&B entity (team)")
 
 
 @dataclass
@@ -354,12 +408,14 @@ def coerce_field(name: str, f: dataclasses.Field, value, label: Optional[str] = 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """Add one flag per config field. Defaults are SUPPRESSed so we know what the user gave."""
     parser.add_argument("--config", default=None, help="YAML file; flags override it")
+    parser.allow_abbrev = False  # as Megatron-LM: a prefix of a flag is not that flag
     for sec in SECTIONS:
         group = parser.add_argument_group(sec)
         for name, (s, f) in FIELDS.items():
             if s != sec or name == "stages":
                 continue
             add_field_flag(group, name, f)
+    add_megatron_compat_flags(parser)
 
 
 def config_from_args(ns: argparse.Namespace, base: Optional[Config] = None) -> Config:
@@ -370,9 +426,21 @@ def config_from_args(ns: argparse.Namespace, base: Optional[Config] = None) -> C
         apply_mapping(cfg, d, source=f"--config {ns.config}")
         explicit |= _flat_keys(d)
     for name in FIELDS:
-        if hasattr(ns, name):
+        if hasattr(ns, name) and getattr(ns, name) not in MEGATRON_VALUES.get(name, {}):
             set_value(cfg, name, getattr(ns, name))
             explicit.add(name)
+    recorded = getattr(ns, "_megatron_flags", None) or []
+    for name, values in MEGATRON_VALUES.items():  # Megatron-LM values of fields that name them differently
+        if getattr(ns, name, None) in values:
+            new, why = values[getattr(ns, name)]
+            if os.environ.get("RANK", "0") == "0":
+                print(f"note: --{name.replace('_', '-')} {getattr(ns, name)} accepted as {new}: {why}", flush=True)
+            set_value(cfg, name, new)
+    for note in apply_megatron_compat(cfg, recorded):
+        if os.environ.get("RANK", "0") == "0":
+            print(f"note: {note}", flush=True)
+    explicit |= {k for flag, _ in recorded for k in (MEGATRON_COMPAT[flag].sets or {})
+                 if flag in MEGATRON_COMPAT}
     cfg._explicit = explicit  # what the user set (flags or file), e.g. to check against a checkpoint
     return cfg
 
@@ -410,8 +478,10 @@ def resolve_model(m: ModelConfig) -> ModelConfig:
         m.max_position_embeddings = m.seq_length
     if m.ffn_hidden_size is None:
         if m.swiglu:
-            # LLaMA: 2/3 of 4h, rounded up to a multiple of 64 (keeps TP splits even)
-            m.ffn_hidden_size = int(math.ceil(int(8 * m.hidden_size / 3) / 64) * 64)
+            # Megatron-LM's rule: 2/3 of 4h, rounded down to a multiple of 64
+            m.ffn_hidden_size = int((4 * m.hidden_size * 2 / 3) / 64) * 64
+            require(m.ffn_hidden_size > 0, f"--swiglu with --hidden-size {m.hidden_size} rounds the FFN size "
+                    "down to 0 (Megatron-LM's 2/3*4h rule, multiple of 64); set --ffn-hidden-size")
         else:
             m.ffn_hidden_size = 4 * m.hidden_size
     if m.kv_channels is None:
@@ -426,15 +496,16 @@ def resolve_model(m: ModelConfig) -> ModelConfig:
     return m
 
 
-def pad_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+def pad_vocab_size(vocab_size: int, divisible_by: int, tp: int, style: str = "megatron") -> int:
     """Pad the vocabulary so it splits evenly over TP ranks.
 
-    Megatron pads to a multiple of ``divisible_by * TP``, which makes the padded size, and so the
-    softmax over padded logits, depend on the layout. We pad to a multiple of
-    ``lcm(divisible_by, TP)`` instead: with the default 128 the padded size is the same for every
-    TP up to 128, so the same seed gives the same model at any layout and checkpoints reshard.
+    ``megatron`` (the default, Megatron-LM's rule) pads to a multiple of ``divisible_by * TP``, which
+    makes the padded size, and so the softmax over padded logits, depend on the layout the run
+    *started* with. ``lcm`` pads to a multiple of ``lcm(divisible_by, TP)``: with the default 128 the
+    padded size is the same for every TP up to 128. Either way the padded size is stored in the
+    checkpoint and kept on resume, reshard, growth and export (it only has to divide by the new TP).
     """
-    multiple = math.lcm(divisible_by, tp)
+    multiple = divisible_by * tp if style == "megatron" else math.lcm(divisible_by, tp)
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
@@ -541,6 +612,7 @@ def validate(cfg: Config, world_size: int) -> None:
             f"--max-position-embeddings {m.max_position_embeddings} < --seq-length {m.seq_length}")
     require(not (m.bf16 and m.fp16), "choose one of --bf16 and --fp16")
     validate_performance(cfg)
+    validate_megatron(cfg, world_size)
     require(world_size % (tp * pp) == 0,
             f"world size {world_size} is not divisible by TP x PP = {tp} x {pp}; "
             f"launch a multiple of {tp * pp} processes (torchrun --nproc-per-node)")
@@ -551,14 +623,290 @@ def validate(cfg: Config, world_size: int) -> None:
             f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
             f"{t.micro_batch_size} x data-parallel size {dp}; choose a multiple of "
             f"{t.micro_batch_size * dp}")
-    if o.lr_decay_iters is None:
-        o.lr_decay_iters = t.train_iters
-    if o.lr_decay_style == "WSD" and o.lr_wsd_decay_iters is None:
-        o.lr_wsd_decay_iters = max(1, int(0.1 * o.lr_decay_iters))
-    require(o.lr_warmup_iters <= o.lr_decay_iters or o.lr_decay_style == "constant",
-            f"--lr-warmup-iters {o.lr_warmup_iters} exceeds --lr-decay-iters {o.lr_decay_iters}")
-    if not cfg.data.mock_data and not cfg.data.data_path and cfg.data.tokenizer_type == "NullTokenizer":
+    if t.train_samples is not None:
+        t.train_iters = t.train_samples // t.global_batch_size  # Megatron-LM: the last partial batch is dropped
+        require(t.train_iters > 0, f"--train-samples {t.train_samples} is less than one global batch "
+                                   f"({t.global_batch_size})")
+    else:
+        if o.lr_decay_iters is None:
+            o.lr_decay_iters = t.train_iters
+        if o.lr_decay_style == "WSD" and o.lr_wsd_decay_iters is None:
+            o.lr_wsd_decay_iters = max(1, int(0.1 * o.lr_decay_iters))
+    steps = lr_schedule_steps(cfg)
+    require(steps["warmup"] <= steps["decay"] or o.lr_decay_style == "constant",
+            f"the LR warmup ({steps['warmup']:g} iterations) exceeds the decay span ({steps['decay']:g})")
+    if not cfg.data.mock_data and not cfg.data.data_path and cfg.data.tokenizer_type == "NullTokenizer" \
+            and not any([cfg.data.train_data_path, cfg.data.valid_data_path, cfg.data.test_data_path]):
         raise UserError("--tokenizer-type NullTokenizer needs --data-path or --mock-data")
     from megatron_staged.subnet.schedule import validate_subnet
 
     validate_subnet(cfg, world_size)
+
+
+# ==== Megatron-LM compatibility: flags that are not fields of the tree ===========================
+#
+# Every flag of Megatron-LM's pretraining parser (megatron_lm_flags.txt, generated from
+# megatron/training/arguments.py at core_v0.16.1) parses here. A flag that is a field of the tree
+# above means what it means in Megatron-LM. Any other Megatron flag is looked up in MEGATRON_COMPAT:
+#   "set"    sets fields of the tree (another spelling of one of our flags);
+#   "accept" asks for what this project always does; accepted with a one-line note;
+#   "refuse" is an error naming the reason and what to use instead.
+# A Megatron flag in neither place is refused with a generic line. Nothing is silently ignored.
+
+@dataclass(frozen=True)
+class CompatRule:
+    action: str                      # "set" | "accept" | "refuse"
+    reason: str = ""
+    sets: Optional[dict] = None      # "set": field -> value; the string "$value" is the flag's value
+    accept_values: Optional[tuple] = None  # "refuse" unless the flag's value is one of these
+
+
+def _set(reason="", **sets):
+    return CompatRule("set", reason, sets)
+
+
+def _accept(reason):
+    return CompatRule("accept", reason)
+
+
+def _refuse(reason, accept_values=None):
+    return CompatRule("refuse", reason, accept_values=accept_values)
+
+
+_NO_KERNEL = "a GPU kernel/performance switch with no effect on results; nothing to do here"
+MEGATRON_COMPAT: dict[str, CompatRule] = {
+    # --- another spelling of a field of the tree
+    "--no-rope-fusion": _set(apply_rope_fusion=False),
+    "--use-rotary-position-embeddings": _set(position_embedding_type="rope"),
+    "--use-dist-ckpt": _set(ckpt_format="torch_dist"),
+    "--persistent-save-interval": _set(save_interval="$value"),
+    "--disable-log-loss-scale-to-tensorboard": _set(log_loss_scale_to_tensorboard=False),
+    # --- what this project always does
+    "--use-mcore-models": _accept("models here are always megatron-core GPTModels"),
+    "--use-legacy-models": _refuse("Megatron-LM's legacy models are not part of megatron-core; drop the flag "
+                                   "(megatron-core GPTModel is used)"),
+    "--use-flash-attn": _accept("on GPU Transformer Engine picks flash attention when it can; CPU runs use "
+                                "megatron's DotProductAttention"),
+    "--attention-backend": _refuse("--attention-backend: only auto and local select anything here (TE picks "
+                                   "flash/fused itself on GPU; CPU uses the local attention); use auto or local",
+                                   accept_values=("auto", "local", "flash", "fused", "unfused")),
+    "--no-persist-layer-norm": _accept("the persistent LayerNorm kernel is never used here"),
+    "--no-create-attention-mask-in-dataloader": _accept("the data loader never builds an attention mask here "
+                                                        "(megatron-core's causal attention makes its own)"),
+    "--no-mmap-bin-files": _accept("how .bin files are read does not change the data"),
+    "--mmap-bin-files": _accept("how .bin files are read does not change the data"),
+    "--manual-gc": _accept("Python garbage-collection timing; " + _NO_KERNEL),
+    "--manual-gc-interval": _accept("Python garbage-collection timing; " + _NO_KERNEL),
+    "--empty-unused-memory-level": _accept("CUDA cache emptying; " + _NO_KERNEL),
+    "--cross-entropy-loss-fusion": _accept("fused cross entropy; " + _NO_KERNEL),
+    "--cross-entropy-fusion-impl": _accept("fused cross entropy; " + _NO_KERNEL),
+    "--no-bias-dropout-add-fusion": _set(bias_dropout_fusion=False),
+    "--no-gradient-reduce-div-fusion": _accept(_NO_KERNEL),
+    "--use-checkpoint-args": _accept("with --load, the architecture always comes from the checkpoint's args "
+                                     "here; a flag that contradicts it is an error rather than overridden"),
+    "--use-cpu-initialization": _accept("weights are always initialised on CPU from global indices here "
+                                        "(the same model at any layout)"),
+    "--context-parallel-size": _refuse("context parallelism needs Transformer Engine's attention (CUDA) and "
+                                       "the growth engine does not split sequences; use "
+                                       "--context-parallel-size 1", accept_values=("1",)),
+    "--dist-ckpt-strictness": _refuse("checkpoint loading here is always strict (every tensor must match); "
+                                      "drop --dist-ckpt-strictness", accept_values=("assume_ok_unexpected",)),
+    "--ckpt-fully-parallel-save": _accept("torch_dist saves are fully parallel here"),
+    "--ckpt-fully-parallel-load": _accept("torch_dist loads read each rank's shards directly"),
+    "--log-progress": _refuse("progress.txt is not written; the JSON-lines --log-file records iteration, "
+                              "samples and FLOPs so far"),
+    "--timing-log-level": _accept("the log line always reports the iteration time; per-phase timers are "
+                                  "not collected", ) ,
+    "--profile": _refuse("use the PyTorch profiler around `megatron-staged train`; --profile is not wired"),
+    # --- refused, with what to do instead
+    "--num-layers-per-virtual-pipeline-stage": _refuse(
+        "interleaved 1F1B (virtual pipeline stages) is not supported: depth growth places layers per "
+        "pipeline stage; drop the flag (plain 1F1B is used)"),
+    "--num-virtual-stages-per-pipeline-rank": _refuse(
+        "interleaved 1F1B (virtual pipeline stages) is not supported: depth growth places layers per "
+        "pipeline stage; drop the flag (plain 1F1B is used)"),
+    "--rampup-batch-size": _refuse(
+        "batch-size ramp-up is not supported: growth stages, FLOPs and the LR re-warmup count iterations "
+        "of a constant global batch; use a constant --global-batch-size (Megatron-LM itself allows the "
+        "ramp only with --train-samples)"),
+    "--apply-layernorm-1p": _refuse(
+        "zero-centred norm gamma is not supported: megatron-core's local (CPU) norms lack it and the "
+        "growth operators and HF export assume plain gamma; drop the flag"),
+    "--async-save": _refuse("checkpoints are saved synchronously and atomically here; drop --async-save"),
+    "--no-save-rng": _refuse("RNG state is always saved (exact resume needs it); drop the flag and use "
+                             "--no-load-rng when resuming"),
+    "--ckpt-format": None,  # a field; values other than torch_dist are refused in validate_megatron
+    "--decoupled-lr": _refuse("a separate LR for the embedding and output layer is not supported; drop "
+                              "--decoupled-lr/--decoupled-min-lr"),
+    "--decoupled-min-lr": _refuse("a separate LR for the embedding and output layer is not supported; drop "
+                                  "--decoupled-lr/--decoupled-min-lr"),
+    "--grad-reduce-in-bf16": _refuse("gradients are reduced in fp32 here; drop --grad-reduce-in-bf16"),
+    "--calculate-per-token-loss": _refuse("the loss is the mean over each micro-batch's tokens, averaged "
+                                          "over micro-batches (Megatron's default); drop the flag"),
+    "--fp8-format": _refuse("FP8 training is not wired (needs Transformer Engine FP8 recipes); drop the "
+                            "--fp8-* flags and use --bf16"),
+    "--fp8-amax-history-len": _refuse("FP8 training is not wired; drop the --fp8-* flags and use --bf16"),
+    "--fp8-amax-compute-algo": _refuse("FP8 training is not wired; drop the --fp8-* flags and use --bf16"),
+    "--fp8-param-gather": _refuse("FP8 training is not wired; drop the --fp8-* flags and use --bf16"),
+    "--fp8-recipe": _refuse("FP8 training is not wired; drop the --fp8-* flags and use --bf16"),
+    "--vocab-extra-ids": _refuse("extra T5 sentinel ids are not supported (GPT pretraining only); drop it",
+                                 accept_values=("0",)),
+    "--legacy-tokenizer": _accept("the tokenizers here follow Megatron-LM's legacy tokenizer classes"),
+    "--num-experts": _refuse("mixture-of-experts models are not supported (dense GPT/Llama only)"),
+    "--tokenizer-special-tokens": _refuse("custom special tokens are not supported; put them in the "
+                                          "tokenizer files"),
+}
+MEGATRON_COMPAT = {k: v for k, v in MEGATRON_COMPAT.items() if v is not None}
+
+# Megatron-LM values of a field that this project spells differently: field -> value -> (ours, why)
+_TE_PICKS = "on GPU Transformer Engine (or torch SDPA) picks flash/fused itself; CPU runs use megatron's attention"
+MEGATRON_VALUES: dict[str, dict[str, tuple]] = {
+    "attention_backend": {"flash": ("auto", _TE_PICKS), "fused": ("auto", _TE_PICKS),
+                          "unfused": ("local", "megatron's unfused DotProductAttention")},
+}
+
+
+def _extend_choices(parser: argparse.ArgumentParser) -> None:
+    for name, values in MEGATRON_VALUES.items():
+        action = parser._option_string_actions.get("--" + name.replace("_", "-"))
+        if action is not None and action.choices is not None:
+            action.choices = list(action.choices) + [v for v in values if v not in action.choices]
+
+
+def megatron_lm_flags() -> dict[str, tuple[str, str]]:
+    """Megatron-LM's pretraining flags: name -> (number of values, argument group)."""
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "megatron_lm_flags.txt")
+    out = {}
+    with open(path) as fh:
+        for line in fh:
+            if line.strip() and not line.startswith("#"):
+                name, nargs, group = line.split()
+                out[name] = (nargs, group.replace("_", " "))
+    return out
+
+
+class _RecordMegatronFlag(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        got = getattr(namespace, "_megatron_flags", None) or []
+        vals = values if isinstance(values, list) else ([] if values is None else [values])
+        got.append((option_string, [str(v) for v in vals]))
+        setattr(namespace, "_megatron_flags", got)
+
+
+def add_megatron_compat_flags(parser: argparse.ArgumentParser) -> None:
+    """Register every Megatron-LM flag that is not a field, so it parses (values consumed) and
+    is then set, accepted or refused by :func:`apply_megatron_compat`."""
+    _extend_choices(parser)
+    known = parser._option_string_actions
+    flags = megatron_lm_flags()
+    for name in sorted(set(flags) | set(MEGATRON_COMPAT)):
+        if name in known:
+            continue  # a field of the tree: means what it means in Megatron-LM
+        nargs = flags.get(name, ("0", ""))[0]
+        nargs = {"0": 0, "1": None, "*": "*", "?": "?"}.get(nargs, int(nargs) if nargs.isdigit() else "*")
+        parser.add_argument(name, nargs=nargs, action=_RecordMegatronFlag, default=argparse.SUPPRESS,
+                            help=argparse.SUPPRESS)
+
+
+def apply_megatron_compat(cfg: "Config", recorded: list) -> list[str]:
+    """Apply the recorded Megatron flags to ``cfg``; returns notes, raises one UserError for all refusals."""
+    groups = megatron_lm_flags()
+    notes, refused = [], []
+    for flag, values in recorded or []:
+        rule = MEGATRON_COMPAT.get(flag)
+        value = values[0].strip("'\"") if values else None
+        if rule is None:
+            group = groups.get(flag, ("", "?"))[1]
+            refused.append(f"{flag} (Megatron-LM '{group}' option) is not supported by megatron_staged; "
+                           "remove it (see docs/megatron_compat.md)")
+        elif rule.action == "set":
+            for key, v in rule.sets.items():
+                set_value(cfg, key, value if v == "$value" else v)
+        elif rule.action == "accept":
+            if rule.reason:
+                notes.append(f"{flag} accepted: {rule.reason}")
+        elif rule.accept_values is not None and value in rule.accept_values:
+            if flag == "--attention-backend" and value in ("flash", "fused", "unfused"):
+                notes.append(f"{flag} {value} accepted: Transformer Engine chooses among flash/fused/unfused "
+                             "itself on GPU; CPU runs use megatron's DotProductAttention")
+            elif flag == "--attention-backend" and value == "local":
+                set_value(cfg, "transformer_impl", "local")
+        else:
+            refused.append(f"{flag}{''.join(' ' + v for v in values)}: {rule.reason}")
+    if refused:
+        raise UserError("; ".join(refused))
+    return notes
+
+
+def validate_megatron(cfg: "Config", world_size: int) -> None:
+    """Megatron-LM's rules for the compatibility fields (called from validate, before batch math)."""
+    t, o, d, c = cfg.training, cfg.optim, cfg.data, cfg.checkpoint
+    explicit = getattr(cfg, "_explicit", set())
+    require(c.ckpt_format == "torch_dist",
+            f"--ckpt-format {c.ckpt_format}: only torch_dist (megatron-core dist_checkpointing, Megatron-LM's "
+            "default) is supported; convert with Megatron-LM's tools/checkpoint/convert.py first")
+    if t.train_samples is not None:
+        require("train_iters" not in explicit,
+                "--train-samples and --train-iters are exclusive (sample- or iteration-based training, as "
+                "in Megatron-LM); drop one")
+        require(o.lr_decay_iters is None and "lr_decay_iters" not in explicit and o.lr_warmup_iters == 0,
+                "with --train-samples give the LR schedule in samples: --lr-decay-samples, "
+                "--lr-warmup-samples (or --lr-warmup-fraction), not --lr-decay-iters/--lr-warmup-iters")
+        require(o.lr_wsd_decay_iters is None or "lr_wsd_decay_iters" not in explicit,
+                "with --train-samples use --lr-wsd-decay-samples, not --lr-wsd-decay-iters")
+        require(t.train_samples > 0, "--train-samples must be positive")
+    else:
+        require(o.lr_decay_samples is None and o.lr_warmup_samples == 0 and o.lr_wsd_decay_samples is None,
+                "--lr-decay-samples/--lr-warmup-samples/--lr-wsd-decay-samples need sample-based training "
+                "(--train-samples); with --train-iters use --lr-decay-iters/--lr-warmup-iters")
+    if o.lr_warmup_fraction is not None:
+        require(o.lr_warmup_iters == 0 and o.lr_warmup_samples == 0,
+                "give one of --lr-warmup-fraction, --lr-warmup-iters and --lr-warmup-samples")
+        require(0.0 <= o.lr_warmup_fraction < 1.0, "--lr-warmup-fraction must be in [0, 1)")
+    require(not d.builtin_corpus or not (d.data_path or d.mock_data),
+            "--builtin-corpus is its own data source; drop --data-path/--mock-data")
+    split_paths = [d.train_data_path, d.valid_data_path, d.test_data_path]
+    require(not (any(split_paths) and d.data_path),
+            "give either --data-path (with --split) or --train-data-path/--valid-data-path/--test-data-path")
+    if not (d.data_path or d.mock_data or d.builtin_corpus or any(split_paths)):
+        raise UserError("no training data: give --data-path PREFIX (from tools/preprocess_data.py), "
+                        "--train-data-path/--valid-data-path, --mock-data, or --builtin-corpus")
+    if cfg.logging.wandb_project:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise UserError("--wandb-project needs the wandb package (pip install wandb); drop the "
+                            "--wandb-* flags or install it") from None
+    if c.exit_on_missing_checkpoint:
+        import os
+
+        require(c.load is not None, "--exit-on-missing-checkpoint needs --load")
+        has = os.path.isfile(os.path.join(c.load, "latest_checkpointed_iteration.txt")) or (
+            os.path.isdir(c.load) and any(n.startswith("iter_") for n in os.listdir(c.load)))
+        require(has, f"--load {c.load}: no checkpoint there (no latest_checkpointed_iteration.txt) and "
+                     "--exit-on-missing-checkpoint is set")
+
+
+def lr_schedule_steps(cfg: "Config") -> dict:
+    """Warmup, decay and WSD-decay lengths in iterations (floats), as Megatron-LM computes them.
+
+    Megatron-LM's scheduler counts samples (iterations x global batch); with a constant global
+    batch that is the same schedule in iterations, so sample counts are divided by the batch.
+    """
+    t, o = cfg.training, cfg.optim
+    gbs = t.global_batch_size
+    if t.train_samples is not None:
+        decay = (o.lr_decay_samples or t.train_samples) / gbs
+        warmup = o.lr_warmup_samples / gbs
+        wsd = o.lr_wsd_decay_samples / gbs if o.lr_wsd_decay_samples is not None else None
+    else:
+        decay = o.lr_decay_iters or t.train_iters
+        warmup = o.lr_warmup_iters
+        wsd = o.lr_wsd_decay_iters
+    if o.lr_warmup_fraction is not None:
+        warmup = o.lr_warmup_fraction * decay
+    if o.lr_decay_style == "WSD" and wsd is None:
+        wsd = max(1, int(0.1 * decay))
+    return {"warmup": warmup, "decay": decay, "wsd_decay": wsd}

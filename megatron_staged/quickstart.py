@@ -45,6 +45,10 @@ optim:
   lr_decay_style: cosine
   weight_decay: 0.01
   clip_grad: 1.0
+data:
+  builtin_corpus: true  # Megatron-LM needs --data-path or --mock-data; the quickstart asks for the corpus by name
+logging:
+  log_throughput: true
 staging:
   stages:
     - {at_iteration: 100, depth_factor: 2, depth_placement: interleave, depth_init: identity, rewarmup_iters: 10}

@@ -207,6 +207,7 @@ def _rank_zero_if_not_distributed():
 
 def _parse_split(split: str, parse):
     """Validate Megatron's --split (megatron-core's parser accepts garbage and yields NaNs)."""
+    split = str(split).strip().strip("'\"")  # launch scripts often pass --split '99,1,0' with its quotes
     msg = (f"--split {split!r} must be up to three non-negative comma-separated weights with a "
            "positive sum, e.g. 969,30,1")
     try:

@@ -14,7 +14,7 @@ def default_corpus_dir(cfg: Config) -> str:
 
 
 def use_default_corpus(cfg: Config) -> None:
-    """No data flags: build (rank 0) or reuse the built-in stdlib corpus and its tokenizer."""
+    """--builtin-corpus: build (rank 0) or reuse the built-in stdlib corpus and its tokenizer."""
     from megatron_staged.data import prepare_default_corpus
 
     d = cfg.data
@@ -45,24 +45,30 @@ def prepare_data(cfg: Config, world_size: int):
     from megatron_staged.data import build_gpt_datasets, build_tokenizer
 
     d, m = cfg.data, cfg.model
-    if not d.data_path and not d.mock_data:
+    if d.builtin_corpus:
         use_default_corpus(cfg)
+    elif not (d.data_path or d.mock_data or d.train_data_path or d.valid_data_path or d.test_data_path):
+        raise UserError("no training data: give --data-path PREFIX (from tools/preprocess_data.py), "
+                        "--train-data-path/--valid-data-path, --mock-data, or --builtin-corpus")
     ttype = d.tokenizer_type
     if ttype is None:
         if d.mock_data:
             ttype = "NullTokenizer"
         else:
-            raise UserError("--data-path needs --tokenizer-type (SentencePieceTokenizer, HuggingFaceTokenizer "
-                            "or NullTokenizer) and --tokenizer-model")
+            raise UserError("--data-path needs --tokenizer-type (e.g. GPT2BPETokenizer with --vocab-file and "
+                            "--merge-file, or HuggingFaceTokenizer/SentencePieceTokenizer with --tokenizer-model)")
     if ttype == "NullTokenizer" and m.vocab_size is None:
         if d.mock_data:
             m.vocab_size = 1024
         else:
             raise UserError("--tokenizer-type NullTokenizer needs --vocab-size")
-    tokenizer = build_tokenizer(ttype, d.tokenizer_model, m.vocab_size)
+    tokenizer = build_tokenizer(ttype, d.tokenizer_model, m.vocab_size, vocab_file=d.vocab_file,
+                                merge_file=d.merge_file, tiktoken_pattern=d.tiktoken_pattern,
+                                tiktoken_num_special_tokens=d.tiktoken_num_special_tokens)
     train, valid, test = sample_counts(cfg)
     datasets = build_gpt_datasets(
         data_path=d.data_path or None, split=d.split, mock_data=d.mock_data, seq_length=m.seq_length,
         seed=cfg.training.seed, tokenizer=tokenizer, train_samples=train, valid_samples=valid,
-        test_samples=test, cache_path=d.data_cache_path)
+        test_samples=test, cache_path=d.data_cache_path, train_data_path=d.train_data_path or None,
+        valid_data_path=d.valid_data_path or None, test_data_path=d.test_data_path or None)
     return tokenizer, datasets

@@ -21,7 +21,8 @@ from collections import OrderedDict
 
 from megatron_staged.errors import UserError, require
 
-TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer")
+TOKENIZER_TYPES = ("GPT2BPETokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer",
+                   "HuggingFaceTokenizer", "TikTokenizer", "NullTokenizer")
 
 
 class Tokenizer:
@@ -114,6 +115,127 @@ class SentencePieceTokenizer(Tokenizer):
         self.__init__(state["model_path"])
 
 
+class GPTSentencePieceTokenizer(SentencePieceTokenizer):
+    """Megatron-LM's GPTSentencePieceTokenizer: the model's pieces only, no BOS added, EOD = eos."""
+
+
+class Llama2Tokenizer(SentencePieceTokenizer):
+    """Megatron-LM's Llama2Tokenizer: like GPTSentencePieceTokenizer, but BOS is prepended to every
+    document (Megatron's ``tokenize(s, bos=True, eos=False)``)."""
+
+    def __init__(self, model_path: str) -> None:
+        super().__init__(model_path)
+        require(self._bos is not None,
+                f"--tokenizer-model: sentencepiece model {model_path} defines no bos piece, which "
+                "Llama2Tokenizer prepends to every document; use GPTSentencePieceTokenizer")
+
+    def tokenize(self, text: str) -> list[int]:
+        return [self._bos] + self._sp.encode(text)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 byte values to printable unicode characters."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+# GPT-2's pre-tokenizer: contractions, letter runs, digit runs, other runs, whitespace
+_GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+class GPT2BPETokenizer(Tokenizer):
+    """Megatron-LM's GPT2BPETokenizer: byte-level BPE from a local ``vocab.json`` and ``merges.txt``.
+
+    ``vocab_size`` is the number of entries in vocab.json and EOD is ``<|endoftext|>``'s id, as in
+    Megatron-LM; the text ``<|endoftext|>`` inside a document is encoded as ordinary text (Megatron
+    registers no special tokens). Pure Python (with the ``regex`` package); nothing is downloaded.
+    """
+
+    def __init__(self, vocab_file: str, merge_file: str) -> None:
+        import json
+
+        import regex
+
+        for flag, path in (("--vocab-file", vocab_file), ("--merge-file", merge_file)):
+            require(path is not None, f"{flag} is required with --tokenizer-type GPT2BPETokenizer "
+                                      "(GPT-2's vocab.json and merges.txt, local files)")
+            require(os.path.isfile(path), f"{flag}: no file at {path}")
+        super().__init__(vocab_file, merge_file=os.path.abspath(merge_file))
+        self.vocab_file, self.merge_file = vocab_file, merge_file
+        try:
+            with open(vocab_file, encoding="utf-8") as fh:
+                self.encoder: dict[str, int] = json.load(fh)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise UserError(f"--vocab-file: {vocab_file} is not a JSON vocabulary ({err})") from err
+        with open(merge_file, encoding="utf-8") as fh:
+            lines = fh.read().split("\n")
+        if lines and lines[0].startswith("#version"):
+            lines = lines[1:]
+        merges = [tuple(l.split()) for l in lines if l.strip()]
+        require(all(len(m) == 2 for m in merges), f"--merge-file: {merge_file} is not a BPE merges file "
+                                                  "(each line: two symbols)")
+        require("<|endoftext|>" in self.encoder,
+                f"--vocab-file: {vocab_file} has no <|endoftext|> token (GPT2BPETokenizer's end-of-document)")
+        self.ranks = {m: i for i, m in enumerate(merges)}
+        self.decoder = {i: t for t, i in self.encoder.items()}
+        self.byte_encoder = _bytes_to_unicode()
+        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
+        self.pattern = regex.compile(_GPT2_PATTERN)
+        self.cache: dict[str, list[str]] = {}
+        self._vocab_size = len(self.encoder)
+        self._eod = self.encoder["<|endoftext|>"]
+
+    def _bpe(self, word: str) -> list[str]:
+        """Merge the symbols of one pre-token, lowest-ranked pair first, until no merge applies."""
+        if word in self.cache:
+            return self.cache[word]
+        parts = list(word)
+        while len(parts) > 1:
+            best = min(zip(parts, parts[1:]), key=lambda pair: self.ranks.get(pair, float("inf")))
+            if best not in self.ranks:
+                break
+            first, second = best
+            merged, i = [], 0
+            while i < len(parts):
+                if i < len(parts) - 1 and parts[i] == first and parts[i + 1] == second:
+                    merged.append(first + second)
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        self.cache[word] = parts
+        return parts
+
+    def tokenize(self, text: str) -> list[int]:
+        ids = []
+        for piece in self.pattern.findall(text):
+            symbols = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
+            for tok in self._bpe(symbols):
+                require(tok in self.encoder, f"GPT2BPETokenizer: {tok!r} (a merge result) is not in "
+                                             f"{self.vocab_file}; vocab and merges do not match")
+                ids.append(self.encoder[tok])
+        return ids
+
+    def detokenize(self, ids) -> str:
+        text = "".join(self.decoder[int(i)] for i in ids)
+        return bytearray(self.byte_decoder[c] for c in text).decode("utf-8", errors="replace")
+
+    def __getstate__(self):
+        return {"vocab_file": self.vocab_file, "merge_file": self.merge_file}
+
+    def __setstate__(self, state):
+        self.__init__(state["vocab_file"], state["merge_file"])
+
+
 class HuggingFaceTokenizer(Tokenizer):
     """A local HuggingFace tokenizer directory or file; EOD is its eos token. Never downloads.
 
@@ -189,10 +311,27 @@ class NullTokenizer(Tokenizer):
 
 
 def build_tokenizer(tokenizer_type: str, tokenizer_model: str | None = None,
-                    vocab_size: int | None = None) -> Tokenizer:
-    """Build a tokenizer from Megatron's ``--tokenizer-type/--tokenizer-model/--vocab-size``."""
+                    vocab_size: int | None = None, *, vocab_file: str | None = None,
+                    merge_file: str | None = None, tiktoken_pattern: str | None = None,
+                    tiktoken_num_special_tokens: int = 1000) -> Tokenizer:
+    """Build a tokenizer from Megatron's ``--tokenizer-type/--tokenizer-model/--vocab-size``
+    (and ``--vocab-file/--merge-file`` for GPT2BPETokenizer, ``--tiktoken-*`` for TikTokenizer)."""
+    if tokenizer_type == "GPT2BPETokenizer":
+        return GPT2BPETokenizer(vocab_file, merge_file)
     if tokenizer_type == "SentencePieceTokenizer":
         return SentencePieceTokenizer(tokenizer_model)
+    if tokenizer_type == "GPTSentencePieceTokenizer":
+        return GPTSentencePieceTokenizer(tokenizer_model)
+    if tokenizer_type == "Llama2Tokenizer":
+        return Llama2Tokenizer(tokenizer_model)
+    if tokenizer_type == "TikTokenizer":
+        try:
+            import tiktoken  # noqa: F401
+        except ImportError:
+            raise UserError("--tokenizer-type TikTokenizer needs the tiktoken package, which is not "
+                            "installed; pip install tiktoken, or use HuggingFaceTokenizer") from None
+        raise UserError("--tokenizer-type TikTokenizer is not implemented yet; convert the tokenizer to a "
+                        "HuggingFace tokenizer.json and use --tokenizer-type HuggingFaceTokenizer")
     if tokenizer_type == "HuggingFaceTokenizer":
         return HuggingFaceTokenizer(tokenizer_model)
     if tokenizer_type == "NullTokenizer":

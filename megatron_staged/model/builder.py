@@ -101,10 +101,11 @@ def transformer_config(cfg: Config):
         pipeline_dtype=dtype,
         bf16=m.bf16,
         fp16=m.fp16,
-        bias_activation_fusion=on_gpu and not m.swiglu and not m.disable_bias_linear,
-        bias_dropout_fusion=on_gpu,
-        masked_softmax_fusion=on_gpu and _have_fused_softmax_kernels(),
-        apply_rope_fusion=False,
+        bias_activation_fusion=on_gpu and not m.swiglu and not m.disable_bias_linear and m.bias_gelu_fusion,
+        bias_dropout_fusion=on_gpu and m.bias_dropout_fusion,
+        masked_softmax_fusion=on_gpu and _have_fused_softmax_kernels() and m.masked_softmax_fusion,
+        apply_rope_fusion=False,  # m.apply_rope_fusion needs TE's fused RoPE; not wired yet (docs/megatron_compat.md)
+        attention_softmax_in_fp32=m.attention_softmax_in_fp32,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         deallocate_pipeline_outputs=on_gpu,
@@ -155,7 +156,7 @@ def build_model(cfg: Config, pre_process: bool, post_process: bool):
         post_process=post_process,
         share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
         position_embedding_type=m.position_embedding_type,
-        rotary_percent=1.0,
+        rotary_percent=m.rotary_percent,
         rotary_base=m.rotary_base,
     )
     _mark_tensor_parallel_weights(model)
@@ -194,7 +195,7 @@ def set_padded_vocab_size(cfg: Config, vocab_size: int) -> int:
     """Pad once; keep the value already stored (e.g. from a checkpoint) when it splits over TP."""
     m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
     if m.padded_vocab_size is None:
-        m.padded_vocab_size = pad_vocab_size(vocab_size, m.make_vocab_size_divisible_by, tp)
+        m.padded_vocab_size = pad_vocab_size(vocab_size, m.make_vocab_size_divisible_by, tp, m.vocab_padding)
     elif m.padded_vocab_size % tp:
         raise UserError(f"padded vocabulary {m.padded_vocab_size} (from the checkpoint) is not "
                         f"divisible by --tensor-model-parallel-size {tp}")

@@ -48,14 +48,19 @@ class StagedParamScheduler(OptimizerParamScheduler):
         super().load_state_dict(sd)
 
 
-def build_scheduler(optimizer, o: OptimizerConfig, train_iters: int, override: bool = False) -> StagedParamScheduler:
+def build_scheduler(optimizer, o: OptimizerConfig, train_iters: int, override: bool = False,
+                    steps: dict | None = None) -> StagedParamScheduler:
+    """``steps``: warmup/decay/wsd_decay lengths in iterations from ``config.lr_schedule_steps`` (which
+    also covers Megatron-LM's sample-based flags and --lr-warmup-fraction); default from ``o``."""
     decay_iters = o.lr_decay_iters or train_iters
+    steps = steps or {"warmup": o.lr_warmup_iters, "decay": decay_iters, "wsd_decay": o.lr_wsd_decay_iters}
+    decay_iters = steps["decay"]
     return StagedParamScheduler(
         optimizer,
         init_lr=o.lr_warmup_init,
         max_lr=o.lr,
         min_lr=o.min_lr,
-        lr_warmup_steps=o.lr_warmup_iters,
+        lr_warmup_steps=steps["warmup"],
         lr_decay_steps=decay_iters,
         lr_decay_style=o.lr_decay_style,
         start_wd=o.weight_decay,
@@ -64,6 +69,6 @@ def build_scheduler(optimizer, o: OptimizerConfig, train_iters: int, override: b
         wd_incr_style="constant",
         use_checkpoint_opt_param_scheduler=not override,
         override_opt_param_scheduler=override,
-        wsd_decay_steps=o.lr_wsd_decay_iters if o.lr_decay_style == "WSD" else None,
+        wsd_decay_steps=steps["wsd_decay"] if o.lr_decay_style == "WSD" else None,
         lr_wsd_decay_style=o.lr_wsd_decay_style if o.lr_decay_style == "WSD" else None,
     )
