@@ -93,8 +93,8 @@ def _iter_jsonl(path: str, json_keys: list[str]) -> Iterator[dict[str, str]]:
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer_type, tokenizer_model, vocab_size, append_eod) -> None:
-    _WORKER["tokenizer"] = build_tokenizer(tokenizer_type, tokenizer_model, vocab_size)
+def _init_worker(tokenizer_type, tokenizer_model, vocab_size, append_eod, tokenizer_files=None) -> None:
+    _WORKER["tokenizer"] = build_tokenizer(tokenizer_type, tokenizer_model, vocab_size, **(tokenizer_files or {}))
     _WORKER["append_eod"] = append_eod
 
 
@@ -135,7 +135,8 @@ def preprocess_data(inputs: list[str] | str, output_prefix: str, tokenizer_type:
                tokenizer_model: str | None = None, vocab_size: int | None = None,
                json_keys: tuple[str, ...] = ("text",), append_eod: bool = False,
                workers: int = 1, log_interval: int = 1000,
-               text_document_per_line: bool = False, log=None) -> dict:
+               text_document_per_line: bool = False, log=None, vocab_file: str | None = None,
+               merge_file: str | None = None) -> dict:
     """Tokenize ``inputs`` into one ``.bin/.idx`` indexed dataset per key.
 
     Returns ``{"prefixes": {key: prefix}, "num_documents": {key: n}, "num_tokens": {key: n},
@@ -145,11 +146,12 @@ def preprocess_data(inputs: list[str] | str, output_prefix: str, tokenizer_type:
     require(json_keys, "--json-keys needs at least one key")
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     files = expand_inputs(inputs)
-    tokenizer = build_tokenizer(tokenizer_type, tokenizer_model, vocab_size)  # fail fast
+    tokenizer_files = {"vocab_file": vocab_file, "merge_file": merge_file}  # GPT2BPETokenizer
+    tokenizer = build_tokenizer(tokenizer_type, tokenizer_model, vocab_size, **tokenizer_files)  # fail fast
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     os.makedirs(out_dir, exist_ok=True)
 
-    init_args = (tokenizer_type, tokenizer_model, vocab_size, append_eod)
+    init_args = (tokenizer_type, tokenizer_model, vocab_size, append_eod, tokenizer_files)
     docs = iter_documents(files, json_keys, text_document_per_line)
     stream = _encoded_stream(docs, workers, init_args)
     # Import megatron-core (slow: several seconds) after the pool has forked, so the workers
@@ -201,8 +203,8 @@ def _write_all(first, stream, builders, stats, log, log_interval) -> None:
             stats["num_tokens"][key] += len(ids)
         if log_interval and count % log_interval == 0:
             elapsed = max(time.time() - start, 1e-9)
-            log(f"processed {count} documents ({count / elapsed:.1f} docs/s, "
-                f"{nbytes / elapsed / 2**20:.2f} MiB/s)")
+            # Megatron-LM's progress line, word for word
+            log(f"Processed {count} documents ({count / elapsed} docs/s, {nbytes / elapsed / 1024 / 1024} MB/s).")
 
 
 def _chain(first, rest):
@@ -229,6 +231,13 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer-model", default=None,
                    help="sentencepiece .model file or local HuggingFace tokenizer directory")
     g.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer vocabulary size")
+    g.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: vocab.json")
+    g.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: merges.txt")
+    g.add_argument("--split-sentences", action="store_true",
+                   help="Megatron-LM: one sequence per sentence (needs nltk's punkt; refused without it)")
+    g.add_argument("--keep-newlines", action="store_true",
+                   help="Megatron-LM: with --split-sentences, keep newlines between sentences")
+    g.add_argument("--lang", default="english", help="Megatron-LM: --split-sentences language")
     g.add_argument("--append-eod", action="store_true",
                    help="append the end-of-document token to every document")
     g = p.add_argument_group("output data")
@@ -237,6 +246,11 @@ def get_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1, help="tokenizer worker processes")
     g.add_argument("--log-interval", type=int, default=1000, help="log every N documents")
+    g.add_argument("--partitions", type=int, default=1,
+                   help="Megatron-LM: input partitions processed in parallel; the output is the same "
+                        "documents in the same order, so here --workers alone sets the parallelism")
+    g.add_argument("--keep-sequential-samples", action="store_true",
+                   help="Megatron-LM: keep document order across partitions (always kept here)")
     return p
 
 
@@ -245,10 +259,17 @@ def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     try:
         require(args.workers >= 1, "--workers must be >= 1")
+        require(args.partitions >= 1, "--partitions must be >= 1")
+        require(not args.split_sentences,
+                "--split-sentences is not supported: it needs nltk's punkt sentence splitter and writes "
+                "<prefix>_<key>_sentence datasets for BERT-style models; GPT pretraining uses whole "
+                "documents, so drop it")
+        require(not args.keep_newlines, "--keep-newlines only applies with --split-sentences; drop it")
         preprocess_data(args.input, args.output_prefix, args.tokenizer_type, args.tokenizer_model,
                    args.vocab_size, json_keys=args.json_keys, append_eod=args.append_eod,
                    workers=args.workers, log_interval=args.log_interval,
-                   text_document_per_line=args.text_document_per_line)
+                   text_document_per_line=args.text_document_per_line, vocab_file=args.vocab_file,
+                   merge_file=args.merge_file)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

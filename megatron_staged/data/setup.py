@@ -51,6 +51,9 @@ def prepare_data(cfg: Config, world_size: int):
         raise UserError("no training data: give --data-path PREFIX (from tools/preprocess_data.py), "
                         "--train-data-path/--valid-data-path, --mock-data, or --builtin-corpus")
     ttype = d.tokenizer_type
+    if ttype is None and d.vocab_file and d.merge_file:
+        ttype = d.tokenizer_type = "GPT2BPETokenizer"  # what NVIDIA's GPT-3 example means (it gives no type)
+        print_rank0("note: --vocab-file and --merge-file without --tokenizer-type: using GPT2BPETokenizer")
     if ttype is None:
         if d.mock_data:
             ttype = "NullTokenizer"

@@ -22,6 +22,16 @@ class MetricsLogger:
         self.bar = None
         self.window: list[tuple[float, float, float]] = []  # (elapsed s, loss, flops) since the last log line
         self.jsonl = None
+        # Megatron-LM's counts over the log interval: advanced, skipped (optimizer step not taken,
+        # e.g. fp16 overflow) and nan (non-finite loss) iterations
+        self.counts = {"advanced": 0, "skipped": 0, "nan": 0}
+        self.wandb = None
+        lg = cfg.logging
+        if self.rank0 and lg.wandb_project:
+            import wandb  # checked by config.validate_megatron
+
+            self.wandb = wandb.init(project=lg.wandb_project, name=lg.wandb_exp_name, entity=lg.wandb_entity,
+                                    dir=lg.wandb_save_dir or lg.tensorboard_dir, config=cfg.to_dict())
         if self.rank0 and cfg.logging.tensorboard_dir:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -63,13 +73,34 @@ class MetricsLogger:
         if self.jsonl:
             self.jsonl.write(json.dumps(record) + "\n")
             self.jsonl.flush()
-        if self.writer:
-            self.writer.add_scalar("lm loss", loss, it)
-            self.writer.add_scalar("lm loss vs flops", loss, int(trainer.flops_so_far))
-            self.writer.add_scalar("learning-rate", lr, it)
+        finite = loss == loss and abs(loss) != float("inf")
+        self.counts["advanced" if ok else "skipped"] += 1
+        self.counts["nan"] += 0 if finite else 1
+        lg = trainer.cfg.logging
+        loss_scale = _loss_scale(trainer.optimizer)
+        params_norm = _params_norm(trainer.model) if lg.log_params_norm else None
+        samples = trainer.consumed_samples
+        if (self.writer or self.wandb) and it % max(lg.tensorboard_log_interval, 1) == 0:
+            # Megatron-LM's tag names (training.py training_log), plus 'lm loss vs flops' for staging
+            scalars = {"learning-rate": lr, "batch-size": t.global_batch_size, "lm loss": loss}
+            if lg.log_loss_scale_to_tensorboard:
+                scalars["loss-scale"] = loss_scale
+            if lg.log_world_size_to_tensorboard:
+                scalars["world-size"] = trainer.world_size
             if grad_norm is not None:
-                self.writer.add_scalar("grad-norm", grad_norm, it)
-            self.writer.add_scalar("iteration-time", elapsed, it)
+                scalars["grad-norm"] = grad_norm
+            if params_norm is not None:
+                scalars["params-norm"] = params_norm
+            if lg.log_timers_to_tensorboard:
+                scalars["iteration-time"] = elapsed
+            if self.writer:
+                self.writer.add_scalar("samples vs steps", samples, it)
+                for tag, value in scalars.items():
+                    self.writer.add_scalar(tag, value, it)
+                    self.writer.add_scalar(tag + " vs samples", value, samples)
+                self.writer.add_scalar("lm loss vs flops", loss, int(trainer.flops_so_far))
+            if self.wandb:
+                self.wandb.log(dict(scalars, **{"samples vs steps": samples}), step=it)
         if it % max(t.log_interval, 1) != 0:
             return
         ms = 1e3 * sum(e for e, _, _ in self.window) / len(self.window)
@@ -77,18 +108,26 @@ class MetricsLogger:
         avg_flops = sum(f for _, _, f in self.window) / len(self.window)
         self.window = []
         tflops = avg_flops / (ms / 1e3) / trainer.world_size / 1e12
-        gn = f"{grad_norm:.3f}" if grad_norm is not None else "n/a"
-        line = (f" [{datetime.now().strftime('%Y-%m-%d %H:%M:%S')}] iteration {it:8d}/{t.train_iters:8d} |"
+        # Megatron-LM's log line, field by field (training.py training_log); throughput only with
+        # --log-throughput (printed with 3 decimals: CPU runs are far below 0.1 TFLOP/s)
+        line = (f" [{datetime.now().strftime('%Y-%m-%d %H:%M:%S.%f')}] iteration {it:8d}/{t.train_iters:8d} |"
                 f" consumed samples: {trainer.consumed_samples:12d} |"
-                f" elapsed time per iteration (ms): {ms:.1f} |"
-                f" throughput per GPU (TFLOP/s/GPU): {tflops:.3f} |"
-                f" learning rate: {lr:.6E} | global batch size: {t.global_batch_size:5d} |"
-                f" lm loss: {avg_loss:.6E} | grad norm: {gn} |"
-                f" number of skipped iterations: {0 if ok else 1:3d} |")
-        if active is not None:
+                f" elapsed time per iteration (ms): {ms:.1f} |")
+        if lg.log_throughput:
+            line += f" throughput per GPU (TFLOP/s/GPU): {tflops:.3f} |"
+            if self.writer and lg.log_timers_to_tensorboard:
+                self.writer.add_scalar("throughput", tflops, it)
+        line += (f" learning rate: {lr:.6E} | global batch size: {t.global_batch_size:5d} |"
+                 f" lm loss: {avg_loss:.6E} | loss scale: {loss_scale:.1f} |")
+        if grad_norm is not None:
+            line += f" grad norm: {grad_norm:.3f} |"
+        if params_norm is not None:
+            line += f" params norm: {params_norm:.3f} |"
+        line += (f" number of skipped iterations: {self.counts['skipped']:3d} |"
+                 f" number of nan iterations: {self.counts['nan']:3d} |")
+        if active is not None:  # RaPTr / layer dropping: this project's field, after Megatron's
             line += f" active layers: {active:.2f}/{trainer.cfg.model.num_layers} |"
-        if self.writer:
-            self.writer.add_scalar("throughput-tflops-per-gpu", tflops, it)
+        self.counts = {"advanced": 0, "skipped": 0, "nan": 0}
         self.print(line)
 
     def eval(self, trainer, loss: float) -> None:
@@ -97,8 +136,15 @@ class MetricsLogger:
         ppl = math.exp(min(loss, 20))
         self.print(f" validation loss at iteration {trainer.iteration} | lm loss value: {loss:.6E} |"
                    f" lm loss PPL: {ppl:.6E} |")
+        lg = trainer.cfg.logging
         if self.writer:
             self.writer.add_scalar("lm loss validation", loss, trainer.iteration)
+            self.writer.add_scalar("lm loss validation vs samples", loss, trainer.consumed_samples)
+            if lg.log_validation_ppl_to_tensorboard:
+                self.writer.add_scalar("lm loss validation ppl", ppl, trainer.iteration)
+                self.writer.add_scalar("lm loss validation ppl vs samples", ppl, trainer.consumed_samples)
+        if self.wandb:
+            self.wandb.log({"lm loss validation": loss}, step=trainer.iteration)
         if self.jsonl:
             self.jsonl.write(json.dumps({"iteration": trainer.iteration, "eval_loss": loss,
                                          "flops_so_far": trainer.flops_so_far}) + "\n")
@@ -134,3 +180,35 @@ class MetricsLogger:
             self.bar = None
         if self.writer:
             self.writer.flush()
+        if self.wandb:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _loss_scale(optimizer) -> float:
+    """The optimizer's current loss scale (1.0 without fp16 loss scaling), as Megatron-LM prints it."""
+    try:
+        scale = optimizer.get_loss_scale()
+    except (AttributeError, TypeError):
+        return 1.0
+    return float(scale.item() if hasattr(scale, "item") else scale)
+
+
+def _params_norm(model_chunks) -> float:
+    """L2 norm of all parameters over the whole model (TP shards and PP stages; replicas once)."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+    sq = torch.zeros(1, dtype=torch.float64)
+    for chunk in model_chunks:
+        for p in chunk.parameters():
+            if not param_is_not_tensor_parallel_duplicate(p):
+                continue  # a replica of a TP-shared tensor: counted on TP rank 0
+            if getattr(p, "shared_embedding", False) and not ps.is_pipeline_first_stage():
+                continue  # the last stage's copy of tied embeddings: counted on the first stage
+            sq += p.detach().double().pow(2).sum()
+    if dist.is_initialized():
+        dist.all_reduce(sq, group=ps.get_model_parallel_group())
+    return float(sq.sqrt())
