@@ -49,7 +49,7 @@ TRAINING_ARGS=(
     --adam-beta2 0.95
     --init-method-std 0.006
     --clip-grad 1.0
-    ${PRECISION:---fp16}
+    ${PRECISION---fp16}
     --lr 6.0e-5
     --lr-decay-style cosine
     --min-lr 6.0e-6
@@ -63,7 +63,7 @@ MODEL_PARALLEL_ARGS=(
 )
 
 if [[ "$DATA_PATH" == "MOCK" ]]; then  # here: mock data, as NVIDIA's Llama example offers
-    DATA_ARGS=(--mock-data --vocab-file $VOCAB_FILE --merge-file $MERGE_FILE --tokenizer-type GPT2BPETokenizer)
+    DATA_ARGS=(--mock-data --vocab-file $VOCAB_FILE --merge-file $MERGE_FILE)
 else
     DATA_ARGS=(
         --data-path $DATA_PATH

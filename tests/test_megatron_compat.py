@@ -1,0 +1,330 @@
+"""Megatron-LM compatibility (issue 13): flags, defaults, tokenizers, LR schedule, launch scripts.
+
+Oracles are written from Megatron-LM's source (core_v0.16.1), not from this project's code:
+the launch lines are NVIDIA's, the LR formula is OptimizerParamScheduler's sample-based cosine,
+the SwiGLU and vocabulary rounding are arguments.py/tokenizer.py's formulas, and GPT-2 BPE is
+checked against HuggingFace's two independent implementations.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, _env, free_port
+from megatron_staged.config import (MEGATRON_COMPAT, FIELDS, Config, lr_schedule_steps, megatron_lm_flags,
+                                    pad_vocab_size, parse_config, resolve_model, validate)
+from megatron_staged.errors import UserError
+
+# NVIDIA's argument lists, as the shell expands them (examples/gpt3/train_gpt3_175b_distributed.sh and
+# examples/llama/train_llama3_8b_h100_fp8.sh at core_v0.16.1; paths substituted, the Llama one with
+# its default MOCK data, word-split exactly as `${DATA_ARGS_LIST[@]}` unquoted does).
+GPT3_175B = """
+--num-layers 96 --hidden-size 12288 --num-attention-heads 96 --seq-length 2048 --max-position-embeddings 2048
+--attention-backend auto
+--micro-batch-size 1 --global-batch-size 1536 --rampup-batch-size 16 16 5859375 --train-iters 500000
+--weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --init-method-std 0.006 --clip-grad 1.0 --fp16
+--lr 6.0e-5 --lr-decay-style cosine --min-lr 6.0e-6 --lr-warmup-fraction .001 --lr-decay-iters 430000
+--tensor-model-parallel-size 8 --pipeline-model-parallel-size 16
+--data-path /data/gpt_text_document --vocab-file /data/gpt2-vocab.json --merge-file /data/gpt2-merges.txt
+--split 949,50,1
+--log-interval 100 --save-interval 10000 --eval-interval 1000 --save /ckpt --load /ckpt --eval-iters 10
+--tensorboard-dir /tb
+"""
+LLAMA3_8B = """
+--use-mcore-models --num-layers 32 --hidden-size 4096 --ffn-hidden-size 14336 --num-attention-heads 32
+--group-query-attention --num-query-groups 8 --kv-channels 128 --seq-length 8192 --max-position-embeddings 8192
+--position-embedding-type rope --rotary-base 1000000 --rotary-percent 1.0 --attention-dropout 0.0
+--hidden-dropout 0.0 --swiglu --init-method-std 0.0134 --attention-backend fused --apply-layernorm-1p
+--untie-embeddings-and-output-weights --disable-bias-linear
+--micro-batch-size 1 --global-batch-size 128 --train-samples 1953125000 --lr-decay-samples 1949218748
+--lr-warmup-samples 3906252 --lr 0.00015 --min-lr 0.00001 --decoupled-lr 5.0e-4 --decoupled-min-lr 4.5e-5
+--lr-decay-style cosine --clip-grad 1.0 --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --bf16
+--grad-reduce-in-bf16 --cross-entropy-loss-fusion --calculate-per-token-loss --manual-gc
+--empty-unused-memory-level 1 --exit-duration-in-mins 235
+--use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather
+--fp8-format hybrid --fp8-amax-history-len 1024 --fp8-amax-compute-algo max --fp8-param-gather
+--tensor-model-parallel-size 1 --context-parallel-size 1 --sequence-parallel
+--mock-data --tokenizer-type NullTokenizer --vocab-size 128256 --data-cache-path /cache --tiktoken-pattern v2
+--split '99,1,0' --no-create-attention-mask-in-dataloader --no-mmap-bin-files --num-workers 1
+--log-interval 1 --eval-iters 32 --eval-interval 100 --save-interval 1000 --log-throughput --profile
+--profile-step-start 4 --profile-step-end 6 --ckpt-format torch_dist --distributed-timeout-minutes 60
+--save /ckpt --load /ckpt --tensorboard-dir /tb
+"""
+
+# what each script asks for that is refused here (each with its reason in docs/megatron_compat.md)
+GPT3_REFUSED = {"--rampup-batch-size"}
+LLAMA3_REFUSED = {"--apply-layernorm-1p", "--decoupled-lr", "--decoupled-min-lr", "--grad-reduce-in-bf16",
+                  "--calculate-per-token-loss", "--fp8-format", "--fp8-amax-history-len",
+                  "--fp8-amax-compute-algo", "--fp8-param-gather", "--profile", "--profile-step-start",
+                  "--profile-step-end", "--exit-duration-in-mins"}
+
+
+def _drop(argv: list[str], flags: set[str]) -> list[str]:
+    """argv without ``flags`` and their values (values never start with --)."""
+    out, skip = [], False
+    for a in argv:
+        if a.startswith("--"):
+            skip = a in flags
+        if not skip:
+            out.append(a)
+    return out
+
+
+@pytest.mark.parametrize("script,refused", [(GPT3_175B, GPT3_REFUSED), (LLAMA3_8B, LLAMA3_REFUSED)],
+                         ids=["gpt3_175b", "llama3_8b"])
+def test_nvidia_launch_lines_parse(script, refused):
+    """Every flag parses; the refusals are exactly the expected ones, in one line with reasons."""
+    argv = shlex.split(script.replace("'", "\\'"))  # keep the literal quotes the shell leaves
+    refused = {f for f in refused if f.lstrip("-").replace("-", "_") not in FIELDS}  # some become fields later
+    with pytest.raises(UserError) as err:
+        parse_config(argv)
+    msg = str(err.value)
+    assert "\n" not in msg and "unrecognized" not in msg
+    named = {f for f in re.findall(r"--[a-z0-9-]+", msg) if f in argv}
+    assert refused <= named, (refused - named, msg)
+    # nothing else is refused: without the refused flags the line parses and validates
+    rest = _drop(argv, refused)
+    cfg = parse_config(rest)
+    assert not ({f for f in rest if f.startswith("--")} & refused)
+    m, t, o, d = cfg.model, cfg.training, cfg.optim, cfg.data
+    if script is GPT3_175B:
+        assert (m.num_layers, m.hidden_size, m.fp16, o.lr_warmup_fraction, o.lr_decay_iters) == \
+            (96, 12288, True, 0.001, 430000)
+        assert (d.vocab_file, d.merge_file, d.split) == ("/data/gpt2-vocab.json", "/data/gpt2-merges.txt", "949,50,1")
+        steps = lr_schedule_steps(_validated(cfg, world=8 * 16))
+        assert steps["warmup"] == pytest.approx(0.001 * 430000) and steps["decay"] == 430000
+    else:
+        assert (m.ffn_hidden_size, m.kv_channels, m.rotary_base, m.rotary_percent, m.num_query_groups) == \
+            (14336, 128, 1000000, 1.0, 8)
+        assert (t.train_samples, o.lr_decay_samples, o.lr_warmup_samples) == (1953125000, 1949218748, 3906252)
+        assert cfg.logging.log_throughput and cfg.checkpoint.ckpt_format == "torch_dist"
+        cfg.parallel.sequence_parallel = False
+        _validated(cfg, world=8)
+        assert t.train_iters == 1953125000 // 128  # Megatron: train_samples // global batch
+
+
+def _validated(cfg: Config, world: int) -> Config:
+    cfg.checkpoint.load = None  # the paths in the launch lines do not exist here
+    validate(cfg, world)
+    return cfg
+
+
+def test_every_megatron_flag_is_handled():
+    """Every Megatron-LM pretraining flag is a field of the tree, or in the table, or refused by name."""
+    flags = megatron_lm_flags()
+    assert len(flags) > 600  # the whole parser of core_v0.16.1
+    fields = {"--" + k.replace("_", "-") for k in FIELDS} | {"--no-" + k.replace("_", "-") for k in FIELDS}
+    unknown = [f for f in flags if f not in fields and f not in MEGATRON_COMPAT and f != "--help"]
+    # a sample of unhandled flags: each is refused with the generic line naming its Megatron group
+    for flag in unknown[::40]:
+        nargs = flags[flag][0]
+        argv = ["--mock-data", flag] + (["1"] if nargs in ("1", "?") else ["1"] * int(nargs) if nargs.isdigit() else [])
+        with pytest.raises(UserError, match=re.escape(flag) + r" \(Megatron-LM '.*' option\) is not supported"):
+            parse_config(argv)
+    for flag, rule in MEGATRON_COMPAT.items():
+        assert rule.action in ("set", "accept", "refuse") and (rule.reason or rule.action == "set"), flag
+
+
+def test_compat_rules_set_accept_refuse(capsys):
+    cfg = parse_config(["--mock-data", "--no-rope-fusion", "--use-rotary-position-embeddings", "--use-dist-ckpt",
+                        "--no-masked-softmax-fusion", "--attention-softmax-in-fp32", "--context-parallel-size", "1",
+                        "--use-mcore-models", "--split", "'99,1,0'"])
+    assert (cfg.model.apply_rope_fusion, cfg.model.position_embedding_type, cfg.model.masked_softmax_fusion,
+            cfg.model.attention_softmax_in_fp32) == (False, "rope", False, True)
+    assert "note: --use-mcore-models accepted" in capsys.readouterr().out
+    with pytest.raises(UserError, match=r"^--context-parallel-size 2: context parallelism"):
+        parse_config(["--mock-data", "--context-parallel-size", "2"])
+    with pytest.raises(UserError, match=r"--num-layers-per-virtual-pipeline-stage 2: interleaved 1F1B"):
+        parse_config(["--mock-data", "--num-layers-per-virtual-pipeline-stage", "2"])
+    with pytest.raises(UserError, match="--ckpt-format torch: only torch_dist"):
+        validate(parse_config(["--mock-data", "--ckpt-format", "torch"]), 1)
+    with pytest.raises(UserError, match="no training data: give --data-path"):
+        validate(parse_config([]), 1)
+    validate(parse_config(["--builtin-corpus"]), 1)
+    with pytest.raises(UserError, match="exclusive"):
+        validate(parse_config(["--mock-data", "--train-samples", "64", "--train-iters", "3"]), 1)
+    with pytest.raises(UserError, match="need sample-based training"):
+        validate(parse_config(["--mock-data", "--lr-warmup-samples", "64"]), 1)
+    with pytest.raises(UserError, match="one of --lr-warmup-fraction"):
+        validate(parse_config(["--mock-data", "--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "3"]), 1)
+    with pytest.raises(UserError, match="no checkpoint there"):
+        validate(parse_config(["--mock-data", "--load", "/nonexistent/x", "--exit-on-missing-checkpoint"]), 1)
+
+
+def _megatron_lr(samples: int, *, max_lr, min_lr, warmup, decay, style="cosine") -> float:
+    """OptimizerParamScheduler.get_lr at ``samples`` consumed samples (Megatron-LM's sample-based steps)."""
+    if warmup > 0 and samples <= warmup:
+        return max_lr * samples / warmup
+    if samples > decay:
+        return min_lr
+    ratio = (samples - warmup) / (decay - warmup)
+    coeff = 0.5 * (math.cos(math.pi * ratio) + 1.0) if style == "cosine" else 1.0 - ratio
+    return min_lr + coeff * (max_lr - min_lr)
+
+
+@pytest.mark.parametrize("flags,warmup_samples", [
+    (["--lr-warmup-samples", "40"], 40),
+    (["--lr-warmup-fraction", "0.15"], None),
+])
+@pytest.mark.parametrize("style", ["cosine", "linear"])
+def test_sample_based_schedule_matches_megatron(flags, warmup_samples, style):
+    import torch
+
+    from megatron_staged.training.lr import build_scheduler
+
+    gbs, train_samples, decay_samples = 12, 1000, 900
+    cfg = parse_config(["--mock-data", "--global-batch-size", "12", "--micro-batch-size", "12", "--train-samples",
+                        str(train_samples), "--lr-decay-samples", str(decay_samples), "--lr", "1e-3",
+                        "--min-lr", "1e-4", "--lr-decay-style", style, *flags])
+    validate(cfg, 1)
+    assert cfg.training.train_iters == train_samples // gbs
+    warmup = warmup_samples if warmup_samples is not None else 0.15 * decay_samples
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    sched = build_scheduler(opt, cfg.optim, cfg.training.train_iters, steps=lr_schedule_steps(cfg))
+    for it in range(1, cfg.training.train_iters + 1):
+        sched.step(increment=1)
+        want = _megatron_lr(it * gbs, max_lr=1e-3, min_lr=1e-4, warmup=warmup, decay=decay_samples, style=style)
+        assert opt.param_groups[0]["lr"] == pytest.approx(want, rel=1e-9, abs=1e-15), it
+
+
+def test_megatron_defaults_swiglu_and_vocab_padding():
+    for hidden in (64, 128, 1000, 4096, 8192):
+        cfg = Config()
+        cfg.model.model_family, cfg.model.hidden_size, cfg.model.num_attention_heads = "llama", hidden, 8
+        assert resolve_model(cfg.model).ffn_hidden_size == int((4 * hidden * 2 / 3) / 64) * 64  # arguments.py
+    # tokenizer.py _vocab_size_with_padding: a multiple of make_vocab_size_divisible_by * TP
+    for vocab, tp, want in ((50257, 1, 50304), (50257, 2, 50432), (50257, 8, 51200), (32000, 4, 32256)):
+        assert pad_vocab_size(vocab, 128, tp) == want
+        assert pad_vocab_size(vocab, 128, tp, "lcm") == pad_vocab_size(vocab, 128, 1, "lcm")
+    assert parse_config([]).model.vocab_padding == "megatron"
+
+
+@pytest.fixture(scope="module")
+def bpe_files(tmp_path_factory):
+    tokenizers = pytest.importorskip("tokenizers")
+    d = tmp_path_factory.mktemp("bpe")
+    texts = [p.read_text() for p in sorted((ROOT / "megatron_staged").rglob("*.py"))[:20]]
+    src = d / "train.txt"
+    src.write_text("\n".join(texts))
+    tok = tokenizers.ByteLevelBPETokenizer()
+    tok.train([str(src)], vocab_size=700, min_frequency=2, special_tokens=["<|endoftext|>"], show_progress=False)
+    tok.save_model(str(d))
+    return str(d / "vocab.json"), str(d / "merges.txt"), "\n".join(texts)
+
+
+def test_gpt2_bpe_tokenizer_matches_huggingface(bpe_files):
+    from tokenizers import ByteLevelBPETokenizer
+
+    from megatron_staged.data.tokenizer import build_tokenizer
+
+    vocab, merges, text = bpe_files
+    mine = build_tokenizer("GPT2BPETokenizer", vocab_file=vocab, merge_file=merges)
+    ref = ByteLevelBPETokenizer(vocab, merges)
+    sample = text[:20000] + " héllo wörld, 日本語 \t\n  x  's they're 12345 ... !!"
+    assert mine.tokenize(sample) == ref.encode(sample).ids
+    assert mine.detokenize(mine.tokenize(sample)) == sample
+    assert (mine.vocab_size, mine.eod) == (ref.get_vocab_size(), ref.token_to_id("<|endoftext|>"))
+    with pytest.raises(UserError, match="--merge-file is required"):
+        build_tokenizer("GPT2BPETokenizer", vocab_file=vocab)
+
+
+def test_sentencepiece_family(tmp_path):
+    from megatron_staged.data import train_sentencepiece_from_texts
+    from megatron_staged.data.tokenizer import build_tokenizer
+
+    texts = [f"document {i}: the quick brown fox jumps over the lazy dog {i * 7}" for i in range(300)]
+    model = train_sentencepiece_from_texts(texts, str(tmp_path / "sp"), vocab_size=300)
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=model)
+    text = "the lazy fox 42"
+    gpt = build_tokenizer("GPTSentencePieceTokenizer", model)
+    llama = build_tokenizer("Llama2Tokenizer", model)
+    assert gpt.tokenize(text) == sp.encode_as_ids(text) and gpt.eod == sp.eos_id()
+    assert llama.tokenize(text) == [sp.bos_id()] + sp.encode_as_ids(text) and llama.eod == sp.eos_id()
+    assert gpt.vocab_size == llama.vocab_size == sp.get_piece_size()
+    try:
+        import tiktoken  # noqa: F401
+    except ImportError:
+        with pytest.raises(UserError, match="needs the tiktoken package"):
+            build_tokenizer("TikTokenizer", model)
+
+
+def test_preprocess_gpt2_bpe_megatron_flags(bpe_files, tmp_path):
+    vocab, merges, text = bpe_files
+    docs = tmp_path / "docs.jsonl"
+    import json
+
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in text.split("\n\n")[:60] if t.strip()))
+    r = subprocess.run([os.sys.executable, "tools/preprocess_data.py", "--input", str(docs), "--output-prefix",
+                        str(tmp_path / "bpe"), "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", vocab,
+                        "--merge-file", merges, "--append-eod", "--workers", "2", "--partitions", "2",
+                        "--log-interval", "20"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"Processed 20 documents \([0-9.e+-]+ docs/s, [0-9.e+-]+ MB/s\)\.", r.stderr), r.stderr
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_staged.data.tokenizer import build_tokenizer
+
+    ds = IndexedDataset(str(tmp_path / "bpe_text_document"))
+    tok = build_tokenizer("GPT2BPETokenizer", vocab_file=vocab, merge_file=merges)
+    first = json.loads(docs.read_text().splitlines()[0])["text"]
+    assert list(ds[0]) == tok.tokenize(first) + [tok.eod]
+    r = subprocess.run([os.sys.executable, "tools/preprocess_data.py", "--input", str(docs), "--output-prefix",
+                        str(tmp_path / "s"), "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", vocab,
+                        "--merge-file", merges, "--split-sentences"], cwd=ROOT, env=_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--split-sentences" in r.stderr
+
+
+def _run_script(script: str, args: list[str], env: dict, timeout=600) -> subprocess.CompletedProcess:
+    e = _env({**env, "MASTER_PORT": str(free_port()), "GPUS_PER_NODE": "1"})
+    return subprocess.run(["bash", str(ROOT / "examples" / "megatron_scripts" / script), *args], cwd=ROOT, env=e,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+MEGATRON_LOG_LINE = re.compile(
+    r" \[[0-9-]+ [0-9:.]+\] iteration +(\d+)/ +(\d+) \| consumed samples: +(\d+) \| elapsed time per iteration "
+    r"\(ms\): [0-9.]+ \|( throughput per GPU \(TFLOP/s/GPU\): [0-9.]+ \|)? learning rate: ([0-9.E+-]+) \| "
+    r"global batch size: +(\d+) \| lm loss: [0-9.E+-]+ \| loss scale: 1\.0 \| grad norm: [0-9.]+ \| "
+    r"number of skipped iterations: +0 \| number of nan iterations: +0 \|")
+
+
+def test_nvidia_scripts_run_reduced_on_cpu(bpe_files, tmp_path):
+    """NVIDIA's launch lines with this entry point, reduced to 2 layers, train and save on CPU."""
+    small = dict(NUM_LAYERS="2", HIDDEN_SIZE="64", NUM_HEADS="4", SEQ_LENGTH="32", GLOBAL_BATCH_SIZE="4",
+                 EVAL_ITERS="1", PRECISION="", DATA_CACHE_PATH=str(tmp_path / "cache"))
+    r = _run_script("train_llama3_8b.sh", [str(tmp_path / "ck"), str(tmp_path / "tb"), "MOCK", "MOCK"],
+                    dict(small, FFN_HIDDEN_SIZE="192", NUM_QUERY_GROUPS="2", KV_CHANNELS="16", TRAIN_SAMPLES="12",
+                         LR_DECAY_SAMPLES="12", LR_WARMUP_SAMPLES="4", SEQUENCE_PARALLEL="", VOCAB_SIZE="1000",
+                         EVAL_INTERVAL="2"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = [MEGATRON_LOG_LINE.search(l) for l in r.stdout.splitlines() if "] iteration" in l]
+    assert len(lines) == 3 and all(lines), r.stdout[-3000:]
+    # sample-based schedule: warmup 4 samples = 1 iteration, cosine over samples 4..12 (Megatron's formula)
+    for m in lines:
+        it = int(m.group(1))
+        assert m.group(4) and float(m.group(5)) == pytest.approx(
+            _megatron_lr(it * 4, max_lr=1.5e-4, min_lr=1e-5, warmup=4, decay=12), rel=1e-6)
+    assert (tmp_path / "ck" / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(tmp_path / "tb")).Reload().Tags()["scalars"]
+    for tag in ("lm loss", "learning-rate", "batch-size", "loss-scale", "grad-norm", "lm loss vs samples",
+                "lm loss validation"):
+        assert tag in tags, tags
+
+    vocab, merges, _ = bpe_files
+    r = _run_script("train_gpt3_175b_distributed.sh", [str(tmp_path / "g"), str(tmp_path / "gtb"), vocab, merges,
+                                                       "MOCK"],
+                    dict(small, TRAIN_ITERS="2", LR_DECAY_ITERS="2", TP="1", PP="1", LOG_INTERVAL="1"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "using GPT2BPETokenizer" in r.stdout
+    lines = [MEGATRON_LOG_LINE.search(l) for l in r.stdout.splitlines() if "] iteration" in l]
+    assert len(lines) == 2 and all(lines) and not lines[0].group(4)  # no --log-throughput: no throughput field
