@@ -123,6 +123,8 @@ def test_tokenizer_bad_input(tmp_path):
     with pytest.raises(UserError, match="--vocab-size"):
         build_tokenizer("NullTokenizer")
     with pytest.raises(UserError, match="not supported"):
+        build_tokenizer("BertWordPieceLowerCase")
+    with pytest.raises(UserError, match="--vocab-file is required"):
         build_tokenizer("GPT2BPETokenizer")
 
 
