@@ -867,12 +867,8 @@ def validate_megatron(cfg: "Config", world_size: int) -> None:
         require(0.0 <= o.lr_warmup_fraction < 1.0, "--lr-warmup-fraction must be in [0, 1)")
     require(not d.builtin_corpus or not (d.data_path or d.mock_data),
             "--builtin-corpus is its own data source; drop --data-path/--mock-data")
-    split_paths = [d.train_data_path, d.valid_data_path, d.test_data_path]
-    require(not (any(split_paths) and d.data_path),
+    require(not (any([d.train_data_path, d.valid_data_path, d.test_data_path]) and d.data_path),
             "give either --data-path (with --split) or --train-data-path/--valid-data-path/--test-data-path")
-    if not (d.data_path or d.mock_data or d.builtin_corpus or any(split_paths)):
-        raise UserError("no training data: give --data-path PREFIX (from tools/preprocess_data.py), "
-                        "--train-data-path/--valid-data-path, --mock-data, or --builtin-corpus")
     if cfg.logging.wandb_project:
         try:
             import wandb  # noqa: F401
@@ -887,6 +883,14 @@ def validate_megatron(cfg: "Config", world_size: int) -> None:
             os.path.isdir(c.load) and any(n.startswith("iter_") for n in os.listdir(c.load)))
         require(has, f"--load {c.load}: no checkpoint there (no latest_checkpointed_iteration.txt) and "
                      "--exit-on-missing-checkpoint is set")
+
+
+def require_data_source(d: "DataConfig") -> None:
+    """As Megatron-LM: training needs data flags (checked when the data is built, not for planning)."""
+    if not (d.data_path or d.mock_data or d.builtin_corpus or d.train_data_path or d.valid_data_path
+            or d.test_data_path):
+        raise UserError("no training data: give --data-path PREFIX (from tools/preprocess_data.py), "
+                        "--train-data-path/--valid-data-path, --mock-data, or --builtin-corpus")
 
 
 def lr_schedule_steps(cfg: "Config") -> dict:

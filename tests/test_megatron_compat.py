@@ -18,7 +18,8 @@ import pytest
 
 from conftest import ROOT, _env, free_port
 from megatron_staged.config import (MEGATRON_COMPAT, FIELDS, Config, lr_schedule_steps, megatron_lm_flags,
-                                    pad_vocab_size, parse_config, resolve_model, validate)
+                                    pad_vocab_size, parse_config, require_data_source, resolve_model,
+                                    validate)
 from megatron_staged.errors import UserError
 
 # NVIDIA's argument lists, as the shell expands them (examples/gpt3/train_gpt3_175b_distributed.sh and
@@ -145,7 +146,7 @@ def test_compat_rules_set_accept_refuse(capsys):
     with pytest.raises(UserError, match="--ckpt-format torch: only torch_dist"):
         validate(parse_config(["--mock-data", "--ckpt-format", "torch"]), 1)
     with pytest.raises(UserError, match="no training data: give --data-path"):
-        validate(parse_config([]), 1)
+        require_data_source(parse_config([]).data)
     validate(parse_config(["--builtin-corpus"]), 1)
     with pytest.raises(UserError, match="exclusive"):
         validate(parse_config(["--mock-data", "--train-samples", "64", "--train-iters", "3"]), 1)

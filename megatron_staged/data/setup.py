@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from megatron_staged.config import Config
+from megatron_staged.config import Config, require_data_source
 from megatron_staged.errors import UserError
 from megatron_staged.runtime.distributed import barrier, is_rank0, print_rank0
 
@@ -47,9 +47,8 @@ def prepare_data(cfg: Config, world_size: int):
     d, m = cfg.data, cfg.model
     if d.builtin_corpus:
         use_default_corpus(cfg)
-    elif not (d.data_path or d.mock_data or d.train_data_path or d.valid_data_path or d.test_data_path):
-        raise UserError("no training data: give --data-path PREFIX (from tools/preprocess_data.py), "
-                        "--train-data-path/--valid-data-path, --mock-data, or --builtin-corpus")
+    else:
+        require_data_source(d)
     ttype = d.tokenizer_type
     if ttype is None and d.vocab_file and d.merge_file:
         ttype = d.tokenizer_type = "GPT2BPETokenizer"  # what NVIDIA's GPT-3 example means (it gives no type)
