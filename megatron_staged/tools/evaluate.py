@@ -1,6 +1,6 @@
 """``megatron-staged evaluate --load CKPT``: print the eval loss of a checkpoint.
 
-Data flags as for ``train`` (none: the built-in corpus); ``--eval-iters`` global batches of the
+Data flags as for ``train`` (``--data-path``, ``--mock-data`` or ``--builtin-corpus``); ``--eval-iters`` global batches of the
 validation split, from its start, so two checkpoints evaluated alike see the same tokens.
 """
 from __future__ import annotations
