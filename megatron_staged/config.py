@@ -426,12 +426,12 @@ def config_from_args(ns: argparse.Namespace, base: Optional[Config] = None) -> C
         apply_mapping(cfg, d, source=f"--config {ns.config}")
         explicit |= _flat_keys(d)
     for name in FIELDS:
-        if hasattr(ns, name) and getattr(ns, name) not in MEGATRON_VALUES.get(name, {}):
+        if hasattr(ns, name) and not (name in MEGATRON_VALUES and getattr(ns, name) in MEGATRON_VALUES[name]):
             set_value(cfg, name, getattr(ns, name))
             explicit.add(name)
     recorded = getattr(ns, "_megatron_flags", None) or []
     for name, values in MEGATRON_VALUES.items():  # Megatron-LM values of fields that name them differently
-        if getattr(ns, name, None) in values:
+        if isinstance(getattr(ns, name, None), str) and getattr(ns, name) in values:
             new, why = values[getattr(ns, name)]
             if os.environ.get("RANK", "0") == "0":
                 print(f"note: --{name.replace('_', '-')} {getattr(ns, name)} accepted as {new}: {why}", flush=True)
@@ -515,7 +515,8 @@ def _flag(name: str) -> str:
 
 def parse_split(split: str) -> list[float]:
     """Megatron's ``--split 969,30,1`` (or ``98/2/0``): up to three non-negative weights, positive sum."""
-    parts = str(split).replace("/", ",").split(",")
+    # quotes: launch scripts often pass --split '99,1,0' with its quotes (Megatron-LM's regex ignores them)
+    parts = str(split).strip().strip("'\"").replace("/", ",").split(",")
     try:
         w = [float(x) for x in parts]
     except ValueError:
