@@ -24,7 +24,10 @@ def test_report_saving_stages_and_picture(tmp_path):
     base = iters(1, 10, 4e12, 4, 128) + [
         {"iteration": 5, "eval_loss": 3.6, "flops_so_far": 2e13}, {"iteration": 10, "eval_loss": 3.0, "flops_so_far": 4e13}]
     # staged: 10 iterations at 1e12, a growth (2 s), 10 at 4e12 (200 ms each)
-    staged = (iters(1, 10, 1e12, 2, 128) + [{"iteration": 10, "eval_loss": 3.4, "flops_so_far": 1e13}]
+    raptr = {"event": "raptr_stage", "iteration": 4, "stage": 1, "of": 4, "keep_prob": 0.5,
+             "expected_active_layers": 1.0, "num_layers": 2, "until": 8}
+    staged = (iters(1, 3, 1e12, 2, 128) + [raptr] + iters(4, 10, 1e12, 2, 128, start_flops=3e12)
+              + [{"iteration": 10, "eval_loss": 3.4, "flops_so_far": 1e13}]
               + [{"event": "growth", "iteration": 10, "growth_seconds": 2.0, "num_layers": 4, "hidden_size": 128}]
               + iters(11, 20, 4e12, 4, 128, ms=200.0, start_flops=1e13)
               + [{"iteration": 15, "eval_loss": 3.2, "flops_so_far": 3e13},
@@ -46,6 +49,7 @@ def test_report_saving_stages_and_picture(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = run_cli(["report", s, "--baseline", b, "--out", str(png)]).stdout
     assert f"saving {100 * (1 - c / 4e13):+.1f}%" in text and "stage 1: 4 layers x 128: 10 iterations" in text
+    assert "from iteration 4 (3.000e+12 FLOPs): RaPTr stage 2/4: 1.00/2 layers expected active" in text
 
 
 def test_report_bad_inputs(tmp_path):

@@ -29,6 +29,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_staged.runtime.distributed import collective_device
+
 OPT_PREFIX = "optimizer.state."
 
 
@@ -163,8 +165,8 @@ class LiveSource:
             self.holdings[st.key].setdefault(layer_of(st.key, box), {})[box] = st.data.detach().reshape(box_shape(box))
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
-        # where the buffers live: the shards' device (NCCL moves device tensors, gloo CPU ones)
-        self.device = next((st.data.device for st in shards), torch.device("cpu"))
+        # where the buffers live: the current device under NCCL, host memory under gloo
+        self.device = collective_device()
         everyone = [None] * self.world
         dist.all_gather_object(everyone, {"holds": self.held(), "shapes": self.shapes})
         self.holders: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))  # key -> layer -> box -> ranks

@@ -26,6 +26,7 @@ class Run:
     name: str
     evals: list = field(default_factory=list)        # (iteration, flops so far, wall seconds, eval loss)
     growths: list = field(default_factory=list)      # growth events as logged
+    subnet_stages: list = field(default_factory=list)  # RaPTr stage transitions as logged
     stages: list = field(default_factory=list)       # per stage: dict(layers, hidden, iterations, flops, seconds)
     final_flops: float = 0.0
     final_seconds: float = 0.0
@@ -68,6 +69,8 @@ def read_run(path: str) -> Run:
             elif r.get("event") == "growth":
                 seconds += r.get("growth_seconds", 0.0)
                 run.growths.append(dict(r, flops_so_far=flops, wall_seconds=seconds))
+            elif r.get("event") == "raptr_stage":
+                run.subnet_stages.append(dict(r, flops_so_far=flops, wall_seconds=seconds))
     prev = 0.0
     for st in run.stages:
         st["flops"] = st.pop("flops_end", prev) - prev
@@ -98,7 +101,8 @@ def summarize(runs: list, baseline: Run | None) -> list:
     rows = []
     for run in runs:
         row = {"run": run.name, "final_eval_loss": run.final_eval, "flops": run.final_flops,
-               "seconds": run.final_seconds, "stages": run.stages, "growths": len(run.growths)}
+               "seconds": run.final_seconds, "stages": run.stages, "growths": len(run.growths),
+               "subnet_stages": run.subnet_stages}
         if baseline is not None:
             target = baseline.final_eval
             c = compute_to_reach(run, target)
@@ -132,6 +136,9 @@ def plot(runs: list, baseline: Run | None, out: str) -> None:
             ax_t.axvline(g["wall_seconds"], color=line.get_color(), alpha=0.4, linestyle=":")
             ax_c.annotate(f"{g.get('num_layers')}x{g.get('hidden_size')}", (g["flops_so_far"], max(ys)),
                           fontsize=7, rotation=90, va="top", color=line.get_color())
+        for t in run.subnet_stages[1:]:  # the first record is where the schedule starts
+            ax_c.axvline(t["flops_so_far"], color=line.get_color(), alpha=0.3, linestyle="-.")
+            ax_t.axvline(t["wall_seconds"], color=line.get_color(), alpha=0.3, linestyle="-.")
     if baseline is not None:
         for ax in (ax_c, ax_t):
             ax.axhline(baseline.final_eval, color="grey", linewidth=0.8)
@@ -142,7 +149,7 @@ def plot(runs: list, baseline: Run | None, out: str) -> None:
         ax.set_ylabel("validation loss")
         ax.grid(alpha=0.3)
     ax_c.legend(fontsize=8)
-    ax_c.set_title("validation loss vs compute (dotted: growths)")
+    ax_c.set_title("validation loss vs compute (dotted: growths, dash-dot: RaPTr stages)")
     ax_t.set_title("validation loss vs wall time")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -165,6 +172,11 @@ def format_rows(rows: list) -> str:
         for i, st in enumerate(r["stages"]):
             lines.append(f"    stage {i}: {st['layers']} layers x {st['hidden']}: {st['iterations']} iterations, "
                          f"{st['flops']:.3e} FLOPs, {st['seconds']:.1f}s")
+        for t in r["subnet_stages"]:
+            what = ("all layers" if t.get("until") is None else
+                    f"RaPTr stage {t['stage'] + 1}/{t['of']}: {t['expected_active_layers']:.2f}/{t['num_layers']} "
+                    f"layers expected active")
+            lines.append(f"    from iteration {t['iteration']} ({t['flops_so_far']:.3e} FLOPs): {what}")
     return "\n".join(lines)
 
 
