@@ -233,8 +233,9 @@ class LiveSource:
                for key, box in self.wants[slot]} if slot < len(self.wants) else {}
         ops, inbox, keep = [], [], []
         for receiver, items in sorted(self.sends.get(slot, {}).items()):
+            # megatron's gathered optimizer state sits in host memory: NCCL sends from the device
             buf = torch.cat([self._held(key, hbox)[relative(inter, hbox)].reshape(-1).float()
-                             for key, hbox, inter in items])
+                             for key, hbox, inter in items]).to(self.device)
             keep.append(buf)
             ops.append(dist.P2POp(dist.isend, buf, receiver))
             self.stats["bytes_sent"] += buf.numel() * buf.element_size()
@@ -243,7 +244,7 @@ class LiveSource:
             inbox.append((buf, items))
             ops.append(dist.P2POp(dist.irecv, buf, sender))
         for key, box, hbox, inter in self.locals.get(slot, []):
-            part = self._held(key, hbox)[relative(inter, hbox)]
+            part = self._held(key, hbox)[relative(inter, hbox)].to(self.device)
             out[(key, box)][relative(inter, box)] = part
             self.stats["bytes_local"] += part.numel() * 4
         if ops:
