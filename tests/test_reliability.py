@@ -206,6 +206,16 @@ def test_non_finite_step_skipped_changes_nothing(tmp_path):
     assert any(not bool((after[k] == later[k]).all()) for k in after), "training continued after the skip"
 
 
+def _is_worker(proc) -> bool:
+    """A training worker (not a finished helper process: a zombie has no command line)."""
+    import psutil
+
+    try:
+        return "megatron_staged" in " ".join(proc.cmdline())
+    except (psutil.ZombieProcess, psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
 def test_workers_stop_when_the_launcher_is_killed(tmp_path):
     """torchrun SIGKILLed: its workers (in sessions of their own) stop within seconds and write nothing more."""
     import signal
@@ -225,8 +235,7 @@ def test_workers_stop_when_the_launcher_is_killed(tmp_path):
         p = subprocess.Popen(cmd, cwd=str(ROOT), env=_env(), stdout=out, stderr=out, start_new_session=True)
         try:
             _wait_for_iterations(log, 3, p)
-            workers = [c for c in psutil.Process(p.pid).children(recursive=True)
-                       if "megatron_staged" in " ".join(c.cmdline())]
+            workers = [c for c in psutil.Process(p.pid).children(recursive=True) if _is_worker(c)]
             assert len(workers) >= 2
             os.kill(p.pid, signal.SIGKILL)  # the launcher only, as `kill -9 <torchrun>` does
             t0 = time.time()
