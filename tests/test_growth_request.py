@@ -130,3 +130,22 @@ def test_train_state_round_trip_keeps_unknown_keys():
     assert TrainState.from_dict(d) == s
     s.record_step(2.0, 8, 1e9)
     assert (s.iteration, s.consumed_train_samples, s.flops_so_far, s.loss_history[-1]) == (8, 64, 2.5e9, (8, 2.0, 2.5e9))
+
+
+def test_builtin_corpus_run_plans_its_stages(monkeypatch, tmp_path):
+    """The quickstart's path: --builtin-corpus resolves to a data path, then the stages (validated
+    as grown configs) must still be valid."""
+    import megatron_staged.data as data
+    from megatron_staged.config import validate
+    from megatron_staged.data.setup import use_default_corpus
+
+    monkeypatch.setattr(data, "prepare_default_corpus", lambda cache: {
+        "data_prefix": str(tmp_path / "corpus_text_document"), "tokenizer_model": str(tmp_path / "tok.model")})
+    cfg = _cfg(tp=2, pp=2)
+    cfg.data.builtin_corpus = True
+    validate(cfg, 4)
+    use_default_corpus(cfg)
+    assert cfg.data.data_path == [str(tmp_path / "corpus_text_document")]
+    planned = plan_stages(cfg, [{"at_iteration": 10, "depth_factor": 2}, {"at_iteration": 20, "width_factor": 2}],
+                          4, TrainState())
+    assert [s.index for s in planned] == [0, 1]

@@ -26,6 +26,7 @@ def use_default_corpus(cfg: Config) -> None:
     if info is None:
         info = prepare_default_corpus(cache)  # served from the cache rank 0 just filled
     d.data_path = [info["data_prefix"]]
+    d.builtin_corpus = False  # resolved: from here on an ordinary --data-path run (stages re-validate it)
     if "split" not in getattr(cfg, "_explicit", set()):
         d.split = "95,5,0"  # a few hundred documents: Megatron's 969,30,1 leaves the test split empty
     d.tokenizer_type = "SentencePieceTokenizer"
