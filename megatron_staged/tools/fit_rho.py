@@ -13,28 +13,20 @@ Without ``--at-iteration`` it prints rho at 20, 40, 60 and 80% of the small run 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 
 from megatron_staged.errors import UserError
 
 
 def read_losses(path: str) -> list[tuple[int, float]]:
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no such file (give the JSONL written by `train --log-file`)")
+    """(iteration, training loss), each iteration once (a resumed run repeats some)."""
+    from megatron_staged.tools.report import metric_records
+
     out, last = [], 0
-    with open(path) as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                raise UserError(f"{path}:{n}: not a JSON line; is this a `train --log-file` metrics log?") from None
-            if "loss" in r and "iteration" in r and r["iteration"] > last:
-                last = r["iteration"]
-                out.append((int(r["iteration"]), float(r["loss"])))
+    for r in metric_records(path):
+        if "loss" in r and "iteration" in r and r["iteration"] > last:
+            last = r["iteration"]
+            out.append((int(r["iteration"]), float(r["loss"])))
     if len(out) < 2:
         raise UserError(f"{path} holds fewer than 2 training losses")
     return out

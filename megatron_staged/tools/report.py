@@ -36,41 +36,46 @@ class Run:
         return self.evals[-1][3] if self.evals else math.nan
 
 
-def read_run(path: str) -> Run:
-    """A run from its JSONL metrics log (iteration records, eval records, events)."""
+def metric_records(path: str):
+    """The records of a JSONL metrics log (``train --log-file``), one dict per line."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file (give the JSONL written by `train --log-file`)")
-    run = Run(name=os.path.splitext(os.path.basename(path))[0])
-    seconds, flops, last_it = 0.0, 0.0, 0
-    stage = None
     with open(path) as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
-                r = json.loads(line)
+                yield json.loads(line)
             except json.JSONDecodeError:
                 raise UserError(f"{path}:{n}: not a JSON line; is this a `train --log-file` metrics log?") from None
-            if "loss" in r and "flops_so_far" in r:
-                if r["iteration"] <= last_it:  # a resumed run repeats iterations after its checkpoint
-                    continue
-                last_it = r["iteration"]
-                seconds += r.get("elapsed_ms", 0.0) / 1e3
-                flops = r["flops_so_far"]
-                shape = (r.get("num_layers"), r.get("hidden_size"))
-                if stage is None or (stage["layers"], stage["hidden"]) != shape:
-                    stage = {"layers": shape[0], "hidden": shape[1], "iterations": 0, "flops": 0.0, "seconds": 0.0}
-                    run.stages.append(stage)
-                stage["iterations"] += 1
-                stage["seconds"] += r.get("elapsed_ms", 0.0) / 1e3
-                stage["flops_end"] = flops
-            elif "eval_loss" in r:
-                run.evals.append((r["iteration"], r.get("flops_so_far", flops), seconds, r["eval_loss"]))
-            elif r.get("event") == "growth":
-                seconds += r.get("growth_seconds", 0.0)
-                run.growths.append(dict(r, flops_so_far=flops, wall_seconds=seconds))
-            elif r.get("event") == "raptr_stage":
-                run.subnet_stages.append(dict(r, flops_so_far=flops, wall_seconds=seconds))
+
+
+def read_run(path: str) -> Run:
+    """A run from its JSONL metrics log (iteration records, eval records, events)."""
+    run = Run(name=os.path.splitext(os.path.basename(path))[0])
+    seconds, flops, last_it = 0.0, 0.0, 0
+    stage = None
+    for r in metric_records(path):
+        if "loss" in r and "flops_so_far" in r:
+            if r["iteration"] <= last_it:  # a resumed run repeats iterations after its checkpoint
+                continue
+            last_it = r["iteration"]
+            seconds += r.get("elapsed_ms", 0.0) / 1e3
+            flops = r["flops_so_far"]
+            shape = (r.get("num_layers"), r.get("hidden_size"))
+            if stage is None or (stage["layers"], stage["hidden"]) != shape:
+                stage = {"layers": shape[0], "hidden": shape[1], "iterations": 0, "flops": 0.0, "seconds": 0.0}
+                run.stages.append(stage)
+            stage["iterations"] += 1
+            stage["seconds"] += r.get("elapsed_ms", 0.0) / 1e3
+            stage["flops_end"] = flops
+        elif "eval_loss" in r:
+            run.evals.append((r["iteration"], r.get("flops_so_far", flops), seconds, r["eval_loss"]))
+        elif r.get("event") == "growth":
+            seconds += r.get("growth_seconds", 0.0)
+            run.growths.append(dict(r, flops_so_far=flops, wall_seconds=seconds))
+        elif r.get("event") == "raptr_stage":
+            run.subnet_stages.append(dict(r, flops_so_far=flops, wall_seconds=seconds))
     prev = 0.0
     for st in run.stages:
         st["flops"] = st.pop("flops_end", prev) - prev
