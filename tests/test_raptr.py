@@ -110,7 +110,10 @@ def test_yaml_section_and_list_values(tmp_path):
 BASE = ["--model-family", "gpt2", "--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4",
         "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "8", "--lr", "1e-2",
         "--lr-warmup-iters", "0", "--lr-decay-style", "constant", "--log-interval", "1", "--eval-iters", "1",
-        "--progress-bar", "off", "--vocab-size", "256", "--seed", "7"]
+        "--progress-bar", "off", "--vocab-size", "256", "--seed", "7",
+        # layout-independent vocabulary padding: Megatron's default pads to a multiple of 128 x TP,
+        # which gives TP1 and TP2 different models (here 257 -> 384 vs 512)
+        "--vocab-padding", "lcm"]
 DATA = ["--mock-data"]
 DROP = ["--raptr-keep-probs", "0.5", "--raptr-fixed-layers", "none", "--train-iters", "4"]
 
