@@ -174,6 +174,8 @@ class DataConfig:
     test_data_path: list = _lf("blend for the test split only")
     builtin_corpus: bool = _f(False, "train on the built-in corpus (Python stdlib source, sentencepiece); "
                                     "what the quickstart uses")
+    builtin_corpus_max_bytes: int = _f(8_000_000, "--builtin-corpus: bytes of stdlib source to take (documents "
+                                               "shuffled; ~12 MB is all of CPython 3.11's)")
     vocab_file: Optional[str] = _f(None, "GPT2BPETokenizer: vocab.json (local file)")
     merge_file: Optional[str] = _f(None, "GPT2BPETokenizer: merges.txt (local file)")
     tiktoken_pattern: Optional[str] = _f(None, "TikTokenizer: v1 or v2", choices=["v1", "v2"])
@@ -866,6 +868,7 @@ def validate_megatron(cfg: "Config", world_size: int) -> None:
         require(o.lr_warmup_iters == 0 and o.lr_warmup_samples == 0,
                 "give one of --lr-warmup-fraction, --lr-warmup-iters and --lr-warmup-samples")
         require(0.0 <= o.lr_warmup_fraction < 1.0, "--lr-warmup-fraction must be in [0, 1)")
+    require(d.builtin_corpus_max_bytes > 0, "--builtin-corpus-max-bytes must be positive")
     require(not d.builtin_corpus or not (d.data_path or d.mock_data),
             "--builtin-corpus is its own data source; drop --data-path/--mock-data")
     require(not (any([d.train_data_path, d.valid_data_path, d.test_data_path]) and d.data_path),

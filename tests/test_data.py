@@ -383,6 +383,40 @@ def test_default_corpus_builds_and_caches(tmp_path):
         {k: v for k, v in info.items() if k != "from_cache"}
 
 
+def test_default_corpus_documents_are_shuffled_so_validation_is_a_random_sample():
+    """Megatron splits by document index (the last 5% validate). Written in sorted file order the
+    validation split would be the alphabetically last modules; the corpus shuffles documents
+    (deterministically) so both the byte cut and the validation tail sample the whole stdlib."""
+    from megatron_staged.data.corpus import stdlib_documents
+
+    # oracle: every decodable non-empty non-test stdlib .py file, listed here independently
+    skip = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
+    everything = {}
+    for dirpath, dirs, names in os.walk(STDLIB):
+        dirs[:] = [d for d in dirs if d not in skip and not d.startswith(".")]
+        for n in names:
+            if n.endswith(".py"):
+                try:
+                    text = open(os.path.join(dirpath, n), "rb").read().decode("utf-8")
+                except UnicodeDecodeError:
+                    continue
+                if text.strip():
+                    everything[os.path.relpath(os.path.join(dirpath, n), STDLIB)] = text
+    docs = stdlib_documents(10 ** 12)
+    paths = [p for p, _ in docs]
+    assert sorted(paths) == sorted(everything) and all(everything[p] == t for p, t in docs)
+    assert paths == [p for p, _ in stdlib_documents(10 ** 12)]  # deterministic
+    assert paths != sorted(paths)
+    # the validation tail (last 5%) is spread over the sorted order, not its last 5%
+    rank = {p: i / len(paths) for i, p in enumerate(sorted(paths))}
+    tail = [rank[p] for p in paths[-max(20, len(paths) // 20):]]
+    assert min(tail) < 0.25 and max(tail) > 0.75 and 0.3 < sum(tail) / len(tail) < 0.7
+    # a byte cut is a prefix of the same shuffled order (fits greedily) and is no longer sorted
+    cut = [p for p, _ in stdlib_documents(1_000_000)]
+    assert cut == [p for p in paths if p in set(cut)] and cut != sorted(cut)
+    assert sum(len(everything[p].encode()) for p in cut) <= 1_000_000
+
+
 # ---- torch.distributed --------------------------------------------------------------------------
 
 _DIST_SCRIPT = """

@@ -139,7 +139,7 @@ def test_builtin_corpus_run_plans_its_stages(monkeypatch, tmp_path):
     from megatron_staged.config import validate
     from megatron_staged.data.setup import use_default_corpus
 
-    monkeypatch.setattr(data, "prepare_default_corpus", lambda cache: {
+    monkeypatch.setattr(data, "prepare_default_corpus", lambda cache, max_bytes: {
         "data_prefix": str(tmp_path / "corpus_text_document"), "tokenizer_model": str(tmp_path / "tok.model")})
     cfg = _cfg(tp=2, pp=2)
     cfg.data.builtin_corpus = True

@@ -21,10 +21,10 @@ def use_default_corpus(cfg: Config) -> None:
     cache = default_corpus_dir(cfg)
     info = None
     if is_rank0():
-        info = prepare_default_corpus(cache)
+        info = prepare_default_corpus(cache, max_bytes=d.builtin_corpus_max_bytes)
     barrier()
     if info is None:
-        info = prepare_default_corpus(cache)  # served from the cache rank 0 just filled
+        info = prepare_default_corpus(cache, max_bytes=d.builtin_corpus_max_bytes)  # served from the cache rank 0 just filled
     d.data_path = [info["data_prefix"]]
     d.builtin_corpus = False  # resolved: from here on an ordinary --data-path run (stages re-validate it)
     if "split" not in getattr(cfg, "_explicit", set()):
