@@ -75,10 +75,16 @@ def transformer_config(cfg: Config):
     if p.sequence_parallel and not use_transformer_engine(m):
         raise UserError("--sequence-parallel needs Transformer Engine on a GPU (not available here); "
                         "drop --sequence-parallel")
+    extra = {}
+    if m.num_layers == 0:
+        # megatron's config derives the residual output projections' init from std/sqrt(2 num_layers);
+        # a zero-layer model has no such projection, and init_global_weights() does the init anyway,
+        # so name the init (the config's own extension point) instead of letting it divide by zero
+        from megatron.core.utils import init_method_normal
+
+        extra["output_layer_init_method"] = init_method_normal(m.init_method_std)
     return TransformerConfig(
-        # a zero-layer model is built with one layer that is then removed (see build_model);
-        # megatron's config divides by num_layers for the scaled output init.
-        num_layers=max(m.num_layers, 1),
+        num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         ffn_hidden_size=m.ffn_hidden_size,
         num_attention_heads=m.num_attention_heads,
@@ -112,10 +118,29 @@ def transformer_config(cfg: Config):
         recompute_granularity=r.recompute_granularity,
         recompute_method=r.recompute_method,
         recompute_num_layers=r.recompute_num_layers,
+        **extra,
     )
 
 
 def layer_spec(cfg: Config):
+    """The transformer layer's ``ModuleSpec``; for a zero-layer model, the block's spec with no
+    layers (see :func:`block_spec`)."""
+    if cfg.model.num_layers == 0:
+        return block_spec(cfg)
+    return _transformer_layer_spec(cfg)
+
+
+def block_spec(cfg: Config):
+    """``TransformerBlockSubmodules`` with no layer specs and the final norm the layer spec's block
+    would get: a zero-layer model is embedding -> final norm -> output layer, built by megatron's own
+    GPTModel and TransformerBlock through their spec argument."""
+    from megatron.core.transformer.transformer_block import LayerNormImpl, TransformerBlockSubmodules
+
+    # LayerNormImpl: the final norm megatron's block gives a layer spec (TE's, apex's or torch's norm)
+    return TransformerBlockSubmodules(layer_specs=[], layer_norm=LayerNormImpl)
+
+
+def _transformer_layer_spec(cfg: Config):
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
@@ -160,10 +185,6 @@ def build_model(cfg: Config, pre_process: bool, post_process: bool):
         rotary_base=m.rotary_base,
     )
     _mark_tensor_parallel_weights(model)
-    if m.num_layers == 0:
-        # embedding -> final norm -> output head, no transformer blocks (zero-layer model)
-        model.decoder.layers = torch.nn.ModuleList()
-        model.decoder.config.num_layers = 0
     # megatron built the weights in host memory (use_cpu_initialization: layout-independent init);
     # only the distributed optimizer's buffers would move them, so move the model here
     model.cuda(torch.cuda.current_device())
