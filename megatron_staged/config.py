@@ -611,6 +611,8 @@ def validate(cfg: Config, world_size: int) -> None:
             f"--num-layers {m.num_layers} is not divisible by --pipeline-model-parallel-size {pp}; "
             f"use a PP size that divides the layer count")
     require(m.num_layers > 0 or pp == 1, "a zero-layer model cannot be pipelined; use --pipeline-model-parallel-size 1")
+    require(m.num_layers > 0 or cfg.performance.recompute_granularity != "full",
+            "--recompute-granularity full: a zero-layer model has no layers to recompute; drop the flag")
     require(m.max_position_embeddings >= m.seq_length or m.position_embedding_type == "rope",
             f"--max-position-embeddings {m.max_position_embeddings} < --seq-length {m.seq_length}")
     require(not (m.bf16 and m.fp16), "choose one of --bf16 and --fp16")

@@ -31,7 +31,7 @@ def test_grow_flags_and_defaults_come_from_the_request():
     parsed = GrowthRequest.from_args(p.parse_args([]))
     assert parsed == GrowthRequest()  # the flags' defaults are the dataclass's
     assert (parsed.depth_placement, parsed.depth_init, parsed.width_factor, parsed.width_split,
-            parsed.rewarmup_iters) == ("interleave", "identity", 1, 0.6, 150)
+            parsed.rewarmup_iters) == ("interleave", "identity", 1, 0.6, None)  # None: 150, or 0 for an expansion
     got = GrowthRequest.from_args(p.parse_args(["--depth-factor", "2", "--width-factor", "2", "--rho", "1.5",
                                                 "--target-tensor-model-parallel-size", "4"]))
     assert (got.depth_factor, got.width_factor, got.rho, got.target_tensor_model_parallel_size) == (2.0, 2, 1.5, 4)
@@ -43,15 +43,16 @@ def test_grow_flags_and_defaults_come_from_the_request():
 
 def test_yaml_stage_keys_are_the_request_fields():
     keys = {f.name for f in dataclasses.fields(GrowthRequest)}
-    assert keys == {f[2:].replace("-", "_") for f in GROW_FLAGS} | {"at_iteration", "at_flops", "trigger",
-                                                                    "slope_threshold", "eval_iters"}
+    assert keys == {f[2:].replace("-", "_") for f in GROW_FLAGS} | {"at_iteration", "at_fraction", "at_flops",
+                                                                    "trigger", "slope_threshold", "eval_iters"}
     r = GrowthRequest.from_stage({"at_iteration": 5, "depth_factor": 2, "width_factor": "2"}, 0)
     assert (r.at_iteration, r.depth_factor, r.width_factor, r.depth_init) == (5, 2.0, 2, "identity")
     with pytest.raises(UserError, match=r"staging.stages\[1\]: unknown key\(s\) \['depth'\]"):
         GrowthRequest.from_stage({"at_iteration": 5, "depth": 2}, 1)
-    with pytest.raises(UserError, match=r"staging.stages\[0\] needs exactly one of at_iteration, at_flops and trigger$"):
-        GrowthRequest.from_stage({"depth_factor": 2}, 0)
-    with pytest.raises(UserError, match=r"needs exactly one of .* \(has at_iteration, trigger\)"):
+    assert GrowthRequest.from_stage({"depth_factor": 2}, 0).at_fraction == 0.8  # no point named: Bu's tau = 0.8 T
+    with pytest.raises(UserError, match=r"staging.stages\[0\].at_fraction 1.5 must be in \(0, 1\)$"):
+        GrowthRequest.from_stage({"at_fraction": 1.5, "depth_factor": 2}, 0)
+    with pytest.raises(UserError, match=r"needs at most one of .* \(has at_iteration, trigger\)"):
         GrowthRequest.from_stage({"at_iteration": 3, "trigger": "slope", "depth_factor": 2}, 0)
     with pytest.raises(UserError, match=r"staging.stages\[0\].slope_threshold needs trigger: slope"):
         GrowthRequest.from_stage({"at_iteration": 3, "slope_threshold": -0.05, "depth_factor": 2}, 0)

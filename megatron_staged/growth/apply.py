@@ -9,6 +9,7 @@ import torch.distributed as dist
 from megatron_staged.builders import Components, build_components
 from megatron_staged.config import Config
 from megatron_staged.growth.engine import grow_sharded_state
+from megatron_staged.growth.operators import FRESH_INITS
 from megatron_staged.growth.spec import GrowthSpec, target_config
 from megatron_staged.training.state import TrainState
 
@@ -27,7 +28,7 @@ def operator_name(spec: GrowthSpec) -> str:
 
 def needs_fresh_init(spec: GrowthSpec) -> bool:
     """Does any target tensor keep the target model's own init (a fresh or random layer)?"""
-    return any(src is None for src in spec.depth_map) or (spec.depth_init == "random" and any(spec.new_layer))
+    return any(src is None for src in spec.depth_map) or (spec.depth_init in FRESH_INITS and any(spec.new_layer))
 
 
 def grow_from_checkpoint(src_dir: str, spec: GrowthSpec, old_cfg: Config, common: dict,

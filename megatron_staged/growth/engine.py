@@ -20,8 +20,9 @@ from typing import Callable, Optional
 
 import torch
 
-from megatron_staged.growth.operators import (grow_region, grow_width, grown_shape, identity_init,
-                                              is_residual_output, width_pieces, width_rule)
+from megatron_staged.growth.operators import (FRESH_INITS, fresh_layer_is_zero, grow_region, grow_width,
+                                              grown_shape, identity_init, is_residual_output, width_pieces,
+                                              width_rule)
 from megatron_staged.growth.spec import GrowthSpec
 
 OPT_PREFIX = "optimizer.state."
@@ -59,8 +60,8 @@ def grown_global(model_key: str, kind: str, layer: int, spec: GrowthSpec, old_mo
     if layer >= 0:
         src_layer = spec.depth_map[layer]
         new = spec.new_layer[layer]
-        if src_layer is None or (new and spec.depth_init == "random"):
-            return None
+        if src_layer is None or (new and spec.depth_init in FRESH_INITS):
+            return None  # (``zero``'s residual outputs are zero: operators.fresh_layer_is_zero)
     ck = (kind, model_key, src_layer)
     if width_cache is not None and ck in width_cache:
         t = width_cache[ck]
@@ -231,7 +232,7 @@ def load_grown_optimizer(optimizer, opt) -> None:
 @dataclass
 class PartPlan:
     """How one target part is filled: ``action`` is ``grow`` (from ``source_key`` of source
-    ``src_layer``), ``zero`` (an identity layer's residual output, or a fresh layer's moment),
+    ``src_layer``), ``zero`` (an identity or ``zero`` layer's residual output, or a fresh layer's moment),
     ``keep`` (a fresh layer's weight keeps the target's init) or ``model`` (the optimizer's fp32
     copy of a fresh weight: the model's init)."""
     part: TargetPart
@@ -264,7 +265,9 @@ def plan_part(part: TargetPart, global_shape: tuple, spec: GrowthSpec, old_model
     if part.layer >= 0:
         src_layer = spec.depth_map[part.layer]
         new = spec.new_layer[part.layer]
-        if src_layer is None or (new and spec.depth_init == "random"):
+        if src_layer is None or (new and spec.depth_init in FRESH_INITS):
+            if fresh_layer_is_zero(mkey, spec.depth_init):
+                return PartPlan(part, kind, mkey, "zero")  # param, fp32 master and moments alike
             return _fresh(part, kind, mkey)
         if new and spec.depth_init == "identity" and is_residual_output(mkey):
             return PartPlan(part, kind, mkey, "zero")

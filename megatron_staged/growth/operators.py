@@ -32,6 +32,11 @@ outputs (attention ``linear_proj`` and ``linear_fc2``, weights and biases) so th
 identity; those zeroed tensors get zero moments (they are new zero blocks), every other tensor of
 the layer gets a copy of the source layer's moments. ``random`` layers keep the target model's own
 initialisation and get zero moments.
+
+Expansion (Bu 2025, docs/zero_one_layer.md): ``copy-stack`` / ``copy-interleave`` / ``copy-last``
+are ``copy`` with that placement (weights and moments copied exactly; the spec resolves them);
+``zero`` layers are ``random`` layers whose residual outputs (weights, biases and their moments)
+are zero, so the expanded model computes the same function.
 """
 from __future__ import annotations
 
@@ -215,6 +220,17 @@ def grow_width(key: str, kind: str, t: torch.Tensor, *, groups: int, swiglu: boo
     return grow_region(key, kind, rule, tuple(t.shape), region,
                        lambda box: t[tuple(slice(a, b) for a, b in box)],
                        noise_std=noise_std, seed=seed, layer=layer)
+
+
+# depth inits whose new layers are not derived from a source layer: they keep the target model's
+# own initialisation (megatron's depth-scaled init: std, and std/sqrt(2 L) on residual outputs)
+FRESH_INITS = ("random", "zero")
+
+
+def fresh_layer_is_zero(key: str, depth_init: str) -> bool:
+    """Is this tensor of a fresh layer zero (param and moments)? ``zero``: the residual outputs, so
+    the new block is an identity while its other weights are random and it still learns."""
+    return depth_init == "zero" and is_residual_output(key)
 
 
 def identity_init(key: str, t: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,17 @@ from megatron_staged.config import Config, validate
 from megatron_staged.errors import UserError, require
 from megatron_staged.growth.fresh_moments import FRESH_MOMENTS
 
-PLACEMENTS = ("interleave", "stack", "middle")
-DEPTH_INITS = ("identity", "copy", "random")
+PLACEMENTS = ("interleave", "stack", "middle", "last")
+# Bu (2025)'s expansion inits: copy-<placement> is ``copy`` with that placement; ``zero`` is a fresh
+# (random) layer whose residual outputs are zero, so the function is preserved (docs/zero_one_layer.md)
+COPY_INITS = {"copy-stack": "stack", "copy-interleave": "interleave", "copy-last": "last"}
+EXPANSION_INITS = ("zero",) + tuple(COPY_INITS)
+DEPTH_INITS = ("identity", "copy", "random") + EXPANSION_INITS
+
+# Bu (2025): expand at tau = 0.8 T, inside WSD's stable phase; a stage that names no point runs there
+DEFAULT_AT_FRACTION = 0.8
+# re-warmup after a (non-expansion) growth (Shen et al. 2022: ~150-200 steps)
+DEFAULT_REWARMUP_ITERS = 150
 
 # Published ratios S_pre / S_target (Shen et al. 2022, fitted on GPT-2 curves); depth+width: product.
 DEFAULT_RHO = {"depth": 1.4, "width": 1.8}
@@ -25,6 +34,9 @@ def _opt(default=None, help: str = "", **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
+WHEN_KEYS = ("at_iteration", "at_fraction", "at_flops", "trigger")
+
+
 @dataclass
 class GrowthRequest:
     """What a user asks a growth to do: the one definition behind ``megatron-staged grow``'s flags
@@ -32,6 +44,8 @@ class GrowthRequest:
     included. Fields marked ``stage_only`` are YAML stage keys without a ``grow`` flag.
     """
     at_iteration: Optional[int] = _opt(None, "grow at this iteration", stage_only=True)
+    at_fraction: Optional[float] = _opt(None, "grow at iteration round(fraction x --train-iters); a stage "
+                                              "that names no other point runs at 0.8 (Bu 2025)", stage_only=True)
     at_flops: Optional[float] = _opt(None, "grow at the first iteration whose FLOPs so far reach this", stage_only=True)
     trigger: Optional[str] = _opt(None, "grow when the learning curve's slope says so (slope: Shen et al.'s "
                                         "PRE-GROWTH point)", choices=("slope",), stage_only=True)
@@ -42,8 +56,12 @@ class GrowthRequest:
     depth_factor: Optional[float] = _opt(None, "target depth = factor x source depth")
     depth_map: Optional[str] = _opt(None, "explicit old->new layer map, e.g. 0,0,1,1,new")
     depth_placement: str = _opt("interleave", "where copies go: interleave (i -> 2i, 2i+1), stack "
-                                "(i -> i, n+i) or middle (MIDAS)", choices=PLACEMENTS)
-    depth_init: str = _opt("identity", "new layers: identity (zeroed residual outputs: exact), copy or random",
+                                "(i -> i, n+i), middle (MIDAS) or last (new layers after the old, copying "
+                                "the last)", choices=PLACEMENTS)
+    depth_init: str = _opt("identity", "new layers: identity (copies with zeroed residual outputs: exact), copy, "
+                                       "random (the target's depth-scaled init), zero (random with zeroed "
+                                       "residual outputs: exact), copy-stack / copy-interleave / copy-last (copy "
+                                       "with that placement); an expansion keeps the LR (rho 1, no re-warmup)",
                            choices=DEPTH_INITS)
     width_factor: int = _opt(1, "hidden size, heads, query groups and FFN x factor", choices=(1, 2))
     width_split: float = _opt(0.6, "alpha of the final split [alpha*y, (1-alpha)*y]; 0.5 keeps the copies "
@@ -52,8 +70,9 @@ class GrowthRequest:
     target_tensor_model_parallel_size: Optional[int] = _opt(None, "TP of the grown model (default: unchanged)")
     target_pipeline_model_parallel_size: Optional[int] = _opt(None, "PP of the grown model (default: unchanged)")
     rho: Optional[float] = _opt(None, "S_pre / S_target for the LR schedule (default: depth 1.4, width 1.8, "
-                                      "both: product)")
-    rewarmup_iters: int = _opt(150, "re-warmup iterations up to the schedule's LR at S_target")
+                                      "both: product; 1 for an expansion)")
+    rewarmup_iters: Optional[int] = _opt(None, "re-warmup iterations up to the schedule's LR at S_target "
+                                               "(default: 150; 0 for an expansion)")
     fresh_moments: str = _opt("zero", "Adam bias correction of elements whose moments start at zero (new "
                                       "zero blocks, zeroed projections, fresh layers): zero = at the kept "
                                       "step; bias-corrected = counted from the growth (docs/design.md)",
@@ -92,10 +111,13 @@ class GrowthRequest:
         if unknown:
             raise UserError(f"staging.stages[{n}]: unknown key(s) {unknown}; allowed: {sorted(known)}")
         r = cls(**{k: coerce_field(k, known[k], v, label=f"staging.stages[{n}].{k}") for k, v in stage.items()})
-        when = [k for k in ("at_iteration", "at_flops", "trigger") if getattr(r, k) is not None]
-        if len(when) != 1:
-            raise UserError(f"staging.stages[{n}] needs exactly one of at_iteration, at_flops and trigger"
-                            + (f" (has {', '.join(when)})" if when else ""))
+        when = [k for k in WHEN_KEYS if getattr(r, k) is not None]
+        if not when:
+            r.at_fraction = DEFAULT_AT_FRACTION
+        elif len(when) > 1:
+            raise UserError(f"staging.stages[{n}] needs at most one of {', '.join(WHEN_KEYS)} (has {', '.join(when)})")
+        if r.at_fraction is not None and not 0.0 < r.at_fraction < 1.0:
+            raise UserError(f"staging.stages[{n}].at_fraction {r.at_fraction} must be in (0, 1)")
         if r.slope_threshold is not None and r.trigger is None:
             raise UserError(f"staging.stages[{n}].slope_threshold needs trigger: slope")
         return r
@@ -120,16 +142,27 @@ class GrowthSpec:
     request: GrowthRequest = field(default_factory=GrowthRequest)
     seed: int = 1234
 
-    # the request's options the operators read
-    depth_init = property(lambda self: self.request.depth_init)
-    placement = property(lambda self: self.request.depth_placement)
+    # the request's options the operators read (copy-<placement> resolved to copy + placement)
+    depth_init = property(lambda self: "copy" if self.request.depth_init in COPY_INITS else self.request.depth_init)
+    placement = property(lambda self: COPY_INITS.get(self.request.depth_init, self.request.depth_placement))
     width_factor = property(lambda self: self.request.width_factor)
     width_split = property(lambda self: self.request.width_split)
     width_noise = property(lambda self: self.request.width_noise)
     target_tp = property(lambda self: self.request.target_tensor_model_parallel_size)
     target_pp = property(lambda self: self.request.target_pipeline_model_parallel_size)
     rho = property(lambda self: self.request.rho)
-    rewarmup_iters = property(lambda self: self.request.rewarmup_iters)
+
+    @property
+    def is_expansion(self) -> bool:
+        """Bu (2025)'s expansion: from a 0- or 1-layer model, or with one of its inits. The LR
+        schedule continues unchanged (rho 1, no re-warmup) unless the request says otherwise."""
+        return self.grows_depth and (self.old_num_layers <= 1 or self.request.depth_init in EXPANSION_INITS)
+
+    @property
+    def rewarmup_iters(self) -> int:
+        if self.request.rewarmup_iters is not None:
+            return self.request.rewarmup_iters
+        return 0 if self.is_expansion else DEFAULT_REWARMUP_ITERS
 
     @property
     def new_num_layers(self) -> int:
@@ -151,6 +184,8 @@ class GrowthSpec:
     def effective_rho(self) -> float:
         if self.rho is not None:
             return self.rho
+        if self.is_expansion:
+            return 1.0
         rho = 1.0
         if self.grows_depth:
             rho *= DEFAULT_RHO["depth"]
@@ -160,7 +195,7 @@ class GrowthSpec:
 
     def to_dict(self) -> dict:
         return dict(asdict(self.request), old_num_layers=self.old_num_layers, depth_map=list(self.depth_map),
-                    seed=self.seed)
+                    seed=self.seed, expansion=self.is_expansion)
 
 
 # ---- depth placements ---------------------------------------------------------------------------
@@ -184,12 +219,18 @@ def middle_layers(old: int, new: int) -> list:
     return list(range(start + k)) + list(range(start, start + k)) + list(range(start + k, old))
 
 
+def last_layers(old: int, new: int) -> list:
+    """Old layers in place, each new layer a copy of the last one (Bu's copy-last)."""
+    return list(range(old)) + [old - 1] * (new - old)
+
+
 def depth_map_for(old: int, new: int, placement: str) -> list:
     require(placement in PLACEMENTS, f"--depth-placement {placement!r}: choose one of {', '.join(PLACEMENTS)}")
     require(new >= old, f"depth growth to {new} layers from {old}: the target must not be shallower")
     if old == 0:
         return [None] * new  # zero-layer model: every layer is fresh
-    return {"interleave": interleave_layers, "stack": stack_layers, "middle": middle_layers}[placement](old, new)
+    return {"interleave": interleave_layers, "stack": stack_layers, "middle": middle_layers,
+            "last": last_layers}[placement](old, new)
 
 
 def parse_depth_map(text, old: int) -> list:
@@ -219,7 +260,8 @@ def make_spec(old_cfg: Config, request: GrowthRequest, stage_index: Optional[int
     old = old_cfg.model.num_layers
     require(0.0 < r.width_split < 1.0, f"{name('width_split')} {r.width_split} must be in (0, 1)")
     require(r.width_noise >= 0.0, f"{name('width_noise')} {r.width_noise} must be >= 0")
-    require(r.rewarmup_iters >= 0, f"{name('rewarmup_iters')} {r.rewarmup_iters} must be >= 0")
+    require(r.rewarmup_iters is None or r.rewarmup_iters >= 0,
+            f"{name('rewarmup_iters')} {r.rewarmup_iters} must be >= 0")
     require(r.rho is None or r.rho > 0, f"{name('rho')} {r.rho} must be > 0")
     for key in ("target_tensor_model_parallel_size", "target_pipeline_model_parallel_size"):
         v = getattr(r, key)
@@ -234,14 +276,15 @@ def make_spec(old_cfg: Config, request: GrowthRequest, stage_index: Optional[int
                     f"a zero-layer model grows with {name('num_layers')} N, not {name('depth_factor')}")
             require(r.depth_factor is None or r.depth_factor > 0, f"{name('depth_factor')} must be > 0")
             new = int(r.num_layers) if r.num_layers is not None else int(round(old * float(r.depth_factor)))
-            dmap = depth_map_for(old, new, r.depth_placement)
+            dmap = depth_map_for(old, new, COPY_INITS.get(r.depth_init, r.depth_placement))
         else:
             dmap = list(range(old))
     except UserError as e:
         raise UserError(str(e).replace("--depth-map", name("depth_map"))
                         .replace("--depth-placement", name("depth_placement"))) from None
     if old == 0:
-        require(r.depth_init == "random", f"a zero-layer model has no layer to copy: use {name('depth_init')} random")
+        require(r.depth_init in ("random", "zero"),
+                f"{name('depth_init')} {r.depth_init}: a zero-layer model has no layer to copy; use random or zero")
     spec = GrowthSpec(old_num_layers=old, depth_map=dmap, request=r,
                       seed=old_cfg.training.seed if seed is None else seed)
     require(spec.grows_depth or r.width_factor > 1,

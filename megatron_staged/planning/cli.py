@@ -81,11 +81,13 @@ def recompute_settings(args, cfg: Config) -> Recompute:
 
 def run_cluster(args, cfg: Config) -> int:
     from megatron_staged.planning.cluster import cluster_report
-    from megatron_staged.planning.recipe import plan_stages
+    from megatron_staged.planning.recipe import plan_stages, schedule_warnings
 
     hw = hardware(args)
     text, _ = cluster_report(plan_stages(cfg, hw.gpus), hw, recompute_settings(args, cfg))
     print(text)
+    for warning in schedule_warnings(cfg, hw.gpus):
+        print(warning)
     return 0
 
 
@@ -131,7 +133,7 @@ def main(argv) -> int:
 def dry_run(argv) -> int:
     """``train --dry-run``: validate the run and print each stage's layout and memory; build nothing."""
     from megatron_staged.planning.cluster import dry_run_report
-    from megatron_staged.planning.recipe import plan_stages
+    from megatron_staged.planning.recipe import plan_stages, schedule_warnings
 
     p = argparse.ArgumentParser(prog="megatron-staged train --dry-run", allow_abbrev=False)
     p.add_argument("--dry-run", action="store_true", required=True)
@@ -150,6 +152,8 @@ def dry_run(argv) -> int:
     print(text)
     for warning in data_warnings(cfg):
         print(f"warning: {warning}")
+    for warning in schedule_warnings(cfg, hw.gpus):
+        print(warning)
     bad = [pl for pl in plans if pl.fits is False]
     if bad:
         print(f"warning: stage(s) {', '.join(str(pl.stage.index) for pl in bad)} exceed {hw.gpu_memory_gb:g} GiB "

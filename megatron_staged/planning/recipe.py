@@ -188,3 +188,18 @@ def plan_stages(cfg: Config, world_size: int) -> list[PlannedStage]:
     bounds = [0] + starts + [T]
     return [PlannedStage(k, bounds[k], bounds[k + 1], c, None if k == 0 else dict(raw[pending[k - 1].index]))
             for k, c in enumerate(configs)]
+
+
+def schedule_warnings(cfg: Config, world_size: int) -> list[str]:
+    """The trainer's start-up warnings about where expansions sit in the LR schedule
+    (:func:`megatron_staged.staging.stages.expansion_warnings`), for ``plan`` and ``--dry-run``."""
+    from megatron_staged.staging.stages import expansion_warnings
+    from megatron_staged.staging.stages import plan_stages as check_stages
+    from megatron_staged.training.state import TrainState
+
+    cfg = cfg.copy()
+    resolve_model(cfg.model)
+    resolve_vocab(cfg)
+    validate(cfg, world_size)
+    return expansion_warnings(cfg, check_stages(cfg, list(cfg.staging.stages or []), world_size, TrainState()),
+                              world_size)

@@ -2,9 +2,10 @@
 
 Stages come from the config (YAML); their keys are the fields of
 :class:`megatron_staged.growth.spec.GrowthRequest` (the ``grow`` flags with underscores, plus
-when the stage runs and ``eval_iters``). Each stage names exactly one of ``at_iteration``,
-``at_flops`` or ``trigger: slope`` (grow when the learning curve's slope rises above the paper's
-threshold for the operator, or ``slope_threshold``; see :mod:`megatron_staged.staging.triggers`)::
+when the stage runs and ``eval_iters``). Each stage names at most one of ``at_iteration``,
+``at_fraction`` (of ``--train-iters``; the default, 0.8, when none is named), ``at_flops`` or
+``trigger: slope`` (grow when the learning curve's slope rises above the paper's threshold for the
+operator, or ``slope_threshold``; see :mod:`megatron_staged.staging.triggers`)::
 
     staging:
       stages:
@@ -27,6 +28,7 @@ state as the run's latest checkpoint).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -67,6 +69,9 @@ def plan_stages(cfg: Config, stages: list, world_size: int, state: TrainState) -
     produce. Stages run in the order they are listed; fixed points (``at_iteration``,
     ``at_flops``) must increase along the list."""
     all_stages = [Stage(n, GrowthRequest.from_stage(s, n)) for n, s in enumerate(stages or [])]
+    for st in all_stages:  # at_fraction: a fixed iteration of this run
+        if st.request.at_fraction is not None:
+            st.request = dataclasses.replace(st.request, at_iteration=fraction_iteration(st.request.at_fraction, cfg))
     last: dict[str, tuple[int, float]] = {}
     for st in all_stages:
         n, r = st.index, st.request
@@ -106,6 +111,45 @@ def plan_stages(cfg: Config, stages: list, world_size: int, state: TrainState) -
     return pending
 
 
+def fraction_iteration(fraction: float, cfg: Config) -> int:
+    """The iteration ``round(fraction x --train-iters)`` (at least 1: iteration 0 has nothing trained)."""
+    return max(1, int(round(fraction * cfg.training.train_iters)))
+
+
+def expansion_warnings(cfg: Config, stages: list, world_size: int = 1) -> list[str]:
+    """One line per expansion stage (Bu 2025: from 0/1 layers, LR unchanged) whose point lies where
+    the paper found expansion does not recover: after WSD's decay has begun, or late in a cosine or
+    linear decay (past half the decay span, where the LR is below half its peak)."""
+    from megatron_staged.config import lr_schedule_steps
+
+    o = cfg.optim
+    steps = lr_schedule_steps(cfg)
+    out, model_cfg = [], cfg
+    for st in stages:
+        spec = make_spec(model_cfg, st.request, st.index)
+        try:
+            next_cfg = target_config(model_cfg, spec, world_size)
+        except UserError:
+            next_cfg = model_cfg
+        at = st.request.at_iteration
+        if spec.is_expansion and at is not None:
+            where = f"staging.stages[{st.index}] expands {spec.old_num_layers} -> {spec.new_num_layers} layers at iteration {at}"
+            if o.lr_decay_style == "WSD":
+                decay_start = steps["decay"] - (steps["wsd_decay"] or 0)
+                if at >= decay_start:
+                    out.append(f"warning: {where}, after the WSD decay starts (iteration {decay_start:g}); Bu (2025) "
+                               f"expands in the stable phase: use an earlier point (e.g. at_fraction 0.8) or a "
+                               f"shorter --lr-wsd-decay-iters")
+            elif o.lr_decay_style in ("cosine", "linear"):
+                span = max(steps["decay"] - steps["warmup"], 1)
+                if (at - steps["warmup"]) / span >= 0.5:
+                    out.append(f"warning: {where}, late in the {o.lr_decay_style} decay (LR below half its peak); "
+                               f"Bu (2025) found late expansion under cosine decay does not catch up: use "
+                               f"--lr-decay-style WSD or expand earlier")
+        model_cfg = next_cfg
+    return out
+
+
 def current_stage_curve(state: TrainState, cfg: Config):
     """(iterations, curve) of the model trained since the last growth, on the from-scratch
     compute axis (see staging/triggers.py)."""
@@ -137,7 +181,11 @@ class StageRunner:
     """Knows which configured growth is due, and performs it on the trainer's components."""
 
     def __init__(self, cfg: Config, world_size: int, state: TrainState):
+        from megatron_staged.runtime.distributed import print_rank0
+
         self.pending = plan_stages(cfg, cfg.staging.stages, world_size, state)
+        for line in expansion_warnings(cfg, self.pending, world_size):
+            print_rank0(line)
 
     def due(self, state: TrainState, cfg: Config) -> tuple[Optional[Stage], Optional[dict]]:
         """The next stage if it is due now, with why (for the log and the stage history)."""

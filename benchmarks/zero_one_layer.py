@@ -1,0 +1,212 @@
+#!/usr/bin/env python
+"""Zero/one-layer progressive training (Bu 2025): compute to reach a from-scratch model's loss.
+
+One process (TP1 PP1), the trainer's own code path (``staging.stages`` with one expansion stage),
+the built-in corpus through ``--builtin-corpus`` (the project's normal data path and split)::
+
+    OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore python benchmarks/zero_one_layer.py --write-docs
+    OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore python benchmarks/zero_one_layer.py --quick   # < 10 min
+
+Runs, per seed, at the same token budget (``--train-iters`` x global batch x sequence) and the same
+LR schedule (WSD: 2% warmup, stable, the last 10% decaying):
+
+- ``scratch``: the L-layer target model from iteration 0;
+- ``0->L``: a zero-layer model (embeddings, final norm, output layer) expanded to L layers at
+  ``--at-fraction`` of the run (``depth_init: random``: the target's depth-scaled init, zero Adam
+  moments), LR unchanged;
+- ``1->L``: a one-layer model expanded the same way with ``depth_init: copy-stack``.
+
+Reported: the validation loss at the end, its gap to ``scratch`` (relative), the model FLOPs of the
+whole run (Megatron's formula; evaluation not counted) and, where the curve gets there, the FLOPs
+at the first evaluation whose loss is at or below ``scratch``'s final validation loss (linearly
+interpolated between evaluations), and the saving ``1 - FLOPs / FLOPs(scratch)``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+warnings.filterwarnings("ignore")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2 threads spin-wait on a loaded machine
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import machine_info, replace_section  # noqa: E402
+
+DOCS = os.path.join(ROOT, "docs", "benchmarks.md")
+HEADING = "Zero/one-layer progressive training (Bu 2025)"
+VARIANTS = {  # name -> (initial layers, depth_init); None: no expansion
+    "scratch": (None, None),
+    "0->L": (0, "random"),
+    "1->L": (1, "copy-stack"),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--num-layers", type=int, default=6, help="target depth L")
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--num-attention-heads", type=int, default=4)
+    p.add_argument("--seq-length", type=int, default=128)
+    p.add_argument("--micro-batch-size", type=int, default=8)
+    p.add_argument("--global-batch-size", type=int, default=8)
+    p.add_argument("--train-iters", type=int, default=600)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--at-fraction", type=float, default=0.8, help="expansion point (fraction of the run)")
+    p.add_argument("--eval-interval", type=int, default=30)
+    p.add_argument("--eval-iters", type=int, default=8)
+    p.add_argument("--seeds", default="1234,1235,1236")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--quick", action="store_true", help="a small model, one seed (< 10 min)")
+    p.add_argument("--out-json", default=None)
+    p.add_argument("--write-docs", action="store_true")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.num_layers, a.hidden_size, a.seq_length, a.train_iters = 4, 64, 64, 200
+        a.eval_interval, a.eval_iters, a.seeds = 20, 4, a.seeds.split(",")[0]
+    return a
+
+
+def run_variant(a, name: str, seed: int, workdir: str) -> dict:
+    from megatron_staged.cli import _train_parser
+    from megatron_staged.config import config_from_args
+    from megatron_staged.training.trainer import Trainer
+
+    start_layers, init = VARIANTS[name]
+    T = a.train_iters
+    log = os.path.join(workdir, f"{name.replace('->', '_to_')}_{seed}.jsonl")
+    args = ["--builtin-corpus", "--num-layers", str(a.num_layers if start_layers is None else start_layers),
+            "--hidden-size", str(a.hidden_size), "--num-attention-heads", str(a.num_attention_heads),
+            "--seq-length", str(a.seq_length), "--max-position-embeddings", str(a.seq_length),
+            "--micro-batch-size", str(a.micro_batch_size), "--global-batch-size", str(a.global_batch_size),
+            "--lr", str(a.lr), "--min-lr", "0", "--lr-decay-style", "WSD", "--lr-warmup-iters", str(max(1, T // 50)),
+            "--lr-wsd-decay-iters", str(max(1, T // 10)), "--lr-wsd-decay-style", "linear",
+            "--train-iters", str(T), "--eval-interval", str(a.eval_interval), "--eval-iters", str(a.eval_iters),
+            "--log-interval", "1000000", "--progress-bar", "off", "--seed", str(seed), "--log-file", log]
+    cfg = config_from_args(_train_parser("bench").parse_args(args))
+    if start_layers is not None:
+        cfg.staging.stages = [{"at_fraction": a.at_fraction, "num_layers": a.num_layers, "depth_init": init}]
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg)
+    summary = trainer.train()
+    wall = time.perf_counter() - t0
+    records = [json.loads(l) for l in open(log)]
+    evals = [(r["iteration"], r["flops_so_far"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    growth = next((r for r in records if r.get("event") == "growth"), None)
+    out = {"variant": name, "seed": seed, "wall_s": wall, "flops": summary["flops_so_far"],
+           "final_val_loss": evals[-1][2], "evals": evals,
+           "expansion": None if growth is None else {k: growth[k] for k in ("iteration", "eval_loss_before",
+                                                                            "eval_loss_after")}}
+    print(f"{name} seed {seed}: val loss {out['final_val_loss']:.4f}, {out['flops']:.3e} FLOPs, {wall:.0f}s",
+          file=sys.stderr, flush=True)
+    del trainer
+    return out
+
+
+def flops_to_reach(evals: list, target: float):
+    """FLOPs at which the validation curve first reaches ``target`` (linear between evaluations)."""
+    prev = None
+    for it, flops, loss in evals:
+        if loss <= target:
+            if prev is None or prev[2] == loss:
+                return flops
+            f0, l0 = prev[1], prev[2]
+            return f0 + (flops - f0) * (l0 - target) / (l0 - loss)
+        prev = (it, flops, loss)
+    return None
+
+
+def summarise(runs: list) -> dict:
+    by_seed = {}
+    for r in runs:
+        by_seed.setdefault(r["seed"], {})[r["variant"]] = r
+    rows = {}
+    for seed, vs in by_seed.items():
+        base = vs["scratch"]
+        for name, r in vs.items():
+            reach = flops_to_reach(r["evals"], base["final_val_loss"])
+            rows.setdefault(name, []).append({
+                "seed": seed, "final_val_loss": r["final_val_loss"],
+                "gap": r["final_val_loss"] / base["final_val_loss"] - 1.0,
+                "flops": r["flops"], "flops_ratio": r["flops"] / base["flops"],
+                "reach_flops": reach, "saving_to_reach": None if reach is None else 1.0 - reach / base["flops"],
+                "wall_s": r["wall_s"]})
+    return rows
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    res = {"args": vars(a), "machine": machine_info(1), "load_before": os.getloadavg()}
+    runs = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for seed in (int(s) for s in a.seeds.split(",")):
+            for name in a.variants.split(","):
+                runs.append(run_variant(a, name, seed, workdir))
+    res["load_after"] = os.getloadavg()
+    res["runs"] = runs
+    res["summary"] = summarise(runs)
+    print(json.dumps(res["summary"], indent=1))
+    if a.out_json:
+        with open(a.out_json, "w") as fh:
+            json.dump(res, fh, indent=1)
+    if a.write_docs:
+        replace_section(DOCS, HEADING, render(res))
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.mean(xs) if xs else None
+
+
+def _pct(x):
+    return "not reached" if x is None else f"{100 * x:.1f}%"
+
+
+def render(res) -> str:
+    a, m, s = res["args"], res["machine"], res["summary"]
+    lines = []
+    for name, rows in s.items():
+        reached = [r for r in rows if r["reach_flops"] is not None]
+        lines.append(
+            f"| {name} | {len(rows)} | {_mean([r['final_val_loss'] for r in rows]):.4f} | "
+            f"{100 * _mean([r['gap'] for r in rows]):+.2f}% ({', '.join(f'{100 * r['gap']:+.2f}' for r in rows)}) | "
+            f"{_mean([r['flops'] for r in rows]):.3e} | {100 * (1 - _mean([r['flops_ratio'] for r in rows])):.1f}% | "
+            f"{len(reached)}/{len(rows)} | {_pct(_mean([r['saving_to_reach'] for r in reached]) if reached else None)} |")
+    quick = " --quick" if a["quick"] else ""
+    load = ", ".join(f"{x:.1f}" for x in res["load_before"]) + " before, " + \
+        ", ".join(f"{x:.1f}" for x in res["load_after"]) + " after"
+    T = a["train_iters"]
+    return f"""Command (one process, TP1 PP1, the built-in corpus via `--builtin-corpus`):
+
+```
+OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore python benchmarks/zero_one_layer.py{quick} --write-docs
+```
+
+Model: gpt2 family, target {a['num_layers']} layers, hidden {a['hidden_size']}, {a['num_attention_heads']} heads,
+sequence {a['seq_length']}, global batch {a['global_batch_size']}, fp32, AdamW, LR {a['lr']:g}. Schedule for every run:
+WSD over {T} iterations ({max(1, T // 50)} warmup, stable, the last {max(1, T // 10)} decaying linearly to 0); the
+expansions run at iteration {round(a['at_fraction'] * T)} ({a['at_fraction']:g} T), LR unchanged (rho 1, no re-warmup).
+Same tokens for every run ({T * a['global_batch_size'] * a['seq_length']:,}); validation loss every {a['eval_interval']}
+iterations on the same {a['eval_iters']} batches. Seeds: {a['seeds']}. Machine: {m['cpu_model']}, {m['cpu_cores_usable']}
+usable cores shared with other jobs (load average {load}), torch {m['torch']}, megatron-core {m['megatron_core']},
+{m['date']}.
+
+| run | seeds | final val loss (mean) | gap to scratch (mean; per seed, %) | model FLOPs (run) | FLOPs saving (run) | reached scratch's final loss | FLOPs saving to reach it (mean of those that did) |
+|---|---|---|---|---|---|---|---|
+{chr(10).join(lines)}
+
+"FLOPs saving (run)" is 1 - FLOPs(run) / FLOPs(scratch) at the same token budget; "to reach" uses the
+FLOPs at which the run's validation curve first reaches scratch's final validation loss (linear
+between evaluations), per seed against that seed's scratch run.
+"""
+
+
+if __name__ == "__main__":
+    main()
