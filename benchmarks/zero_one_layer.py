@@ -174,9 +174,10 @@ def render(res) -> str:
     lines = []
     for name, rows in s.items():
         reached = [r for r in rows if r["reach_flops"] is not None]
+        per_seed = ", ".join(f"{100 * r['gap']:+.2f}" for r in rows)
         lines.append(
             f"| {name} | {len(rows)} | {_mean([r['final_val_loss'] for r in rows]):.4f} | "
-            f"{100 * _mean([r['gap'] for r in rows]):+.2f}% ({', '.join(f'{100 * r['gap']:+.2f}' for r in rows)}) | "
+            f"{100 * _mean([r['gap'] for r in rows]):+.2f}% ({per_seed}) | "
             f"{_mean([r['flops'] for r in rows]):.3e} | {100 * (1 - _mean([r['flops_ratio'] for r in rows])):.1f}% | "
             f"{len(reached)}/{len(rows)} | {_pct(_mean([r['saving_to_reach'] for r in reached]) if reached else None)} |")
     quick = " --quick" if a["quick"] else ""
