@@ -42,16 +42,25 @@ from common import machine_info, replace_section  # noqa: E402
 
 DOCS = os.path.join(ROOT, "docs", "benchmarks.md")
 HEADING = "Zero/one-layer progressive training (Bu 2025)"
-VARIANTS = {  # name -> (initial layers, depth_init); None: no expansion
+VARIANTS = {  # name -> (initial layers, depth_init); None: no expansion. "0->L@0.5": expand at 0.5 T
     "scratch": (None, None),
     "0->L": (0, "random"),
     "1->L": (1, "copy-stack"),
+    "0->L zero": (0, "zero"),
+    "1->L random": (1, "random"),
 }
+
+
+def variant(name: str, default_fraction: float) -> tuple:
+    """(initial layers, depth_init, expansion fraction) of a variant name such as ``1->L@0.5``."""
+    base, _, at = name.partition("@")
+    layers, init = VARIANTS[base]
+    return layers, init, float(at) if at else default_fraction
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--num-layers", type=int, default=6, help="target depth L")
+    p.add_argument("--num-layers", type=int, default=8, help="target depth L")
     p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--num-attention-heads", type=int, default=4)
     p.add_argument("--seq-length", type=int, default=128)
@@ -63,7 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-interval", type=int, default=30)
     p.add_argument("--eval-iters", type=int, default=8)
     p.add_argument("--seeds", default="1234,1235,1236")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default="scratch,0->L,1->L",
+                   help=f"comma-separated, from {', '.join(VARIANTS)}; '@F' expands at F T instead of --at-fraction")
     p.add_argument("--quick", action="store_true", help="a small model, one seed (< 10 min)")
     p.add_argument("--out-json", default=None)
     p.add_argument("--write-docs", action="store_true")
@@ -79,9 +89,9 @@ def run_variant(a, name: str, seed: int, workdir: str) -> dict:
     from megatron_staged.config import config_from_args
     from megatron_staged.training.trainer import Trainer
 
-    start_layers, init = VARIANTS[name]
+    start_layers, init, fraction = variant(name, a.at_fraction)
     T = a.train_iters
-    log = os.path.join(workdir, f"{name.replace('->', '_to_')}_{seed}.jsonl")
+    log = os.path.join(workdir, f"{name.replace('->', '_to_').replace(' ', '_')}_{seed}.jsonl")
     args = ["--builtin-corpus", "--num-layers", str(a.num_layers if start_layers is None else start_layers),
             "--hidden-size", str(a.hidden_size), "--num-attention-heads", str(a.num_attention_heads),
             "--seq-length", str(a.seq_length), "--max-position-embeddings", str(a.seq_length),
@@ -92,7 +102,7 @@ def run_variant(a, name: str, seed: int, workdir: str) -> dict:
             "--log-interval", "1000000", "--progress-bar", "off", "--seed", str(seed), "--log-file", log]
     cfg = config_from_args(_train_parser("bench").parse_args(args))
     if start_layers is not None:
-        cfg.staging.stages = [{"at_fraction": a.at_fraction, "num_layers": a.num_layers, "depth_init": init}]
+        cfg.staging.stages = [{"at_fraction": fraction, "num_layers": a.num_layers, "depth_init": init}]
     t0 = time.perf_counter()
     trainer = Trainer(cfg)
     summary = trainer.train()
@@ -137,7 +147,9 @@ def summarise(runs: list) -> dict:
                 "gap": r["final_val_loss"] / base["final_val_loss"] - 1.0,
                 "flops": r["flops"], "flops_ratio": r["flops"] / base["flops"],
                 "reach_flops": reach, "saving_to_reach": None if reach is None else 1.0 - reach / base["flops"],
-                "wall_s": r["wall_s"]})
+                "wall_s": r["wall_s"],
+                "jump": None if r["expansion"] is None else
+                r["expansion"]["eval_loss_after"] - r["expansion"]["eval_loss_before"]})
     return rows
 
 
@@ -175,11 +187,13 @@ def render(res) -> str:
     for name, rows in s.items():
         reached = [r for r in rows if r["reach_flops"] is not None]
         per_seed = ", ".join(f"{100 * r['gap']:+.2f}" for r in rows)
+        jump = "-" if rows[0]["jump"] is None else f"{_mean([r['jump'] for r in rows]):+.4f}"
         lines.append(
             f"| {name} | {len(rows)} | {_mean([r['final_val_loss'] for r in rows]):.4f} | "
             f"{100 * _mean([r['gap'] for r in rows]):+.2f}% ({per_seed}) | "
             f"{_mean([r['flops'] for r in rows]):.3e} | {100 * (1 - _mean([r['flops_ratio'] for r in rows])):.1f}% | "
-            f"{len(reached)}/{len(rows)} | {_pct(_mean([r['saving_to_reach'] for r in reached]) if reached else None)} |")
+            f"{len(reached)}/{len(rows)} | {_pct(_mean([r['saving_to_reach'] for r in reached]) if reached else None)} | "
+            f"{jump} |")
     quick = " --quick" if a["quick"] else ""
     load = ", ".join(f"{x:.1f}" for x in res["load_before"]) + " before, " + \
         ", ".join(f"{x:.1f}" for x in res["load_after"]) + " after"
@@ -193,14 +207,15 @@ OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore python benchmarks/zero_one_layer.py{quic
 Model: gpt2 family, target {a['num_layers']} layers, hidden {a['hidden_size']}, {a['num_attention_heads']} heads,
 sequence {a['seq_length']}, global batch {a['global_batch_size']}, fp32, AdamW, LR {a['lr']:g}. Schedule for every run:
 WSD over {T} iterations ({max(1, T // 50)} warmup, stable, the last {max(1, T // 10)} decaying linearly to 0); the
-expansions run at iteration {round(a['at_fraction'] * T)} ({a['at_fraction']:g} T), LR unchanged (rho 1, no re-warmup).
+expansions run at iteration {round(a['at_fraction'] * T)} ({a['at_fraction']:g} T; a run named `@F` at F T), LR unchanged (rho 1, no
+re-warmup); `0->L` uses `depth_init: random`, `1->L` `copy-stack` unless its name says otherwise.
 Same tokens for every run ({T * a['global_batch_size'] * a['seq_length']:,}); validation loss every {a['eval_interval']}
 iterations on the same {a['eval_iters']} batches. Seeds: {a['seeds']}. Machine: {m['cpu_model']}, {m['cpu_cores_usable']}
 usable cores shared with other jobs (load average {load}), torch {m['torch']}, megatron-core {m['megatron_core']},
 {m['date']}.
 
-| run | seeds | final val loss (mean) | gap to scratch (mean; per seed, %) | model FLOPs (run) | FLOPs saving (run) | reached scratch's final loss | FLOPs saving to reach it (mean of those that did) |
-|---|---|---|---|---|---|---|---|
+| run | seeds | final val loss (mean) | gap to scratch (mean; per seed, %) | model FLOPs (run) | FLOPs saving (run) | reached scratch's final loss | FLOPs saving to reach it (mean of those that did) | val loss jump at expansion |
+|---|---|---|---|---|---|---|---|---|
 {chr(10).join(lines)}
 
 "FLOPs saving (run)" is 1 - FLOPs(run) / FLOPs(scratch) at the same token budget; "to reach" uses the

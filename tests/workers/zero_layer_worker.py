@@ -6,13 +6,12 @@ Writes ``ROOT/results.json`` (rank 0): per run, the per-iteration training losse
 history entries and the final eval loss; the checkpoints stay under ``ROOT`` for the test to
 read with the oracle. Runs (TP2 unless said):
 
-- ``zero`` / ``one``: a 0- / 1-layer model, 6 iterations, checkpoint at 3; ``*_resumed``: the
-  same from the iteration-3 checkpoint.
-- ``expand_zero``: 0 layers at TP2 PP1, expanded at iteration 3 to 4 layers at TP1 PP2 with
-  ``depth_init: zero``, then to iteration 6 (the growth saves the grown state at 3);
-  ``expand_zero_resumed``: from that grown checkpoint, at TP1 PP2.
-- ``expand_one``: 1 layer at TP2, expanded at iteration 2 (``at_fraction`` 0.5 of 4) to 4 layers
-  with ``copy-stack`` (TP2 PP1), to iteration 4.
+- ``zero``: 0 layers at TP2 PP1 for 4 iterations (checkpoint at 3), expanded at iteration 4 to 4
+  layers at TP1 PP2 with ``depth_init: zero`` (the growth saves the grown state at 4), to iteration
+  6; ``zero_from3`` / ``zero_from4``: the same run resumed from the 0-layer checkpoint at 3 (it
+  expands again on the way) and from the grown checkpoint at 4 (at TP1 PP2).
+- ``one``: 1 layer at TP2 (checkpoint at 2), expanded at iteration 3 (``at_fraction`` 0.5 of 6) to 4
+  layers with ``copy-stack`` (TP2 PP1), to iteration 6; ``one_from2``: resumed from iteration 2.
 - ``two``: a 2-layer source (2 iterations); ``copy_<placement>``: that checkpoint grown offline
   (the ``grow`` tool's path) to 6 layers at TP1 PP2 with each copy init.
 """
@@ -26,7 +25,7 @@ warnings.filterwarnings("ignore")
 MODEL = ["--model-family", "gpt2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
          "--micro-batch-size", "2", "--global-batch-size", "8", "--lr", "3e-3", "--min-lr", "0",
          "--lr-warmup-iters", "1", "--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "1",
-         "--log-interval", "1", "--eval-iters", "2", "--progress-bar", "off", "--use-distributed-optimizer"]
+         "--log-interval", "1", "--eval-iters", "2", "--eval-interval", "6", "--progress-bar", "off", "--use-distributed-optimizer"]
 
 
 def train(root, data, name, layers, iters, *extra, stages=None, layout=(2, 1)):
@@ -71,30 +70,38 @@ def grow_offline(src: str, out: str, request: dict) -> dict:
 
 
 def main():
+    import time
+
     import torch.distributed as dist
 
     root, data = sys.argv[1], json.load(open(sys.argv[2]))
-    res = {}
-    for name, layers in (("zero", 0), ("one", 1)):
-        ck = os.path.join(root, name)
-        res[name] = train(root, data, name, layers, 6, "--save", ck, "--save-interval", "3")
-        res[name + "_resumed"] = train(root, data, name + "_resumed", layers, 6,
-                                       "--load", os.path.join(ck, "iter_0000003"))
-    ck = os.path.join(root, "expand_zero")
-    stage = {"at_iteration": 3, "num_layers": 4, "depth_init": "zero",
+    res, t0 = {}, time.time()
+
+    def timed(name, value):
+        res[name] = value
+        if dist.get_rank() == 0:
+            print(f"zero_layer_worker: {name} done at {time.time() - t0:.1f}s", file=sys.stderr, flush=True)
+
+    ck = os.path.join(root, "zero")
+    stage = {"at_iteration": 4, "num_layers": 4, "depth_init": "zero",
              "target_tensor_model_parallel_size": 1, "target_pipeline_model_parallel_size": 2}
-    res["expand_zero"] = train(root, data, "expand_zero", 0, 6, "--save", ck, "--eval-interval", "6",
-                               stages=[stage])
-    res["expand_zero_resumed"] = train(root, data, "expand_zero_resumed", 0, 6, "--load",
-                                       os.path.join(ck, "iter_0000003"), stages=[stage], layout=(1, 2))
-    res["expand_one"] = train(root, data, "expand_one", 1, 4, stages=[
-        {"at_fraction": 0.5, "num_layers": 4, "depth_init": "copy-stack"}])
+    timed("zero", train(root, data, "zero", 0, 6, "--save", ck, "--save-interval", "3", stages=[stage]))
+    # from the 0-layer checkpoint at 3 (through the expansion), and from the grown one at 4
+    timed("zero_from3", train(root, data, "zero_from3", 0, 6, "--load", os.path.join(ck, "iter_0000003"),
+                              stages=[stage]))
+    timed("zero_from4", train(root, data, "zero_from4", 0, 6, "--load", os.path.join(ck, "iter_0000004"),
+                              stages=[stage], layout=(1, 2)))
+    ck = os.path.join(root, "one")
+    stage = {"at_fraction": 0.5, "num_layers": 4, "depth_init": "copy-stack"}
+    timed("one", train(root, data, "one", 1, 6, "--save", ck, "--save-interval", "2", stages=[stage]))
+    timed("one_from2", train(root, data, "one_from2", 1, 6, "--load", os.path.join(ck, "iter_0000002"),
+                             stages=[stage]))
     two = os.path.join(root, "two")
-    res["two"] = train(root, data, "two", 2, 2, "--save", two)
+    timed("two", train(root, data, "two", 2, 2, "--save", two))
     for init in ("copy-stack", "copy-interleave", "copy-last"):
-        res[init] = grow_offline(two, os.path.join(root, init), {
+        timed(init, grow_offline(two, os.path.join(root, init), {
             "num_layers": 6, "depth_init": init, "target_tensor_model_parallel_size": 1,
-            "target_pipeline_model_parallel_size": 2})
+            "target_pipeline_model_parallel_size": 2}))
     if dist.get_rank() == 0:
         with open(os.path.join(root, "results.json"), "w") as fh:
             json.dump(res, fh)
