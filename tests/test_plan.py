@@ -24,10 +24,14 @@ from megatron_staged.planning.recipe import parse_recipe, plan_stages
 
 EXAMPLES = ROOT / "examples"
 # world size each example config is written for (every YAML under examples/ must be listed)
-EXAMPLE_WORLD = {"quickstart.yaml": 4, "llama_7b_progressive_depth/llama_7b.yaml": 64}
+ZERO_ONE = ["zero_one_layer_7b/" + n for n in ("gpt2_7b_from_0_layers.yaml", "gpt2_7b_from_1_layer.yaml",
+                                                 "llama_7b_from_0_layers.yaml", "llama_7b_from_1_layer.yaml")]
+EXAMPLE_WORLD = {"quickstart.yaml": 4, "llama_7b_progressive_depth/llama_7b.yaml": 64, **{z: 64 for z in ZERO_ONE}}
 # the 7B's tokenizer is not here; it plans with selective recomputation (as its train.sh runs it)
 EXAMPLE_FLAGS = {"llama_7b_progressive_depth/llama_7b.yaml": ["--vocab-size", "32000", "--recompute-granularity",
-                                                              "selective"]}
+                                                              "selective"],
+                 # zero/one-layer 7B recipes: GPT-2's BPE (50257) and a 32000-token SentencePiece vocabulary
+                 **{z: ["--vocab-size", "50257" if "gpt2" in z else "32000"] for z in ZERO_ONE}}
 
 
 def small_llama(**over) -> Config:
@@ -344,3 +348,22 @@ def test_example_readme_holds_the_current_plan(capsys):
                    "--gpu-memory-gb", "80", "--vocab-size", "32000", "--recompute-granularity", "selective"])
     assert rc == 0
     assert capsys.readouterr().out.rstrip("\n") == committed
+
+
+def test_zero_one_layer_examples_hold_their_current_plan_and_dry_run(capsys):
+    """The zero/one-layer 7B recipes start at 0 or 1 layer (PP1) and expand once to full depth at
+    0.8 T at another layout; their committed `plan` and `train --dry-run` outputs are today's."""
+    for rel in ZERO_ONE:
+        base = EXAMPLES / rel[:-len(".yaml")]
+        for out_file, argv in (
+                (".plan.txt", ["plan", "--config", str(EXAMPLES / rel), "--gpus", "64", "--gpu-memory-gb", "80"]),
+                (".dry_run.txt", ["train", "--dry-run", "--config", str(EXAMPLES / rel), "--world-size", "64",
+                                  "--gpu-memory-gb", "80"])):
+            assert cli_main(argv + EXAMPLE_FLAGS[rel]) == 0
+            out = capsys.readouterr().out
+            assert out == base.with_name(base.name + out_file).read_text(), f"{rel}{out_file}: regenerate it"
+        rows = [line.split() for line in out.splitlines() if line[:1] in "01" and ("initial" in line or "layers:" in line)]
+        full = 60 if "gpt2" in rel else 32
+        assert [r[5] for r in rows[:2]] == ["0" if "from_0" in rel else "1", str(full)], rows
+        assert rows[1][2] == "at_fraction" and rows[1][3].startswith(str(int(0.8 * int(rows[1][3].split("-")[1]))))
+        assert "warning" not in out  # the expansion sits in WSD's stable phase

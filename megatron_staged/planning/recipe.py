@@ -48,10 +48,12 @@ class PlannedStage:
 
     @property
     def when(self) -> str:
-        """How the stage's start is known: at_iteration, at_flops, or a slope trigger (assumed)."""
+        """How the stage's start is known: at_iteration, at_fraction, at_flops, or a slope trigger (assumed)."""
         g = self.growth or {}
         if g.get("trigger"):
             return "slope (assumed)"
+        if g.get("at_fraction") is not None or (g and not {"at_iteration", "at_flops"} & set(g)):
+            return "at_fraction"  # (a stage that names no point runs at at_fraction 0.8)
         return "at_flops" if g.get("at_flops") is not None else ("at_iteration" if g else "")
 
     @property
