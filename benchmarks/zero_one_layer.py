@@ -75,7 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--variants", default="scratch,0->L,1->L",
                    help=f"comma-separated, from {', '.join(VARIANTS)}; '@F' expands at F T instead of --at-fraction")
     p.add_argument("--quick", action="store_true", help="a small model, one seed (< 10 min)")
-    p.add_argument("--out-json", default=None)
+    p.add_argument("--out-json", default=None, help="results, rewritten after every run")
+    p.add_argument("--from-json", default=None, help="render (--write-docs) the complete seeds of an earlier --out-json")
     p.add_argument("--write-docs", action="store_true")
     a = p.parse_args(argv)
     if a.quick:
@@ -148,6 +149,9 @@ def summarise(runs: list) -> dict:
                 "flops": r["flops"], "flops_ratio": r["flops"] / base["flops"],
                 "reach_flops": reach, "saving_to_reach": None if reach is None else 1.0 - reach / base["flops"],
                 "wall_s": r["wall_s"],
+                # FLOPs of one iteration of the small model, as a share of one of the L-layer model
+                "small_cost": None if r["expansion"] is None or r["evals"][0][0] >= r["expansion"]["iteration"]
+                else r["evals"][0][1] / base["evals"][0][1],
                 "jump": None if r["expansion"] is None else
                 r["expansion"]["eval_loss_after"] - r["expansion"]["eval_loss_before"]})
     return rows
@@ -155,15 +159,22 @@ def summarise(runs: list) -> dict:
 
 def main(argv=None):
     a = parse_args(argv)
-    res = {"args": vars(a), "machine": machine_info(1), "load_before": os.getloadavg()}
-    runs = []
-    with tempfile.TemporaryDirectory() as workdir:
-        for seed in (int(s) for s in a.seeds.split(",")):
-            for name in a.variants.split(","):
-                runs.append(run_variant(a, name, seed, workdir))
-    res["load_after"] = os.getloadavg()
-    res["runs"] = runs
-    res["summary"] = summarise(runs)
+    if a.from_json:  # render what an earlier (possibly interrupted) run wrote
+        res = json.load(open(a.from_json))
+        complete = {r["seed"] for r in res["runs"] if r["variant"] == "scratch"}
+        res["runs"] = [r for r in res["runs"] if r["seed"] in complete]
+    else:
+        res = {"args": vars(a), "machine": machine_info(1), "load_before": os.getloadavg(), "runs": []}
+        with tempfile.TemporaryDirectory() as workdir:
+            for seed in (int(s) for s in a.seeds.split(",")):
+                for name in a.variants.split(","):
+                    res["runs"].append(run_variant(a, name, seed, workdir))
+                    res["load_after"] = os.getloadavg()
+                    if a.out_json:  # after every run: an interrupted benchmark keeps what it measured
+                        with open(a.out_json, "w") as fh:
+                            json.dump(res, fh, indent=1)
+    res["args"]["seeds"] = ",".join(str(s) for s in dict.fromkeys(r["seed"] for r in res["runs"]))
+    res["summary"] = summarise(res["runs"])
     print(json.dumps(res["summary"], indent=1))
     if a.out_json:
         with open(a.out_json, "w") as fh:
@@ -188,13 +199,16 @@ def render(res) -> str:
         reached = [r for r in rows if r["reach_flops"] is not None]
         per_seed = ", ".join(f"{100 * r['gap']:+.2f}" for r in rows)
         jump = "-" if rows[0]["jump"] is None else f"{_mean([r['jump'] for r in rows]):+.4f}"
+        cost = "-" if rows[0]["small_cost"] is None else f"{100 * rows[0]['small_cost']:.1f}%"
         lines.append(
             f"| {name} | {len(rows)} | {_mean([r['final_val_loss'] for r in rows]):.4f} | "
             f"{100 * _mean([r['gap'] for r in rows]):+.2f}% ({per_seed}) | "
             f"{_mean([r['flops'] for r in rows]):.3e} | {100 * (1 - _mean([r['flops_ratio'] for r in rows])):.1f}% | "
             f"{len(reached)}/{len(rows)} | {_pct(_mean([r['saving_to_reach'] for r in reached]) if reached else None)} | "
-            f"{jump} |")
+            f"{jump} | {cost} |")
     quick = " --quick" if a["quick"] else ""
+    if a["variants"] != "scratch,0->L,1->L":
+        quick += f' --variants "{a["variants"]}"'
     load = ", ".join(f"{x:.1f}" for x in res["load_before"]) + " before, " + \
         ", ".join(f"{x:.1f}" for x in res["load_after"]) + " after"
     T = a["train_iters"]
@@ -214,8 +228,8 @@ iterations on the same {a['eval_iters']} batches. Seeds: {a['seeds']}. Machine: 
 usable cores shared with other jobs (load average {load}), torch {m['torch']}, megatron-core {m['megatron_core']},
 {m['date']}.
 
-| run | seeds | final val loss (mean) | gap to scratch (mean; per seed, %) | model FLOPs (run) | FLOPs saving (run) | reached scratch's final loss | FLOPs saving to reach it (mean of those that did) | val loss jump at expansion |
-|---|---|---|---|---|---|---|---|---|
+| run | seeds | final val loss (mean) | gap to scratch (mean; per seed, %) | model FLOPs (run) | FLOPs saving (run) | reached scratch's final loss | FLOPs saving to reach it (mean of those that did) | val loss jump at expansion | small model's iteration FLOPs / L-layer's |
+|---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(lines)}
 
 "FLOPs saving (run)" is 1 - FLOPs(run) / FLOPs(scratch) at the same token budget; "to reach" uses the
