@@ -14,7 +14,10 @@ LR schedule (WSD: 2% warmup, stable, the last 10% decaying):
 - ``0->L``: a zero-layer model (embeddings, final norm, output layer) expanded to L layers at
   ``--at-fraction`` of the run (``depth_init: random``: the target's depth-scaled init, zero Adam
   moments), LR unchanged;
-- ``1->L``: a one-layer model expanded the same way with ``depth_init: copy-stack``.
+- ``1->L``: a one-layer model expanded the same way with ``depth_init: copy-stack``;
+- ``0->L bc``: as ``0->L`` with ``fresh_moments: bias-corrected`` (the new layers' Adam moments
+  start at zero and are bias-corrected from the expansion, as a fresh Adam would be);
+- by name, also ``0->L zero`` and ``1->L random``, and any of them ``@F``: expanded at F T.
 
 Reported: the validation loss at the end, its gap to ``scratch`` (relative), the model FLOPs of the
 whole run (Megatron's formula; evaluation not counted) and, where the curve gets there, the FLOPs
@@ -42,37 +45,40 @@ from common import machine_info, replace_section  # noqa: E402
 
 DOCS = os.path.join(ROOT, "docs", "benchmarks.md")
 HEADING = "Zero/one-layer progressive training (Bu 2025)"
-VARIANTS = {  # name -> (initial layers, depth_init); None: no expansion. "0->L@0.5": expand at 0.5 T
-    "scratch": (None, None),
-    "0->L": (0, "random"),
-    "1->L": (1, "copy-stack"),
-    "0->L zero": (0, "zero"),
-    "1->L random": (1, "random"),
+VARIANTS = {  # name -> (initial layers, depth_init, fresh_moments); None: no expansion / the default
+    "scratch": (None, None, None),
+    "0->L": (0, "random", None),
+    "1->L": (1, "copy-stack", None),
+    "0->L bc": (0, "random", "bias-corrected"),
+    "0->L zero": (0, "zero", None),
+    "1->L random": (1, "random", None),
 }
 
 
 def variant(name: str, default_fraction: float) -> tuple:
-    """(initial layers, depth_init, expansion fraction) of a variant name such as ``1->L@0.5``."""
+    """(initial layers, depth_init, fresh_moments, expansion fraction) of a variant name such as
+    ``1->L@0.5`` (expanded at 0.5 T)."""
     base, _, at = name.partition("@")
-    layers, init = VARIANTS[base]
-    return layers, init, float(at) if at else default_fraction
+    return VARIANTS[base] + (float(at) if at else default_fraction,)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--num-layers", type=int, default=8, help="target depth L")
+    p.add_argument("--num-layers", type=int, default=6, help="target depth L")
     p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--num-attention-heads", type=int, default=4)
     p.add_argument("--seq-length", type=int, default=128)
     p.add_argument("--micro-batch-size", type=int, default=8)
     p.add_argument("--global-batch-size", type=int, default=8)
-    p.add_argument("--train-iters", type=int, default=600)
+    p.add_argument("--train-iters", type=int, default=300)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--at-fraction", type=float, default=0.8, help="expansion point (fraction of the run)")
     p.add_argument("--eval-interval", type=int, default=30)
     p.add_argument("--eval-iters", type=int, default=8)
     p.add_argument("--seeds", default="1234,1235,1236")
-    p.add_argument("--variants", default="scratch,0->L,1->L",
+    p.add_argument("--fresh-moments", default=None, choices=("zero", "bias-corrected"),
+                   help="the expansion stage's fresh_moments (default: the stage default)")
+    p.add_argument("--variants", default="scratch,0->L,1->L,0->L bc",
                    help=f"comma-separated, from {', '.join(VARIANTS)}; '@F' expands at F T instead of --at-fraction")
     p.add_argument("--quick", action="store_true", help="a small model, one seed (< 10 min)")
     p.add_argument("--out-json", default=None, help="results, rewritten after every run")
@@ -90,7 +96,7 @@ def run_variant(a, name: str, seed: int, workdir: str) -> dict:
     from megatron_staged.config import config_from_args
     from megatron_staged.training.trainer import Trainer
 
-    start_layers, init, fraction = variant(name, a.at_fraction)
+    start_layers, init, fresh, fraction = variant(name, a.at_fraction)
     T = a.train_iters
     log = os.path.join(workdir, f"{name.replace('->', '_to_').replace(' ', '_')}_{seed}.jsonl")
     args = ["--builtin-corpus", "--num-layers", str(a.num_layers if start_layers is None else start_layers),
@@ -104,6 +110,8 @@ def run_variant(a, name: str, seed: int, workdir: str) -> dict:
     cfg = config_from_args(_train_parser("bench").parse_args(args))
     if start_layers is not None:
         cfg.staging.stages = [{"at_fraction": fraction, "num_layers": a.num_layers, "depth_init": init}]
+        if fresh or a.fresh_moments:
+            cfg.staging.stages[0]["fresh_moments"] = fresh or a.fresh_moments
     t0 = time.perf_counter()
     trainer = Trainer(cfg)
     summary = trainer.train()
@@ -207,7 +215,7 @@ def render(res) -> str:
             f"{len(reached)}/{len(rows)} | {_pct(_mean([r['saving_to_reach'] for r in reached]) if reached else None)} | "
             f"{jump} | {cost} |")
     quick = " --quick" if a["quick"] else ""
-    if a["variants"] != "scratch,0->L,1->L":
+    if a["variants"] != "scratch,0->L,1->L,0->L bc":
         quick += f' --variants "{a["variants"]}"'
     load = ", ".join(f"{x:.1f}" for x in res["load_before"]) + " before, " + \
         ", ".join(f"{x:.1f}" for x in res["load_after"]) + " after"
@@ -222,7 +230,7 @@ Model: gpt2 family, target {a['num_layers']} layers, hidden {a['hidden_size']}, 
 sequence {a['seq_length']}, global batch {a['global_batch_size']}, fp32, AdamW, LR {a['lr']:g}. Schedule for every run:
 WSD over {T} iterations ({max(1, T // 50)} warmup, stable, the last {max(1, T // 10)} decaying linearly to 0); the
 expansions run at iteration {round(a['at_fraction'] * T)} ({a['at_fraction']:g} T; a run named `@F` at F T), LR unchanged (rho 1, no
-re-warmup); `0->L` uses `depth_init: random`, `1->L` `copy-stack` unless its name says otherwise.
+re-warmup); `0->L` uses `depth_init: random`, `1->L` `copy-stack`, `bc` adds `fresh_moments: bias-corrected`.
 Same tokens for every run ({T * a['global_batch_size'] * a['seq_length']:,}); validation loss every {a['eval_interval']}
 iterations on the same {a['eval_iters']} batches. Seeds: {a['seeds']}. Machine: {m['cpu_model']}, {m['cpu_cores_usable']}
 usable cores shared with other jobs (load average {load}), torch {m['torch']}, megatron-core {m['megatron_core']},
