@@ -84,6 +84,7 @@ def parse_args(argv=None):
     p.add_argument("--out-json", default=None, help="results, rewritten after every run")
     p.add_argument("--from-json", default=None, help="render (--write-docs) the complete seeds of an earlier --out-json")
     p.add_argument("--write-docs", action="store_true")
+    p.add_argument("--docs-heading", default=HEADING, help="the docs/benchmarks.md section to (re)write")
     a = p.parse_args(argv)
     if a.quick:
         a.num_layers, a.hidden_size, a.seq_length, a.train_iters = 4, 64, 64, 200
@@ -188,7 +189,7 @@ def main(argv=None):
         with open(a.out_json, "w") as fh:
             json.dump(res, fh, indent=1)
     if a.write_docs:
-        replace_section(DOCS, HEADING, render(res))
+        replace_section(DOCS, a.docs_heading, render(res))
 
 
 def _mean(xs):
@@ -215,8 +216,10 @@ def render(res) -> str:
             f"{len(reached)}/{len(rows)} | {_pct(_mean([r['saving_to_reach'] for r in reached]) if reached else None)} | "
             f"{jump} | {cost} |")
     quick = " --quick" if a["quick"] else ""
-    if a["variants"] != "scratch,0->L,1->L,0->L bc":
-        quick += f' --variants "{a["variants"]}"'
+    for flag, default in (("variants", "scratch,0->L,1->L,0->L bc"), ("train_iters", 300), ("seeds", "1234,1235,1236"),
+                          ("docs_heading", HEADING)):
+        if a.get(flag, default) != default:
+            quick += f' --{flag.replace("_", "-")} "{a[flag]}"'
     load = ", ".join(f"{x:.1f}" for x in res["load_before"]) + " before, " + \
         ", ".join(f"{x:.1f}" for x in res["load_after"]) + " after"
     T = a["train_iters"]
