@@ -52,8 +52,9 @@ def grown_global(model_key: str, kind: str, layer: int, spec: GrowthSpec, old_mo
                  width_cache: Optional[dict] = None) -> Optional[torch.Tensor]:
     """The grown global tensor of ``model_key`` (one layer's for layer keys) for state ``kind``.
 
-    ``None`` means: not derived from the source (a fresh random layer: the target's own init for
-    parameters, zeros for moments).
+    ``None`` means: not derived from the source (a fresh ``random`` or ``zero`` layer: the target's
+    own init for parameters, zeros for moments; ``zero`` also zeroes the residual outputs, see
+    :func:`operators.fresh_layer_is_zero`).
     """
     src_layer = None
     new = False
@@ -61,7 +62,7 @@ def grown_global(model_key: str, kind: str, layer: int, spec: GrowthSpec, old_mo
         src_layer = spec.depth_map[layer]
         new = spec.new_layer[layer]
         if src_layer is None or (new and spec.depth_init in FRESH_INITS):
-            return None  # (``zero``'s residual outputs are zero: operators.fresh_layer_is_zero)
+            return None
     ck = (kind, model_key, src_layer)
     if width_cache is not None and ck in width_cache:
         t = width_cache[ck]
