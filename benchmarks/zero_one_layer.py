@@ -17,7 +17,7 @@ LR schedule (WSD: 2% warmup, stable, the last 10% decaying):
 - ``1->L``: a one-layer model expanded the same way with ``depth_init: copy-stack``;
 - ``0->L bc``: as ``0->L`` with ``fresh_moments: bias-corrected`` (the new layers' Adam moments
   start at zero and are bias-corrected from the expansion, as a fresh Adam would be);
-- by name, also ``0->L zero`` and ``1->L random``, and any of them ``@F``: expanded at F T.
+- by name, also ``0->L zero``, ``1->L zero`` and ``1->L random``, and any of them ``@F``: expanded at F T.
 
 Reported: the validation loss at the end, its gap to ``scratch`` (relative), the model FLOPs of the
 whole run (Megatron's formula; evaluation not counted) and, where the curve gets there, the FLOPs
@@ -52,6 +52,7 @@ VARIANTS = {  # name -> (initial layers, depth_init, fresh_moments); None: no ex
     "0->L bc": (0, "random", "bias-corrected"),
     "0->L zero": (0, "zero", None),
     "1->L random": (1, "random", None),
+    "1->L zero": (1, "zero", None),
 }
 
 
