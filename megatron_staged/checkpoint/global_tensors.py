@@ -26,7 +26,9 @@ OPTIMIZER_PREFIX = "optimizer."
 
 
 def read_common(ckpt_dir: str) -> dict:
-    """``common.pt`` (args, iteration, train_state, scheduler, layout) without importing megatron."""
+    """``common.pt`` (args, iteration, train_state, scheduler, layout) without importing megatron,
+    normalised by :func:`megatron_staged.checkpoint.megatron_lm.normalize_common` (``args`` is always the
+    config tree as a dict, also for checkpoints saved by Megatron-LM)."""
     path = os.path.join(ckpt_dir, "common.pt")
     if not os.path.isfile(path):
         raise UserError(f"{ckpt_dir} has no common.pt; it is not a complete torch_dist checkpoint "
@@ -35,7 +37,9 @@ def read_common(ckpt_dir: str) -> dict:
     common = load_torch_file(path)  # weights_only: a checkpoint's pickle runs no code
     if not isinstance(common, dict):
         raise UserError(f"{path} holds a {type(common).__name__}, not a checkpoint's common state dict")
-    return common
+    from megatron_staged.checkpoint.megatron_lm import normalize_common
+
+    return normalize_common(common)  # Megatron-LM's and ours alike: args = the config tree
 
 
 def read_metadata(ckpt_dir: str):

@@ -8,7 +8,10 @@
 What is saved: the model (``model``), the optimizer in the ``fully_reshardable`` model-space
 format (``optimizer``: Adam moments as tensors shaped like their parameters, so TP, PP and DP may
 all change on load), the LR scheduler, and a ``train_state`` dict (iteration, consumed samples,
-FLOPs so far, optimizer step, stage history) plus ``args`` (the config) and the per-rank RNG.
+FLOPs so far, optimizer step, stage history), the config tree (``megatron_staged_config``) and the
+per-rank RNG. ``common.pt`` and the RNG follow Megatron-LM's ``save_checkpoint`` (``args`` as its
+Namespace, the scheduler in samples, content metadata naming the optimizer format), so Megatron-LM
+resumes these checkpoints, and checkpoints saved by Megatron-LM load here (``checkpoint.megatron_lm``).
 
 Atomicity: a checkpoint is written to ``iter_XXXXXXX.tmp`` and renamed only after every rank has
 finished; ``latest_checkpointed_iteration.txt`` is replaced atomically afterwards. A crash while
@@ -24,6 +27,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_staged.checkpoint import megatron_lm
 from megatron_staged.checkpoint.integrity import write_manifest
 from megatron_staged.checkpoint.safe_load import untrusted_checkpoint_reads
 from megatron_staged.errors import UserError
@@ -32,6 +36,8 @@ from megatron_staged.runtime.distributed import barrier, current_layout, is_rank
 TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0
 OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+# what Megatron-LM's _build_sharded_state_dict_metadata records as the checkpoint's content metadata
+CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
 
 
 def _fixes() -> None:
@@ -40,11 +46,12 @@ def _fixes() -> None:
     megatron_fixes.apply()
 
 
-def sharding_metadata() -> dict:
+def sharding_metadata(sharding_type: str = "fully_reshardable") -> dict:
     """A fresh metadata dict per call: megatron-core stores the current DP group into the dict it
-    is given, so a shared one would carry a stale group across a layout change."""
+    is given, so a shared one would carry a stale group across a layout change. ``sharding_type``:
+    ``dp_reshardable`` only to read a Megatron-LM checkpoint saved in its default form."""
     _fixes()
-    return dict(OPTIM_METADATA)
+    return dict(CONTENT_METADATA, distrib_optim_sharding_type=sharding_type)
 
 
 def iter_dir(root: str, iteration: int) -> str:
@@ -201,7 +208,8 @@ def clear_checkpoint_root(root: str) -> None:
 
 
 def load_common(ckpt_dir: str) -> dict:
-    """The non-sharded part (``common.pt``): args, iteration, train_state, scheduler, layout.
+    """The non-sharded part (``common.pt``): args, iteration, train_state, scheduler, layout
+    (normalised: ``args`` is the config tree, the scheduler counts iterations; see ``read_common``).
 
     Read with ``torch.load(weights_only=True)``: a checkpoint's pickle runs no code.
     """
@@ -220,18 +228,39 @@ def model_sharded_state_dict(model_chunks) -> dict:
     return {f"model{i}": unwrap(c).sharded_state_dict(metadata=sharding_metadata()) for i, c in enumerate(model_chunks)}
 
 
-def _rng_sharded_object():
+def _rng_sharded_object(layout: str = "megatron"):
+    """The RNG state as Megatron-LM saves it: a ShardedObject over (PP, TP), replicated over DP,
+    holding the list of every DP rank's state under Megatron-LM's names (what it writes with
+    ``--data-parallel-random-init``; without that flag it reads entry 0). ``layout='legacy'``: the
+    (PP, TP, DP) object of checkpoints saved here before (reading only)."""
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     lay = current_layout()
-    return ShardedObject("rng_state", plain_rng_state(rng_state()), (lay.pp, lay.tp, lay.dp),
-                         (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
-                          ps.get_data_parallel_rank()), replica_id=0)
+    pp_rank, tp_rank, dp_rank = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+                                 ps.get_data_parallel_rank())
+    if layout == "legacy":
+        return ShardedObject("rng_state", plain_rng_state(rng_state()), (lay.pp, lay.tp, lay.dp),
+                             (pp_rank, tp_rank, dp_rank), replica_id=0)
+    states = [megatron_lm.to_megatron_rng(rng_state())]
+    if dist.is_initialized() and lay.dp > 1:
+        states = [None] * lay.dp
+        dist.all_gather_object(states, megatron_lm.to_megatron_rng(rng_state()), group=ps.get_data_parallel_group())
+    return ShardedObject("rng_state", states, (lay.pp, lay.tp), (pp_rank, tp_rank), replica_id=dp_rank)
+
+
+def _restore_rng(loaded, layout: str) -> None:
+    from megatron.core import parallel_state as ps
+
+    if layout == "legacy":
+        set_rng_state(rng_state_from_plain(loaded))
+        return
+    mine = loaded[ps.get_data_parallel_rank()] if len(loaded) == current_layout().dp else loaded[0]
+    set_rng_state(megatron_lm.from_megatron_rng(mine))
 
 
 def plain_rng_state(state: dict) -> dict:
-    """The RNG state as plain data (numpy's key array as a list), so it loads with weights_only=True."""
+    """The RNG state with numpy's key array as a list (the legacy layout's form)."""
     kind, keys, pos, has_gauss, cached = state["np"]
     return dict(state, np=[kind, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)])
 
@@ -244,7 +273,10 @@ def rng_state_from_plain(state: dict) -> dict:
 
 
 def build_state_dict(model_chunks, optimizer, scheduler, common: dict, *, is_loading: bool,
-                     with_optimizer: bool, with_rng: bool) -> dict:
+                     with_optimizer: bool, with_rng: bool, optim_sharding: str = "fully_reshardable",
+                     rng_layout: str = "megatron") -> dict:
+    """``scheduler`` (saving only) is stored as is; :func:`save_checkpoint` puts it in ``common``
+    in Megatron-LM's units instead."""
     sd = dict(common)
     model_sd = model_sharded_state_dict(model_chunks)
     sd.update(model_sd)
@@ -252,11 +284,12 @@ def build_state_dict(model_chunks, optimizer, scheduler, common: dict, *, is_loa
         merged = {}
         for v in model_sd.values():
             merged.update(v)
-        sd["optimizer"] = optimizer.sharded_state_dict(merged, is_loading=is_loading, metadata=sharding_metadata())
+        sd["optimizer"] = optimizer.sharded_state_dict(merged, is_loading=is_loading,
+                                                       metadata=sharding_metadata(optim_sharding))
     if scheduler is not None and not is_loading:
         sd["opt_param_scheduler"] = scheduler.state_dict()
     if with_rng:
-        sd["rng_state"] = _rng_sharded_object()
+        sd["rng_state"] = _rng_sharded_object(rng_layout)
     return sd
 
 
@@ -335,10 +368,16 @@ def load_optimizer_state(optimizer, sd: dict, step: int) -> None:
         param_state = None
         if isinstance(opt, DistributedOptimizer) and "param_state" in part_sd:
             part_sd = dict(part_sd)
+            kind = part_sd["param_state_sharding_type"]
+            if kind == "dp_reshardable":  # Megatron-LM's default: megatron-core's own loader (same TP/PP)
+                with torch.no_grad():  # with fp32 params the "main param" is a view of the model's leaf
+                    opt.load_state_dict(part_sd)
+                continue
             param_state = part_sd.pop("param_state")
-            kind = part_sd.pop("param_state_sharding_type")
+            part_sd.pop("param_state_sharding_type")
             if kind != "fully_reshardable":
-                raise UserError(f"optimizer state saved as {kind!r}; this loader reads 'fully_reshardable'")
+                raise UserError(f"optimizer state saved as {kind!r}; this loader reads 'fully_reshardable' "
+                                f"and Megatron-LM's 'dp_reshardable'")
         elif isinstance(part_sd.get("state"), dict) and "common_step" not in part_sd["state"]:
             # megatron drops a falsy step (0) when saving (`if step:`), and torch's Adam then
             # refuses a state without "step": supply it
@@ -372,20 +411,34 @@ def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, schedule
             shutil.rmtree(tmp)
         os.makedirs(tmp)
     barrier()
+    from megatron_staged.config import Config
+
     lay = current_layout()
+    has_optimizer = bool(save_optimizer and optimizer is not None)
     state = dict(train_state, optimizer_step=get_optimizer_step(optimizer) if optimizer is not None else 0,
-                 has_optimizer=bool(save_optimizer and optimizer is not None))
+                 has_optimizer=has_optimizer)
+    mlm_args = megatron_lm.megatron_lm_args(
+        Config.from_dict(args), tp=lay.tp, pp=lay.pp, world_size=lay.tp * lay.pp * lay.dp, iteration=iteration,
+        consumed_train_samples=int(state.get("consumed_train_samples", 0)), has_optimizer=has_optimizer)
     common = {
-        "args": args,
+        "args": mlm_args,  # Megatron-LM's form (its load_checkpoint reads attributes)
+        megatron_lm.CONFIG_KEY: args,
         "iteration": iteration,
         "checkpoint_version": CHECKPOINT_VERSION,
         "train_state": state,
         "num_floating_point_operations_so_far": state.get("flops_so_far", 0.0),
         "parallel_layout": {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp},
     }
-    sd = build_state_dict(model_chunks, optimizer, scheduler, common, is_loading=False,
+    if scheduler is not None:
+        common["opt_param_scheduler"] = megatron_lm.scheduler_in_samples(scheduler.state_dict(),
+                                                                         mlm_args.global_batch_size)
+    sd = build_state_dict(model_chunks, optimizer, None, common, is_loading=False,
                           with_optimizer=save_optimizer, with_rng=True)
-    dist_checkpointing.save(sd, tmp, validate_access_integrity=True)
+    content = dict(CONTENT_METADATA)
+    if has_optimizer and _is_distributed(optimizer):
+        content.update(distrib_optim_sharding_type="fully_reshardable",
+                       distrib_optim_fully_reshardable_mem_efficient=False)
+    dist_checkpointing.save(sd, tmp, validate_access_integrity=True, content_metadata=content)
     _fault_injection("save", iteration)
     barrier()
     write_manifest(tmp)  # sizes + checksums, before the rename makes the checkpoint visible
@@ -404,6 +457,13 @@ def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, schedule
     return final
 
 
+def _is_distributed(optimizer) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    parts = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    return isinstance(parts[0], DistributedOptimizer)
+
+
 def _fault_injection(point: str, iteration: int) -> None:
     """Die here if MEGATRON_STAGED_FAULT=point:iteration (used by the crash-safety tests)."""
     if os.environ.get("MEGATRON_STAGED_FAULT") == f"{point}:{iteration}":
@@ -419,38 +479,60 @@ def _write_tracker(root: str, iteration: int) -> None:
     os.replace(path + ".tmp", path)
 
 
+def _optimizer_sharding(common: dict, ckpt_dir: str, optimizer) -> str:
+    """The distributed optimizer's sharding type in the checkpoint; dp_reshardable needs the same TP/PP."""
+    kind = (common.get("content_metadata") or {}).get("distrib_optim_sharding_type") or "fully_reshardable"
+    if kind == "fully_reshardable" or not _is_distributed(optimizer):
+        return "fully_reshardable"
+    if kind != "dp_reshardable":
+        raise UserError(f"{ckpt_dir}: optimizer saved in Megatron-LM's {kind!r} form, which this project does not "
+                        f"read; resave it with Megatron-LM using --dist-ckpt-optim-fully-reshardable, or pass "
+                        f"--no-load-optim")
+    saved, lay = common.get("parallel_layout") or {}, current_layout()
+    if (saved.get("tp"), saved.get("pp")) != (lay.tp, lay.pp):
+        raise UserError(f"{ckpt_dir}: Megatron-LM saved its distributed optimizer as 'dp_reshardable' (its default), "
+                        f"which loads only at the saved TP{saved.get('tp')} PP{saved.get('pp')} (this run: TP{lay.tp} "
+                        f"PP{lay.pp}); resume at that layout, or first run `megatron-staged convert --load {ckpt_dir} "
+                        f"--save NEW --tensor-model-parallel-size {saved.get('tp')} --pipeline-model-parallel-size "
+                        f"{saved.get('pp')}` (rewrites it fully reshardable), or pass --no-load-optim")
+    return kind
+
+
 def load_checkpoint(path: str, model_chunks, optimizer, scheduler, *, load_optimizer: bool = True,
                     load_rng: bool = True) -> dict:
     """Load into already-built model/optimizer/scheduler at the current layout.
 
-    Returns the checkpoint's ``train_state`` (with ``iteration``). The layout may differ from the
-    one saved: weights and moments are resharded by dist_checkpointing; the RNG is then not
-    restored (its per-rank streams do not map across layouts).
+    Returns the checkpoint's ``train_state`` (with ``iteration`` and ``args``, the config tree as a
+    dict). The layout may differ from the one saved: weights and moments are resharded by
+    dist_checkpointing; the RNG is then not restored (its per-rank streams do not map across
+    layouts). Checkpoints saved by Megatron-LM load the same way (``checkpoint.megatron_lm``); its
+    default ``dp_reshardable`` optimizer form needs the saved TP/PP, as in Megatron-LM.
     """
     from megatron.core import dist_checkpointing
 
     ckpt_dir, _ = resolve_checkpoint_dir(path)
     common = load_common(ckpt_dir)
     state = dict(common.get("train_state", {}))
-    saved = common.get("parallel_layout", {})
+    config = common.get("args")
     lay = current_layout()
-    same_layout = saved == {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp}
+    same_layout = common.get("parallel_layout", {}) == {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp}
     with_optim = load_optimizer and optimizer is not None and state.get("has_optimizer", True)
     if load_optimizer and optimizer is not None and not state.get("has_optimizer", True):
         raise UserError(f"{ckpt_dir} holds no optimizer state (saved with --no-save-optim); "
                         f"load it with --no-load-optim or --finetune")
+    optim_sharding = "fully_reshardable"
     if with_optim:
-        saved_dist = bool((common.get("args") or {}).get("parallel", {}).get("use_distributed_optimizer", False))
-        from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-        parts = getattr(optimizer, "chained_optimizers", None) or [optimizer]
-        now_dist = isinstance(parts[0], DistributedOptimizer)
+        saved_dist = bool((config or {}).get("parallel", {}).get("use_distributed_optimizer", False))
+        now_dist = _is_distributed(optimizer)
         if saved_dist != now_dist:
             flag = "--use-distributed-optimizer" if saved_dist else "no --use-distributed-optimizer"
             raise UserError(f"{ckpt_dir} was saved with {flag}; resume the same way (or pass --no-load-optim "
                             f"to start a fresh optimizer)")
-    sd = build_state_dict(model_chunks, optimizer, None, {}, is_loading=True,
-                          with_optimizer=with_optim, with_rng=load_rng and same_layout)
+        optim_sharding = _optimizer_sharding(common, ckpt_dir, optimizer)
+    rng_layout = megatron_lm.rng_layout(ckpt_dir) if load_rng and same_layout else None
+    sd = build_state_dict(model_chunks, optimizer, None, {}, is_loading=True, with_optimizer=with_optim,
+                          with_rng=rng_layout is not None, optim_sharding=optim_sharding,
+                          rng_layout=rng_layout or "megatron")
     try:
         with untrusted_checkpoint_reads():
             loaded = dist_checkpointing.load(sd, ckpt_dir, strict="assume_ok_unexpected")
@@ -467,11 +549,11 @@ def load_checkpoint(path: str, model_chunks, optimizer, scheduler, *, load_optim
             unwrap(c).load_state_dict(loaded[f"model{i}"])
     if with_optim:
         load_optimizer_state(optimizer, loaded["optimizer"], state.get("optimizer_step", 0))
-    if scheduler is not None and "opt_param_scheduler" in common and load_optimizer:
+    if scheduler is not None and common.get("opt_param_scheduler") is not None and load_optimizer:
         scheduler.load_state_dict(common["opt_param_scheduler"])
-    if load_rng and same_layout and "rng_state" in loaded:
-        set_rng_state(rng_state_from_plain(loaded["rng_state"]))
+    if rng_layout is not None and "rng_state" in loaded:
+        _restore_rng(loaded["rng_state"], rng_layout)
     state["iteration"] = common.get("iteration", 0)
-    state["args"] = common.get("args")
-    state["rng_restored"] = bool(load_rng and same_layout)
+    state["args"] = config
+    state["rng_restored"] = rng_layout is not None
     return state

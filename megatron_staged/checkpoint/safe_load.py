@@ -10,8 +10,12 @@ ordinary unpickler imports and calls whatever a pickle names (``__reduce__``):
 
 This module reads them all as data: ``torch.load(weights_only=True)`` (tensors, numbers, strings,
 lists, tuples, dicts only) for the ``torch.save`` files, and an unpickler restricted to DCP's own
-metadata dataclasses for ``.metadata``. What is written is plain data (the numpy RNG state is stored
-as lists, see ``checkpoint.manager``), so nothing else needs allow-listing.
+metadata dataclasses for ``.metadata``. On top of plain data, exactly what Megatron-LM's
+``save_checkpoint`` writes is allowed (:data:`MEGATRON_LM_GLOBALS`): its ``args`` is an
+``argparse.Namespace`` (rebuilt by setting attributes, no constructor code), its RNG state holds
+numpy's ``np.random.get_state()`` (a uint32 ``ndarray``, rebuilt by numpy's ``_reconstruct``), and
+a few of its argument values are megatron-core enums (rebuilt by value lookup). Checkpoints saved
+here before the Megatron-LM-compatible format also hold numpy RNG arrays; they load the same way.
 
 :func:`untrusted_checkpoint_reads` applies this to megatron-core's and torch DCP's own loaders for the
 duration of a ``with`` block (every CLI command runs inside one); :func:`load_torch_file` and
@@ -33,6 +37,57 @@ from megatron_staged.errors import UserError
 
 _DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
                 "torch.distributed.checkpoint.filesystem")
+
+
+# What Megatron-LM's checkpoints name beyond plain data (core_v0.16.1's ``save_checkpoint``, checked on
+# the fixture in tests/fixtures/megatron_lm): pickled name -> (module, attribute, kind). "enum": an
+# Enum class, rebuilt by value lookup; "namespace": attributes set from a dict, no constructor code;
+# "numpy": numpy's array/dtype rebuilders (np.random.get_state()'s uint32 key array).
+MEGATRON_LM_GLOBALS = {
+    "argparse.Namespace": ("argparse", "Namespace", "namespace"),
+    "signal.Signals": ("signal", "Signals", "enum"),  # args.exit_signal
+    "megatron.core.enums.ModelType": ("megatron.core.enums", "ModelType", "enum"),  # args.model_type
+    "megatron.core.transformer.enums.AttnBackend": ("megatron.core.transformer.enums", "AttnBackend", "enum"),
+    "numpy.ndarray": ("numpy", "ndarray", "numpy"),
+    "numpy.dtype": ("numpy", "dtype", "numpy"),
+    "numpy._core.multiarray._reconstruct": ("numpy._core.multiarray", "_reconstruct", "numpy"),
+    "numpy.core.multiarray._reconstruct": ("numpy._core.multiarray", "_reconstruct", "numpy"),  # numpy 1.x files
+    "numpy.dtypes.UInt32DType": ("numpy.dtypes", "UInt32DType", "numpy"),
+}
+
+
+def _resolve(name: str):
+    import importlib
+
+    module, attr, kind = MEGATRON_LM_GLOBALS[name]
+    try:
+        obj = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError):
+        if module == "numpy._core.multiarray":  # numpy < 2
+            return _resolve_numpy1(attr)
+        return None
+    if kind == "enum" and not (isinstance(obj, type) and issubclass(obj, enum.Enum)):
+        return None
+    return obj
+
+
+def _resolve_numpy1(attr: str):
+    import numpy as np
+
+    return getattr(np.core.multiarray, attr, None)
+
+
+def allowed_globals(names=None):
+    """``torch.serialization.safe_globals`` for :data:`MEGATRON_LM_GLOBALS` (those in ``names`` only, so
+    that reading a file that names no megatron-core enum imports no megatron)."""
+    pairs = []
+    for name in MEGATRON_LM_GLOBALS:
+        if names is not None and name not in names:
+            continue
+        obj = _resolve(name)
+        if obj is not None:
+            pairs.append((obj, name))
+    return torch.serialization.safe_globals(pairs)
 
 
 def _allowed_global(module: str, name: str):
@@ -89,10 +144,18 @@ def refusal(path: str, name: str) -> UnsafeCheckpoint:
                             f"other tools unless you trust its source")
 
 
+def _named_globals(path: str) -> set:
+    try:
+        return set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # noqa: BLE001 - a damaged file: torch.load below says so
+        return set()
+
+
 def load_torch_file(path: str) -> Any:
     """``torch.load(path, weights_only=True)`` on CPU; UserError naming the file on any failure."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with allowed_globals(_named_globals(path)):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         name = unsafe_global(str(e))
         if name:
@@ -137,8 +200,9 @@ def untrusted_checkpoint_reads():
     """Within the block, megatron-core's and torch DCP's checkpoint loaders read data only.
 
     ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1`` makes every ``torch.load`` weights-only, including DCP's
-    ``torch.load(weights_only=False)`` of byte entries and megatron's ``common.pt`` read; DCP's
-    ``.metadata`` reader gets the restricted unpickler. Re-entrant; restored on exit.
+    ``torch.load(weights_only=False)`` of byte entries and megatron's ``common.pt`` read, with
+    :data:`MEGATRON_LM_GLOBALS` allowed (megatron-core is loaded by then); DCP's ``.metadata`` reader gets the restricted unpickler.
+    Re-entrant; restored on exit.
     """
     global _depth
     import torch.distributed.checkpoint.filesystem as fs
@@ -147,6 +211,8 @@ def untrusted_checkpoint_reads():
         if _depth == 0:
             _saved["env"] = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
             _saved["pickle"] = fs.pickle
+            _saved["globals"] = allowed_globals()
+            _saved["globals"].__enter__()
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
             fs.pickle = _RestrictedPickleModule()
         _depth += 1
@@ -157,6 +223,7 @@ def untrusted_checkpoint_reads():
             _depth -= 1
             if _depth == 0:
                 fs.pickle = _saved.pop("pickle")
+                _saved.pop("globals").__exit__(None, None, None)
                 env = _saved.pop("env")
                 if env is None:
                     os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
