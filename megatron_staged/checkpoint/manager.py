@@ -493,8 +493,8 @@ def _optimizer_sharding(common: dict, ckpt_dir: str, optimizer) -> str:
         raise UserError(f"{ckpt_dir}: Megatron-LM saved its distributed optimizer as 'dp_reshardable' (its default), "
                         f"which loads only at the saved TP{saved.get('tp')} PP{saved.get('pp')} (this run: TP{lay.tp} "
                         f"PP{lay.pp}); resume at that layout, or first run `megatron-staged convert --load {ckpt_dir} "
-                        f"--save NEW --tensor-model-parallel-size {saved.get('tp')} --pipeline-model-parallel-size "
-                        f"{saved.get('pp')}` (rewrites it fully reshardable), or pass --no-load-optim")
+                        f"--save NEW` (at the saved layout; it rewrites the optimizer fully reshardable), or pass "
+                        f"--no-load-optim")
     return kind
 
 

@@ -12,6 +12,13 @@ import argparse
 from megatron_staged.errors import ArgumentParser, UserError
 
 
+def needs_import(common: dict, no_optimizer: bool) -> bool:
+    """A Megatron-LM checkpoint whose distributed optimizer is in its default dp_reshardable form."""
+    kind = (common.get("content_metadata") or {}).get("distrib_optim_sharding_type")
+    return (common.get("saved_by") == "Megatron-LM" and kind == "dp_reshardable" and not no_optimizer
+            and (common.get("train_state") or {}).get("has_optimizer", True))
+
+
 def main(argv) -> int:
     import os
 
@@ -34,6 +41,21 @@ def main(argv) -> int:
     src_dir, _ = resolve_checkpoint_dir(a.load)
     check_output_dir(a.save, "--save", sources=(src_dir,), overwrite=a.overwrite)
     common = load_common(src_dir)
+    imported = None
+    if needs_import(common, a.no_optimizer):
+        # Megatron-LM's default optimizer form (dp_reshardable) is readable only at its saved TP/PP:
+        # bring the checkpoint over first, as `convert` would, then grow from that copy
+        from megatron_staged.tools.convert import convert
+
+        imported = a.save.rstrip("/") + ".megatron_lm_import"
+        init_distributed()
+        print_rank0(f"{src_dir} was saved by Megatron-LM with its dp_reshardable optimizer; converting it at its "
+                    f"saved layout to {imported} first")
+        convert(argparse.Namespace(load=src_dir, save=imported, target_tensor_model_parallel_size=None,
+                                   target_pipeline_model_parallel_size=None, no_optimizer=False, dtype=None,
+                                   overwrite=True))
+        src_dir, _ = resolve_checkpoint_dir(imported)
+        common = load_common(src_dir)
     if not common.get("args"):
         raise UserError(f"{src_dir} has no run config (args) in common.pt; was it written by megatron_staged?")
     old_cfg = Config.from_dict(common["args"])
@@ -44,6 +66,10 @@ def main(argv) -> int:
     new_cfg.checkpoint.load = None
     save_checkpoint(a.save, state.iteration, comps.model, comps.optimizer, comps.scheduler, state.to_dict(),
                     new_cfg.to_dict(), save_optimizer=not a.no_optimizer, replace_existing=a.overwrite)
+    if imported is not None and dist.get_rank() == 0:
+        import shutil
+
+        shutil.rmtree(imported, ignore_errors=True)
     e = state.stage_history[-1]
     print_rank0(f"grew {src_dir} -> {a.save} at iteration {state.iteration}: {e['operator']} "
                 f"{e['from']['num_layers']}x{e['from']['hidden_size']} -> {e['to']['num_layers']}x{e['to']['hidden_size']}, "
