@@ -60,7 +60,7 @@ def corpus_flags(a) -> list:
     from megatron_staged.data import prepare_default_corpus
 
     info = prepare_default_corpus(a.corpus_dir, vocab_size=2048, max_bytes=3_000_000)
-    return ["--data-path", info["data_prefix"], "--tokenizer-type", "SentencePieceTokenizer",
+    return ["--data-path", info["data_prefix"], "--tokenizer-type", "GPTSentencePieceTokenizer",
             "--tokenizer-model", info["tokenizer_model"], "--split", "95,5,0"]
 
 

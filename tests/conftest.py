@@ -99,7 +99,7 @@ def corpus(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("corpus")
     info = prepare_default_corpus(str(d), vocab_size=512, max_bytes=1_500_000)
-    return ["--data-path", info["data_prefix"], "--tokenizer-type", "SentencePieceTokenizer",
+    return ["--data-path", info["data_prefix"], "--tokenizer-type", "GPTSentencePieceTokenizer",
             "--tokenizer-model", info["tokenizer_model"], "--split", "98,2,0"]
 
 

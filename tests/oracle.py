@@ -68,7 +68,19 @@ def read_tensors(path: str) -> dict:
 
 
 def read_common(path: str) -> dict:
-    return torch.load(os.path.join(iter_dir(path), "common.pt"), map_location="cpu", weights_only=False)
+    """common.pt with ``args`` = the run config and the LR-scheduler steps in iterations.
+
+    Checkpoints store Megatron-LM's form: ``args`` is its Namespace (the config tree is
+    ``megatron_staged_config``) and the scheduler counts samples (iterations x global batch)."""
+    c = torch.load(os.path.join(iter_dir(path), "common.pt"), map_location="cpu", weights_only=False)
+    if "megatron_staged_config" in c:
+        gbs = c["args"].global_batch_size
+        sched = c.get("opt_param_scheduler")
+        if sched is not None:
+            sched = {k: (v / gbs if k in ("num_steps", "lr_warmup_steps", "lr_decay_steps", "wd_incr_steps")
+                         else v) for k, v in sched.items()}
+        c = dict(c, args=c["megatron_staged_config"], opt_param_scheduler=sched)
+    return c
 
 
 def describe(common: dict) -> dict:

@@ -50,7 +50,7 @@ def sp_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sp_tok(sp_model):
-    return build_tokenizer("SentencePieceTokenizer", sp_model)
+    return build_tokenizer("GPTSentencePieceTokenizer", sp_model)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def indexed(tmp_path_factory, sp_model):
     jsonl.write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(DOCS)))
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input", str(jsonl),
-         "--output-prefix", str(out / "docs"), "--tokenizer-type", "SentencePieceTokenizer",
+         "--output-prefix", str(out / "docs"), "--tokenizer-type", "GPTSentencePieceTokenizer",
          "--tokenizer-model", sp_model, "--append-eod", "--workers", "2", "--log-interval", "1"],
         capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -80,7 +80,7 @@ def _read_docs(prefix):
 def test_sentencepiece_tokenizer(sp_tok, sp_model):
     assert sp_tok.vocab_size == 400
     assert (sp_tok.eod, sp_tok.pad, sp_tok.bos) == (2, 3, 1)
-    assert sp_tok.unique_identifiers["class"] == "SentencePieceTokenizer"
+    assert sp_tok.unique_identifiers["class"] == "GPTSentencePieceTokenizer"
     assert sp_tok.unique_identifiers["tokenizer_path"] == [os.path.abspath(sp_model)]
     for text in NONEMPTY:  # identity normalization + byte fallback: exact round trip
         ids = sp_tok.tokenize(text)
@@ -114,10 +114,10 @@ def test_huggingface_tokenizer_local_dir(tmp_path):
 
 def test_tokenizer_bad_input(tmp_path):
     with pytest.raises(UserError, match="no sentencepiece model"):
-        build_tokenizer("SentencePieceTokenizer", str(tmp_path / "missing.model"))
+        build_tokenizer("GPTSentencePieceTokenizer", str(tmp_path / "missing.model"))
     with pytest.raises(UserError, match="not a sentencepiece model"):
         (tmp_path / "junk.model").write_text("junk")
-        build_tokenizer("SentencePieceTokenizer", str(tmp_path / "junk.model"))
+        build_tokenizer("GPTSentencePieceTokenizer", str(tmp_path / "junk.model"))
     with pytest.raises(UserError, match="no HuggingFace tokenizer"):
         build_tokenizer("HuggingFaceTokenizer", str(tmp_path / "nope"))
     with pytest.raises(UserError, match="--vocab-size"):
@@ -148,14 +148,14 @@ def test_preprocess_plain_text(tmp_path, sp_model, sp_tok):
     (src / "a.txt").write_text("first document\nstill first\n")
     (src / "sub" / "b.txt").write_text("second document")
     (src / "empty.txt").write_text("")
-    stats = preprocess_data(str(src), str(tmp_path / "plain"), "SentencePieceTokenizer", sp_model,
+    stats = preprocess_data(str(src), str(tmp_path / "plain"), "GPTSentencePieceTokenizer", sp_model,
                        append_eod=True, log=lambda m: None)
     # sorted walk: a.txt, empty.txt (skipped), then sub/b.txt
     expected = ["first document\nstill first\n", "second document"]
     assert _read_docs(stats["prefixes"]["text"]) == [sp_tok.tokenize(t) + [2] for t in expected]
     assert stats["skipped_empty"]["text"] == 1
 
-    stats = preprocess_data(str(src / "a.txt"), str(tmp_path / "lines"), "SentencePieceTokenizer",
+    stats = preprocess_data(str(src / "a.txt"), str(tmp_path / "lines"), "GPTSentencePieceTokenizer",
                        sp_model, text_document_per_line=True, log=lambda m: None)
     assert _read_docs(stats["prefixes"]["text"]) == [
         sp_tok.tokenize("first document"), sp_tok.tokenize("still first")]  # no --append-eod
@@ -165,22 +165,22 @@ def test_preprocess_bad_input(tmp_path, sp_model):
     jsonl = tmp_path / "x.jsonl"
     jsonl.write_text(json.dumps({"body": "hi"}) + "\n")
     with pytest.raises(UserError, match=r"x.jsonl:1 has no key"):
-        preprocess_data(str(jsonl), str(tmp_path / "o"), "SentencePieceTokenizer", sp_model)
+        preprocess_data(str(jsonl), str(tmp_path / "o"), "GPTSentencePieceTokenizer", sp_model)
     jsonl.write_text(json.dumps({"text": "  "}) + "\n" + json.dumps({"text": ""}) + "\n")
     with pytest.raises(UserError, match="no non-empty documents"):
-        preprocess_data(str(jsonl), str(tmp_path / "o"), "SentencePieceTokenizer", sp_model,
+        preprocess_data(str(jsonl), str(tmp_path / "o"), "GPTSentencePieceTokenizer", sp_model,
                    workers=2)
     assert not [f for f in os.listdir(tmp_path) if f.startswith("o_")]  # nothing half-written
     jsonl.write_text("{not json\n")
     with pytest.raises(UserError, match="not valid JSON"):
-        preprocess_data(str(jsonl), str(tmp_path / "o"), "SentencePieceTokenizer", sp_model)
+        preprocess_data(str(jsonl), str(tmp_path / "o"), "GPTSentencePieceTokenizer", sp_model)
     with pytest.raises(UserError, match="matches no files"):
         preprocess_data(str(tmp_path / "nothing*.jsonl"), str(tmp_path / "o"),
-                   "SentencePieceTokenizer", sp_model)
+                   "GPTSentencePieceTokenizer", sp_model)
     from megatron_staged.data.preprocess import main
 
     assert main(["--input", str(jsonl), "--output-prefix", str(tmp_path / "o"),
-                 "--tokenizer-type", "SentencePieceTokenizer",
+                 "--tokenizer-type", "GPTSentencePieceTokenizer",
                  "--tokenizer-model", str(tmp_path / "none.model")]) == 2
 
 
@@ -193,7 +193,7 @@ def test_train_tokenizer_tool(tmp_path):
                  "--vocab-size", "20000", "--model-type", "unigram"]) == 2
     assert main(["--input", str(tmp_path / "t.txt"), "--model-prefix", str(tmp_path / "m"),
                  "--vocab-size", "400"]) == 0
-    tok = build_tokenizer("SentencePieceTokenizer", str(tmp_path / "m.model"))
+    tok = build_tokenizer("GPTSentencePieceTokenizer", str(tmp_path / "m.model"))
     assert (tok.vocab_size, tok.eod, tok.pad) == (400, 2, 3)
     (tmp_path / "blank.txt").write_text("\n\n")
     assert main(["--input", str(tmp_path / "blank.txt"), "--model-prefix",
@@ -329,7 +329,7 @@ def test_blend_with_weights(indexed, tmp_path, sp_model, sp_tok):
     prefix, _ = indexed
     (tmp_path / "x.txt").write_text(_stdlib_text("fnmatch.py"))
     other = preprocess_data(str(tmp_path / "x.txt"), str(tmp_path / "other"),
-                            "SentencePieceTokenizer", sp_model, append_eod=True,
+                            "GPTSentencePieceTokenizer", sp_model, append_eod=True,
                             log=lambda m: None)["prefixes"]["text"]
     train, _, _ = build_gpt_datasets(
         data_path=["0.3", prefix, "0.7", other], split="1", mock_data=False, seq_length=16,
@@ -363,7 +363,7 @@ def test_default_corpus_builds_and_caches(tmp_path):
     info = prepare_default_corpus(str(tmp_path), vocab_size=1024, max_bytes=1_000_000)
     assert info["from_cache"] is False
     assert info["num_documents"] >= 10
-    tok = build_tokenizer("SentencePieceTokenizer", info["tokenizer_model"])
+    tok = build_tokenizer("GPTSentencePieceTokenizer", info["tokenizer_model"])
     assert tok.vocab_size == 1024
     docs = _read_docs(info["data_prefix"])
     assert len(docs) == info["num_documents"]
@@ -430,7 +430,7 @@ import megatron.core.datasets.gpt_dataset
 def work(rank, prefix, model, cache, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    tok = build_tokenizer("SentencePieceTokenizer", model)
+    tok = build_tokenizer("GPTSentencePieceTokenizer", model)
     train, valid, _ = build_gpt_datasets(
         data_path=[prefix], split="3,1,0", mock_data=False, seq_length=16, seed=9,
         tokenizer=tok, train_samples=64, valid_samples=4, test_samples=0, cache_path=cache)

@@ -250,6 +250,17 @@ def test_sentencepiece_family(tmp_path):
     assert gpt.tokenize(text) == sp.encode_as_ids(text) and gpt.eod == sp.eos_id()
     assert llama.tokenize(text) == [sp.bos_id()] + sp.encode_as_ids(text) and llama.eod == sp.eos_id()
     assert gpt.vocab_size == llama.vocab_size == sp.get_piece_size()
+    # Megatron-LM's _SentencePieceTokenizer: <CLS> <SEP> <EOD> <MASK> appended after the model's pieces;
+    # pad/bos/eos are the model's own pieces when it defines them; EOD is <EOD>; specials in text split it
+    meg = build_tokenizer("SentencePieceTokenizer", model)
+    v = sp.get_piece_size()
+    assert min(sp.pad_id(), sp.bos_id(), sp.eos_id()) >= 0  # train_sentencepiece defines all three
+    assert (meg.cls, meg.sep, meg.eod, meg.mask) == (v, v + 1, v + 2, v + 3) and meg.vocab_size == v + 4
+    assert (meg.pad, meg.bos, meg.eos) == (sp.pad_id(), sp.bos_id(), sp.eos_id())
+    assert meg.tokenize("the fox<EOD> lazy <SEP>dog") == \
+        sp.encode_as_ids("the fox") + [v + 2] + sp.encode_as_ids(" lazy ") + [v + 1] + sp.encode_as_ids("dog")
+    assert meg.tokenize(text) == sp.encode_as_ids(text)
+    assert meg.detokenize(sp.encode_as_ids("the fox") + [v + 3]) == sp.decode_ids(sp.encode_as_ids("the fox")) + " <MASK> "
     try:
         import tiktoken  # noqa: F401
     except ImportError:

@@ -24,6 +24,6 @@ fi
 
 # writes $DATA_DIR/corpus_text_document.{bin,idx}; 210B tokens of training need about 420 GB (uint16 ids)
 python "$REPO/tools/preprocess_data.py" --input "${FILES[@]}" --json-keys text \
-    --output-prefix "$DATA_DIR/corpus" --tokenizer-type SentencePieceTokenizer \
+    --output-prefix "$DATA_DIR/corpus" --tokenizer-type GPTSentencePieceTokenizer \
     --tokenizer-model "$DATA_DIR/tokenizer.model" --append-eod --workers "$WORKERS"
 echo "data ready: --data-path $DATA_DIR/corpus_text_document --tokenizer-model $DATA_DIR/tokenizer.model"

@@ -134,7 +134,8 @@ def unsafe_global(text: str):
     """The global a refused pickle names ('posix.system'), from torch's or our unpickler's message; else None."""
     import re
 
-    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text) or re.search(r"it names ([\w.]+), which", text)
+    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text) or re.search(r"it names ([\w.]+), which", text) \
+        or re.search(r"unsupported GLOBAL ([\w.]+) whose module", text)  # a blocked module (os, posix, ...)
     return m.group(1) if m else None
 
 
@@ -201,7 +202,8 @@ def untrusted_checkpoint_reads():
 
     ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1`` makes every ``torch.load`` weights-only, including DCP's
     ``torch.load(weights_only=False)`` of byte entries and megatron's ``common.pt`` read, with
-    :data:`MEGATRON_LM_GLOBALS` allowed (megatron-core is loaded by then); DCP's ``.metadata`` reader gets the restricted unpickler.
+    :data:`MEGATRON_LM_GLOBALS` allowed (megatron-core is loaded by then); DCP's ``.metadata`` reader
+    gets the restricted unpickler.
     Re-entrant; restored on exit.
     """
     global _depth

@@ -130,7 +130,7 @@ def _build(out_dir: str, vocab_size: int, max_bytes: int) -> dict:
     model = train_sentencepiece(jsonl, os.path.join(out_dir, "tokenizer"), vocab_size=vocab_size,
                                 num_threads=2)
     # workers=1: the caller may be a trainer rank with live process groups; do not fork it.
-    stats = preprocess_data(jsonl, os.path.join(out_dir, "corpus"), "SentencePieceTokenizer",
+    stats = preprocess_data(jsonl, os.path.join(out_dir, "corpus"), "GPTSentencePieceTokenizer",
                        tokenizer_model=model, append_eod=True, workers=1, log=lambda msg: None)
     manifest = {"data_prefix": "corpus_text_document", "tokenizer_model": "tokenizer.model",
                 "num_documents": stats["num_documents"]["text"],

@@ -29,7 +29,7 @@ def use_default_corpus(cfg: Config) -> None:
     d.builtin_corpus = False  # resolved: from here on an ordinary --data-path run (stages re-validate it)
     if "split" not in getattr(cfg, "_explicit", set()):
         d.split = "95,5,0"  # a few hundred documents: Megatron's 969,30,1 leaves the test split empty
-    d.tokenizer_type = "SentencePieceTokenizer"
+    d.tokenizer_type = "GPTSentencePieceTokenizer"
     d.tokenizer_model = info["tokenizer_model"]
     print_rank0(f"using the built-in corpus {info['data_prefix']} ({info.get('num_tokens', '?')} tokens)")
 

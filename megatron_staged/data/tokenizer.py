@@ -71,14 +71,16 @@ class Tokenizer:
         return f"{type(self).__name__}(vocab_size={self.vocab_size}, eod={self.eod})"
 
 
-class SentencePieceTokenizer(Tokenizer):
-    """A sentencepiece ``.model`` file; EOD is the model's eos piece."""
+class GPTSentencePieceTokenizer(Tokenizer):
+    """Megatron-LM's GPTSentencePieceTokenizer: a sentencepiece ``.model`` file's pieces only, no BOS
+    added, EOD = the model's eos piece. The built-in corpus uses it."""
 
     def __init__(self, model_path: str) -> None:
         import sentencepiece
 
+        kind = type(self).__name__
         require(model_path is not None,
-                "--tokenizer-model is required with --tokenizer-type SentencePieceTokenizer "
+                f"--tokenizer-model is required with --tokenizer-type {kind} "
                 "(a sentencepiece .model file; train one with tools/train_tokenizer.py)")
         require(os.path.isfile(model_path),
                 f"--tokenizer-model: no sentencepiece model at {model_path} "
@@ -91,15 +93,19 @@ class SentencePieceTokenizer(Tokenizer):
         except (OSError, RuntimeError) as err:
             raise UserError(f"--tokenizer-model: {model_path} is not a sentencepiece model "
                             f"({err})") from err
-        eos = self._sp.eos_id()
-        require(eos >= 0,
-                f"--tokenizer-model: sentencepiece model {model_path} defines no eos piece, "
-                "which this project uses as the end-of-document token; retrain it with "
-                "tools/train_tokenizer.py (which defines eos)")
         self._vocab_size = self._sp.get_piece_size()
-        self._eod = eos
         self._pad = self._sp.pad_id() if self._sp.pad_id() >= 0 else -1
         self._bos = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
+        self._setup_specials()
+
+    def _setup_specials(self) -> None:
+        eos = self._sp.eos_id()
+        require(eos >= 0,
+                f"--tokenizer-model: sentencepiece model {self.model_path} defines no eos piece, "
+                f"which {type(self).__name__} uses as the end-of-document token; retrain it with "
+                "tools/train_tokenizer.py (which defines eos), or use --tokenizer-type SentencePieceTokenizer "
+                "(which adds <EOD>)")
+        self._eod = eos
 
     def tokenize(self, text: str) -> list[int]:
         return self._sp.encode(text)
@@ -115,11 +121,75 @@ class SentencePieceTokenizer(Tokenizer):
         self.__init__(state["model_path"])
 
 
-class GPTSentencePieceTokenizer(SentencePieceTokenizer):
-    """Megatron-LM's GPTSentencePieceTokenizer: the model's pieces only, no BOS added, EOD = eos."""
+class SentencePieceTokenizer(GPTSentencePieceTokenizer):
+    """Megatron-LM's ``--tokenizer-type SentencePieceTokenizer`` (``_SentencePieceTokenizer``).
+
+    Special tokens are appended after the model's pieces, in Megatron-LM's order, unless the model
+    already has a piece of that name: ``<CLS> <SEP> <EOD> <MASK>``, then the model's pad, bos and eos
+    pieces (``<PAD> <BOS> <EOS>`` when the model defines none). EOD is ``<EOD>`` (not eos). A special
+    token's text inside a document is encoded as that token, as Megatron-LM does; ``vocab_size``
+    counts the added tokens. (``--vocab-extra-ids`` is not supported.)
+    """
+
+    SPECIALS = ("<CLS>", "<SEP>", "<EOD>", "<MASK>")
+
+    def _setup_specials(self) -> None:
+        sp = self._sp
+        vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+        self._specials: dict[str, int] = {}
+
+        def add(token: str) -> int:
+            if token not in vocab:
+                vocab[token] = len(vocab)
+            self._specials[token] = vocab[token]
+            return vocab[token]
+
+        self.cls, self.sep, self._eod, self.mask = (add(t) for t in self.SPECIALS)
+
+        def model_piece(i: int, fallback: str) -> str:
+            return sp.id_to_piece(i) if 0 <= i < sp.get_piece_size() else fallback
+
+        self._pad = add(model_piece(sp.pad_id(), "<PAD>"))
+        self._bos = add(model_piece(sp.bos_id(), "<BOS>"))
+        self._eos = add(model_piece(sp.eos_id(), "<EOS>"))
+        self._inv_specials = {i: t for t, i in self._specials.items()}
+        self._vocab_size = len(vocab)
+
+    @property
+    def eos(self) -> int:
+        return self._eos
+
+    def tokenize(self, text: str) -> list[int]:
+        """Megatron-LM's: split at the earliest special token's text (on a tie, the first in the order
+        above), encode the text between with sentencepiece."""
+        ids, idx = [], 0
+        while True:
+            found = {}
+            for token in self._specials:
+                j = text.find(token, idx)
+                if j >= 0:
+                    found[token] = j
+            if not found:
+                break
+            token = min(found, key=found.get)
+            ids.extend(self._sp.encode(text[idx:found[token]]))
+            ids.append(self._specials[token])
+            idx = found[token] + len(token)
+        ids.extend(self._sp.encode(text[idx:]))
+        return ids
+
+    def detokenize(self, ids) -> str:
+        """Megatron-LM's: special tokens rendered as their text with a space either side."""
+        ids = [int(i) for i in ids]
+        text, last = "", 0
+        for i, t in enumerate(ids):
+            if t in self._inv_specials:
+                text += self._sp.decode(ids[last:i]) + " " + self._inv_specials[t] + " "
+                last = i + 1
+        return text + self._sp.decode(ids[last:])
 
 
-class Llama2Tokenizer(SentencePieceTokenizer):
+class Llama2Tokenizer(GPTSentencePieceTokenizer):
     """Megatron-LM's Llama2Tokenizer: like GPTSentencePieceTokenizer, but BOS is prepended to every
     document (Megatron's ``tokenize(s, bos=True, eos=False)``)."""
 

@@ -91,6 +91,6 @@ def check_data_flags(data) -> None:
     prefixes, _ = parse_data_path(data.data_path)
     for p in prefixes:
         check_indexed_dataset(p)
-    if data.tokenizer_model and data.tokenizer_type == "SentencePieceTokenizer":
+    if data.tokenizer_model and data.tokenizer_type in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer"):
         require(os.path.exists(data.tokenizer_model),
                 f"--tokenizer-model {data.tokenizer_model}: no such file or directory")

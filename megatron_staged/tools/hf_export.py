@@ -97,7 +97,7 @@ def write_tokenizer(tok: Optional[TokenizerInfo], out: str, max_length: int) -> 
     """Copy the tokenizer into ``out``; returns a description."""
     if tok is None or tok.kind == "NullTokenizer":
         return "none (the checkpoint has no text tokenizer)"
-    if tok.kind == "SentencePieceTokenizer":
+    if tok.kind in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer"):
         shutil.copyfile(tok.path, os.path.join(out, "tokenizer.model"))
         with open(os.path.join(out, "tokenizer_config.json"), "w") as fh:
             json.dump(sentencepiece_tokenizer_config(tok.path, max_length), fh, indent=2)
