@@ -118,6 +118,8 @@ def config_from_megatron_args(ns: argparse.Namespace):
     cfg.performance.attention_backend = "local" if backend in ("unfused", "local") else "auto"
     if v.get("transformer_impl") not in ("transformer_engine", "local"):
         m.transformer_impl = "auto"
+    if not v.get("eval_iters"):  # Megatron-LM: --eval-iters 0 runs no evaluation; here that is --eval-interval 0
+        cfg.training.eval_interval, cfg.training.eval_iters = 0, type(cfg.training)().eval_iters
     if v.get("train_iters") is None and v.get("train_samples"):
         cfg.training.train_iters = int(v["train_samples"]) // int(v["global_batch_size"])
     return cfg
