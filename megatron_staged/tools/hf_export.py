@@ -112,7 +112,7 @@ def write_tokenizer(tok: Optional[TokenizerInfo], out: str, max_length: int) -> 
 
 
 def sentencepiece_tokenizer_config(model_path: str, max_length: int) -> dict:
-    """A LlamaTokenizer config that encodes like this project's SentencePieceTokenizer (no BOS/EOS added)."""
+    """A LlamaTokenizer config that encodes like GPTSentencePieceTokenizer (no BOS/EOS added)."""
     import sentencepiece
 
     sp = sentencepiece.SentencePieceProcessor()

@@ -76,6 +76,8 @@ def describe(path: str) -> dict:
     return {
         "path": os.path.abspath(ckpt_dir),
         "iteration": common.get("iteration"),
+        "saved_by": common.get("saved_by"),
+        "optimizer_format": (common.get("content_metadata") or {}).get("distrib_optim_sharding_type"),
         "iterations_in_root": list_iterations(os.path.dirname(os.path.abspath(ckpt_dir))),
         "model": args.get("model"),
         "parallel": args.get("parallel"),
@@ -137,7 +139,7 @@ def print_text(d: dict, with_tensors: bool) -> None:
     lay = d["parallel_layout"] or {}
     its = d["iterations_in_root"]
     rows = [
-        ("checkpoint", d["path"]),
+        ("checkpoint", d["path"] + (" (saved by Megatron-LM)" if d.get("saved_by") == "Megatron-LM" else "")),
         ("iteration", f"{d['iteration']}"
          + (f" (saved iterations here: {', '.join(map(str, its))})" if len(its) > 1 else "")),
         ("model", model_line(d["model"])),
@@ -145,7 +147,8 @@ def print_text(d: dict, with_tensors: bool) -> None:
         ("saved layout", f"TP{lay.get('tp', '?')} PP{lay.get('pp', '?')} DP{lay.get('dp', '?')}"),
         ("consumed", f"{d['consumed_train_samples']} samples"),
         ("FLOPs so far", f"{d['flops_so_far']:.4g}" if d["flops_so_far"] is not None else "?"),
-        ("optimizer", f"step {d['optimizer_step']}, state {'saved' if d['has_optimizer'] else 'not saved'}"),
+        ("optimizer", f"step {d['optimizer_step']}, state {'saved' if d['has_optimizer'] else 'not saved'}"
+         + (f" ({d['optimizer_format']})" if d.get("optimizer_format") and d["has_optimizer"] else "")),
         ("LR schedule", schedule_line(d["opt_param_scheduler"])),
         ("last loss", f"{d['loss_history'][-1][1]:.4f} at iteration {d['loss_history'][-1][0]}"
          if d["loss_history"] else "-"),
