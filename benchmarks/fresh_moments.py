@@ -135,7 +135,7 @@ def main() -> int:
 
     work = tempfile.mkdtemp(prefix="fresh_moments_")
     info = prepare_default_corpus(a.corpus_dir or os.path.join(work, "corpus"))
-    data = ["--data-path", info["data_prefix"], "--tokenizer-type", "SentencePieceTokenizer",
+    data = ["--data-path", info["data_prefix"], "--tokenizer-type", "GPTSentencePieceTokenizer",
             "--tokenizer-model", info["tokenizer_model"], "--split", "95,5,0"]
     results = []
     for seed in a.seeds:
