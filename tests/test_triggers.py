@@ -133,6 +133,7 @@ def test_slope_trigger_grows_in_run_and_again_after_resume(tmp_path):
     shown = run_cli(["report", str(log), "--baseline", str(base), "--out", str(tmp_path / "r.png")]).stdout
     assert "stage 0: 2 layers x 64" in shown and "stage 1: 4 layers x 64" in shown
     assert f"stage 0: 2 layers x 64: {expected} iterations" in shown
+    assert f"growth at iteration {expected} (" in shown and "-> 4 layers x 64 (PRE-GROWTH slope trigger: slope" in shown
 
     # 3. interrupted two iterations before, resumed: it fires at the same iteration
     ck = tmp_path / "ck_resume"
