@@ -78,6 +78,8 @@ for _sched in ("slope", "planner"):
     register(Scenario(f"2xW/{_sched}", "2xW", _sched))
     register(Scenario(f"2xDxW/{_sched}", "2xDxW", _sched, {"depth_init": "identity"}))
     register(Scenario(f"2x2xD/{_sched}", "2x2xD", _sched, {"depth_init": "identity"}))
+# a hand-picked reference (not an automatic schedule): the quickstart's kind of growth at 30% of the run
+register(Scenario("2xD-identity/at-30%", "2xD", "fixed", {"depth_init": "identity"}, at=(0.3,)))
 
 
 # ---- runs --------------------------------------------------------------------------------------
@@ -86,13 +88,13 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a few scenarios, one seed, a short budget (~10 min)")
     p.add_argument("--num-layers", type=int, default=4, help="target depth")
-    p.add_argument("--hidden-size", type=int, default=128, help="target width")
+    p.add_argument("--hidden-size", type=int, default=64, help="target width")
     p.add_argument("--num-attention-heads", type=int, default=4)
-    p.add_argument("--seq-length", type=int, default=128)
+    p.add_argument("--seq-length", type=int, default=64)
     p.add_argument("--global-batch-size", type=int, default=16)
-    p.add_argument("--train-iters", type=int, default=None, help="budget (default 600; --quick 200)")
-    p.add_argument("--eval-interval", type=int, default=None, help="default train_iters / 15")
-    p.add_argument("--eval-iters", type=int, default=16)
+    p.add_argument("--train-iters", type=int, default=None, help="budget (default 1000; --quick 150)")
+    p.add_argument("--eval-interval", type=int, default=None, help="default train_iters / 12")
+    p.add_argument("--eval-iters", type=int, default=12)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--rewarmup-iters", type=int, default=None, help="at a growth (default train_iters / 30)")
     p.add_argument("--vocab-size", type=int, default=2048, help="built-in corpus tokenizer")
@@ -102,15 +104,16 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, default=3, help="seeds for the decisive comparisons")
     p.add_argument("--decisive", type=int, default=2, help="automatic schedules repeated over --seeds")
     p.add_argument("--scenarios", default=None, help="comma-separated names (default: all, or the quick set)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (one process each)")
     p.add_argument("--work-dir", default=os.path.join(ROOT, "benchmarks", "_compute_saving"))
     p.add_argument("--out-json", default=None)
     p.add_argument("--write-docs", action="store_true")
     p.add_argument("--analyze-only", action="store_true", help="re-read the logs of an earlier run")
     a = p.parse_args(argv)
     if a.train_iters is None:
-        a.train_iters = 200 if a.quick else 600
+        a.train_iters = 150 if a.quick else 1000
     if a.eval_interval is None:
-        a.eval_interval = max(1, a.train_iters // 15)
+        a.eval_interval = max(1, a.train_iters // 12)
     if a.rewarmup_iters is None:
         a.rewarmup_iters = max(1, a.train_iters // 30)
     if a.quick:
@@ -260,10 +263,16 @@ def main(argv=None) -> int:
     tokens_needed = a.train_iters * a.global_batch_size * (a.seq_length + 1)
     print(f"corpus: {info['num_documents']} documents, {info['num_tokens']} tokens (95% train); budget "
           f"{tokens_needed} tokens = {tokens_needed / (0.95 * info['num_tokens']):.2f} epochs", flush=True)
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run_all(keys):
+        with ThreadPoolExecutor(a.jobs) as ex:
+            for k, m in zip(keys, ex.map(lambda k: run_one(a, info, SCENARIOS[k[0]], k[1]), keys)):
+                metas[k] = m
+
     metas = {}
     # phase 1: every scenario, seed 1
-    for n in names:
-        metas[(n, 1)] = run_one(a, info, SCENARIOS[n], 1)
+    run_all([(n, 1) for n in names])
     rows1 = {n: figures(metas[(n, 1)], metas[("scratch", 1)]) for n in names}
     auto = [n for n in names if SCENARIOS[n].schedule in ("slope", "planner")]
 
@@ -273,9 +282,7 @@ def main(argv=None) -> int:
                                                                if math.isfinite(r["saving_at_own_loss"]) else -9)
     decisive = sorted(auto, key=key, reverse=True)[:a.decisive]
     # phase 2: the best automatic schedules and the baseline over more seeds
-    for seed in range(2, a.seeds + 1):
-        for n in ["scratch"] + decisive:
-            metas[(n, seed)] = run_one(a, info, SCENARIOS[n], seed)
+    run_all([(n, seed) for seed in range(2, a.seeds + 1) for n in ["scratch"] + decisive])
     rows = [figures(m, metas[("scratch", s)]) for (n, s), m in sorted(metas.items(), key=lambda kv: (kv[0][1], kv[0][0]))]
     load_after = os.getloadavg()
     result = {"args": vars(a), "corpus": {k: info[k] for k in ("num_documents", "num_tokens")},
