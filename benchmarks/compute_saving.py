@@ -104,11 +104,15 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, default=3, help="seeds for the decisive comparisons")
     p.add_argument("--decisive", type=int, default=2, help="automatic schedules repeated over --seeds")
     p.add_argument("--scenarios", default=None, help="comma-separated names (default: all, or the quick set)")
+    p.add_argument("--runs", default=None, help="only run these NAME@SEED (comma-separated) and stop, e.g. to "
+                                                 "spread a benchmark over processes; a later run reads them")
+    p.add_argument("--decisive-names", default=None, help="the scenarios repeated over --seeds (default: the best "
+                                                          "slope-triggered and the best planned one of seed 1)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one process each)")
     p.add_argument("--work-dir", default=os.path.join(ROOT, "benchmarks", "_compute_saving"))
     p.add_argument("--out-json", default=None)
     p.add_argument("--write-docs", action="store_true")
-    p.add_argument("--analyze-only", action="store_true", help="re-read the logs of an earlier run")
+    p.add_argument("--analyze-only", action="store_true", help="only re-read the logs of finished runs in --work-dir (start none)")
     a = p.parse_args(argv)
     if a.train_iters is None:
         a.train_iters = 150 if a.quick else 1000
@@ -177,6 +181,8 @@ def run_one(a, info, sc: Scenario, seed: int) -> dict:
     meta_path = os.path.join(a.work_dir, tag + ".meta.json")
     if os.path.exists(meta_path) and os.path.exists(log):
         return json.load(open(meta_path))
+    if a.analyze_only:
+        raise SystemExit(f"--analyze-only: {sc.name} seed {seed} has no finished run in {a.work_dir}")
     if os.path.exists(log):
         os.remove(log)
     stages = stages_for(a, sc)
@@ -217,18 +223,31 @@ def figures(meta: dict, baseline_meta: dict) -> dict:
     target = base.final_eval
     c = compute_to_reach(run, target)
     c_base_at_own = compute_to_reach(base, run.final_eval)
+    # compute at the last validation point (the final loss is measured there, not at the last iteration)
+    base_total, run_total = base.evals[-1][1], run.evals[-1][1]
     triggers = [r for r in metric_records(meta["log"]) if r.get("event") == "trigger"]
     se = [r["eval_loss_se"] for r in metric_records(meta["log"]) if "eval_loss_se" in r]
+    # the highest training-curve slope of the first stage (the trigger's estimate, default window), to
+    # say how far a slope trigger that did not fire was from its threshold
+    from megatron_staged.staging.triggers import windowed_slopes
+
+    first_growth = run.growths[0]["iteration"] if run.growths else math.inf
+    curve = [(r["flops_so_far"], r["loss"]) for r in metric_records(meta["log"])
+             if "elapsed_ms" in r and "event" not in r and r["iteration"] <= first_growth]
+    _, slopes = windowed_slopes(curve, 2.0, 10) if len(curve) > 10 else (None, [])
+    finite = [x for x in slopes if math.isfinite(x)]
     return {"scenario": meta["scenario"], "seed": meta["seed"], "final_loss": run.final_eval,
             "baseline_final_loss": target, "flops": run.final_flops, "baseline_flops": base.final_flops,
             "flops_to_baseline_loss": c,
-            "saving": 1.0 - c / base.final_flops if math.isfinite(c) else math.nan,
-            "saving_at_own_loss": (1.0 - run.final_flops / c_base_at_own) if math.isfinite(c_base_at_own) else math.nan,
+            "saving": 1.0 - c / base_total if math.isfinite(c) else math.nan,
+            "saving_at_own_loss": (1.0 - run_total / c_base_at_own) if math.isfinite(c_base_at_own) else math.nan,
             "final_gap": run.final_eval - target, "wall_seconds": meta["wall_seconds"],
             "train_seconds": run.final_seconds,
             "growths": [(g["iteration"], g.get("num_layers"), g.get("hidden_size")) for g in run.growths],
             "triggers": [(t["iteration"], t.get("slope")) for t in triggers],
-            "valid_se": se[-1] if se else math.nan}
+            "valid_se": se[-1] if se else math.nan,
+            "max_slope_first_stage": max(finite) if finite else math.nan,
+            "slope_after_minimum_max": (max(finite[finite.index(min(finite)):]) if finite else math.nan)}
 
 
 def mean_ci(xs: list) -> tuple:
@@ -271,6 +290,9 @@ def main(argv=None) -> int:
                 metas[k] = m
 
     metas = {}
+    if a.runs:
+        run_all([(x.rsplit("@", 1)[0], int(x.rsplit("@", 1)[1])) for x in a.runs.split(",")])
+        return 0
     # phase 1: every scenario, seed 1
     run_all([(n, 1) for n in names])
     rows1 = {n: figures(metas[(n, 1)], metas[("scratch", 1)]) for n in names}
@@ -280,14 +302,33 @@ def main(argv=None) -> int:
         r = rows1[n]
         return r["saving"] if math.isfinite(r["saving"]) else (r["saving_at_own_loss"] - 1.0
                                                                if math.isfinite(r["saving_at_own_loss"]) else -9)
-    decisive = sorted(auto, key=key, reverse=True)[:a.decisive]
+    # the best automatic schedule of each kind (slope triggers, planner), then the next best overall
+    ranked = sorted(auto, key=key, reverse=True)
+    decisive = [next(n for n in ranked if SCENARIOS[n].schedule == kind) for kind in ("slope", "planner")
+                if any(SCENARIOS[n].schedule == kind for n in ranked)]
+    decisive += [n for n in ranked if n not in decisive][:max(0, a.decisive - len(decisive))]
+    if a.decisive_names:
+        decisive = a.decisive_names.split(",")
     # phase 2: the best automatic schedules and the baseline over more seeds
     run_all([(n, seed) for seed in range(2, a.seeds + 1) for n in ["scratch"] + decisive])
     rows = [figures(m, metas[("scratch", s)]) for (n, s), m in sorted(metas.items(), key=lambda kv: (kv[0][1], kv[0][0]))]
+    # the best fixed-size model of seed 1 (the target from scratch, or a slope-scheduled run whose trigger never
+    # fired: its initial model trained for the whole budget): does growth beat simply training a smaller model?
+    fixed = [r for r in rows if r["seed"] == 1 and not r["growths"]]
+    best_fixed = min(fixed, key=lambda r: r["final_loss"])
+    control = {"scenario": best_fixed["scenario"], "final_loss": best_fixed["final_loss"], "rows": []}
+    from megatron_staged.tools.report import compute_to_reach, read_run
+
+    ctrl_run = read_run(metas[(best_fixed["scenario"], 1)]["log"])
+    for r in rows:
+        if r["seed"] == 1 and r["growths"]:
+            c = compute_to_reach(read_run(metas[(r["scenario"], 1)]["log"]), ctrl_run.final_eval)
+            control["rows"].append((r["scenario"], 1.0 - c / ctrl_run.evals[-1][1] if math.isfinite(c) else math.nan,
+                                    r["final_loss"] - ctrl_run.final_eval))
     load_after = os.getloadavg()
     result = {"args": vars(a), "corpus": {k: info[k] for k in ("num_documents", "num_tokens")},
               "epochs": tokens_needed / (0.95 * info["num_tokens"]), "rows": rows, "decisive": decisive,
-              "machine": machine_info(1), "load_before": load_before, "load_after": load_after,
+              "control": control, "machine": machine_info(1), "load_before": load_before, "load_after": load_after,
               "elapsed_seconds": time.time() - t_start}
     text = render(a, result, names)
     print(text)
@@ -322,7 +363,8 @@ def render(a, result, names) -> str:
         f"Command: `OMP_NUM_THREADS=1 python benchmarks/compute_saving.py{' --quick' if a.quick else ''} --write-docs`"
         f" ({m['date']}; {m['cpu_model']}, {m['cpu_cores_usable']} usable cores; load average "
         f"{result['load_before'][0]:.0f} before, {result['load_after'][0]:.0f} after: the machine was shared, so wall "
-        f"times are indicative only; FLOPs and losses do not depend on load). Total {result['elapsed_seconds'] / 60:.0f} min.",
+        f"times are indicative only; FLOPs and losses do not depend on load). The runs' wall times add up to "
+        f"{sum(r['wall_seconds'] for r in rows) / 60:.0f} min ({len(rows)} runs, {a.jobs} at a time).",
         "",
         f"Target: {a.num_layers} layers x hidden {a.hidden_size}, {a.num_attention_heads} heads, seq {a.seq_length}, "
         f"global batch {a.global_batch_size}, {a.train_iters} iterations "
@@ -335,18 +377,24 @@ def render(a, result, names) -> str:
         "Seed 1, every scenario (saving: FLOPs to the baseline's final validation loss against the baseline's total; "
         "at own loss: the run's total FLOPs against the baseline's FLOPs to the run's final loss):",
         "",
-        "| scenario | growths (iteration: layers x hidden) | final val loss | gap | FLOPs | saving | saving at own loss | wall s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| scenario | growths (iteration: layers x hidden) | final val loss | gap | FLOPs | saving | saving at own loss | wall s | first-stage slope after its minimum, max |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for n in names:
         r = next(x for x in by[n] if x["seed"] == 1)
         g = ", ".join(f"{it}: {L}x{h}" for it, L, h in r["growths"]) or "-"
         lines.append(f"| {n} | {g} | {r['final_loss']:.4f} | {r['final_gap']:+.4f} | {r['flops']:.3g} | "
-                     f"{pct(r['saving'])} | {pct(r['saving_at_own_loss'])} | {r['wall_seconds']:.0f} |")
+                     f"{pct(r['saving'])} | {pct(r['saving_at_own_loss'])} | {r['wall_seconds']:.0f} | "
+                     f"{r['slope_after_minimum_max']:.3f} |")
     lines += ["", f"Noise: validation sampling standard error (over the eval batches) "
                   f"{statistics.mean(se) if se else math.nan:.4f}; baseline final loss over seeds "
                   f"{', '.join(f'{x:.4f}' for x in base_final)}"
                   + (f" (std {statistics.stdev(base_final):.4f})" if len(base_final) > 1 else "") + "."]
+    ctl = result["control"]
+    lines += ["", f"Against the best fixed-size run of seed 1, `{ctl['scenario']}` (final loss {ctl['final_loss']:.4f}; "
+                  f"a slope-scheduled run whose trigger never fired trains its initial model for the whole budget): "
+                  "saving to its final loss / final-loss difference:", ""]
+    lines += [f"* {n}: {pct(sv)}, {gap:+.4f}" for n, sv, gap in ctl["rows"]]
     if a.seeds > 1:
         lines += ["", f"Decisive comparisons over {a.seeds} seeds (mean and 95% t interval; each seed against the "
                       f"baseline of the same seed):", "",
