@@ -367,3 +367,85 @@ def test_zero_one_layer_examples_hold_their_current_plan_and_dry_run(capsys):
         assert [r[5] for r in rows[:2]] == ["0" if "from_0" in rel else "1", str(full)], rows
         assert rows[1][2] == "at_fraction" and rows[1][3].startswith(str(int(0.8 * int(rows[1][3].split("-")[1]))))
         assert "warning" not in out  # the expansion sits in WSD's stable phase
+
+
+# ---- kaplan mode: the schedule and saving from Kaplan's L(N, S) -----------------------------------
+
+def _kaplan_by_hand(layers, hidden, shapes_and_thresholds, rho=None):
+    """Independent of planning/kaplan.py: slopes by numerical differentiation of log L against
+    log C = log(6 N B S), crossing points and loss matches by bisection."""
+    import math
+
+    def loss(n, s):
+        return (8.8e13 / n) ** 0.076 + (2.1e3 / s) ** 0.76
+
+    def slope(n, s, h=1e-5):  # d log10 L / d log10 C along one model's curve (C = 6 N B S)
+        return (math.log10(loss(n, s * 10 ** h)) - math.log10(loss(n, s * 10 ** -h))) / (2 * h)
+
+    def bisect(f, lo, hi):  # f(lo) < 0 < f(hi), in log space
+        for _ in range(200):
+            mid = math.sqrt(lo * hi)
+            lo, hi = (mid, hi) if f(mid) < 0 else (lo, mid)
+        return math.sqrt(lo * hi)
+
+    n_target = 12 * layers * hidden ** 2
+    s_opt = bisect(lambda s: slope(n_target, s) - (-0.052), 1e-3, 1e12)
+    rows, prev_end, prev_loss = [], None, None
+    for k, (L, d, thr) in enumerate(shapes_and_thresholds):
+        n = 12 * L * d * d
+        start = 0.0 if k == 0 else (prev_end / rho if rho else bisect(lambda s: prev_loss - loss(n, s), 1e-3, 1e12))
+        end = s_opt if thr is None else max(start, bisect(lambda s: slope(n, s) - thr, 1e-3, 1e12))
+        rows.append((n, start, end))
+        prev_end, prev_loss = end, loss(n, end)
+    staged = sum(n * (e - s) for n, s, e in rows)
+    return rows, s_opt, 1 - staged / (n_target * s_opt)
+
+
+@pytest.mark.parametrize("recipe,shapes,rho", [
+    ("2xD", [(2, 128, -0.0575), (4, 128, None)], None),
+    ("2xW", [(4, 64, -0.0475), (4, 128, None)], None),
+    ("2x2xD", [(1, 128, -0.0575), (2, 128, -0.0575), (4, 128, None)], None),
+    ("2xDxW", [(2, 64, -0.03), (4, 128, None)], None),
+    ("2xD", [(2, 128, -0.0575), (4, 128, None)], 1.4),
+])
+def test_kaplan_plan_equals_hand_computed_schedule(recipe, shapes, rho):
+    from megatron_staged.planning.kaplan import parse_growths, plan_kaplan
+
+    rows, s_opt, saving = _kaplan_by_hand(4, 128, shapes, rho)
+    plan = plan_kaplan(4, 128, parse_growths(recipe), train_iters=1000, tokens_per_iteration=16 * 128, rho=rho)
+    assert [(st.num_layers, st.hidden_size) for st in plan.stages] == [(L, d) for L, d, _ in shapes]
+    for st, (n, start, end) in zip(plan.stages, rows):
+        assert st.params == n
+        assert st.kaplan_start == pytest.approx(start, rel=1e-6) and st.kaplan_end == pytest.approx(end, rel=1e-6)
+    for prev, st in zip(rows, plan.stages[1:]):
+        assert st.rho == pytest.approx(prev[2] / rows[st.index][1], rel=1e-6)
+    assert plan.kaplan_opt == pytest.approx(s_opt, rel=1e-6)
+    assert plan.saving == pytest.approx(saving, abs=1e-6)
+    # iterations: the staged schedule fills the 1000-iteration budget in proportion to Kaplan steps
+    total = sum(e - s for _, s, e in rows)
+    bounds = [0.0]
+    for _, s, e in rows:
+        bounds.append(bounds[-1] + e - s)
+    assert [st.start_iteration for st in plan.stages] == [round(1000 * b / total) for b in bounds[:-1]]
+    assert plan.stages[-1].end_iteration == 1000
+    assert plan.staged_flops == pytest.approx(sum(6 * n * 2048 * (e - s) * 1000 / total for n, s, e in rows))
+    assert plan.yaml_stages()[0]["at_iteration"] == plan.stages[1].start_iteration
+
+
+def test_kaplan_one_growth_saving_is_the_papers_formula_and_the_command_prints_it(capsys):
+    """One growth: saving = [C_large(S_target) - C_small(S_pre)] / C_large(S_opt) (REFERENCE.md 1)."""
+    from megatron_staged.planning.kaplan import parse_growths, plan_kaplan
+
+    plan = plan_kaplan(4, 128, parse_growths("2xD"), 1000, 2048)
+    small, large = plan.stages
+    by_formula = (large.params * large.kaplan_start - small.params * small.kaplan_end) / (large.params * plan.kaplan_opt)
+    assert plan.saving == pytest.approx(by_formula, rel=1e-9)
+    assert cli_main(["plan", "--mode", "kaplan", "--stages", "2xD", "--num-layers", "4", "--hidden-size", "128",
+                     "--num-attention-heads", "4", "--seq-length", "128", "--global-batch-size", "16",
+                     "--train-iters", "1000"]) == 0
+    out = capsys.readouterr().out
+    assert f"predicted saving {100 * plan.saving:.1f}%" in out and f"{small.kaplan_end:.0f}" in out
+    assert parse_growths("2x2xD") == [{"depth_factor": 2}] * 2
+    assert parse_growths("2xDxW") == [{"depth_factor": 2, "width_factor": 2}]
+    assert parse_recipe("2xD,2xW", 900) == [{"depth_factor": 2, "at_iteration": 300},
+                                            {"width_factor": 2, "at_iteration": 600}]

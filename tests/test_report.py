@@ -28,6 +28,8 @@ def test_report_saving_stages_and_picture(tmp_path):
              "expected_active_layers": 1.0, "num_layers": 2, "until": 8}
     staged = (iters(1, 3, 1e12, 2, 128) + [raptr] + iters(4, 10, 1e12, 2, 128, start_flops=3e12)
               + [{"iteration": 10, "eval_loss": 3.4, "flops_so_far": 1e13}]
+              + [{"event": "trigger", "kind": "PRE-GROWTH", "iteration": 10, "slope": -0.05, "threshold": -0.0575,
+                  "loss": 3.41, "flops_so_far": 1e13}]
               + [{"event": "growth", "iteration": 10, "growth_seconds": 2.0, "num_layers": 4, "hidden_size": 128}]
               + iters(11, 20, 4e12, 4, 128, ms=200.0, start_flops=1e13)
               + [{"iteration": 15, "eval_loss": 3.2, "flops_so_far": 3e13},
@@ -50,6 +52,8 @@ def test_report_saving_stages_and_picture(tmp_path):
     text = run_cli(["report", s, "--baseline", b, "--out", str(png)]).stdout
     assert f"saving {100 * (1 - c / 4e13):+.1f}%" in text and "stage 1: 4 layers x 128: 10 iterations" in text
     assert "from iteration 4 (3.000e+12 FLOPs): RaPTr stage 2/4: 1.00/2 layers expected active" in text
+    assert ("growth at iteration 10 (1.000e+13 FLOPs) -> 4 layers x 128 (PRE-GROWTH slope trigger: slope -0.0500 > "
+            "-0.0575, loss 3.4100)") in text
 
 
 def test_report_bad_inputs(tmp_path):

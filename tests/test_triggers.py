@@ -133,6 +133,7 @@ def test_slope_trigger_grows_in_run_and_again_after_resume(tmp_path):
     shown = run_cli(["report", str(log), "--baseline", str(base), "--out", str(tmp_path / "r.png")]).stdout
     assert "stage 0: 2 layers x 64" in shown and "stage 1: 4 layers x 64" in shown
     assert f"stage 0: 2 layers x 64: {expected} iterations" in shown
+    assert f"growth at iteration {expected} (" in shown and "-> 4 layers x 64 (PRE-GROWTH slope trigger: slope" in shown
 
     # 3. interrupted two iterations before, resumed: it fires at the same iteration
     ck = tmp_path / "ck_resume"
@@ -143,3 +144,38 @@ def test_slope_trigger_grows_in_run_and_again_after_resume(tmp_path):
     assert grown == [expected]
     meta = json.loads(json.dumps([r for r in read_records(log2) if r.get("event") == "growth"][0]))
     assert meta["num_layers"] == 4
+
+
+def test_compute_axis_is_executed_flops_when_layers_are_dropped():
+    """With RaPTr the trainer records executed-layer FLOPs; the trigger's compute axis must be those
+    (plus the from-scratch offset after a growth), not full-model FLOPs per iteration."""
+    from megatron_staged.staging.triggers import stage_curve
+
+    full, step0, since = 1e9, 50, 100
+    # a RaPTr-like schedule: kept fraction 0.5 for the first 4000 steps after the growth, then 0.75, then 1
+    history, flops = [], 7e12  # FLOPs so far at the growth (any earlier models)
+    history.append((since, 4.0, flops))
+    executed = []
+    for i in range(1, 20001):
+        frac = 0.5 if i <= 4000 else (0.75 if i <= 10000 else 1.0)
+        flops += frac * full
+        executed.append(flops - 7e12)
+    # the loss is a saturating power law of the compute actually spent (offset by the growth's placement)
+    comp = [full * step0 + e for e in executed]
+    history += [(since + i, 3.0 + 17.4 * (c / 1e9) ** -0.5, f)
+                for i, (c, f) in enumerate(zip(comp, [7e12 + e for e in executed]), start=1)]
+    its, curve = stage_curve(history, since, full, step0)
+    assert its == list(range(since + 1, since + 20001))
+    assert [c for c, _ in curve] == pytest.approx(comp, rel=1e-12)
+    # the same from the growth's recorded FLOPs when the history no longer reaches back to it
+    assert stage_curve(history[1:], since, full, step0, flops_at_start=7e12) == (its, curve)
+    hit = SlopeTrigger(THRESHOLDS["depth"], patience=1).first_firing(curve)
+    assert hit["slope_compute"] / 1e9 == pytest.approx(crossing(THRESHOLDS["depth"]), rel=0.05)
+    # the full-model axis (the old count) would misplace it
+    naive = [(full * (step0 + i), v) for i, (_, v) in enumerate(curve, start=1)]
+    wrong = SlopeTrigger(THRESHOLDS["depth"], patience=1).first_firing(naive)
+    assert wrong is None or abs(its[wrong["index"]] - its[hit["index"]]) > 100
+    # without dropped layers the axis is full FLOPs per iteration, as before
+    plain = [(since, 4.0, 7e12)] + [(since + i, 3.0 + 1.0 / i, 7e12 + i * full) for i in range(1, 50)]
+    assert [c for c, _ in stage_curve(plain, since, full, step0)[1]] == pytest.approx(
+        [full * (step0 + i) for i in range(1, 50)])

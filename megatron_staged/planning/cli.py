@@ -5,10 +5,13 @@
 the stage derivation (``planning/recipe.py``) and add their own flags:
 
 * ``--mode cluster`` (default): layout, memory per GPU and time on ``--gpus`` GPUs.
+* ``--mode kaplan``: from a TARGET model (the model flags), batch, budget and a growth recipe
+  (``--stages 2xD``, ``2xW``, ``2x2xD``, ``2x2xW``, ``2xDxW``, ...), per stage the parameters, growth
+  step, rho, FLOPs and the predicted saving against the target from scratch, from Kaplan's L(N, S)
+  (``planning/kaplan.py``).
 
 A mode is one ``PlanMode`` entry in ``MODES``: a flag adder and a ``run(args, cfg)`` that gets the
-run's config with the recipe applied. (A scaling-law mode, per-stage savings from Kaplan's
-L(N, S), plugs in the same way.)
+run's config with the recipe applied.
 
 ``train --dry-run --world-size N`` validates a full-size run (flags + YAML + stages) in one process,
 without torchrun, process groups, data or a model, and prints each stage at its configured layout.
@@ -91,9 +94,23 @@ def run_cluster(args, cfg: Config) -> int:
     return 0
 
 
+def _run_kaplan(args, cfg: Config) -> int:
+    from megatron_staged.planning.kaplan import run_kaplan
+
+    return run_kaplan(args, cfg)
+
+
+def _kaplan_flags(p: argparse.ArgumentParser) -> None:
+    from megatron_staged.planning.kaplan import add_kaplan_flags
+
+    add_kaplan_flags(p)
+
+
 MODES = {
     "cluster": PlanMode("TP/PP/DP, memory per GPU and time per stage on a cluster",
                         lambda p: add_hardware_flags(p, check_fit=True), run_cluster),
+    "kaplan": PlanMode("per-stage parameters, growth step, rho, FLOPs and predicted saving from Kaplan's L(N,S); "
+                       "the model flags are the target's", _kaplan_flags, _run_kaplan),
 }
 
 
@@ -101,7 +118,8 @@ def add_recipe_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("recipe")
     g.add_argument("--stages", dest="recipe", default=None,  # not `stages`: that is the YAML's config field
                    help="growth recipe replacing staging.stages, e.g. 'depth:2,depth:2' or "
-                        "'layers:16@2000,width:2+tp:2@6000' (@iteration, @0.5 or @50%% of the run)")
+                        "'layers:16@2000,width:2+tp:2@6000' (@iteration, @0.5 or @50%% of the run), or the "
+                        "paper's shorthand 2xD, 2xW, 2x2xD, 2xDxW (evenly spaced; --mode kaplan schedules it)")
     g.add_argument("--train-tokens", type=float, default=None,
                    help="tokens to train on; sets --train-iters from the global batch and sequence length")
 

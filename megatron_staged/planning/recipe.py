@@ -9,6 +9,7 @@ string (``--stages``), which is turned into the same stage mappings::
     width:2+tp:2               a width doubling onto TP 2 (``+`` joins keys of one stage)
     depth:2@slope              when the slope trigger fires (``trigger: slope``)
     depth:2+at_flops:1e20      at a FLOPs count
+    2xD, 2x2xD, 2xW, 2xDxW     the staged-training paper's shorthand (evenly spaced; see planning/kaplan.py)
 
 Short keys: ``depth`` (depth_factor), ``width`` (width_factor), ``layers`` (num_layers), ``tp`` and
 ``pp`` (the target layout); any other stage key (``depth_init``, ``depth_placement``, ...) is taken
@@ -75,8 +76,13 @@ def _value(text: str):
 
 def parse_recipe(text: str, train_iters: int) -> list[dict]:
     """``"depth:2@2000,width:2"`` -> staging.stages mappings with ``at_iteration`` filled in."""
+    from megatron_staged.planning.kaplan import is_growth_recipe, parse_growths
+
     items = [x.strip() for x in str(text).split(",") if x.strip()]
     require(items, "--stages is empty; e.g. --stages depth:2,depth:2")
+    if is_growth_recipe(text):
+        growths = parse_growths(text)
+        return [dict(g, at_iteration=(n + 1) * train_iters // (len(growths) + 1)) for n, g in enumerate(growths)]
     stages = []
     for n, item in enumerate(items):
         body, _, at = item.partition("@")

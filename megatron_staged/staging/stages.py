@@ -153,12 +153,12 @@ def expansion_warnings(cfg: Config, stages: list, world_size: int = 1) -> list[s
 def current_stage_curve(state: TrainState, cfg: Config):
     """(iterations, curve) of the model trained since the last growth, on the from-scratch
     compute axis (see staging/triggers.py)."""
-    since, step0 = 0, 0
+    since, step0, flops0 = 0, 0, 0.0
     if state.stage_history:
         h = state.stage_history[-1]
-        since, step0 = int(h["iteration"]), int(h.get("schedule_step_after", 0))
+        since, step0, flops0 = int(h["iteration"]), int(h.get("schedule_step_after", 0)), h.get("flops_so_far")
     fpi = flops_per_iteration(cfg.model, cfg.training.global_batch_size)
-    return stage_curve(state.loss_history, since, fpi, step0)
+    return stage_curve(state.loss_history, since, fpi, step0, flops_at_start=flops0)
 
 
 def slope_fires(state: TrainState, cfg: Config, threshold: float) -> Optional[dict]:

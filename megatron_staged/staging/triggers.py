@@ -13,10 +13,11 @@ error in the window's width), which is where :func:`windowed_slopes` reports it.
 fires when the slope *at the centroid* crosses the threshold, about ``log10(window_ratio)/2``
 decades before the newest point.
 
-Compute axis: for the first stage, FLOPs so far. After a growth the grown model continues on the
+Compute axis: for the first stage, FLOPs so far (as executed). After a growth the grown model continues on the
 *target* model's curve at schedule step ``S_target`` (see ``growth/apply.py``), so its curve is
 placed at the compute a from-scratch run of the current model would have spent to get there:
-``C = flops_per_iteration(current model) * (S_target + iterations since the growth)``. This makes
+``C = flops_per_iteration(current model) * S_target + FLOPs executed since the growth`` (executed:
+with RaPTr's dropped layers the trainer counts only the layers that ran). This makes
 the slope of each stage the slope of the curve the paper's thresholds were derived for (one model
 trained from scratch), not of the run's cumulative compute, whose offset would flatten it.
 
@@ -109,18 +110,38 @@ class SlopeTrigger:
 
 
 def stage_curve(loss_history: Sequence[Sequence[float]], since_iteration: int, flops_per_iteration: float,
-                schedule_step_at_start: int) -> tuple[list[int], list[tuple[float, float]]]:
+                schedule_step_at_start: int, flops_at_start: Optional[float] = None
+                ) -> tuple[list[int], list[tuple[float, float]]]:
     """The current stage's curve on the from-scratch compute axis (see the module docstring).
 
     ``loss_history`` holds (iteration, loss, FLOPs so far); points at or before ``since_iteration``
     (the last growth) belong to an earlier model and are left out. Returns (iterations, curve).
+
+    The compute of a point is ``flops_per_iteration * schedule_step_at_start`` (the from-scratch
+    compute of the full current model up to where the growth placed it) plus the FLOPs the run
+    *executed* since the growth, read from the history: with a RaPTr / layer-drop schedule the
+    trainer counts only the executed layers, so the slope is taken against the compute actually
+    spent, not against the full model's (which would overstate the compute and flatten the curve).
+    Without layer dropping the two are the same, ``flops_per_iteration`` per iteration.
+    ``flops_at_start``: the run's FLOPs so far at the growth (the stage history records it); else
+    read from the history's point at the growth.
     """
+    base = flops_at_start  # FLOPs so far at the growth (0 at the start of a run)
+    if base is None:
+        for it, _, flops in loss_history:
+            if int(it) <= since_iteration:
+                base = float(flops)
+    if base is None and since_iteration == 0:
+        base = 0.0
     its, curve = [], []
-    for it, loss, _ in loss_history:
+    for it, loss, flops in loss_history:
         it = int(it)
         if it <= since_iteration or not math.isfinite(loss) or loss <= 0:
             continue
-        step = schedule_step_at_start + (it - since_iteration)
+        if base is None:  # the history does not reach back to the growth: full-model FLOPs per iteration
+            spent = flops_per_iteration * (it - since_iteration)
+        else:
+            spent = float(flops) - base
         its.append(it)
-        curve.append((flops_per_iteration * step, float(loss)))
+        curve.append((flops_per_iteration * schedule_step_at_start + spent, float(loss)))
     return its, curve

@@ -54,9 +54,9 @@ def read_run(path: str) -> Run:
     """A run from its JSONL metrics log (iteration records, eval records, events)."""
     run = Run(name=os.path.splitext(os.path.basename(path))[0])
     seconds, flops, last_it = 0.0, 0.0, 0
-    stage = None
+    stage, pending_trigger = None, None
     for r in metric_records(path):
-        if "loss" in r and "flops_so_far" in r:
+        if "loss" in r and "flops_so_far" in r and "event" not in r:  # an iteration (a trigger event has a loss too)
             if r["iteration"] <= last_it:  # a resumed run repeats iterations after its checkpoint
                 continue
             last_it = r["iteration"]
@@ -71,9 +71,15 @@ def read_run(path: str) -> Run:
             stage["flops_end"] = flops
         elif "eval_loss" in r:
             run.evals.append((r["iteration"], r.get("flops_so_far", flops), seconds, r["eval_loss"]))
+        elif r.get("event") == "trigger":
+            pending_trigger = r
         elif r.get("event") == "growth":
             seconds += r.get("growth_seconds", 0.0)
-            run.growths.append(dict(r, flops_so_far=flops, wall_seconds=seconds))
+            g = dict(r, flops_so_far=flops, wall_seconds=seconds)
+            if pending_trigger is not None and pending_trigger.get("iteration") == r.get("iteration"):
+                g["trigger"] = pending_trigger  # the slope trigger that caused this growth
+            pending_trigger = None
+            run.growths.append(g)
         elif r.get("event") == "raptr_stage":
             run.subnet_stages.append(dict(r, flops_so_far=flops, wall_seconds=seconds))
     prev = 0.0
@@ -107,6 +113,8 @@ def summarize(runs: list, baseline: Run | None) -> list:
     for run in runs:
         row = {"run": run.name, "final_eval_loss": run.final_eval, "flops": run.final_flops,
                "seconds": run.final_seconds, "stages": run.stages, "growths": len(run.growths),
+               "growth_events": [{k: g.get(k) for k in ("iteration", "flops_so_far", "num_layers", "hidden_size",
+                                                        "trigger")} for g in run.growths],
                "subnet_stages": run.subnet_stages}
         if baseline is not None:
             target = baseline.final_eval
@@ -177,6 +185,14 @@ def format_rows(rows: list) -> str:
         for i, st in enumerate(r["stages"]):
             lines.append(f"    stage {i}: {st['layers']} layers x {st['hidden']}: {st['iterations']} iterations, "
                          f"{st['flops']:.3e} FLOPs, {st['seconds']:.1f}s")
+        for g in r.get("growth_events", []):
+            why = ""
+            t = g.get("trigger")
+            if t is not None:
+                why = (f" ({t.get('kind', 'PRE-GROWTH')} slope trigger: slope {t['slope']:.4f} > "
+                       f"{t['threshold']:.4f}, loss {t['loss']:.4f})")
+            lines.append(f"    growth at iteration {g['iteration']} ({g['flops_so_far']:.3e} FLOPs) -> "
+                         f"{g.get('num_layers')} layers x {g.get('hidden_size')}{why}")
         for t in r["subnet_stages"]:
             what = ("all layers" if t.get("until") is None else
                     f"RaPTr stage {t['stage'] + 1}/{t['of']}: {t['expected_active_layers']:.2f}/{t['num_layers']} "

@@ -146,8 +146,11 @@ class MetricsLogger:
         if self.wandb:
             self.wandb.log({"lm loss validation": loss}, step=trainer.iteration)
         if self.jsonl:
-            self.jsonl.write(json.dumps({"iteration": trainer.iteration, "eval_loss": loss,
-                                         "flops_so_far": trainer.flops_so_far}) + "\n")
+            rec = {"iteration": trainer.iteration, "eval_loss": loss, "flops_so_far": trainer.flops_so_far}
+            se = getattr(trainer, "last_eval_se", None)
+            if se is not None and math.isfinite(se):
+                rec["eval_loss_se"] = se  # standard error over the eval batches (sampling noise)
+            self.jsonl.write(json.dumps(rec) + "\n")
             self.jsonl.flush()
 
     def layer_drop_stage(self, e: dict) -> None:

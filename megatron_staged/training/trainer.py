@@ -319,7 +319,11 @@ class Trainer:
                   for _ in range(n)]
         for chunk in self.model:
             chunk.train()
-        return sum(losses) / len(losses)
+        mean = sum(losses) / len(losses)
+        # sampling noise of the estimate: standard error of the mean over the global batches
+        self.last_eval_se = (math.sqrt(sum((x - mean) ** 2 for x in losses) / (len(losses) - 1) / len(losses))
+                             if len(losses) > 1 else float("nan"))
+        return mean
 
     def train(self) -> dict:
         """Train to --train-iters (growing at the configured stages); returns a summary."""
