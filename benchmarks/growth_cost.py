@@ -79,6 +79,8 @@ def parse_args(argv=None):
     g.add_argument("--workdir", default=None, help="where the grown checkpoint is written (default: a temp dir)")
     g.add_argument("--sample-ms", type=float, default=5.0, help="RSS sampling period")
     g.add_argument("--out-json", default=None)
+    g.add_argument("--skip-save-load", action="store_true",
+                   help="profile the growth only (no comparison save + load; nothing is written to the docs)")
     g.add_argument("--write-docs", action="store_true",
                    help=f"add this size to the '{HEADING}' section of docs/benchmarks.md (one row per size)")
     g.add_argument("--from-json", default=None, nargs="+", metavar="PATH",
@@ -100,20 +102,30 @@ class RssSampler(threading.Thread):
         self.period = period_s
         self.phase = "start"
         self.peaks: dict[str, int] = {}
+        self.anon_peaks: dict[str, int] = {}  # RSS less file-backed and shared pages (the libraries' code)
         self.samples = 0
+        self.trace: list = []  # (seconds, phase entered, RSS, anonymous RSS) at each phase change
+        self.t0 = time.perf_counter()
         self._halt = threading.Event()
 
     def rss(self) -> int:
         return self.proc.memory_info().rss
 
+    def anon(self) -> int:
+        m = self.proc.memory_info()
+        return m.rss - m.shared
+
     def set_phase(self, name: str) -> None:
         self._note()
         self.phase = name
         self._note()
+        m = self.proc.memory_info()
+        self.trace.append((time.perf_counter() - self.t0, name, m.rss, m.rss - m.shared))
 
     def _note(self):
-        r = self.rss()
-        self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), r)
+        m = self.proc.memory_info()
+        self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), m.rss)
+        self.anon_peaks[self.phase] = max(self.anon_peaks.get(self.phase, 0), m.rss - m.shared)
         self.samples += 1
 
     def run(self):
@@ -167,6 +179,35 @@ def state_bytes(model_chunks, optimizer) -> dict:
     return {"params": params, "moments": moments, "main_params": main_params, "other_optimizer": other,
             "state": params + moments + main_params, "grad_buffer": grad_buffer,
             "num_params_local": sum(p.numel() for c in model_chunks for p in c.parameters())}
+
+
+def backref_chains(obj, max_depth: int = 12, limit: int = 3) -> list:
+    """Chains of referrers from ``obj`` up to a root (a module's globals or a running frame): why a
+    released object is still alive (a debugging aid, GROWTH_COST_DEBUG=1)."""
+    import types
+
+    mine = set()
+    seen = {id(obj)}
+    queue = [[obj]]
+    mine.add(id(queue))
+    found = []
+    while queue and len(found) < limit:
+        chain = queue.pop(0)
+        refs = gc.get_referrers(chain[-1])
+        mine.add(id(refs))
+        for r in refs:
+            if id(r) in mine or id(r) in seen or r is chain or any(r is c for c in queue):
+                continue
+            seen.add(id(r))
+            if isinstance(r, types.FrameType) or (isinstance(r, dict) and "__name__" in r and "__builtins__" in r):
+                found.append(chain[1:] + [r])
+                continue
+            if len(chain) < max_depth:
+                new = chain + [r]
+                mine.add(id(new))
+                queue.append(new)
+        del refs
+    return found
 
 
 # ---- timing hooks around the project's growth code -----------------------------------------------
@@ -247,10 +288,11 @@ def main(argv=None) -> int:
 
     gc.collect()
     dist.barrier()
-    baseline = RssSampler(a.sample_ms / 1e3).rss()
+    probe = RssSampler(a.sample_ms / 1e3)
+    baseline, baseline_anon = probe.rss(), probe.anon()
     sampler = RssSampler(a.sample_ms / 1e3)
     sampler.start()
-    mem = {"baseline_rss": baseline}
+    mem = {"baseline_rss": baseline, "baseline_anon": baseline_anon}
 
     # ---- source ------------------------------------------------------------------------------------
     sampler.set_phase("source")
@@ -260,10 +302,14 @@ def main(argv=None) -> int:
     src_params = count_parameters(trainer.cfg)["total"]
     for chunk in trainer.model:
         chunk.train()
+    del chunk  # the loop variable would keep the source model (and through its config the optimizer) alive
+    sampler.set_phase("source: train steps")
     for _ in range(a.train_steps):
         loss, _, _ = trainer.train_step()
         trainer.state.record_step(loss, trainer.cfg.training.global_batch_size, 0.0)
+    sampler.set_phase("source: trained")
     mem["after_source_rss"] = sampler.rss()
+    mem["after_source_anon"] = sampler.anon()
 
     request = GrowthRequest(depth_factor=a.depth_factor, width_factor=a.width_factor, depth_init=a.depth_init,
                             eval_iters=a.eval_iters, target_tensor_model_parallel_size=a.target_tp,
@@ -280,6 +326,16 @@ def main(argv=None) -> int:
     timers.wrap(sources_mod.LiveSource, "__init__", "capture live shards")
     timers.wrap(stages_mod, "live_common", "non-sharded state")
     timers.wrap(apply_mod, "build_components", "build target (groups, model, optimizer, scheduler)")
+    import megatron_staged.builders as builders_mod
+    import megatron_staged.growth.engine as engine_mod
+
+    detail = Timers(sampler)  # parts inside the parts above (peaks and the RSS trace; not in the time table)
+    detail.wrap(builders_mod, "build_model_chunks", "  target model (DDP buffers)")
+    detail.wrap(builders_mod, "build_optimizer", "  target optimizer (state)")
+    detail.wrap(engine_mod, "target_parts", "  plan: target parts")
+    detail.wrap(sources_mod.LiveSource, "prepare", "  plan: exchange requests")
+    detail.wrap(sources_mod.LiveSource, "fetch", "  fetch + move one slot")
+    detail.wrap(engine_mod, "fill_part", "  fill one part")
     grow_stats = {}
     orig_gss = apply_mod.grow_sharded_state
 
@@ -290,6 +346,9 @@ def main(argv=None) -> int:
 
     apply_mod.grow_sharded_state = grab_stats
     timers.wrap(apply_mod, "grow_sharded_state", "grow_sharded_state (plan, move, fill)")
+    import weakref
+
+    watch = {"source optimizer": weakref.ref(trainer.optimizer), "source model": weakref.ref(trainer.model[0])}
     dist.barrier()
     sampler.set_phase("growth")
     t0 = time.perf_counter()
@@ -297,10 +356,27 @@ def main(argv=None) -> int:
         entry = trainer.grow(request)
     finally:
         t_grow = time.perf_counter() - t0
+        detail.restore()
         timers.restore()
         apply_mod.grow_sharded_state = orig_gss
         trainer.__dict__.pop("evaluate", None)
     mem["after_growth_rss"] = sampler.rss()
+    gc.collect()
+    alive = [k for k, ref in watch.items() if ref() is not None]
+    if alive and os.environ.get("GROWTH_COST_DEBUG"):
+        import types
+
+        def describe_ref(r):
+            if isinstance(r, dict):
+                return f"dict keys {list(r)[:6]}"
+            if isinstance(r, types.FrameType):
+                return f"frame {r.f_code.co_name} {r.f_code.co_filename}:{r.f_lineno}"
+            return f"{type(r).__name__} {str(r)[:80]!r}"
+
+        for k in alive:
+            for chain in backref_chains(watch[k]()):
+                print(f"rank {rank}: {k} is held by: " + " <- ".join(describe_ref(x) for x in chain), flush=True)
+    mem["source_alive_after_growth"] = alive
     mem["growth_peak_rss"] = max([sampler.peaks.get("growth", 0)] + [
         v for k, v in sampler.peaks.items() if k.startswith("part:")])
     mem["growth_peak_rss_without_evals"] = max([sampler.peaks.get("growth", 0)] + [
@@ -311,6 +387,21 @@ def main(argv=None) -> int:
 
     # ---- one save + load of the grown state --------------------------------------------------------
     sampler.set_phase("save+load")
+    if a.skip_save_load:
+        sampler.stop()
+        trace = [None] * world
+        dist.all_gather_object(trace, {"rank": rank, "baseline": baseline, "baseline_anon": baseline_anon,
+                                       "trace": sampler.trace, "peaks": sampler.peaks, "anon_peaks": sampler.anon_peaks, "state": grown_state, "grow_stats": grow_stats,
+                                       "source_state": src_state, "after_source": mem["after_source_rss"],
+                                       "source_alive_after_growth": alive})
+        if rank == 0:
+            print_trace(trace)
+            if a.out_json:
+                with open(a.out_json, "w") as fh:
+                    json.dump(trace, fh, indent=1)
+        dist.barrier()
+        dist.destroy_process_group()
+        return 0
     holder = [a.workdir or (tempfile.mkdtemp(prefix="growth_cost_") if rank == 0 else None)]
     dist.broadcast_object_list(holder, src=0)
     ckpt_root = os.path.join(holder[0], "grown")
@@ -354,6 +445,30 @@ def main(argv=None) -> int:
 
 
 # ---- report ---------------------------------------------------------------------------------------
+
+def print_trace(traces: list) -> None:
+    """Per rank: RSS above the baseline at each phase change during the growth, and each phase's peak."""
+    for t in traces:
+        base, state = t["baseline"], t["state"]["state"]
+        if t.get("source_alive_after_growth"):
+            print(f"rank {t['rank']}: still referenced after the growth: {t['source_alive_after_growth']}")
+        print(f"rank {t['rank']}: grown state {state / MB:.0f} MiB (params {t['state']['params'] / MB:.0f}, "
+              f"moments {t['state']['moments'] / MB:.0f}, main params {t['state']['main_params'] / MB:.0f}), "
+              f"grad buffer {t['state']['grad_buffer'] / MB:.0f} MiB; source state "
+              f"{t['source_state']['state'] / MB:.0f} MiB + grad buffer {t['source_state']['grad_buffer'] / MB:.0f}; "
+              f"before growth {(t['after_source'] - base) / MB:.0f} MiB over baseline")
+        last = None
+        abase = t["baseline_anon"]
+        print("   time     RSS-base  anon-base (MiB)")
+        for sec, phase, rss, anon in t["trace"]:
+            if phase == last or "fill one part" in phase:
+                continue
+            last = phase
+            print(f"   {sec:8.2f}s  {(rss - base) / MB:7.0f}  {(anon - abase) / MB:7.0f}  -> {phase}")
+        for k, v in t["peaks"].items():
+            a = t["anon_peaks"][k]
+            print(f"   peak RSS {(v - base) / MB:7.0f} MiB = {(v - base) / state:.2f}x state, anonymous "
+                  f"{(a - abase) / MB:7.0f} MiB = {(a - abase) / state:.2f}x  in {k}")
 
 def report(a, world, request, src_params, grown_params, new_cfg, ckpt_bytes, g) -> dict:
     info = dict(common_machine_info(world), loadavg_end=list(os.getloadavg()))
