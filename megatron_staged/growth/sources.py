@@ -12,10 +12,12 @@ for, slot by slot (:meth:`prepare`), then asks for one slot at a time (:meth:`fe
   box is read on its own through torch DCP's reader, which loads only the stored chunks that
   overlap it (a chunk is one layer's tensor-parallel shard as saved). Nothing is collective.
 - :class:`LiveSource` serves the running job's in-memory shards (growth at a stage boundary): the
-  model's and the distributed optimizer's ShardedTensors, captured under the *source* layout.
-  Ranks exchange what they hold and what they want once (``all_gather_object``); per slot, each
-  box moves from one rank that holds it (the requester itself when it can, so no copy crosses the
-  network) with one send per (sender, receiver) pair (``batch_isend_irecv``, gloo or NCCL).
+  distributed optimizer's own shards (fp32 masters and moments, each data-parallel rank's owned
+  range as views cut into boxes), or a non-distributed optimizer's model-space ShardedTensors,
+  captured under the *source* layout. Ranks exchange what they hold and what they want once
+  (``all_gather_object``); per slot, each box moves from one rank that holds it (the requester
+  itself when it can, so no copy crosses the network) with one send per (sender, receiver) pair
+  (``batch_isend_irecv``, gloo or NCCL); a held box is released after the last slot that reads it.
 
 Statistics: ``bytes_moved`` (read from storage, or received from other ranks), ``bytes_local``
 (copied from this rank's own source shards), ``bytes_sent``.
