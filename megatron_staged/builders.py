@@ -54,8 +54,9 @@ def build_model_chunks(cfg: Config, seed: Optional[int] = None, initialize: bool
     return [DistributedDataParallel(tcfg, ddp_config, model)]
 
 
-def build_optimizer(cfg: Config, model_chunks):
-    """megatron-core's optimizer (distributed or not) over the chunks, with its state created."""
+def build_optimizer(cfg: Config, model_chunks, zero_state: bool = True):
+    """megatron-core's optimizer (distributed or not) over the chunks, with its state created
+    (``zero_state=False``: moments left unwritten, for a caller that writes every element)."""
     from megatron.core.optimizer import OptimizerConfig as MOptConfig
     from megatron.core.optimizer import get_megatron_optimizer
 
@@ -72,7 +73,7 @@ def build_optimizer(cfg: Config, model_chunks):
         min_loss_scale=o.min_loss_scale, loss_scale_window=o.loss_scale_window, hysteresis=o.hysteresis,
     )
     optimizer = get_megatron_optimizer(ocfg, model_chunks)
-    init_optimizer_state(optimizer)
+    init_optimizer_state(optimizer, zero=zero_state)
     return optimizer
 
 
@@ -92,8 +93,10 @@ def wire_schedule_hooks(model_chunks, optimizer, cfg: Config) -> None:
 
 
 def build_components(cfg: Config, *, initialize: bool = True, with_optimizer: bool = True,
-                     with_scheduler: bool = True) -> Components:
+                     with_scheduler: bool = True, zero_optimizer_state: bool = True) -> Components:
     """Set the parallel layout of ``cfg`` and build model, optimizer and LR scheduler on it.
+    ``zero_optimizer_state=False``: the Adam moments are allocated but not written (the caller
+    writes every element: a growth's target).
 
     Collective (process groups are rebuilt). The seed is reset first, so the same config gives the
     same components whatever ran before in the process.
@@ -103,7 +106,7 @@ def build_components(cfg: Config, *, initialize: bool = True, with_optimizer: bo
     layout = set_parallel_layout(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
     set_seed(cfg.training.seed)
     model = build_model_chunks(cfg, initialize=initialize)
-    optimizer = build_optimizer(cfg, model) if with_optimizer else None
+    optimizer = build_optimizer(cfg, model, zero_state=zero_optimizer_state) if with_optimizer else None
     scheduler = None
     if optimizer is not None:
         if with_scheduler:

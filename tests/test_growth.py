@@ -254,6 +254,34 @@ def test_each_rank_moves_only_its_target_shards_share(live_and_offline):
             assert moved > 0, f"{name}: nothing moved between ranks"
 
 
+def test_live_growth_releases_the_source(live_and_offline):
+    """After an in-run growth no reference keeps the source model (with its grad buffer) or its
+    optimizer (with its moments) alive on any rank: the growth's memory is the grown state's."""
+    for name, r in live_and_offline.items():
+        freed = [s["source_freed"] for s in r["live_stats"]]
+        assert freed == [True] * 4, f"{name}: source freed per rank {freed}"
+
+
+def test_flat_range_boxes_cover_the_range_in_order():
+    """A distributed optimizer's shard (a flat range of a parameter) as contiguous boxes: their
+    elements, in order, are exactly the range, for every range of 1- to 4-d shapes."""
+    from megatron_staged.growth.sources import flat_range_boxes
+
+    for shape in [(7,), (3, 5), (4, 3, 5), (2, 3, 2, 3)]:
+        n = 1
+        for d in shape:
+            n *= d
+        t = torch.arange(n).reshape(shape)
+        for a in range(n + 1):
+            for b in range(a, n + 1):
+                boxes = flat_range_boxes(shape, a, b)
+                got = [t[tuple(slice(lo, hi) for lo, hi in box)].reshape(-1) for box, _ in boxes]
+                assert torch.equal(torch.cat(got) if got else torch.empty(0, dtype=torch.long),
+                                   torch.arange(a, b)), (shape, a, b)
+                assert all(int(g[0]) == at for g, (_, at) in zip(got, boxes))
+                assert len(boxes) <= 2 * len(shape) - 1
+
+
 def test_training_continues_after_growth_and_units_diverge(staged_run):
     recs = read_records(staged_run / "log.jsonl")
     ev = [r for r in recs if r.get("event") == "growth"]

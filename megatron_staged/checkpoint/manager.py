@@ -302,9 +302,19 @@ def _inner_optimizers(optimizer):
     return [getattr(o, "optimizer", o) for o in opts]
 
 
-def init_optimizer_state(optimizer) -> None:
-    """Create empty moments (and step=0) so that state_dict()/sharded_state_dict() work before step 1."""
+def init_optimizer_state(optimizer, zero: bool = True) -> None:
+    """Create the moments (zeros) and step=0, so that state_dict()/sharded_state_dict() work before
+    step 1. ``zero=False``: torch Adam's moments are allocated and left unwritten (no memory is
+    committed until a caller writes them: a growth fills every element)."""
     for o in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        inner = getattr(o, "optimizer", o)
+        if not zero and isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    if len(inner.state[p]) == 0:
+                        inner.state[p]["exp_avg"] = torch.empty_like(p.data)
+                        inner.state[p]["exp_avg_sq"] = torch.empty_like(p.data)
+            continue
         fn = getattr(o, "init_state_fn", None)
         if fn is not None:
             fn(o.optimizer, getattr(o, "config", None))

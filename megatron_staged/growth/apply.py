@@ -52,7 +52,11 @@ def grow(source, spec: GrowthSpec, old_cfg: Config, common: dict,
 
     if new_cfg is None:
         new_cfg = target_config(old_cfg, spec, dist.get_world_size())
-    comps = build_components(new_cfg, initialize=needs_fresh_init(spec))  # else every tensor comes from the source
+    # initialize: else every weight comes from the source; a distributed optimizer's moments are
+    # left unwritten until the growth writes them (each element once), so that the target's
+    # moments take memory only as the source's are released
+    comps = build_components(new_cfg, initialize=needs_fresh_init(spec),
+                             zero_optimizer_state=not new_cfg.parallel.use_distributed_optimizer)
     stats = grow_sharded_state(source, spec, old_cfg.model, comps.model, comps.optimizer)
 
     saved = dict(common.get("train_state", {}))

@@ -115,6 +115,21 @@ class TargetPart:
     flat: Optional[tuple] = None
     model_init: Optional[Callable[[], torch.Tensor]] = None
 
+    def region_view(self) -> Optional[torch.Tensor]:
+        """``dest`` seen as the whole region, where it is exactly that (written in place, no
+        temporary); None where the part is a partial range of rows (a data-parallel shard's ends)."""
+        shape = tuple(b - a for a, b in self.region)
+        numel = 1
+        for n in shape:
+            numel *= n
+        if self.flat is not None and tuple(self.flat) != (0, numel):
+            return None
+        if tuple(self.dest.shape) == shape:
+            return self.dest
+        if self.dest.numel() != numel or not self.dest.is_contiguous():
+            return None
+        return self.dest.view(shape)
+
     def write(self, values: torch.Tensor) -> None:
         if self.flat is not None:
             values = values.reshape(-1)[self.flat[0]:self.flat[1]]
@@ -130,7 +145,7 @@ def model_parts(model_chunks) -> tuple:
     return sts, [TargetPart(st.key, _layer_of(st), _target_region(st), "model", st.data) for st in sts]
 
 
-def _param_of(st, params: list):
+def param_of(st, params: list):
     """The model parameter whose memory ShardedTensor ``st`` views, and the view's flat offset."""
     ptr = st.data.data_ptr()
     for p in params:
@@ -149,7 +164,7 @@ def distributed_optimizer_parts(optimizer, model_chunks, sts: list) -> list:
     params = [p for c in model_chunks for p in c.parameters()]
     views = {}
     for st in sts:
-        p, off = _param_of(st, params)
+        p, off = param_of(st, params)
         if p is not None:
             views.setdefault(id(p), []).append((st, off))
     parts = []
@@ -159,8 +174,14 @@ def distributed_optimizer_parts(optimizer, model_chunks, sts: list) -> list:
                 for p, ranges in ChainMap(*(b["param_map"] for b in per_bucket)).items():
                     owned = ranges["param"]
                     states = opt._get_main_param_and_optimizer_states(p)
+                    covered = 0
                     for st, off in views.get(id(p), []):
                         parts += _owned_rows(st, off, owned.start, owned.end, p, states)
+                        covered += max(0, min(owned.end, off + st.data.numel()) - max(owned.start, off))
+                    if covered < owned.end - owned.start:  # not all in the checkpoint's tensors: zeros
+                        for kind in ("exp_avg", "exp_avg_sq"):
+                            if kind in states:
+                                states[kind].zero_()
     return parts
 
 
@@ -305,9 +326,12 @@ def fill_part(plan: PartPlan, fetched: dict, spec: GrowthSpec) -> None:
         return t if plan.src_layer is None else t[0]
 
     # noise (if any) is seeded by the source layer: every copy of a layer gets the same
-    part.write(grow_region(plan.model_key, plan.kind, plan.rule, plan.source_shape, part.region, read,
-                           noise_std=spec.width_noise, seed=spec.seed,
-                           layer=-1 if plan.src_layer is None else plan.src_layer, device=part.dest.device))
+    out = part.region_view()
+    values = grow_region(plan.model_key, plan.kind, plan.rule, plan.source_shape, part.region, read,
+                         noise_std=spec.width_noise, seed=spec.seed,
+                         layer=-1 if plan.src_layer is None else plan.src_layer, device=part.dest.device, out=out)
+    if out is None:
+        part.write(values)
 
 
 def target_parts(model_chunks, optimizer) -> tuple:
@@ -331,6 +355,15 @@ def target_parts(model_chunks, optimizer) -> tuple:
     return parts, shapes, opt
 
 
+SLOT_KINDS = ("param", "exp_avg", "exp_avg_sq")
+
+
+def slot_group(kind: str) -> int:
+    """Which pass over the layers fills state ``kind`` (weights and fp32 masters, then each moment;
+    any other state last)."""
+    return SLOT_KINDS.index(kind) if kind in SLOT_KINDS else len(SLOT_KINDS)
+
+
 @torch.no_grad()
 def grow_sharded_state(source, spec: GrowthSpec, old_model_cfg, model_chunks, optimizer) -> dict:
     """Fill this rank's target model and optimizer shards from ``source`` (a
@@ -349,9 +382,14 @@ def grow_sharded_state(source, spec: GrowthSpec, old_model_cfg, model_chunks, op
 
     per_stage = spec.new_num_layers // ps.get_pipeline_model_parallel_world_size()
     first_layer = ps.get_pipeline_model_parallel_rank() * per_stage
-    slots = [-1] + [first_layer + i for i in range(per_stage)]
-    plans = [[plan_part(p, target_shapes[p.key], spec, old_model_cfg, source.shapes)
-              for p in parts if p.layer == layer] for layer in slots]
+    layers = [-1] + [first_layer + i for i in range(per_stage)]
+    planned = [plan_part(p, target_shapes[p.key], spec, old_model_cfg, source.shapes) for p in parts]
+    # one slot per (state kind, layer), kind by kind: a slot moves one kind of one layer (a third of
+    # what a whole layer would), and every rank walks the same number of slots
+    slots = [(group, layer) for group in range(len(SLOT_KINDS) + 1) for layer in layers]
+    plans = [[pl for pl in planned if pl.part.layer == layer and slot_group(pl.kind) == group]
+             for group, layer in slots]
+    del planned
     needed = [list(dict.fromkeys(r for p in slot for r in p.requests())) for slot in plans]
     # interleaved copies read the same source layer in consecutive slots: keep it, fetch it once
     fresh = [[r for r in needed[i] if i == 0 or r not in set(needed[i - 1])] for i in range(len(needed))]
@@ -359,13 +397,16 @@ def grow_sharded_state(source, spec: GrowthSpec, old_model_cfg, model_chunks, op
     t_plan = time.time() - t0
     kept: dict = {}
     for i, slot_plans in enumerate(plans):
-        fetched = {r: kept[r] for r in needed[i] if r in kept}
+        fetched = kept
         fetched.update(source.fetch(i))
         for plan in slot_plans:
             fill_part(plan, fetched, spec)
-        kept = fetched
+        following = set(needed[i + 1]) if i + 1 < len(needed) else set()
+        kept = {r: t for r, t in fetched.items() if r in following}
+        del fetched
+        plans[i] = None
         return_freed_memory()  # this slot's temporaries
-    del kept, fetched
+    del kept
     source.close()
     if opt is not None:
         load_grown_optimizer(optimizer, opt)

@@ -195,9 +195,13 @@ def new_block_values(key: str, kind: str, shape: tuple, region: tuple, piece: Pi
 
 
 def grow_region(key: str, kind: str, rule: Optional[WidthRule], source_shape: tuple, region: tuple,
-                read, *, noise_std: float = 0.0, seed: int = 0, layer: int = -1, device=None) -> torch.Tensor:
-    """The grown tensor's values on ``region`` (fp32). ``read(box)`` returns the source box."""
-    out = torch.zeros(tuple(b - a for a, b in region), dtype=torch.float32, device=device)
+                read, *, noise_std: float = 0.0, seed: int = 0, layer: int = -1, device=None,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The grown tensor's values on ``region`` (computed in fp32). ``read(box)`` returns the source
+    box. ``out``: a tensor shaped like the region to write into (no region-sized temporary); by
+    default a new fp32 tensor."""
+    if out is None:
+        out = torch.zeros(tuple(b - a for a, b in region), dtype=torch.float32, device=device)
     shape = grown_shape(rule, source_shape)
     for p in width_pieces(rule, source_shape, region):
         dst = out[tuple(slice(a, b) for a, b in p.target)]
@@ -205,9 +209,16 @@ def grow_region(key: str, kind: str, rule: Optional[WidthRule], source_shape: tu
             v = new_block_values(key, kind, shape, region, p, noise_std=noise_std, seed=seed, layer=layer)
             if v is not None:
                 dst.copy_(v)  # drawn on the CPU: the same numbers on any device
+            else:
+                dst.zero_()
             continue
         src = read(p.source).float()
-        dst.copy_(src * p.scale if p.scale != 1.0 else src)
+        if p.scale == 1.0:
+            dst.copy_(src)
+        elif dst.dtype == torch.float32:
+            dst.copy_(src).mul_(p.scale)  # the same fp32 product as src * scale, without a temporary
+        else:
+            dst.copy_(src * p.scale)
     return out
 
 

@@ -233,11 +233,26 @@ class StageRunner:
         new_cfg = target_config(old_cfg, spec, dist.get_world_size())  # fail before touching anything
         common = live_common(old, state)
         source = LiveSource(old.model, old.optimizer)  # under the source layout: captures what growth reads
-        old.model = old.optimizer = old.scheduler = None  # the source keeps only the tensors growth reads
+        release_model(old.model)
+        old.model = old.optimizer = old.scheduler = old.layer_drop = None  # the source keeps only what growth reads
         gc.collect()
         return_freed_memory()
         grown, new_state, stats = grow(source, spec, old_cfg, common, new_cfg)
         return grown, new_state, stats
+
+
+def release_model(model_chunks) -> None:
+    """Let a dropped model be freed: megatron's DDP keeps each parameter's gradient accumulator
+    (``grad_accs``), whose backward hook refers back to the DDP object through a C++ node that
+    Python's garbage collector cannot see into; without this, the model, its grad buffer and
+    (through the model config's ``grad_scale_func``) the optimizer and its state would stay alive."""
+    for chunk in model_chunks or []:
+        if getattr(chunk, "grad_accs", None) is not None:
+            chunk.grad_accs.clear()
+        config = getattr(chunk, "config", None)
+        for hook in ("grad_scale_func", "finalize_model_grads_func", "no_sync_func", "param_sync_func"):
+            if config is not None and hasattr(config, hook):
+                setattr(config, hook, None)
 
 
 def live_common(old: Components, state: TrainState) -> dict:

@@ -26,9 +26,15 @@ def main():
     live_stats = []
     inrun_grow = StageRunner.grow
 
-    def grow_and_keep_stats(*args, **kwargs):
-        out = inrun_grow(*args, **kwargs)
-        live_stats.append(out[2])
+    def grow_and_keep_stats(request, old, *args, **kwargs):
+        import gc
+        import weakref
+
+        # the growth must let the source model, its grad buffer and optimizer go (memory)
+        source = [weakref.ref(old.model[0]), weakref.ref(old.optimizer)]
+        out = inrun_grow(request, old, *args, **kwargs)
+        gc.collect()
+        live_stats.append(dict(out[2], source_freed=all(ref() is None for ref in source)))
         return out
 
     StageRunner.grow = staticmethod(grow_and_keep_stats)
