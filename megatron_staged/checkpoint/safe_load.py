@@ -28,6 +28,7 @@ import dataclasses
 import enum
 import os
 import pickle
+import sys
 import threading
 from typing import Any
 
@@ -77,12 +78,15 @@ def _resolve_numpy1(attr: str):
     return getattr(np.core.multiarray, attr, None)
 
 
-def allowed_globals(names=None):
+def allowed_globals(names=None, megatron: bool = True):
     """``torch.serialization.safe_globals`` for :data:`MEGATRON_LM_GLOBALS` (those in ``names`` only, so
-    that reading a file that names no megatron-core enum imports no megatron)."""
+    that reading a file that names no megatron-core enum imports no megatron; ``megatron=False``: none
+    of megatron-core's own classes)."""
     pairs = []
     for name in MEGATRON_LM_GLOBALS:
         if names is not None and name not in names:
+            continue
+        if not megatron and name.startswith("megatron."):
             continue
         obj = _resolve(name)
         if obj is not None:
@@ -196,6 +200,20 @@ _depth = 0
 _saved: dict = {}
 
 
+def _allow_megatron_globals() -> None:
+    ctx = allowed_globals([n for n in MEGATRON_LM_GLOBALS if n.startswith("megatron.")])
+    ctx.__enter__()
+    _saved["globals"].append(ctx)
+
+
+def megatron_loaded() -> None:
+    """Called where megatron-core is first imported (``runtime.install``): within an
+    :func:`untrusted_checkpoint_reads` block, megatron-core's loaders may now read its enums."""
+    with _lock:
+        if _depth > 0 and len(_saved.get("globals", ())) == 1:
+            _allow_megatron_globals()
+
+
 @contextlib.contextmanager
 def untrusted_checkpoint_reads():
     """Within the block, megatron-core's and torch DCP's checkpoint loaders read data only.
@@ -213,8 +231,12 @@ def untrusted_checkpoint_reads():
         if _depth == 0:
             _saved["env"] = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
             _saved["pickle"] = fs.pickle
-            _saved["globals"] = allowed_globals()
-            _saved["globals"].__enter__()
+            # megatron-core's enums are allowed once it is imported (megatron_loaded), so that a
+            # command failing its checks first never imports it
+            _saved["globals"] = [allowed_globals(megatron=False)]
+            _saved["globals"][0].__enter__()
+            if "megatron.core" in sys.modules:
+                _allow_megatron_globals()
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
             fs.pickle = _RestrictedPickleModule()
         _depth += 1
@@ -225,7 +247,8 @@ def untrusted_checkpoint_reads():
             _depth -= 1
             if _depth == 0:
                 fs.pickle = _saved.pop("pickle")
-                _saved.pop("globals").__exit__(None, None, None)
+                for ctx in reversed(_saved.pop("globals")):
+                    ctx.__exit__(None, None, None)
                 env = _saved.pop("env")
                 if env is None:
                     os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)

@@ -16,7 +16,10 @@ def install(strict: bool | None = None) -> list[str]:
     """Install (idempotent); returns what is patched and why, one line per patch."""
     from megatron_staged.runtime import cpu_backend, megatron_fixes
 
+    from megatron_staged.checkpoint import safe_load
+
     lines = [f"megatron-core fix: {f}" for f in megatron_fixes.install()]
+    safe_load.megatron_loaded()  # megatron-core's checkpoint loaders may now read its enums
     if cpu_backend.install(strict):
         lines += [f"CPU backend: {p}" for p in cpu_backend.describe()]
     return lines
