@@ -99,6 +99,18 @@ def build_sandbox(root, good_ckpt):
     d = _copy(good_ckpt, s("trapped", "common"))
     torch.save({"args": _Trap(marker), "iteration": 2}, os.path.join(d, latest, "common.pt"))
     _reseal(os.path.join(d, latest), "common.pt")
+    import numpy as np
+
+    d = _copy(good_ckpt, s("trapped", "numpy_object"))  # numpy arrays are allowed, object arrays are not
+    common = torch.load(os.path.join(d, latest, "common.pt"), weights_only=False)
+    torch.save(dict(common, rng_state=np.array([_Trap(marker)], dtype=object)), os.path.join(d, latest, "common.pt"))
+    _reseal(os.path.join(d, latest), "common.pt")
+    # an older checkpoint: common.pt holds numpy's RNG state tuple (a uint32 array), which is data
+    d = _copy(good_ckpt, s("numpy_rng"))
+    torch.save(dict(common, rng_state=[{"random_rng_state": (3, (1, 2), None), "np_rng_state": np.random.get_state(),
+                                        "torch_rng_state": torch.get_rng_state()}]),
+               os.path.join(d, latest, "common.pt"))
+    _reseal(os.path.join(d, latest), "common.pt")
     d = _copy(good_ckpt, s("trapped", "metadata"))
     import pickle
 
@@ -265,7 +277,8 @@ for _name, _rx in DAMAGE.items():
     for _cmd in COMMANDS_READING_CHECKPOINTS:
         CASES.append((f"damaged-{_name}-{_cmd}", _reader_argv(_cmd, f"{{S}}/damaged/{_name}"), _rx))
 for _what, _rx in (("common", r"^error: refusing to read .*common.pt: it is not plain checkpoint data \(it names (io|builtins).open"),
-                   ("metadata", r"^error: refusing to read .*\.metadata: it is not plain checkpoint data \(it names (io|builtins).open")):
+                   ("metadata", r"^error: refusing to read .*\.metadata: it is not plain checkpoint data \(it names (io|builtins).open"),
+                   ("numpy_object", r"^error: refusing to read .*common.pt: it is not plain checkpoint data \(it names numpy\.")):
     for _cmd in COMMANDS_READING_CHECKPOINTS:
         CASES.append((f"trapped-{_what}-{_cmd}", _reader_argv(_cmd, f"{{S}}/trapped/{_what}"), _rx))
 
@@ -352,6 +365,25 @@ def test_dcp_byte_entries_are_read_as_data(tmp_path):
             torch.load(buf, weights_only=False)  # what torch DCP's DefaultLoadPlanner.load_bytes calls
     assert not marker.exists()
     assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ or os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] != "1"
+
+
+def test_common_pt_with_a_numpy_rng_state_is_read(sandbox):
+    """numpy's RNG state (a tuple with a uint32 array, as older checkpoints and Megatron-LM's hold it) is
+    data: allow-listed (numpy's _reconstruct, ndarray, dtype) for our loads only, and only while they run."""
+    import numpy as np
+    import torch
+
+    from megatron_staged.checkpoint.global_tensors import read_common
+
+    before = list(torch.serialization.get_safe_globals())
+    rc, out, err = run_case(["inspect", "{S}/numpy_rng", "--json"], sandbox)
+    assert rc == 0 and "error" not in err, err
+    assert json.loads(out)["iteration"] == 2
+    state = read_common(os.path.join(sandbox, "numpy_rng", "iter_0000002"))["rng_state"][0]["np_rng_state"]
+    assert isinstance(state[1], np.ndarray) and state[1].dtype == np.uint32 and len(state[1]) == 624
+    assert torch.serialization.get_safe_globals() == before, "the allow-list is scoped to our loads"
+    with pytest.raises(Exception, match="numpy"):  # torch's own default still refuses it outside our loads
+        torch.load(os.path.join(sandbox, "numpy_rng", "iter_0000002", "common.pt"), weights_only=True)
 
 
 def test_catalogue_fails_before_megatron(sandbox):

@@ -11,7 +11,8 @@ ordinary unpickler imports and calls whatever a pickle names (``__reduce__``):
 This module reads them all as data: ``torch.load(weights_only=True)`` (tensors, numbers, strings,
 lists, tuples, dicts only) for the ``torch.save`` files, and an unpickler restricted to DCP's own
 metadata dataclasses for ``.metadata``. What is written is plain data (the numpy RNG state is stored
-as lists, see ``checkpoint.manager``), so nothing else needs allow-listing.
+as lists, see ``checkpoint.manager``); the one allow-listed addition is numpy arrays
+(``numpy_array_globals``), which older checkpoints' RNG state holds.
 
 :func:`untrusted_checkpoint_reads` applies this to megatron-core's and torch DCP's own loaders for the
 duration of a ``with`` block (every CLI command runs inside one); :func:`load_torch_file` and
@@ -79,7 +80,10 @@ def unsafe_global(text: str):
     """The global a refused pickle names ('posix.system'), from torch's or our unpickler's message; else None."""
     import re
 
-    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text) or re.search(r"it names ([\w.]+), which", text)
+    m = (re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+         or re.search(r"unsupported GLOBAL ([\w.]+) whose module", text)  # torch's blocked modules (os, sys, ...)
+         or re.search(r"via `add_safe_globals`, but got <class '([\w.]+)'>", text)  # e.g. a numpy object array
+         or re.search(r"it names ([\w.]+), which", text))
     return m.group(1) if m else None
 
 
@@ -89,10 +93,33 @@ def refusal(path: str, name: str) -> UnsafeCheckpoint:
                             f"other tools unless you trust its source")
 
 
+def numpy_array_globals() -> list:
+    """The globals a pickled numpy array names, for weights-only loads: numpy's ``_reconstruct``
+    (under numpy 2's and numpy 1's module names), ``ndarray`` and ``dtype`` (with the classes of
+    the plain numeric dtypes, which unpickling a dtype builds: ``numpy.dtypes.UInt32DType`` ...),
+    and nothing else.
+
+    Checkpoints written before the RNG state was stored as lists hold numpy's RNG state (a tuple
+    with a uint32 key array). ``_reconstruct`` only allocates an array of an allowed class; the
+    array's contents (and any objects in it) are unpickled by the same restricted unpickler.
+    """
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    numeric = {type(np.dtype(t)) for t in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16,
+                                           np.uint32, np.uint64, np.float16, np.float32, np.float64)}
+    return [(_reconstruct, "numpy._core.multiarray._reconstruct"), (_reconstruct, "numpy.core.multiarray._reconstruct"),
+            np.ndarray, np.dtype, *sorted(numeric - {np.dtype}, key=lambda c: c.__name__)]
+
+
 def load_torch_file(path: str) -> Any:
     """``torch.load(path, weights_only=True)`` on CPU; UserError naming the file on any failure."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with untrusted_checkpoint_reads():  # numpy arrays allowed (numpy_array_globals), nothing else
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         name = unsafe_global(str(e))
         if name:
@@ -138,7 +165,8 @@ def untrusted_checkpoint_reads():
 
     ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1`` makes every ``torch.load`` weights-only, including DCP's
     ``torch.load(weights_only=False)`` of byte entries and megatron's ``common.pt`` read; DCP's
-    ``.metadata`` reader gets the restricted unpickler. Re-entrant; restored on exit.
+    ``.metadata`` reader gets the restricted unpickler; numpy arrays (``numpy_array_globals``) are
+    allowed for weights-only loads. Re-entrant; restored on exit.
     """
     global _depth
     import torch.distributed.checkpoint.filesystem as fs
@@ -149,6 +177,9 @@ def untrusted_checkpoint_reads():
             _saved["pickle"] = fs.pickle
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
             fs.pickle = _RestrictedPickleModule()
+            _saved["numpy"] = [g for g in numpy_array_globals()
+                               if g not in torch.serialization.get_safe_globals()]  # only ours are removed
+            torch.serialization.add_safe_globals(_saved["numpy"])
         _depth += 1
     try:
         yield
@@ -157,6 +188,7 @@ def untrusted_checkpoint_reads():
             _depth -= 1
             if _depth == 0:
                 fs.pickle = _saved.pop("pickle")
+                torch.serialization._weights_only_unpickler._remove_safe_globals(_saved.pop("numpy"))
                 env = _saved.pop("env")
                 if env is None:
                     os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
