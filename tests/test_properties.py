@@ -13,7 +13,7 @@ import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, Phase, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 
@@ -25,10 +25,17 @@ def growth_cases(draw):
     head_dim = draw(st.sampled_from([4, 8]))
     ffn = draw(st.integers(2, 6)) * 8
     layers = draw(st.integers(1, 3))
-    depth = draw(st.sampled_from([None, 2]))
+    depth = draw(st.sampled_from([None, 2, "map"]))
     width = draw(st.sampled_from([1, 2]) if depth else st.just(2))
+    depth_map = None
+    if depth == "map":  # an explicit --depth-map keeping every layer in order, with copies and fresh ('new') layers
+        depth, depth_map = None, list(range(layers))
+        for _ in range(draw(st.integers(1, layers + 1))):
+            at = draw(st.integers(0, len(depth_map)))
+            before = {i for i in depth_map[:at] if i is not None}
+            depth_map.insert(at, draw(st.sampled_from([None, *sorted(before)])))
     return dict(family=family, heads=heads, groups=groups, head_dim=head_dim, ffn=ffn, layers=layers,
-                vocab=draw(st.integers(17, 60)), depth_factor=depth, width_factor=width,
+                vocab=draw(st.integers(17, 60)), depth_factor=depth, depth_map=depth_map, width_factor=width,
                 placement=draw(st.sampled_from(["interleave", "stack"])),
                 width_split=draw(st.sampled_from([0.5, 0.6, 0.3])), seed=draw(st.integers(0, 2**16)))
 
@@ -71,8 +78,10 @@ def _hf_model(arch, state=None, seed=0):
     return model
 
 
-@settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(growth_cases())
+@example(dict(family="llama", heads=4, groups=2, head_dim=4, ffn=16, layers=2, vocab=33, depth_factor=None,
+              depth_map=[0, None, 1, None], width_factor=2, placement="interleave", width_split=0.5, seed=3))
 def test_growth_preserves_the_function(c):
     from megatron_staged.checkpoint.hf_mapping import arch_from_model_config, hf_to_megatron, megatron_to_hf
     from megatron_staged.growth.engine import grown_global
@@ -84,6 +93,7 @@ def test_growth_preserves_the_function(c):
     hf_sd = small.state_dict()
     src = hf_to_megatron(hf_sd.__getitem__, old_arch)
     request = GrowthRequest(depth_factor=c["depth_factor"], depth_placement=c["placement"],
+                            depth_map=",".join("new" if i is None else str(i) for i in c["depth_map"]) if c["depth_map"] else None,
                             width_factor=c["width_factor"], width_split=c["width_split"])
     spec = make_spec(old_cfg, request)
     new_cfg = target_config(old_cfg, spec, 1)
@@ -92,14 +102,19 @@ def test_growth_preserves_the_function(c):
         def fetch(kind, mkey, layer, _t=t):
             return _t if layer is None else _t[layer]
         if key.startswith("decoder.layers."):
-            grown[key] = torch.stack([grown_global(key, "param", j, spec, old_cfg.model, fetch)
-                                      for j in range(spec.new_num_layers)])
+            layers = [grown_global(key, "param", j, spec, old_cfg.model, fetch) for j in range(spec.new_num_layers)]
+            shape = next(x.shape for x in layers if x is not None)
+            assert all(x is not None for x, src in zip(layers, spec.depth_map) if src is not None)
+            # a fresh layer's own init (random); identity zeroed its residual outputs already
+            gen = torch.Generator().manual_seed(c["seed"])
+            grown[key] = torch.stack([x if x is not None else 0.1 * torch.randn(shape, generator=gen)
+                                      for x in layers])
         else:
             grown[key] = grown_global(key, "param", -1, spec, old_cfg.model, fetch)
     assert all(v is not None for v in grown.values()), [k for k, v in grown.items() if v is None]
     new_arch = arch_from_model_config(new_cfg.model, c["vocab"])
     big = _hf_model(new_arch, megatron_to_hf(grown, new_arch))
-    assert new_arch.num_layers == c["layers"] * (c["depth_factor"] or 1)
+    assert new_arch.num_layers == (len(c["depth_map"]) if c["depth_map"] else c["layers"] * (c["depth_factor"] or 1))
     assert new_arch.hidden == old_arch.hidden * c["width_factor"]
     tokens = torch.randint(0, c["vocab"], (2, 12), generator=torch.Generator().manual_seed(c["seed"]))
     with torch.no_grad():
@@ -126,7 +141,6 @@ import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 
-from hypothesis import Phase, example  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import ROOT, read_records, torchrun  # noqa: E402

@@ -383,8 +383,17 @@ def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, schedule
         "num_floating_point_operations_so_far": state.get("flops_so_far", 0.0),
         "parallel_layout": {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp},
     }
+    fresh = {}
+    if save_optimizer and optimizer is not None:  # a growth's fresh-moment masks, inside its correction window
+        from megatron_staged.growth import fresh_moments
+
+        fresh, start = fresh_moments.save_tensors(optimizer, model_sharded_state_dict(model_chunks))
+        if fresh:
+            common["fresh_moments"] = {"start_step": start}
     sd = build_state_dict(model_chunks, optimizer, scheduler, common, is_loading=False,
                           with_optimizer=save_optimizer, with_rng=True)
+    if fresh:
+        sd["fresh_moment_masks"] = fresh
     dist_checkpointing.save(sd, tmp, validate_access_integrity=True)
     _fault_injection("save", iteration)
     barrier()
@@ -451,6 +460,12 @@ def load_checkpoint(path: str, model_chunks, optimizer, scheduler, *, load_optim
                             f"to start a fresh optimizer)")
     sd = build_state_dict(model_chunks, optimizer, None, {}, is_loading=True,
                           with_optimizer=with_optim, with_rng=load_rng and same_layout)
+    fresh = (common.get("fresh_moments") or {}) if with_optim else {}
+    if fresh:
+        from megatron_staged.growth import fresh_moments
+
+        fresh_model_sd = model_sharded_state_dict(model_chunks)
+        sd["fresh_moment_masks"] = fresh_moments.load_templates(fresh_model_sd)
     try:
         with untrusted_checkpoint_reads():
             loaded = dist_checkpointing.load(sd, ckpt_dir, strict="assume_ok_unexpected")
@@ -467,6 +482,8 @@ def load_checkpoint(path: str, model_chunks, optimizer, scheduler, *, load_optim
             unwrap(c).load_state_dict(loaded[f"model{i}"])
     if with_optim:
         load_optimizer_state(optimizer, loaded["optimizer"], state.get("optimizer_step", 0))
+        if fresh:
+            fresh_moments.loaded_tensors(optimizer, fresh_model_sd, loaded["fresh_moment_masks"], fresh["start_step"])
     if scheduler is not None and "opt_param_scheduler" in common and load_optimizer:
         scheduler.load_state_dict(common["opt_param_scheduler"])
     if load_rng and same_layout and "rng_state" in loaded:
