@@ -194,7 +194,7 @@ def layout_runs(tmp_path_factory):
         for i, c in enumerate(draw_examples(layout_cases(kind), n)):
             cases.append(dict(c, name=f"{kind}{i}", dir=str(d / f"{kind}{i}")))
     (d / "cases.json").write_text(json.dumps(cases))
-    torchrun([str(d / "cases.json"), str(d / "results.jsonl")], nproc=4, timeout=900,
+    torchrun([str(d / "cases.json"), str(d / "results.jsonl")], nproc=4, timeout=1800,
              script=str(ROOT / "tests" / "workers" / "property_worker.py"))
     results = {r["name"]: r for r in read_records(d / "results.jsonl")}
     return [(c, results[c["name"]]) for c in cases]
