@@ -567,6 +567,10 @@ def check_values(cfg: Config) -> None:
     for name in ("adam_beta1", "adam_beta2"):
         require(getattr(o, name) < 1, f"{_flag(name)} {getattr(o, name)} must be below 1 (e.g. 0.9, 0.999)")
     require(o.min_lr <= o.lr, f"--min-lr {o.min_lr} exceeds --lr {o.lr}")
+    require(m.padded_vocab_size is None or m.padded_vocab_size > 0,
+            f"--padded-vocab-size {m.padded_vocab_size} must be positive (> 0)")
+    require(m.padded_vocab_size is None or m.vocab_size is None or m.padded_vocab_size >= m.vocab_size,
+            f"--padded-vocab-size {m.padded_vocab_size} is smaller than --vocab-size {m.vocab_size}")
     parse_split(cfg.data.split)
 
 

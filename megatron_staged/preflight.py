@@ -80,6 +80,9 @@ def _check_load(cfg: Config, command: str):
             raise UserError("evaluate needs --load CKPT")
         return None
     path = c.load
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--load {path} is a file; give a checkpoint directory (the one given to --save, "
+                        f"or one iter_XXXXXXX in it)")
     if not os.path.exists(path) or (os.path.isdir(path) and not is_checkpoint_root(path) and not is_iteration_dir(path)
                                     and not list_iterations(path)):
         if command == "evaluate":

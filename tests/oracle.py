@@ -197,6 +197,9 @@ def grow_state(src: dict, a: dict, *, depth_map: list, init: str = "identity", w
             continue
         layers = []
         for j, s in enumerate(depth_map):
+            if s is None and init == "identity" and mkey[len("decoder.layers."):] in RESIDUAL_OUT:
+                layers.append(torch.zeros_like(w(t[0])))  # a fresh layer under identity: zero residual outputs
+                continue
             if s is None or (new[j] and init == "random"):
                 layers.append(None)
                 continue

@@ -99,6 +99,18 @@ def build_sandbox(root, good_ckpt):
     d = _copy(good_ckpt, s("trapped", "common"))
     torch.save({"args": _Trap(marker), "iteration": 2}, os.path.join(d, latest, "common.pt"))
     _reseal(os.path.join(d, latest), "common.pt")
+    import numpy as np
+
+    d = _copy(good_ckpt, s("trapped", "numpy_object"))  # numpy arrays are allowed, object arrays are not
+    common = torch.load(os.path.join(d, latest, "common.pt"), weights_only=False)
+    torch.save(dict(common, rng_state=np.array([_Trap(marker)], dtype=object)), os.path.join(d, latest, "common.pt"))
+    _reseal(os.path.join(d, latest), "common.pt")
+    # an older checkpoint: common.pt holds numpy's RNG state tuple (a uint32 array), which is data
+    d = _copy(good_ckpt, s("numpy_rng"))
+    torch.save(dict(common, rng_state=[{"random_rng_state": (3, (1, 2), None), "np_rng_state": np.random.get_state(),
+                                        "torch_rng_state": torch.get_rng_state()}]),
+               os.path.join(d, latest, "common.pt"))
+    _reseal(os.path.join(d, latest), "common.pt")
     d = _copy(good_ckpt, s("trapped", "metadata"))
     import pickle
 
@@ -133,6 +145,12 @@ def build_sandbox(root, good_ckpt):
     os.makedirs(s("hf"))
     open(s("hf", "config.json"), "w").write('{"model_type": "gpt2"}\n')
     os.makedirs(s("empty"))
+    os.makedirs(s("hf_no_fields"))
+    open(s("hf_no_fields", "config.json"), "w").write('{"model_type": "gpt2", "n_layer": 2}\n')
+    os.makedirs(s("hf_not_json"))
+    open(s("hf_not_json", "config.json"), "w").write("{model_type: gpt2\n")
+    open(s("not_json.jsonl"), "w").write("step 1 loss 3.2\n")
+    open(s("one_loss.jsonl"), "w").write('{"iteration": 1, "loss": 3.0}\n')
     return root
 
 
@@ -238,6 +256,38 @@ CASES = [
     ("import-tp-zero", ["import-hf", "--hf", "{S}/hf", "--save", "{S}/new", "--target-tensor-model-parallel-size", "0"], r"--target-tensor-model-parallel-size 0 must be positive"),
     ("inspect-absent", ["inspect", "{S}/nope"], r"nope: no such checkpoint directory"),
     ("inspect-not-checkpoint", ["inspect", "{S}/empty"], r"not a checkpoint \(no latest_checkpointed_iteration.txt"),
+    # tried as a new user in a second round (docs/reliability.md): growth requests, tool flags, configs, logs
+    ("grow-map-reorders", ["grow", "--load", "{S}/good", "--save", "{S}/new", "--depth-map", "1,0"], r"--depth-map puts layer 1 before layer 0"),
+    ("grow-map-drops-a-layer", ["grow", "--load", "{S}/good", "--save", "{S}/new", "--depth-map", "0,0,0"], r"--depth-map leaves out layer 1"),
+    ("grow-map-empty-entry", ["grow", "--load", "{S}/good", "--save", "{S}/new", "--depth-map", "0,,1"], r"--depth-map entry '' is not a layer index"),
+    ("grow-shrinks", ["grow", "--load", "{S}/good", "--save", "{S}/new", "--depth-factor", "0.5"], r"depth growth to 1 layers from 2: the target must not be shallower"),
+    ("grow-width-three", ["grow", "--load", "{S}/good", "--save", "{S}/new", "--width-factor", "3"], r"--width-factor: 3 is not one of \[1, 2\]"),
+    ("grow-rho-zero", ["grow", "--load", "{S}/good", "--save", "{S}/new", "--depth-factor", "2", "--rho", "0"], r"--rho 0.0 must be > 0"),
+    ("grow-pp-not-dividing", ["grow", "--load", "{S}/good", "--save", "{S}/new", "--depth-factor", "2", "--target-pipeline-model-parallel-size", "3"], r"does not fit target TP 1 x PP 3 .*--num-layers 4 is not divisible"),
+    ("grow-noise-negative", ["grow", "--load", "{S}/good", "--save", "{S}/new", "--width-factor", "2", "--width-noise", "-1"], r"--width-noise -1.0 must be >= 0"),
+    ("convert-dtype-fp16", ["convert", "--load", "{S}/good", "--save", "{S}/new", "--dtype", "fp16"], r"--dtype: invalid choice: 'fp16'"),
+    ("convert-pp-beyond-layers", ["convert", "--load", "{S}/good", "--save", "{S}/new", "--target-pipeline-model-parallel-size", "4"], r"--num-layers 2 is not divisible by --target-pipeline-model-parallel-size 4"),
+    ("convert-load-file", ["convert", "--load", "{S}/a_file", "--save", "{S}/new"], r"a_file: not a checkpoint"),
+    ("export-vocab-zero", ["export-hf", "--load", "{S}/good", "--out", "{S}/new", "--vocab-size", "0"], r"vocabulary size 0 must be in 1\.\.256"),
+    ("import-config-missing-field", ["import-hf", "--hf", "{S}/hf_no_fields", "--save", "{S}/new"], r"config.json has no 'n_embd', which a gpt2 config needs"),
+    ("import-config-not-json", ["import-hf", "--hf", "{S}/hf_not_json", "--save", "{S}/new"], r"config.json is not valid JSON"),
+    ("train-load-file", ["train", *T, "--load", "{S}/a_file"], r"--load .*a_file is a file; give a checkpoint directory"),
+    ("evaluate-load-file", ["evaluate", *T, "--load", "{S}/a_file"], r"--load .*a_file is a file; give a checkpoint directory"),
+    ("padded-vocab-too-small", ["train", *T, "--padded-vocab-size", "64"], r"--padded-vocab-size 64 is smaller than --vocab-size 128"),
+    ("seq-beyond-positions", ["train", *T, "--max-position-embeddings", "8"], r"--max-position-embeddings 8 < --seq-length 16"),
+    ("groups-not-dividing", ["train", *T, "--group-query-attention", "--num-query-groups", "3"], r"--num-attention-heads 2 is not divisible by --num-query-groups 3"),
+    ("exit-interval-zero", ["train", *T, "--exit-interval", "0"], r"--exit-interval 0 must be positive"),
+    ("seed-negative", ["train", *T, "--seed", "-1"], r"--seed -1 must be non-negative"),
+    ("norm-epsilon-zero", ["train", *T, "--norm-epsilon", "0"], r"--norm-epsilon 0.0 must be positive"),
+    ("plan-gpus-zero", ["plan", "--gpus", "0", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2"], r"--gpus 0 must be positive"),
+    ("plan-memory-negative", ["plan", "--gpus", "1", "--gpu-memory-gb", "-1", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2"], r"--gpu-memory-gb -1.0 must be positive"),
+    ("plan-tokens-negative", ["plan", "--gpus", "1", "--train-tokens", "-5", "--global-batch-size", "8", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2"], r"--train-tokens -5.0 must be positive"),
+    ("plan-mfu-above-one", ["plan", "--gpus", "1", "--mfu", "2", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2"], r"--mfu 2.0 must be in \(0, 1\]"),
+    ("report-not-json", ["report", "{S}/not_json.jsonl"], r"not_json.jsonl:1: not a JSON line"),
+    ("report-missing", ["report", "{S}/nope.jsonl"], r"nope.jsonl: no such file"),
+    ("fit-rho-smooth-zero", ["fit-rho", "--small", "{S}/one_loss.jsonl", "--large", "{S}/one_loss.jsonl", "--smooth", "0"], r"--smooth must be >= 1"),
+    ("fit-rho-one-loss", ["fit-rho", "--small", "{S}/one_loss.jsonl", "--large", "{S}/one_loss.jsonl"], r"one_loss.jsonl holds fewer than 2 training losses"),
+    ("inspect-file", ["inspect", "{S}/a_file"], r"a_file: not a checkpoint"),
 ]
 
 
@@ -265,7 +315,8 @@ for _name, _rx in DAMAGE.items():
     for _cmd in COMMANDS_READING_CHECKPOINTS:
         CASES.append((f"damaged-{_name}-{_cmd}", _reader_argv(_cmd, f"{{S}}/damaged/{_name}"), _rx))
 for _what, _rx in (("common", r"^error: refusing to read .*common.pt: it is not plain checkpoint data \(it names (io|builtins).open"),
-                   ("metadata", r"^error: refusing to read .*\.metadata: it is not plain checkpoint data \(it names (io|builtins).open")):
+                   ("metadata", r"^error: refusing to read .*\.metadata: it is not plain checkpoint data \(it names (io|builtins).open"),
+                   ("numpy_object", r"^error: refusing to read .*common.pt: it is not plain checkpoint data \(it names numpy\.")):
     for _cmd in COMMANDS_READING_CHECKPOINTS:
         CASES.append((f"trapped-{_what}-{_cmd}", _reader_argv(_cmd, f"{{S}}/trapped/{_what}"), _rx))
 
@@ -352,6 +403,25 @@ def test_dcp_byte_entries_are_read_as_data(tmp_path):
             torch.load(buf, weights_only=False)  # what torch DCP's DefaultLoadPlanner.load_bytes calls
     assert not marker.exists()
     assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ or os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] != "1"
+
+
+def test_common_pt_with_a_numpy_rng_state_is_read(sandbox):
+    """numpy's RNG state (a tuple with a uint32 array, as older checkpoints and Megatron-LM's hold it) is
+    data: allow-listed (numpy's _reconstruct, ndarray, dtype) for our loads only, and only while they run."""
+    import numpy as np
+    import torch
+
+    from megatron_staged.checkpoint.global_tensors import read_common
+
+    before = list(torch.serialization.get_safe_globals())
+    rc, out, err = run_case(["inspect", "{S}/numpy_rng", "--json"], sandbox)
+    assert rc == 0 and "error" not in err, err
+    assert json.loads(out)["iteration"] == 2
+    state = read_common(os.path.join(sandbox, "numpy_rng", "iter_0000002"))["rng_state"][0]["np_rng_state"]
+    assert isinstance(state[1], np.ndarray) and state[1].dtype == np.uint32 and len(state[1]) == 624
+    assert torch.serialization.get_safe_globals() == before, "the allow-list is scoped to our loads"
+    with pytest.raises(Exception, match="numpy"):  # torch's own default still refuses it outside our loads
+        torch.load(os.path.join(sandbox, "numpy_rng", "iter_0000002", "common.pt"), weights_only=True)
 
 
 def test_catalogue_fails_before_megatron(sandbox):

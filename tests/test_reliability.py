@@ -274,3 +274,63 @@ def test_resume_just_before_and_after_a_growth_stage_is_exact(tmp_path):
         got = {**{i: r["loss"] for i, r in _records(first).items()}, **{i: r["loss"] for i, r in _records(second).items()}}
         assert sorted(_records(second)) == list(range(stop + 1, 5))
         assert got == ref, f"interrupted at {stop}: {got} != {ref}"
+
+
+def test_new_layer_identity_and_resume_inside_the_fresh_moment_window(tmp_path):
+    """A stage ``depth_map: 0,new,1`` (depth_init identity) preserves the eval loss: the fresh layer's
+    residual outputs are zeroed like the copies'. With ``fresh_moments: bias-corrected`` the masks of
+    the fresh elements are saved with each checkpoint inside the correction window, so a run
+    interrupted one and two steps after the growth and resumed reproduces the uninterrupted losses
+    bit for bit (before, a resumed run fell back to plain Adam for those elements)."""
+    cfg = tmp_path / "stages.yaml"
+    cfg.write_text("staging:\n  stages:\n    - {at_iteration: 2, depth_map: '0,new,1', depth_init: identity, "
+                   "fresh_moments: bias-corrected, rewarmup_iters: 0}\n")
+    base = ["train", *TINY_MOCK, "--train-iters", "5", "--lr-warmup-iters", "0", "--config", str(cfg)]
+    straight = tmp_path / "straight.jsonl"
+    run_cli([*base, "--log-file", str(straight)])
+    growth = [r for r in read_records(straight) if r.get("event") == "growth"]
+    assert len(growth) == 1 and growth[0]["num_layers"] == 3
+    assert growth[0]["eval_loss_after"] == pytest.approx(growth[0]["eval_loss_before"], rel=1e-6, abs=0), growth[0]
+    ref = {i: r["loss"] for i, r in _records(straight).items()}
+    assert sorted(ref) == [1, 2, 3, 4, 5]
+    for stop in (3, 4):  # one and two optimizer steps into the correction window
+        ckpt = tmp_path / f"ckpt{stop}"
+        first, second = tmp_path / f"first{stop}.jsonl", tmp_path / f"second{stop}.jsonl"
+        run_cli([*base, "--exit-interval", str(stop), "--save", str(ckpt), "--log-file", str(first)])
+        common = __import__("torch").load(ckpt / f"iter_{stop:07d}" / "common.pt", weights_only=True)
+        assert common["fresh_moments"]["start_step"] == 2.0, "the masks are saved inside the window"
+        r = run_cli([*base, "--load", str(ckpt), "--save", str(ckpt), "--log-file", str(second)])
+        assert "resumed the correction" in r.stdout
+        got = {**{i: x["loss"] for i, x in _records(first).items()}, **{i: x["loss"] for i, x in _records(second).items()}}
+        assert got == ref, f"interrupted at {stop}: {got} != {ref}"
+
+
+OLD_RNG_FORMAT = """
+import sys
+import numpy as np
+from megatron_staged.checkpoint import manager
+
+def as_before(state):  # checkpoints written before plain_rng_state stored numpy's tuple, array and all
+    assert isinstance(state["np"][1], np.ndarray)
+    return state
+
+manager.plain_rng_state = as_before
+from megatron_staged.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_resume_of_a_checkpoint_with_a_numpy_array_rng_state(tmp_path):
+    """An older checkpoint whose RNG state holds numpy's array (a byte entry read weights-only) resumes at
+    the same layout with its RNG state (numpy's _reconstruct/ndarray/dtype are allow-listed for our loads)
+    and reproduces the uninterrupted run's loss; before, it was refused unless --no-load-rng."""
+    from conftest import _env, _run
+
+    ckpt, straight, resumed = tmp_path / "ckpt", tmp_path / "straight.jsonl", tmp_path / "resumed.jsonl"
+    args = ["train", *TINY_MOCK, "--train-iters", "2"]
+    r = _run([sys.executable, "-c", OLD_RNG_FORMAT, *args, "--save-interval", "1", "--save", str(ckpt),
+              "--log-file", str(straight)], 600, _env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli([*args, "--load", str(ckpt / "iter_0000001"), "--log-file", str(resumed)])
+    assert "error" not in r.stderr
+    assert _records(resumed)[2]["loss"] == _records(straight)[2]["loss"]

@@ -442,8 +442,17 @@ def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, schedule
     if scheduler is not None:
         common["opt_param_scheduler"] = megatron_lm.scheduler_in_samples(scheduler.state_dict(),
                                                                          mlm_args.global_batch_size)
+    fresh = {}
+    if save_optimizer and optimizer is not None:  # a growth's fresh-moment masks, inside its correction window
+        from megatron_staged.growth import fresh_moments
+
+        fresh, start = fresh_moments.save_tensors(optimizer, model_sharded_state_dict(model_chunks))
+        if fresh:
+            common["fresh_moments"] = {"start_step": start}
     sd = build_state_dict(model_chunks, optimizer, None, common, is_loading=False,
                           with_optimizer=save_optimizer, with_rng=True)
+    if fresh:
+        sd["fresh_moment_masks"] = fresh
     content = dict(CONTENT_METADATA)
     if has_optimizer and _is_distributed(optimizer):
         content.update(distrib_optim_sharding_type="fully_reshardable",
@@ -543,6 +552,12 @@ def load_checkpoint(path: str, model_chunks, optimizer, scheduler, *, load_optim
     sd = build_state_dict(model_chunks, optimizer, None, {}, is_loading=True, with_optimizer=with_optim,
                           with_rng=rng_layout is not None, optim_sharding=optim_sharding,
                           rng_layout=rng_layout or "megatron")
+    fresh = (common.get("fresh_moments") or {}) if with_optim else {}
+    if fresh:
+        from megatron_staged.growth import fresh_moments
+
+        fresh_model_sd = model_sharded_state_dict(model_chunks)
+        sd["fresh_moment_masks"] = fresh_moments.load_templates(fresh_model_sd)
     try:
         with untrusted_checkpoint_reads():
             loaded = dist_checkpointing.load(sd, ckpt_dir, strict="assume_ok_unexpected")
@@ -559,6 +574,8 @@ def load_checkpoint(path: str, model_chunks, optimizer, scheduler, *, load_optim
             unwrap(c).load_state_dict(loaded[f"model{i}"])
     if with_optim:
         load_optimizer_state(optimizer, loaded["optimizer"], state.get("optimizer_step", 0))
+        if fresh:
+            fresh_moments.loaded_tensors(optimizer, fresh_model_sd, loaded["fresh_moment_masks"], fresh["start_step"])
     if scheduler is not None and common.get("opt_param_scheduler") is not None and load_optimizer:
         scheduler.load_state_dict(common["opt_param_scheduler"])
     if rng_layout is not None and "rng_state" in loaded:

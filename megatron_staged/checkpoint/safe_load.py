@@ -138,8 +138,10 @@ def unsafe_global(text: str):
     """The global a refused pickle names ('posix.system'), from torch's or our unpickler's message; else None."""
     import re
 
-    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text) or re.search(r"it names ([\w.]+), which", text) \
-        or re.search(r"unsupported GLOBAL ([\w.]+) whose module", text)  # a blocked module (os, posix, ...)
+    m = (re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+         or re.search(r"unsupported GLOBAL ([\w.]+) whose module", text)  # torch's blocked modules (os, sys, ...)
+         or re.search(r"via `add_safe_globals`, but got <class '([\w.]+)'>", text)  # e.g. a numpy object array
+         or re.search(r"it names ([\w.]+), which", text))
     return m.group(1) if m else None
 
 
@@ -239,6 +241,9 @@ def untrusted_checkpoint_reads():
                 _allow_megatron_globals()
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
             fs.pickle = _RestrictedPickleModule()
+            _saved["numpy"] = [g for g in numpy_array_globals()
+                               if g not in torch.serialization.get_safe_globals()]  # only ours are removed
+            torch.serialization.add_safe_globals(_saved["numpy"])
         _depth += 1
     try:
         yield

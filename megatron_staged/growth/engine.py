@@ -54,13 +54,16 @@ def grown_global(model_key: str, kind: str, layer: int, spec: GrowthSpec, old_mo
 
     ``None`` means: not derived from the source (a fresh ``random`` or ``zero`` layer: the target's
     own init for parameters, zeros for moments; ``zero`` also zeroes the residual outputs, see
-    :func:`operators.fresh_layer_is_zero`).
+    :func:`operators.fresh_layer_is_zero`). Under ``depth_init identity`` a fresh (``new``) layer's
+    residual outputs are zero, so that it is an identity like the other new layers.
     """
     src_layer = None
     new = False
     if layer >= 0:
         src_layer = spec.depth_map[layer]
         new = spec.new_layer[layer]
+        if src_layer is None and spec.depth_init == "identity" and is_residual_output(model_key):
+            src_layer = 0  # a fresh ('new') layer under identity: zero residual outputs (shaped as layer 0's)
         if src_layer is None or (new and spec.depth_init in FRESH_INITS):
             return None
     ck = (kind, model_key, src_layer)
@@ -287,12 +290,12 @@ def plan_part(part: TargetPart, global_shape: tuple, spec: GrowthSpec, old_model
     if part.layer >= 0:
         src_layer = spec.depth_map[part.layer]
         new = spec.new_layer[part.layer]
+        if new and spec.depth_init == "identity" and is_residual_output(mkey):
+            return PartPlan(part, kind, mkey, "zero")  # also a fresh ('new') layer's: the layer is an identity
         if src_layer is None or (new and spec.depth_init in FRESH_INITS):
             if fresh_layer_is_zero(mkey, spec.depth_init):
                 return PartPlan(part, kind, mkey, "zero")  # param, fp32 master and moments alike
             return _fresh(part, kind, mkey)
-        if new and spec.depth_init == "identity" and is_residual_output(mkey):
-            return PartPlan(part, kind, mkey, "zero")
     ckey = _source_key(kind, mkey, shapes)
     if ckey is None:  # not in the source: as a fresh layer's tensor
         return _fresh(part, kind, mkey)

@@ -249,6 +249,15 @@ def parse_depth_map(text, old: int) -> list:
         require(0 <= i < old, f"--depth-map refers to layer {i}, but the source model has layers 0..{old - 1}")
         out.append(i)
     require(len(out) > 0, "--depth-map is empty")
+    # the grown model computes the source's function only if every layer is kept, in order (copies
+    # and fresh layers start as identities); anything else is a different model, not a growth
+    firsts = list(dict.fromkeys(i for i in out if i is not None))
+    dropped = sorted(set(range(old)) - set(firsts))
+    require(not dropped, f"--depth-map leaves out layer{'s' if len(dropped) > 1 else ''} "
+                         f"{', '.join(map(str, dropped))}; every source layer must appear (a growth keeps the model's function)")
+    wrong = next(((a, b) for a, b in zip(firsts, firsts[1:]) if a > b), None)
+    require(wrong is None, f"--depth-map puts layer {wrong and wrong[0]} before layer {wrong and wrong[1]}; the first "
+                           f"copy of each source layer must keep the source order (a growth keeps the model's function)")
     return out
 
 

@@ -64,7 +64,13 @@ def hardware(args):
     from megatron_staged.errors import require
     from megatron_staged.planning.cluster import Hardware
 
-    require(args.gpus is not None and args.gpus >= 1, "give the number of GPUs: --gpus N (or --world-size N)")
+    require(args.gpus is None or args.gpus >= 1, f"--gpus {args.gpus} must be positive (>= 1)")
+    require(args.gpus is not None, "give the number of GPUs: --gpus N (or --world-size N)")
+    for flag, v, strict in (("--gpus-per-node", args.gpus_per_node, True), ("--gpu-memory-gb", args.gpu_memory_gb, True),
+                            ("--reserved-memory-gb", args.reserved_memory_gb, False),
+                            ("--peak-tflops", args.peak_tflops, True)):
+        require(v is None or (v > 0 if strict else v >= 0),
+                f"{flag} {v} must be {'positive (> 0)' if strict else 'non-negative (>= 0)'}")
     require(0 < args.mfu <= 1, f"--mfu {args.mfu} must be in (0, 1]")
     return Hardware(gpus=args.gpus, gpus_per_node=args.gpus_per_node, gpu_memory_gb=args.gpu_memory_gb,
                     reserved_memory_gb=args.reserved_memory_gb, mfu=args.mfu, peak_tflops=args.peak_tflops)

@@ -148,6 +148,8 @@ def set_train_tokens(cfg: Config, train_tokens: Optional[float]) -> None:
     if train_tokens is None:
         return
     t = cfg.training
+    require(math.isfinite(float(train_tokens)) and float(train_tokens) > 0,
+            f"--train-tokens {train_tokens} must be positive (> 0)")
     require(t.global_batch_size is not None, "--train-tokens needs --global-batch-size")
     t.train_iters = int(math.ceil(float(train_tokens) / (t.global_batch_size * cfg.model.seq_length)))
     if cfg.optim.lr_decay_iters is not None and cfg.optim.lr_decay_iters > t.train_iters:

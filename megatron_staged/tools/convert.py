@@ -69,8 +69,6 @@ def check_target_dir(save: str, source_dir: str, overwrite: bool = False) -> Non
 
 
 def convert(args) -> dict:
-    import torch.distributed as dist
-
     for flag, v in (("--target-tensor-model-parallel-size", args.target_tensor_model_parallel_size),
                     ("--target-pipeline-model-parallel-size", args.target_pipeline_model_parallel_size)):
         if v is not None and v < 1:
@@ -85,8 +83,11 @@ def convert(args) -> dict:
     from megatron_staged.runtime.distributed import init_distributed
     from megatron_staged.training.state import TrainState
 
+    import os
+
+    # checked before anything is built (torchrun's WORLD_SIZE, as init_distributed will see it)
+    cfg = target_config(common, args, int(os.environ.get("WORLD_SIZE", "1")))
     init_distributed()
-    cfg = target_config(common, args, dist.get_world_size())
     source_state = common.get("train_state") or {}
     with_optim = not args.no_optimizer and source_state.get("has_optimizer", True)
     cfg.checkpoint.override_opt_param_scheduler = False  # the saved schedule is carried over as it is

@@ -22,8 +22,6 @@ def needs_import(common: dict, no_optimizer: bool) -> bool:
 def main(argv) -> int:
     import os
 
-    import torch.distributed as dist
-
     from megatron_staged.checkpoint.manager import check_output_dir, load_common, resolve_checkpoint_dir, save_checkpoint
     from megatron_staged.config import Config
     from megatron_staged.growth.apply import grow_from_checkpoint
@@ -59,9 +57,10 @@ def main(argv) -> int:
     if not common.get("args"):
         raise UserError(f"{src_dir} has no run config (args) in common.pt; was it written by megatron_staged?")
     old_cfg = Config.from_dict(common["args"])
-    init_distributed()
     spec = make_spec(old_cfg, GrowthRequest.from_args(a))
-    new_cfg = target_config(old_cfg, spec, dist.get_world_size())  # validates before anything is written
+    # validates before anything is built or written (torchrun's WORLD_SIZE, as init_distributed will see it)
+    new_cfg = target_config(old_cfg, spec, int(os.environ.get("WORLD_SIZE", "1")))
+    init_distributed()
     comps, state, stats = grow_from_checkpoint(src_dir, spec, old_cfg, common, new_cfg)
     new_cfg.checkpoint.load = None
     save_checkpoint(a.save, state.iteration, comps.model, comps.optimizer, comps.scheduler, state.to_dict(),

@@ -106,8 +106,27 @@ def read_hf_config(path: str) -> dict:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise UserError(f"--hf {path}: no config.json; expected a directory written by model.save_pretrained()")
-    with open(cfg_path) as fh:
-        return json.load(fh)
+    try:
+        with open(cfg_path) as fh:
+            cfg = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"--hf {cfg_path} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"--hf {cfg_path} holds a JSON {type(cfg).__name__}, not a model config object")
+    return cfg
+
+
+def arch_of(hf_cfg: dict, path: str):
+    """The architecture of ``config.json``; a missing or mistyped field is one line naming it."""
+    from megatron_staged.checkpoint.hf_mapping import arch_from_hf_config
+
+    try:
+        return arch_from_hf_config(hf_cfg)
+    except KeyError as e:
+        raise UserError(f"--hf {path}/config.json has no {e.args[0]!r}, which a "
+                        f"{hf_cfg.get('model_type')} config needs; was it written by save_pretrained()?") from None
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise UserError(f"--hf {path}/config.json has a field of the wrong type or value ({e})") from None
 
 
 def check_hf_shapes(weights: HFWeights, arch) -> None:
@@ -192,7 +211,6 @@ def copy_shard(st, full: torch.Tensor) -> None:
 def main(argv) -> int:
     import torch.distributed as dist
 
-    from megatron_staged.checkpoint.hf_mapping import arch_from_hf_config
     from megatron_staged.checkpoint.manager import check_output_dir, save_checkpoint
     from megatron_staged.config import pad_vocab_size
     from megatron_staged.runtime.distributed import init_distributed, print_rank0
@@ -212,7 +230,7 @@ def main(argv) -> int:
     check_output_dir(args.save, "--save", overwrite=args.overwrite)
     hf_cfg = read_hf_config(args.hf)
     tp, pp = args.target_tensor_model_parallel_size, args.target_pipeline_model_parallel_size
-    arch = arch_from_hf_config(hf_cfg)
+    arch = arch_of(hf_cfg, args.hf)
     arch = dataclasses.replace(arch, padded_vocab=pad_vocab_size(arch.vocab, args.make_vocab_size_divisible_by, tp))
     if hf_cfg.get("model_type") == "gpt2" and hf_cfg.get("activation_function", "gelu_new") != "gelu":
         print_rank0(f"note: this GPT-2 uses {hf_cfg.get('activation_function', 'gelu_new')} (tanh-approximated GeLU); "

@@ -255,6 +255,12 @@ class Trainer:
         if self.fresh_correction is not None:
             self.fresh_correction.remove()
             self.fresh_correction = None
+        if self.optimizer is not None:  # resumed inside a correction window: the checkpoint's masks
+            self.fresh_correction = fresh_moments.resume(self.optimizer)
+            if self.fresh_correction is not None:
+                print_rank0(f"fresh_moments bias-corrected: resumed the correction of {self.fresh_correction.num_fresh} "
+                            f"elements (rank 0) from the checkpoint, {self.fresh_correction.steps} steps after the growth")
+                return
         last = self.state.stage_history[-1] if self.state.stage_history else None
         if last is None or last.get("iteration") != self.state.iteration or self.optimizer is None:
             return
