@@ -1,0 +1,183 @@
+"""Muon (``--optimizer muon`` / ``dist_muon``): megatron-core's Muon on 2-D hidden weights, Adam on the rest.
+
+megatron-core 0.16.1 ships the optimizer (``megatron.core.optimizer.muon``): its builder
+``get_megatron_muon_optimizer`` chains ``TensorParallelMuon`` (on every 2-D weight that is not an
+embedding or the output layer) with megatron's ordinary Adam (on embeddings, the output layer,
+norms and biases), the way Megatron-LM's ``--optimizer muon`` does. ``dist_muon`` wraps the same
+chain in megatron's ``LayerWiseDistributedOptimizer`` (each DP rank updates whole parameters, then
+all-gathers them). megatron-core refuses Muon with ``--use-distributed-optimizer`` (the
+distributed optimizer shards flat buffer ranges, and Newton-Schulz needs whole matrices); so does
+this project, in config validation, naming ``dist_muon``.
+
+The Newton-Schulz iteration itself lives in NVIDIA's ``emerging-optimizers`` package. megatron-core
+0.16.1 was written against its v0.1.0 (a git tag, never published to the package registry); the
+registry has 0.3.0 only, which declares Python >= 3.12, imports triton unconditionally, and renamed
+two arguments. The adaptations, all here:
+
+- for the import only, ``typing.override`` (Python 3.12) is lent from ``typing_extensions`` on
+  Python 3.11, and without triton an empty ``triton_kernels`` module stands in (see
+  :func:`_importable_on_cpu_py311`);
+- :class:`TensorParallelMuon` re-does only the constructor of megatron's class for the 0.3 API
+  (``nesterov`` for ``use_nesterov``, ``newton_schulz_tp(tp_mode=...)`` for ``mode=``), keeping
+  megatron's ``orthogonalize`` (QKV split, TP group choice) as it is; megatron's builder uses it
+  while :func:`build_muon_optimizer` runs.
+
+Update of one Muon parameter W (m x n) with gradient G, per step (decoupled weight decay)::
+
+    W <- W * (1 - lr * wd)
+    M <- beta * M + (1 - beta) * G                 (momentum_buffer; Nesterov: use G + beta*(M - G))
+    W <- W - lr * extra_scale * sqrt(max(m, n)) * NS5(M)     ("spectral" scale mode)
+
+where NS5 is five quintic Newton-Schulz steps on M / ||M||_F (approximately U V^T of M = U S V^T).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+from typing import Any, Optional
+
+import torch
+
+from megatron_staged.errors import UserError
+
+MUON_OPTIMIZERS = ("muon", "dist_muon")
+INSTALL = ("pip install --ignore-requires-python 'emerging-optimizers==0.3.0' (Python 3.11; on >= 3.12: "
+           "pip install -e '.[muon]')")
+
+
+def is_muon(name: str) -> bool:
+    return name in MUON_OPTIMIZERS
+
+
+@contextlib.contextmanager
+def _importable_on_cpu_py311():
+    """What emerging-optimizers 0.3 needs to import here, lent for the import only.
+
+    - ``typing.override`` (Python 3.12; a no-op decorator): ``typing_extensions``' on 3.11.
+    - ``triton`` (a GPU kernel compiler, ~290 MB, not a declared dependency): the package imports
+      its Triton SYRK kernels unconditionally; without triton, an empty ``triton_kernels`` stands
+      in with ``HAS_TRITON_340 = False``, so the kernels' only user (``use_syrk=True``, which
+      megatron never sets) asserts instead of the whole package failing to import. The stand-in
+      stays registered: the package's modules hold a reference to it.
+    """
+    import sys
+    import types
+    import typing
+
+    lent = not hasattr(typing, "override")
+    if lent:
+        from typing_extensions import override
+
+        typing.override = override
+    if importlib.util.find_spec("triton") is None and "emerging_optimizers.triton_kernels" not in sys.modules:
+        stand_in = types.ModuleType("emerging_optimizers.triton_kernels")
+        stand_in.HAS_TRITON_340 = False
+        sys.modules[stand_in.__name__] = stand_in
+    try:
+        yield
+    finally:
+        if lent:
+            del typing.override
+
+
+def megatron_muon_module():
+    """``megatron.core.optimizer.muon`` with emerging-optimizers loaded, or a one-line UserError."""
+    with _importable_on_cpu_py311():
+        try:
+            importlib.import_module("emerging_optimizers.orthogonalized_optimizers")
+        except ImportError as e:
+            raise UserError(f"--optimizer muon needs the emerging-optimizers package ({e}); install it: {INSTALL}") \
+                from None
+        module = importlib.import_module("megatron.core.optimizer.muon")
+        if not module.HAVE_EMERGING_OPTIMIZERS:  # imported earlier, before the package was importable
+            module = importlib.reload(module)
+    return module
+
+
+def _compat_class(mmuon):
+    """megatron's TensorParallelMuon with a constructor for emerging-optimizers 0.3."""
+    from emerging_optimizers.orthogonalized_optimizers import OrthogonalizedOptimizer, get_muon_scale_factor
+    from emerging_optimizers.orthogonalized_optimizers.muon_utils import newton_schulz_tp
+    from megatron.core.utils import get_pg_size
+
+    class TensorParallelMuon(mmuon.TensorParallelMuon):
+        """megatron-core 0.16.1's ``TensorParallelMuon`` (same arguments, same ``orthogonalize``)."""
+
+        def __init__(self, params, lr: float = 3e-4, momentum_beta: float = 0.95, use_nesterov: bool = True,
+                     weight_decay: float = 0.01, use_decoupled_weight_decay: bool = True, split_qkv: bool = False,
+                     is_qkv_fn=None, qkv_split_shapes=None, fp32_matmul_prec: str = "medium",
+                     coefficient_type: str = "quintic", num_ns_steps: int = 5, scale_mode: str = "spectral",
+                     extra_scale_factor: float = 1.0, pg_collection=None, mode: str = "duplicated") -> None:
+            if num_ns_steps < 1:
+                raise ValueError(f"num_ns_steps must be at least 1, got {num_ns_steps}")
+
+            def scaled_orthogonalize_fn(grad: torch.Tensor, tp_group, partition_dim: Optional[int] = None):
+                size = [grad.size(-2), grad.size(-1)]
+                if partition_dim is not None:
+                    size[partition_dim] *= get_pg_size(tp_group)
+                orth = newton_schulz_tp(grad, steps=num_ns_steps, coefficient_type=coefficient_type,
+                                        tp_group=tp_group, partition_dim=partition_dim,
+                                        tp_mode="duplicated" if mode == "blockwise" else mode)
+                return orth * get_muon_scale_factor(size[0], size[1], mode=scale_mode) * extra_scale_factor
+
+            self.pg_collection = pg_collection
+            self.mode = mode
+            self.split_qkv = split_qkv
+            self.is_qkv_fn = is_qkv_fn
+            self.qkv_split_shapes = qkv_split_shapes
+            OrthogonalizedOptimizer.__init__(
+                self, params, lr, momentum_beta, weight_decay, nesterov=use_nesterov,
+                weight_decay_method="decoupled" if use_decoupled_weight_decay else "l2",
+                fp32_matmul_prec=fp32_matmul_prec, scaled_orthogonalize_fn=scaled_orthogonalize_fn)
+
+    return TensorParallelMuon
+
+
+@contextlib.contextmanager
+def _megatron_builds_with(mmuon, cls):
+    """Let megatron's builder instantiate ``cls`` as its TensorParallelMuon, for this call only."""
+    original = mmuon.TensorParallelMuon
+    mmuon.TensorParallelMuon = cls
+    try:
+        yield
+    finally:
+        mmuon.TensorParallelMuon = original
+
+
+def muon_param_names(model_chunks) -> list[str]:
+    """Names of the parameters megatron's Muon builder gives to Muon (2-D, not embedding/output)."""
+    return [n for c in model_chunks for n, p in c.named_parameters()
+            if p.requires_grad and p.dim() == 2 and not getattr(p, "is_embedding_or_output_parameter", False)]
+
+
+def tag_embeddings(model_chunks) -> None:
+    """Mark learned position embeddings as an embedding, as megatron marks the word embeddings.
+
+    megatron-core tags only ``word_embeddings`` and ``output_layer`` with
+    ``is_embedding_or_output_parameter``; the learned position table (GPT-2) is 2-D too, and would
+    otherwise be given to Muon. It is a lookup table, not a hidden linear map: it goes to Adam.
+    """
+    for chunk in model_chunks:
+        for name, p in chunk.named_parameters():
+            if name.endswith("position_embeddings.weight"):
+                p.is_embedding_or_output_parameter = True
+
+
+def build_muon_optimizer(ocfg, model_chunks, *, layer_wise: bool):
+    """megatron-core's Muon + Adam chain over the chunks (``layer_wise``: ``dist_muon``)."""
+    mmuon = megatron_muon_module()
+    tag_embeddings(model_chunks)
+    if not muon_param_names(model_chunks):
+        raise UserError("--optimizer muon: this model has no 2-D hidden weight for Muon (e.g. a zero-layer "
+                        "model); use --optimizer adam")
+    with _megatron_builds_with(mmuon, _compat_class(mmuon)):
+        return mmuon.get_megatron_muon_optimizer(ocfg, model_chunks, layer_wise_distributed_optimizer=layer_wise)
+
+
+def muon_config_kwargs(o) -> dict[str, Any]:
+    """megatron-core OptimizerConfig fields for the Muon flags of ``cfg.optim``."""
+    return dict(muon_momentum=o.muon_momentum, muon_split_qkv=o.muon_split_qkv,
+                muon_use_nesterov=o.muon_use_nesterov, muon_scale_mode=o.muon_scale_mode,
+                muon_fp32_matmul_prec=o.muon_fp32_matmul_prec, muon_num_ns_steps=o.muon_num_ns_steps,
+                muon_tp_mode=o.muon_tp_mode, muon_extra_scale_factor=o.muon_extra_scale_factor)
