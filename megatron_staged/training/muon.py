@@ -22,6 +22,9 @@ two arguments. The adaptations, all here:
   megatron's ``orthogonalize`` (QKV split, TP group choice) as it is; megatron's builder uses it
   while :func:`build_muon_optimizer` runs.
 
+One fix to megatron-core for gloo: ``dist_muon``'s all-gather of the updated parameters sends
+unequal sizes per rank, which only NCCL accepts (:func:`_layer_wise_class`).
+
 Update of one Muon parameter W (m x n) with gradient G, per step (decoupled weight decay)::
 
     W <- W * (1 - lr * wd)
@@ -134,15 +137,55 @@ def _compat_class(mmuon):
     return TensorParallelMuon
 
 
+def _layer_wise_class(mmuon):
+    """megatron's LayerWiseDistributedOptimizer, whose parameter all-gather also runs on gloo."""
+    from megatron.core.utils import get_pg_rank
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    class LayerWiseDistributedOptimizer(mmuon.LayerWiseDistributedOptimizer):
+        """After the step, each DP rank sends the parameters it updated to the others. megatron-core
+        all-gathers each rank's own number of elements, which NCCL accepts and gloo refuses ("invalid
+        tensor size"); on gloo every rank's part is padded to the largest and trimmed after."""
+
+        @torch.no_grad()
+        def allgather_params(self) -> None:
+            groups = [] if self.pg_collection is None else [
+                (self.dp_cp_params_list, self.pg_collection.dp_cp),
+                (self.expt_dp_params_list, self.pg_collection.expt_dp)]
+            if not any(params for params, _ in groups) or \
+                    torch.distributed.get_backend(self.pg_collection.dp_cp) != "gloo":
+                return super().allgather_params()
+            for params_list, group in groups:
+                if params_list:
+                    _padded_allgather(params_list, group, get_pg_rank(group))
+
+    def _padded_allgather(params_list, group, rank) -> None:
+        like = next(p for params in params_list for p in params)
+        sizes = [sum(p.numel() for p in params) for params in params_list]
+        mine = torch.zeros(max(sizes), device=like.device, dtype=like.dtype)
+        if sizes[rank]:
+            mine[:sizes[rank]].copy_(_flatten_dense_tensors(params_list[rank]))
+        gathered = [torch.empty_like(mine) for _ in params_list]
+        torch.distributed.all_gather(gathered, mine, group=group)
+        for i, (flat, params) in enumerate(zip(gathered, params_list)):
+            if params and i != rank:
+                for new, p in zip(_unflatten_dense_tensors(flat[:sizes[i]], params), params):
+                    p.data.copy_(new)
+
+    return LayerWiseDistributedOptimizer
+
+
 @contextlib.contextmanager
-def _megatron_builds_with(mmuon, cls):
-    """Let megatron's builder instantiate ``cls`` as its TensorParallelMuon, for this call only."""
-    original = mmuon.TensorParallelMuon
-    mmuon.TensorParallelMuon = cls
+def _megatron_builds_with(mmuon, **classes):
+    """Let megatron's Muon builder instantiate these classes under megatron's names, for this call only."""
+    originals = {name: getattr(mmuon, name) for name in classes}
+    for name, cls in classes.items():
+        setattr(mmuon, name, cls)
     try:
         yield
     finally:
-        mmuon.TensorParallelMuon = original
+        for name, cls in originals.items():
+            setattr(mmuon, name, cls)
 
 
 def muon_param_names(model_chunks) -> list[str]:
@@ -171,7 +214,8 @@ def build_muon_optimizer(ocfg, model_chunks, *, layer_wise: bool):
     if not muon_param_names(model_chunks):
         raise UserError("--optimizer muon: this model has no 2-D hidden weight for Muon (e.g. a zero-layer "
                         "model); use --optimizer adam")
-    with _megatron_builds_with(mmuon, _compat_class(mmuon)):
+    with _megatron_builds_with(mmuon, TensorParallelMuon=_compat_class(mmuon),
+                               LayerWiseDistributedOptimizer=_layer_wise_class(mmuon)):
         return mmuon.get_megatron_muon_optimizer(ocfg, model_chunks, layer_wise_distributed_optimizer=layer_wise)
 
 
