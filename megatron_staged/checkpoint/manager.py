@@ -31,7 +31,10 @@ from megatron_staged.runtime.distributed import barrier, current_layout, is_rank
 
 TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0
-OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+# chained_optim_avoid_prefix: as Megatron-LM sets it. A chain of optimizers (Muon + Adam) then saves
+# its state under the same model-space keys as one optimizer (optimizer.state.<kind>.<model key>),
+# not under chained_<i>. prefixes that would tie the checkpoint to the chain's order.
+OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 
 
 def _fixes() -> None:
@@ -333,6 +336,10 @@ def load_optimizer_state(optimizer, sd: dict, step: int) -> None:
     sds = [sd] if len(parts) == 1 else [sd[i] for i in range(len(parts))]
     for opt, part_sd in zip(parts, sds):
         param_state = None
+        if isinstance(part_sd.get("fp32_from_fp16_params"), dict):
+            # dist_muon (megatron's LayerWiseDistributedOptimizer) saves this list as {index: group}
+            groups = part_sd["fp32_from_fp16_params"]
+            part_sd = dict(part_sd, fp32_from_fp16_params=[groups[k] for k in sorted(groups)])
         if isinstance(opt, DistributedOptimizer) and "param_state" in part_sd:
             part_sd = dict(part_sd)
             param_state = part_sd.pop("param_state")

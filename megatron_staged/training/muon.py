@@ -143,9 +143,25 @@ def _layer_wise_class(mmuon):
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
     class LayerWiseDistributedOptimizer(mmuon.LayerWiseDistributedOptimizer):
-        """After the step, each DP rank sends the parameters it updated to the others. megatron-core
-        all-gathers each rank's own number of elements, which NCCL accepts and gloo refuses ("invalid
-        tensor size"); on gloo every rank's part is padded to the largest and trimmed after."""
+        """Two fixes to megatron-core's, which was only run with bf16 on NCCL:
+
+        * after the step, each DP rank sends the parameters it updated to the others. megatron
+          all-gathers each rank's own number of elements, which NCCL accepts and gloo refuses
+          ("invalid tensor size"); on gloo every rank's part is padded to the largest and trimmed.
+        * ``sharded_state_dict`` reads each part as a Float16 wrapper's ``{"optimizer": ...}``; in
+          fp32 the parts are ``FP32Optimizer``\ s, whose dict is the torch one: the same
+          post-processing is applied to that.
+        """
+
+        def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, **kwargs):
+            if self.config.bf16 or self.config.fp16:
+                return super().sharded_state_dict(model_sharded_state_dict, is_loading, **kwargs)
+            sharded = mmuon.ChainedOptimizer.sharded_state_dict(self, model_sharded_state_dict, is_loading, **kwargs)
+            _same_replica_over_dp(sharded)
+            parts = {0: sharded} if len(self.chained_optimizers) == 1 else sharded
+            for sd in parts.values():
+                _share_param_group_metadata(sd)
+            return sharded
 
         @torch.no_grad()
         def allgather_params(self) -> None:
@@ -158,6 +174,30 @@ def _layer_wise_class(mmuon):
             for params_list, group in groups:
                 if params_list:
                     _padded_allgather(params_list, group, get_pg_rank(group))
+
+    def _same_replica_over_dp(sharded) -> None:
+        """Each parameter's state lives on one DP rank only: every copy is the main replica over DP."""
+        from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+        for sh in nested_values(sharded):
+            if hasattr(sh, "replica_id"):
+                sh.replica_id = 0 if isinstance(sh.replica_id, int) else (*sh.replica_id[:2], 0)
+
+    def _share_param_group_metadata(sd) -> None:
+        """An empty local state is not saved, and a group's hyperparameters (saved once) are taken
+        from a rank that holds parameters of it (megatron's own handling, on a torch state dict)."""
+        from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject
+
+        if not sd["state"]:
+            sd["state"] = LocalNonpersistentObject(sd["state"])
+        for i, group in enumerate(sd["param_groups"]):
+            local_params = group.pop("params")
+            group["params"] = bool(local_params.unwrap())
+            everyone = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(everyone, group)
+            chosen = next((g for g in everyone if g["params"]), group)
+            chosen["params"] = local_params
+            sd["param_groups"][i] = chosen
 
     def _padded_allgather(params_list, group, rank) -> None:
         like = next(p for params in params_list for p in params)
