@@ -131,7 +131,8 @@ def _block_diagonal(m: torch.Tensor) -> torch.Tensor:
 def test_muon_distributed_resume_convert_grow(tmp_path):
     """One torchrun job (4 ranks, tests/workers/muon_worker.py): dist_muon at TP2 DP2 trains and
     resumes exactly; convert to TP1 PP2 keeps every state tensor; growth (depth x2 stack/identity,
-    width x2) maps Muon's momentum as Adam's m; plain muon at PP2 continues from the converted one."""
+    width x2) maps Muon's momentum as Adam's m, offline and in-run alike; plain muon at PP2 continues
+    from the converted one."""
     from megatron_staged.checkpoint.global_tensors import read_global_tensors, tensor_specs
 
     n = 6
@@ -181,6 +182,11 @@ def test_muon_distributed_resume_convert_grow(tmp_path):
                 assert torch.equal(got, want[want != 0].sort().values), (key, j)
             else:
                 assert torch.equal(dst[j], _block_diagonal(m)), (key, j)
+
+    # the same growth in-run (the live shards of a dist_muon job as the source) trains exactly as
+    # the offline-grown checkpoint does
+    live, offline = losses(tmp_path / "live.jsonl"), losses(tmp_path / "offline.jsonl")
+    assert set(live) == set(offline) == {n // 2 + 1, n // 2 + 2} and live == offline, (live, offline)
 
     after = losses(tmp_path / "after.jsonl")
     assert set(after) == {n // 2 + 1, n // 2 + 2}

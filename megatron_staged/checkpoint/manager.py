@@ -290,7 +290,20 @@ def step_lives_in_param_groups(inner) -> bool:
 
 
 def get_optimizer_step(optimizer) -> int:
-    """The optimizer's step count (Adam's bias-correction step), wherever this optimizer keeps it."""
+    """The optimizer's step count (Adam's bias-correction step), wherever this optimizer keeps it.
+
+    Collective for ``dist_muon`` (megatron's LayerWiseDistributedOptimizer): a DP rank may hold no
+    Adam parameter, hence no step, so the largest over the ranks is taken.
+    """
+    step = _local_optimizer_step(optimizer)
+    if hasattr(optimizer, "dp_cp_params_list"):  # LayerWiseDistributedOptimizer
+        from megatron_staged.runtime.distributed import all_reduce_scalar
+
+        step = int(all_reduce_scalar(step, "max"))
+    return step
+
+
+def _local_optimizer_step(optimizer) -> int:
     for inner in _inner_optimizers(optimizer):
         if step_lives_in_param_groups(inner):
             # TE's FusedAdam does not count steps of empty groups (megatron aligns them on save)
@@ -298,8 +311,10 @@ def get_optimizer_step(optimizer) -> int:
             if steps:
                 return max(steps)
         else:
+            # only Adam's: megatron's loader also gives Muon's states a "step" (its common_step),
+            # which Muon never advances
             for st in inner.state.values():
-                if "step" in st:
+                if "step" in st and "exp_avg" in st:
                     return int(st["step"])
     return 0
 

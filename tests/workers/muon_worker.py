@@ -10,6 +10,8 @@ own code paths (Trainer, ``convert``, ``grow``), each leaving its logs and check
   grow     ck_a -> ck_g: depth x2 (stack, identity), width x2, at the source layout
   muon     --optimizer muon (no layer-wise sharding) at TP1 PP2 DP2, loading ck_b: 2 more
            iterations (after.jsonl)
+  live     the same growth in-run: loading ck_a with a stage at iteration N/2, 2 more iterations
+           (live.jsonl); and 2 iterations from the offline-grown ck_g (offline.jsonl)
 """
 import json
 import os
@@ -48,6 +50,16 @@ def main():
 
     _trainer([*base, "--optimizer", "muon", "--pipeline-model-parallel-size", "2", "--train-iters", str(n // 2 + 2),
               "--load", ck_b, *log("after")]).train()
+
+    stages = os.path.join(out, "stages.yaml")
+    with open(stages, "w") as fh:
+        fh.write(f"staging:\n  stages:\n    - {{at_iteration: {n // 2}, depth_factor: 2, depth_placement: stack, "
+                 f"depth_init: identity, width_factor: 2}}\n")
+    more = [*dist_muon[:-1], str(n // 2 + 2)]
+    _trainer([*more, "--config", stages, "--load", ck_a, *log("live")]).train()
+    architecture = {"--num-layers", "--hidden-size", "--num-attention-heads"}  # ck_g's own
+    grown = [a for i, a in enumerate(more) if a not in architecture and more[i - 1] not in architecture]
+    _trainer([*grown, "--load", ck_g, *log("offline")]).train()
 
 
 if __name__ == "__main__":
