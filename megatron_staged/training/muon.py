@@ -22,8 +22,9 @@ two arguments. The adaptations, all here:
   megatron's ``orthogonalize`` (QKV split, TP group choice) as it is; megatron's builder uses it
   while :func:`build_muon_optimizer` runs.
 
-One fix to megatron-core for gloo: ``dist_muon``'s all-gather of the updated parameters sends
-unequal sizes per rank, which only NCCL accepts (:func:`_layer_wise_class`).
+Two fixes to megatron-core's ``LayerWiseDistributedOptimizer`` (``dist_muon``), which had only
+run in bf16 on NCCL (:func:`_layer_wise_class`): its all-gather of the updated parameters sends
+unequal sizes per rank, which gloo refuses; and its checkpoint dict assumed bf16's wrappers.
 
 Update of one Muon parameter W (m x n) with gradient G, per step (decoupled weight decay)::
 
