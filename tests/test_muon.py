@@ -188,6 +188,9 @@ def test_muon_distributed_resume_convert_grow(tmp_path):
     live, offline = losses(tmp_path / "live.jsonl"), losses(tmp_path / "offline.jsonl")
     assert set(live) == set(offline) == {n // 2 + 1, n // 2 + 2} and live == offline, (live, offline)
 
+    zero = losses(tmp_path / "zero.jsonl")  # nothing for Muon: Adam alone trains it
+    assert set(zero) == {1, 2, 3, 4} and zero[4] < zero[1], zero
+
     after = losses(tmp_path / "after.jsonl")
     assert set(after) == {n // 2 + 1, n // 2 + 2}
     assert all(math.isfinite(v) and v < straight[1] for v in after.values()), after

@@ -253,8 +253,11 @@ def build_muon_optimizer(ocfg, model_chunks, *, layer_wise: bool):
     mmuon = megatron_muon_module()
     tag_embeddings(model_chunks)
     if not muon_param_names(model_chunks):
-        raise UserError("--optimizer muon: this model has no 2-D hidden weight for Muon (e.g. a zero-layer "
-                        "model); use --optimizer adam")
+        # a zero-layer model (embeddings, final norm, output layer): nothing for Muon, all Adam. Its
+        # expansion builds the Muon chain, and the new layers' momentum starts at zero (not in the source)
+        from megatron.core.optimizer import get_megatron_optimizer
+
+        return get_megatron_optimizer(ocfg, model_chunks)
     with _megatron_builds_with(mmuon, TensorParallelMuon=_compat_class(mmuon),
                                LayerWiseDistributedOptimizer=_layer_wise_class(mmuon)):
         return mmuon.get_megatron_muon_optimizer(ocfg, model_chunks, layer_wise_distributed_optimizer=layer_wise)

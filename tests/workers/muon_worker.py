@@ -10,6 +10,7 @@ own code paths (Trainer, ``convert``, ``grow``), each leaving its logs and check
   grow     ck_a -> ck_g: depth x2 (stack, identity), width x2, at the source layout
   muon     --optimizer muon (no layer-wise sharding) at TP1 PP2 DP2, loading ck_b: 2 more
            iterations (after.jsonl)
+  zero     --num-layers 0 with dist_muon at TP2 DP2: 4 iterations (zero.jsonl)
   live     the same growth in-run: loading ck_a with a stage at iteration N/2, 2 more iterations
            (live.jsonl); and 2 iterations from the offline-grown ck_g (offline.jsonl)
 """
@@ -50,6 +51,9 @@ def main():
 
     _trainer([*base, "--optimizer", "muon", "--pipeline-model-parallel-size", "2", "--train-iters", str(n // 2 + 2),
               "--load", ck_b, *log("after")]).train()
+
+    # a zero-layer model: nothing for Muon (all Adam), with dist_muon at TP2 DP2
+    _trainer([*dist_muon[:-1], "4", "--num-layers", "0", *log("zero")]).train()
 
     stages = os.path.join(out, "stages.yaml")
     with open(stages, "w") as fh:
