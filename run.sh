@@ -12,7 +12,13 @@ setup() {
   if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     "$PY" -m pip install -q "torch==2.13.0"
   fi
-  "$PY" -m pip install -q -e ".[test]"
+  "$PY" -m pip install -q -e ".[test,muon]"
+  # --optimizer muon: emerging-optimizers' only release declares Python >= 3.12 but runs on 3.11
+  # (docs/muon.md); a 100 kB pure-Python wheel
+  if ! "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('emerging_optimizers') is None)"; then
+    "$PY" -m pip install -q --no-deps --ignore-requires-python "emerging-optimizers==0.3.0" \
+      || echo "warning: emerging-optimizers did not install; the Muon tests will be skipped" >&2
+  fi
 }
 
 cmd=${1:-quickstart}

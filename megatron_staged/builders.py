@@ -61,10 +61,11 @@ def build_optimizer(cfg: Config, model_chunks, zero_state: bool = True):
     from megatron.core.optimizer import get_megatron_optimizer
 
     from megatron_staged.checkpoint.manager import init_optimizer_state
+    from megatron_staged.training.muon import build_muon_optimizer, is_muon, muon_config_kwargs
 
     o, m = cfg.optim, cfg.model
     ocfg = MOptConfig(
-        optimizer=o.optimizer, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+        optimizer="adam" if is_muon(o.optimizer) else o.optimizer, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
         adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, sgd_momentum=o.sgd_momentum,
         clip_grad=o.clip_grad, bf16=m.bf16, fp16=m.fp16, params_dtype=torch.float32,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
@@ -72,7 +73,12 @@ def build_optimizer(cfg: Config, model_chunks, zero_state: bool = True):
         loss_scale=o.loss_scale if m.fp16 else None, initial_loss_scale=o.initial_loss_scale,
         min_loss_scale=o.min_loss_scale, loss_scale_window=o.loss_scale_window, hysteresis=o.hysteresis,
     )
-    optimizer = get_megatron_optimizer(ocfg, model_chunks)
+    if is_muon(o.optimizer):  # megatron's Muon builder chains its Adam config for the other parameters
+        for k, v in muon_config_kwargs(o).items():
+            setattr(ocfg, k, v)
+        optimizer = build_muon_optimizer(ocfg, model_chunks, layer_wise=o.optimizer == "dist_muon")
+    else:
+        optimizer = get_megatron_optimizer(ocfg, model_chunks)
     init_optimizer_state(optimizer, zero=zero_state)
     return optimizer
 

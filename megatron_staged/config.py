@@ -109,7 +109,9 @@ class TrainingConfig:
 
 @dataclass
 class OptimizerConfig:
-    optimizer: str = _f("adam", choices=["adam", "sgd"])
+    optimizer: str = _f("adam", "adam (AdamW), sgd, muon (Muon on 2-D hidden weights, Adam on the rest; "
+                        "docs/muon.md) or dist_muon (muon, each DP rank updating whole layers)",
+                        choices=["adam", "sgd", "muon", "dist_muon"])
     lr: float = _f(3e-4)
     min_lr: float = _f(0.0)
     lr_decay_style: str = _f("cosine", choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"])
@@ -124,6 +126,20 @@ class OptimizerConfig:
     adam_beta2: float = _f(0.999)
     adam_eps: float = _f(1e-8)
     sgd_momentum: float = _f(0.9)
+    # Muon (--optimizer muon / dist_muon), Megatron-LM's flags and defaults (docs/muon.md)
+    muon_momentum: float = _f(0.9, "Muon: momentum (EMA of the gradient) before orthogonalisation")
+    muon_split_qkv: bool = _f(True, "Muon: orthogonalise Q, K and V of the fused QKV weight separately "
+                              "(Megatron-LM: --muon-no-split-qkv to turn off)")
+    muon_use_nesterov: bool = _f(False, "Muon: Nesterov-style momentum")
+    muon_scale_mode: str = _f("spectral", "Muon: update scale; spectral = sqrt(max(m, n))",
+                              choices=["spectral", "unit_rms_norm", "shape_scaling"])
+    muon_fp32_matmul_prec: str = _f("medium", "Muon: fp32 matmul precision in Newton-Schulz",
+                                    choices=["low", "medium", "high"])
+    muon_num_ns_steps: int = _f(5, "Muon: Newton-Schulz steps")
+    muon_tp_mode: str = _f("blockwise", "Muon at TP > 1: blockwise (each TP shard on its own), duplicated "
+                           "(the whole matrix on every rank: the TP-1 update) or distributed",
+                           choices=["blockwise", "duplicated", "distributed"])
+    muon_extra_scale_factor: float = _f(1.0, "Muon: extra factor on the update")
     # fp16 loss scaling, Megatron-LM's flags (bf16 needs none)
     loss_scale: Optional[float] = _f(None, "fp16: a constant loss scale; default dynamic scaling")
     initial_loss_scale: float = _f(2.0 ** 32, "fp16 dynamic scaling: the first scale")
@@ -574,6 +590,24 @@ def check_values(cfg: Config) -> None:
     parse_split(cfg.data.split)
 
 
+def validate_muon(cfg: Config) -> None:
+    """Megatron-LM's checks for --optimizer muon/dist_muon (megatron-core 0.16.1 supports no more)."""
+    o, p = cfg.optim, cfg.parallel
+    if o.optimizer not in ("muon", "dist_muon"):
+        return
+    flag = f"--optimizer {o.optimizer}"
+    require(not p.use_distributed_optimizer,
+            f"{flag} does not work with --use-distributed-optimizer (megatron-core's Muon orthogonalises whole "
+            f"matrices; the distributed optimizer shards flat buffer ranges): drop it, and use --optimizer "
+            f"dist_muon to spread the optimizer state over the DP ranks by layer")
+    require(not (p.overlap_grad_reduce or p.overlap_param_gather),
+            f"{flag} does not support --overlap-grad-reduce/--overlap-param-gather; drop them")
+    require(not cfg.model.fp16, f"{flag} does not support --fp16 (megatron-core's Muon has no loss scaling); "
+                                f"use --bf16 or fp32")
+    require(0 <= o.muon_momentum < 1, f"--muon-momentum {o.muon_momentum} must be in [0, 1)")
+    require(o.muon_num_ns_steps >= 1, f"--muon-num-ns-steps {o.muon_num_ns_steps} must be >= 1")
+
+
 def validate_performance(cfg: Config) -> None:
     """Recomputation, overlap and loss-scaling flags, checked as Megatron-LM checks them."""
     r, o, p = cfg.performance, cfg.optim, cfg.parallel
@@ -621,6 +655,7 @@ def validate(cfg: Config, world_size: int) -> None:
             f"--max-position-embeddings {m.max_position_embeddings} < --seq-length {m.seq_length}")
     require(not (m.bf16 and m.fp16), "choose one of --bf16 and --fp16")
     validate_performance(cfg)
+    validate_muon(cfg)
     validate_megatron(cfg, world_size)
     require(world_size % (tp * pp) == 0,
             f"world size {world_size} is not divisible by TP x PP = {tp} x {pp}; "
@@ -688,6 +723,7 @@ MEGATRON_COMPAT: dict[str, CompatRule] = {
     "--no-rope-fusion": _set(apply_rope_fusion=False),
     "--use-rotary-position-embeddings": _set(position_embedding_type="rope"),
     "--use-dist-ckpt": _set(ckpt_format="torch_dist"),
+    "--muon-no-split-qkv": _set(muon_split_qkv=False),
     "--persistent-save-interval": _set(save_interval="$value"),
     "--disable-log-loss-scale-to-tensorboard": _set(log_loss_scale_to_tensorboard=False),
     # --- what this project always does

@@ -35,8 +35,10 @@ from megatron_staged.runtime.distributed import barrier, current_layout, is_rank
 
 TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0
-OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
-# what Megatron-LM's _build_sharded_state_dict_metadata records as the checkpoint's content metadata
+# what Megatron-LM's _build_sharded_state_dict_metadata records as the checkpoint's content metadata.
+# chained_optim_avoid_prefix: a chain of optimizers (Muon + Adam) then saves its state under the same
+# model-space keys as one optimizer (optimizer.state.<kind>.<model key>), not under chained_<i>.
+# prefixes that would tie the checkpoint to the chain's order.
 CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
 
 
@@ -330,7 +332,20 @@ def step_lives_in_param_groups(inner) -> bool:
 
 
 def get_optimizer_step(optimizer) -> int:
-    """The optimizer's step count (Adam's bias-correction step), wherever this optimizer keeps it."""
+    """The optimizer's step count (Adam's bias-correction step), wherever this optimizer keeps it.
+
+    Collective for ``dist_muon`` (megatron's LayerWiseDistributedOptimizer): a DP rank may hold no
+    Adam parameter, hence no step, so the largest over the ranks is taken.
+    """
+    step = _local_optimizer_step(optimizer)
+    if hasattr(optimizer, "dp_cp_params_list"):  # LayerWiseDistributedOptimizer
+        from megatron_staged.runtime.distributed import all_reduce_scalar
+
+        step = int(all_reduce_scalar(step, "max"))
+    return step
+
+
+def _local_optimizer_step(optimizer) -> int:
     for inner in _inner_optimizers(optimizer):
         if step_lives_in_param_groups(inner):
             # TE's FusedAdam does not count steps of empty groups (megatron aligns them on save)
@@ -338,8 +353,10 @@ def get_optimizer_step(optimizer) -> int:
             if steps:
                 return max(steps)
         else:
+            # only Adam's: megatron's loader also gives Muon's states a "step" (its common_step),
+            # which Muon never advances
             for st in inner.state.values():
-                if "step" in st:
+                if "step" in st and "exp_avg" in st:
                     return int(st["step"])
     return 0
 
@@ -376,6 +393,10 @@ def load_optimizer_state(optimizer, sd: dict, step: int) -> None:
     sds = [sd] if len(parts) == 1 else [sd[i] for i in range(len(parts))]
     for opt, part_sd in zip(parts, sds):
         param_state = None
+        if isinstance(part_sd.get("fp32_from_fp16_params"), dict):
+            # dist_muon (megatron's LayerWiseDistributedOptimizer) saves this list as {index: group}
+            groups = part_sd["fp32_from_fp16_params"]
+            part_sd = dict(part_sd, fp32_from_fp16_params=[groups[k] for k in sorted(groups)])
         if isinstance(opt, DistributedOptimizer) and "param_state" in part_sd:
             part_sd = dict(part_sd)
             kind = part_sd["param_state_sharding_type"]

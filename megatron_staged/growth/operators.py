@@ -3,7 +3,7 @@
 Tensors are named by their megatron-core checkpoint key (``decoder.layers.`` keys refer to one
 layer: the leading layer axis is removed). ``kind`` says which training-state tensor it is:
 ``param`` (model weight or the optimizer's fp32 copy), ``exp_avg`` (Adam m) or ``exp_avg_sq``
-(Adam v). Shapes use h = hidden, G = query groups, q = heads per group, d = head size, f = FFN.
+(Adam v), or ``momentum_buffer`` (Muon's momentum, grown exactly as Adam's m). Shapes use h = hidden, G = query groups, q = heads per group, d = head size, f = FFN.
 
 Width x2 is written as index maps (``width_rule``, ``width_pieces``, ``grow_region``): along each
 axis, runs of target indices read runs of source indices of copy 0 or 1, so a rank growing one
@@ -50,7 +50,8 @@ import torch
 RESIDUAL_OUTPUTS = ("self_attention.linear_proj.weight", "self_attention.linear_proj.bias",
                     "mlp.linear_fc2.weight", "mlp.linear_fc2.bias")
 
-MOMENT_SCALE = {"param": 1.0, "exp_avg": 0.5, "exp_avg_sq": 0.25}
+# Muon's momentum_buffer is, like Adam's m, an EMA of the gradient: it is grown as m is (docs/muon.md)
+MOMENT_SCALE = {"param": 1.0, "exp_avg": 0.5, "exp_avg_sq": 0.25, "momentum_buffer": 0.5}
 
 
 def layer_suffix(key: str) -> str:

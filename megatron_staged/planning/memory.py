@@ -179,9 +179,10 @@ def bytes_per_parameter(cfg: Config, dp: int) -> tuple[float, float, float]:
     """(weights, grads, optimizer) bytes per parameter on one GPU."""
     sixteen_bit = cfg.model.bf16 or cfg.model.fp16
     o = cfg.optim
-    moments = 8 if o.optimizer == "adam" else (4 if o.sgd_momentum else 0)
+    # Muon keeps one momentum per 2-D hidden weight (most parameters; embeddings and norms keep Adam's two)
+    moments = {"adam": 8, "muon": 4, "dist_muon": 4}.get(o.optimizer, 4 if o.sgd_momentum else 0)
     optimizer = (4 if sixteen_bit else 0) + moments
-    if cfg.parallel.use_distributed_optimizer:
+    if cfg.parallel.use_distributed_optimizer or o.optimizer == "dist_muon":
         optimizer = optimizer / dp
     return (2 if sixteen_bit else 4), GRAD_BYTES, optimizer
 

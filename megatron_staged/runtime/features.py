@@ -64,9 +64,13 @@ def describe(cfg, features: Features, backend: str) -> str:
     recompute = "off" if not r.recompute_granularity else (
         r.recompute_granularity + (f"/{r.recompute_method}/{r.recompute_num_layers}"
                                    if r.recompute_granularity == "full" else ""))
+    optimizer = features.adam
+    if cfg.optim.optimizer in ("muon", "dist_muon"):
+        optimizer = (f"{cfg.optim.optimizer} (2-D hidden weights; {features.adam} on the rest"
+                     f"{', layer-wise over DP' if cfg.optim.optimizer == 'dist_muon' else ''})")
     return (f"features: device {features.device_name or 'cpu'} | backend {backend} | {precision} | "
             f"layer spec {'transformer_engine ' + features.transformer_engine if te else 'local'} | "
-            f"attention {attention_backend(cfg)} | norms {norms} | optimizer {features.adam}"
+            f"attention {attention_backend(cfg)} | norms {norms} | optimizer {optimizer}"
             f"{' (distributed)' if p.use_distributed_optimizer else ''} | "
             f"sequence parallel {'on' if p.sequence_parallel else 'off'} | "
             f"overlap grad reduce {'on' if p.overlap_grad_reduce else 'off'} | "
