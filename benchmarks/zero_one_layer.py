@@ -21,13 +21,14 @@ LR schedule (WSD: 2% warmup, stable, the last 10% decaying):
 
 Reported: the validation loss at the end, its gap to ``scratch`` (relative), the model FLOPs of the
 whole run (Megatron's formula; evaluation not counted) and, where the curve gets there, the FLOPs
-at the first evaluation whose loss is at or below ``scratch``'s final validation loss (linearly
-interpolated between evaluations), and the saving ``1 - FLOPs / FLOPs(scratch)``.
+at the first evaluation whose loss is at or below ``scratch``'s final validation loss (interpolated
+in (log FLOPs, loss) between evaluations, as ``megatron-staged report`` does), and the saving ``1 - FLOPs / FLOPs(scratch)``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -42,6 +43,8 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import machine_info, replace_section  # noqa: E402
+
+from megatron_staged.tools.report import Run, compute_to_reach, read_run  # noqa: E402
 
 DOCS = os.path.join(ROOT, "docs", "benchmarks.md")
 HEADING = "Zero/one-layer progressive training (Bu 2025)"
@@ -118,9 +121,9 @@ def run_variant(a, name: str, seed: int, workdir: str) -> dict:
     trainer = Trainer(cfg)
     summary = trainer.train()
     wall = time.perf_counter() - t0
-    records = [json.loads(l) for l in open(log)]
-    evals = [(r["iteration"], r["flops_so_far"], r["eval_loss"]) for r in records if "eval_loss" in r]
-    growth = next((r for r in records if r.get("event") == "growth"), None)
+    run = read_run(log)
+    evals = [(it, flops, loss) for it, flops, _, loss in run.evals]
+    growth = run.growths[0] if run.growths else None
     out = {"variant": name, "seed": seed, "wall_s": wall, "flops": summary["flops_so_far"],
            "final_val_loss": evals[-1][2], "evals": evals,
            "expansion": None if growth is None else {k: growth[k] for k in ("iteration", "eval_loss_before",
@@ -132,16 +135,9 @@ def run_variant(a, name: str, seed: int, workdir: str) -> dict:
 
 
 def flops_to_reach(evals: list, target: float):
-    """FLOPs at which the validation curve first reaches ``target`` (linear between evaluations)."""
-    prev = None
-    for it, flops, loss in evals:
-        if loss <= target:
-            if prev is None or prev[2] == loss:
-                return flops
-            f0, l0 = prev[1], prev[2]
-            return f0 + (flops - f0) * (l0 - target) / (l0 - loss)
-        prev = (it, flops, loss)
-    return None
+    """FLOPs at which the validation curve first reaches ``target`` (``report``'s rule), None if never."""
+    reach = compute_to_reach(Run("run", evals=[(it, flops, 0.0, loss) for it, flops, loss in evals]), target)
+    return reach if math.isfinite(reach) else None
 
 
 def summarise(runs: list) -> dict:
@@ -245,8 +241,8 @@ usable cores shared with other jobs (load average {load}), torch {m['torch']}, m
 {chr(10).join(lines)}
 
 "FLOPs saving (run)" is 1 - FLOPs(run) / FLOPs(scratch) at the same token budget; "to reach" uses the
-FLOPs at which the run's validation curve first reaches scratch's final validation loss (linear
-between evaluations), per seed against that seed's scratch run.
+FLOPs at which the run's validation curve first reaches scratch's final validation loss (interpolated
+in (log FLOPs, loss) between evaluations, as `megatron-staged report` does), per seed against that seed's scratch run.
 """
 
 
