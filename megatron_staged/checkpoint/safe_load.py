@@ -241,9 +241,6 @@ def untrusted_checkpoint_reads():
                 _allow_megatron_globals()
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
             fs.pickle = _RestrictedPickleModule()
-            _saved["numpy"] = [g for g in numpy_array_globals()
-                               if g not in torch.serialization.get_safe_globals()]  # only ours are removed
-            torch.serialization.add_safe_globals(_saved["numpy"])
         _depth += 1
     try:
         yield

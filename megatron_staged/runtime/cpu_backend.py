@@ -37,6 +37,7 @@ import contextlib
 import logging
 import os
 import threading
+import weakref
 
 import torch
 from torch.overrides import TorchFunctionMode

@@ -22,6 +22,8 @@ def needs_import(common: dict, no_optimizer: bool) -> bool:
 def main(argv) -> int:
     import os
 
+    import torch.distributed as dist
+
     from megatron_staged.checkpoint.manager import check_output_dir, load_common, resolve_checkpoint_dir, save_checkpoint
     from megatron_staged.config import Config
     from megatron_staged.growth.apply import grow_from_checkpoint
