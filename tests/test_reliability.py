@@ -216,6 +216,25 @@ def _is_worker(proc) -> bool:
         return False
 
 
+def _cmdline(proc) -> str:
+    import psutil
+
+    try:
+        return " ".join(proc.cmdline())
+    except (psutil.ZombieProcess, psutil.NoSuchProcess, psutil.AccessDenied):
+        return ""
+
+
+def _running(proc) -> bool:
+    """Alive and not a zombie (an orphan's zombie waits for init to reap it: it runs nothing)."""
+    import psutil
+
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
 def test_workers_stop_when_the_launcher_is_killed(tmp_path):
     """torchrun SIGKILLed: its workers (in sessions of their own) stop within seconds and write nothing more."""
     import signal
@@ -230,24 +249,33 @@ def test_workers_stop_when_the_launcher_is_killed(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            "-m", "megatron_staged", "train", *TINY_MOCK, "--train-iters", "100000", "--save", str(ckpt),
            "--save-interval", "2", "--log-file", str(log)]
-    workers = []
+    workers, helpers = [], []
     with open(tmp_path / "out", "w") as out:
         p = subprocess.Popen(cmd, cwd=str(ROOT), env=_env(), stdout=out, stderr=out, start_new_session=True)
         try:
             _wait_for_iterations(log, 3, p)
-            workers = [c for c in psutil.Process(p.pid).children(recursive=True) if _is_worker(c)]
+            descendants = psutil.Process(p.pid).children(recursive=True)
+            workers = [c for c in descendants if _is_worker(c)]
             assert len(workers) >= 2
+            # the workers' own children: megatron's checkpoint-writer results-queue manager (spawned at
+            # the first save) must not outlive them either
+            helpers = [c for c in descendants if c not in workers and _cmdline(c)]
+            assert any("spawn_main" in _cmdline(c) for c in helpers), [_cmdline(c) for c in descendants]
             os.kill(p.pid, signal.SIGKILL)  # the launcher only, as `kill -9 <torchrun>` does
             t0 = time.time()
             gone, alive = psutil.wait_procs(workers, timeout=30)
             stopped_after = time.time() - t0
             assert not alive, f"workers still running {stopped_after:.0f}s after the launcher died"
             assert stopped_after < 15
+            while any(_running(c) for c in helpers) and time.time() - t0 < 30:
+                time.sleep(0.2)
+            left = [_cmdline(c) for c in helpers if _running(c)]
+            assert not left, f"the workers' child processes outlived them: {left}"
             snap = {q: q.stat().st_mtime_ns for q in ckpt.rglob("*")}
             time.sleep(3)
             assert {q: q.stat().st_mtime_ns for q in ckpt.rglob("*")} == snap, "files written after the workers stopped"
         finally:
-            for q in [p, *workers]:
+            for q in [p, *workers, *helpers]:
                 try:
                     q.kill()
                 except (ProcessLookupError, psutil.NoSuchProcess):

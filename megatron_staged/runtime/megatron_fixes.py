@@ -9,6 +9,13 @@ the embedding's fp32 main weight and Adam moments were written one row off at TP
 ``tests/test_growth.py::test_grown_state_equals_oracle_at_every_layout``). Loading is unaffected (it
 slices per parameter). The fix re-lays the gathered state out with the padding, so the offsets
 index it correctly; only the fully_reshardable path, the one this project uses, reads it.
+
+``filesystem_async._get_write_results_queue`` starts, on a rank's first torch_dist save, a
+``multiprocessing`` manager process (spawn) that holds the writers' results queue. It outlives its
+rank whenever the rank does not exit through Python's ``atexit`` (SIGKILL, SIGTERM's default action,
+the launcher watchdog's ``os._exit``): found as orphans of 270 MB each, re-parented to init, after
+test jobs. The fix starts the same manager with an initializer that asks the kernel to kill it when
+its rank dies (Linux ``PR_SET_PDEATHSIG``; elsewhere unchanged).
 """
 from __future__ import annotations
 
@@ -35,13 +42,46 @@ def _with_bucket_padding(self, state):
     return state
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """Initializer of the results-queue manager process: SIGKILL when its rank dies."""
+    import ctypes
+    import os
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() != parent_pid:  # the rank died before the request took effect
+        os._exit(0)
+
+
+def _results_queue_dying_with_rank():
+    """megatron's ``_get_write_results_queue``, with a manager process that dies with its rank."""
+    import multiprocessing as mp
+    import os
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
+    if fa._results_queue is None:
+        manager = SyncManager(ctx=mp.get_context("spawn"))
+        manager.start(initializer=_die_with_parent, initargs=(os.getpid(),))
+        fa._results_queue = manager.Queue()
+        _MANAGERS.append(manager)  # kept alive with the queue (its proxy needs the server)
+    return fa._results_queue
+
+
 KNOWN_VERSIONS = ("0.16.1",)  # the megatron-core releases these fixes were checked against
 FIXES = (
     "DistributedOptimizer.get_parameter_state_dp_zero: re-insert bucket-end padding so that "
     "fully_reshardable saves slice parameters at their param_index_map offsets (without it, "
     "parameters after a padded bucket end, e.g. tied embeddings at PP>1, are saved shifted)",
+    "filesystem_async._get_write_results_queue: the checkpoint writers' results-queue manager process "
+    "dies with its rank (without it, a rank killed or ended by os._exit leaves it running, re-parented to init)",
 )
 _STATE: dict | None = None
+_MANAGERS: list = []
 
 
 def megatron_core_version() -> str:
@@ -83,7 +123,12 @@ def install() -> list[str]:
         return state if state is None else _with_bucket_padding(self, state)
 
     DistributedOptimizer.get_parameter_state_dp_zero = get_parameter_state_dp_zero
-    _STATE = {"original": original, "version": version}
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    _STATE = {"original": original, "version": version,
+              "results_queue": getattr(filesystem_async, "_get_write_results_queue", None)}
+    if _STATE["results_queue"] is not None:
+        filesystem_async._get_write_results_queue = _results_queue_dying_with_rank
     return list(FIXES)
 
 
@@ -94,6 +139,10 @@ def uninstall() -> None:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     DistributedOptimizer.get_parameter_state_dp_zero = _STATE["original"]
+    if _STATE["results_queue"] is not None:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+        filesystem_async._get_write_results_queue = _STATE["results_queue"]
     _STATE = None
 
 
