@@ -325,7 +325,9 @@ def test_new_layer_identity_and_resume_inside_the_fresh_moment_window(tmp_path):
         ckpt = tmp_path / f"ckpt{stop}"
         first, second = tmp_path / f"first{stop}.jsonl", tmp_path / f"second{stop}.jsonl"
         run_cli([*base, "--exit-interval", str(stop), "--save", str(ckpt), "--log-file", str(first)])
-        common = __import__("torch").load(ckpt / f"iter_{stop:07d}" / "common.pt", weights_only=True)
+        from megatron_staged.checkpoint.global_tensors import read_common
+
+        common = read_common(str(ckpt / f"iter_{stop:07d}"))
         assert common["fresh_moments"]["start_step"] == 2.0, "the masks are saved inside the window"
         r = run_cli([*base, "--load", str(ckpt), "--save", str(ckpt), "--log-file", str(second)])
         assert "resumed the correction" in r.stdout

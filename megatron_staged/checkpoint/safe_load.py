@@ -83,6 +83,10 @@ def allowed_globals(names=None, megatron: bool = True):
     that reading a file that names no megatron-core enum imports no megatron; ``megatron=False``: none
     of megatron-core's own classes)."""
     pairs = []
+    if names is not None and any(MEGATRON_LM_GLOBALS.get(n, (None, None, None))[2] == "numpy" for n in names):
+        # numpy's rebuilders come as a group: the pickle names numpy.dtype, and torch's weights-only
+        # unpickler then also checks the dtype class it returns (numpy.dtypes.UInt32DType)
+        names = set(names) | {n for n, v in MEGATRON_LM_GLOBALS.items() if v[2] == "numpy"}
     for name in MEGATRON_LM_GLOBALS:
         if names is not None and name not in names:
             continue
