@@ -55,7 +55,8 @@ def main():
     # a zero-layer model: nothing for Muon (all Adam), with dist_muon at TP2 DP2
     _trainer([*dist_muon[:-1], "4", "--num-layers", "0", *log("zero")]).train()
 
-    stages = os.path.join(out, "stages.yaml")
+    # one file per rank: ranks writing one file while others read it could read it empty (no stage)
+    stages = os.path.join(out, f"stages_{os.environ.get('RANK', '0')}.yaml")
     with open(stages, "w") as fh:
         fh.write(f"staging:\n  stages:\n    - {{at_iteration: {n // 2}, depth_factor: 2, depth_placement: stack, "
                  f"depth_init: identity, width_factor: 2}}\n")
