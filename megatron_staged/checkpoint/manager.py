@@ -283,9 +283,9 @@ def build_state_dict(model_chunks, optimizer, scheduler, common: dict, *, is_loa
     model_sd = model_sharded_state_dict(model_chunks)
     sd.update(model_sd)
     if with_optimizer and optimizer is not None:
-        merged = {}
-        for v in model_sd.values():
-            merged.update(v)
+        # one chunk: its dict; several (interleaved 1F1B): the nested {"model0": ..., "model1": ...}, as
+        # Megatron-LM passes it (the chunks' local keys coincide, so a flat merge would lose chunks)
+        merged = model_sd["model"] if len(model_sd) == 1 else model_sd
         sd["optimizer"] = optimizer.sharded_state_dict(merged, is_loading=is_loading,
                                                        metadata=sharding_metadata(optim_sharding))
     if scheduler is not None and not is_loading:

@@ -226,9 +226,8 @@ def model_space_optimizer_parts(optimizer, model_chunks, model_sts: list) -> tup
 
     from megatron_staged.checkpoint.manager import model_sharded_state_dict, sharding_metadata
 
-    merged = {}
-    for v in model_sharded_state_dict(model_chunks).values():
-        merged.update(v)
+    model_sd = model_sharded_state_dict(model_chunks)
+    merged = model_sd["model"] if len(model_sd) == 1 else model_sd  # chunks' local keys coincide: keep them nested
     raw = optimizer.sharded_state_dict(merged, is_loading=True, metadata=sharding_metadata())
     opt = load_preprocess(raw)  # (sharded dict, non-persistent part, factories)
     by_region = {(st.key, tuple(st.global_offset)): st for st in model_sts}
