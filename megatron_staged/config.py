@@ -639,7 +639,13 @@ def validate_performance(cfg: Config) -> None:
 
 def virtual_pipeline_size(cfg: Config) -> Optional[int]:
     """Megatron-LM's ``virtual_pipeline_model_parallel_size``: model chunks per pipeline rank, or None
-    (plain 1F1B) when neither interleaving flag is given or it comes to 1. Assumes validated values."""
+    (plain 1F1B) when neither interleaving flag is given, it comes to 1, or there is no pipeline (a
+    tool that builds a checkpoint's model at PP 1; :func:`validate` refuses the flags without PP)."""
+    vp = _requested_virtual_pipeline_size(cfg)
+    return vp if cfg.parallel.pipeline_model_parallel_size > 1 else None
+
+
+def _requested_virtual_pipeline_size(cfg: Config) -> Optional[int]:
     p, L = cfg.parallel, cfg.model.num_layers
     if p.num_layers_per_virtual_pipeline_stage is not None:
         pp = p.pipeline_model_parallel_size
@@ -668,7 +674,7 @@ def validate_virtual_pipeline(cfg: Config) -> None:
                 f"is not divisible by --num-layers-per-virtual-pipeline-stage {lpvs}")
     else:
         require(nvs >= 1, f"--num-virtual-stages-per-pipeline-rank {nvs} must be >= 1")
-    vp = virtual_pipeline_size(cfg)
+    vp = _requested_virtual_pipeline_size(cfg)
     if vp is None:
         return
     require(L > 0, "interleaved 1F1B: a zero-layer model has no layers to interleave; drop the virtual "
@@ -751,6 +757,11 @@ def validate(cfg: Config, world_size: int) -> None:
     from megatron_staged.subnet.schedule import validate_subnet
 
     validate_subnet(cfg, world_size)
+    from megatron_staged.subnet import enabled as layer_drop_enabled
+
+    require(virtual_pipeline_size(cfg) is None or not layer_drop_enabled(cfg),
+            "RaPTr / progressive layer dropping draws its masks per micro-batch in schedule order, which "
+            "interleaved 1F1B reorders across model chunks; drop the virtual pipeline flag")
 
 
 # ==== Megatron-LM compatibility: flags that are not fields of the tree ===========================

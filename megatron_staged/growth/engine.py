@@ -382,9 +382,11 @@ def grow_sharded_state(source, spec: GrowthSpec, old_model_cfg, model_chunks, op
         source = CheckpointSource(source)
     parts, target_shapes, opt = target_parts(model_chunks, optimizer)
 
-    per_stage = spec.new_num_layers // ps.get_pipeline_model_parallel_world_size()
-    first_layer = ps.get_pipeline_model_parallel_rank() * per_stage
-    layers = [-1] + [first_layer + i for i in range(per_stage)]
+    from megatron_staged.model.builder import global_layers
+
+    # this rank's target layers: its pipeline stage's, or under interleaved 1F1B the union over its
+    # virtual stages (megatron's own layer offsets); the same count on every rank
+    layers = [-1] + global_layers(model_chunks)
     planned = [plan_part(p, target_shapes[p.key], spec, old_model_cfg, source.shapes) for p in parts]
     # one slot per (state kind, layer), kind by kind: a slot moves one kind of one layer (a third of
     # what a whole layer would), and every rank walks the same number of slots

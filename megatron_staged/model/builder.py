@@ -326,6 +326,19 @@ def unwrap(model):
     return model
 
 
+def global_layers(model_chunks) -> list[int]:
+    """The global (0-based) indices of the transformer layers this rank holds: under interleaved 1F1B
+    the union over its chunks, each placed by megatron-core's own ``get_transformer_layer_offset``."""
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    out = []
+    for chunk in model_chunks:
+        g = unwrap(chunk)
+        offset = get_transformer_layer_offset(g.config, vp_stage=getattr(g, "vp_stage", None))
+        out += range(offset, offset + len(g.decoder.layers))
+    return out
+
+
 def count_parameters(cfg: Config) -> dict:
     """Global parameter counts (total, non-embedding) from the config alone."""
     m = resolve_model(cfg.model)
