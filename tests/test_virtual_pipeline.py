@@ -1,0 +1,119 @@
+"""Interleaved 1F1B (virtual pipeline stages, Megatron-LM's --num-layers-per-virtual-pipeline-stage /
+--num-virtual-stages-per-pipeline-rank): training, checkpoints across layouts and in-run depth
+growth at a virtual-pipeline layout, each compared with the same run at PP 1 (no pipeline, no
+virtual-stage code), which is the oracle; and the bad values, each refused with one line before
+anything is built."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from megatron_staged.config import parse_config, validate
+from megatron_staged.errors import UserError
+from megatron_staged.staging.stages import plan_stages
+from megatron_staged.training.state import TrainState
+
+from conftest import ROOT, torchrun
+
+BASE = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "64", "--num-layers", "4",
+        "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16", "--micro-batch-size", "1",
+        "--global-batch-size", "4", "--lr", "1e-2", "--lr-warmup-iters", "1", "--train-iters", "4",
+        "--log-interval", "1", "--eval-iters", "1", "--progress-bar", "off", "--use-distributed-optimizer"]
+PP1 = ["--pipeline-model-parallel-size", "1"]
+VP_LAYERS = ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"]  # 2 chunks of 1
+VP_STAGES = ["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2"]
+TOL = 2e-5  # float32 round-off: the layouts sum the same terms in another order
+
+
+@pytest.fixture(scope="module")
+def vp_runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("vpp")
+    (d / "grow.yaml").write_text("staging:\n  stages:\n    - {at_iteration: 2, depth_factor: 2, eval_iters: 1}\n")
+    (d / "grow_into_vp.yaml").write_text(
+        "staging:\n  stages:\n    - {at_iteration: 2, depth_factor: 2, eval_iters: 1, "
+        "target_pipeline_model_parallel_size: 2, target_num_virtual_stages_per_pipeline_rank: 2}\n")
+    grow = ["--config", str(d / "grow.yaml")]
+    cases = [
+        {"name": "pp1", "flags": [*BASE, *PP1, "--save", f"{d}/pp1", "--save-interval", "2"]},
+        {"name": "vp", "flags": [*BASE, *VP_LAYERS, "--save", f"{d}/vp", "--save-interval", "2"]},
+        {"name": "vp_to_pp1", "flags": [*BASE, *PP1, "--load", f"{d}/vp/iter_0000002"]},
+        {"name": "pp1_to_vp", "flags": [*BASE, *VP_STAGES, "--load", f"{d}/pp1/iter_0000002"]},
+        {"name": "grow_pp1", "flags": [*BASE, *PP1, *grow]},
+        {"name": "grow_vp", "flags": [*BASE, *VP_LAYERS, *grow]},
+        {"name": "grow_into_vp", "flags": [*BASE, *PP1, "--config", str(d / "grow_into_vp.yaml")]},
+    ]
+    (d / "cases.json").write_text(json.dumps(cases))
+    torchrun([str(d / "cases.json"), str(d / "results.jsonl")], nproc=2, timeout=900,
+             script=str(ROOT / "tests" / "workers" / "vpp_worker.py"))
+    return {r["name"]: r for r in map(json.loads, (d / "results.jsonl").read_text().splitlines())}
+
+
+def _close(a: dict, b: dict, iters) -> None:
+    for i in iters:
+        assert a[str(i)] == pytest.approx(b[str(i)], rel=TOL, abs=TOL), (i, a, b)
+
+
+def test_interleaved_training_matches_pp1(vp_runs):
+    pp1, vp = vp_runs["pp1"], vp_runs["vp"]
+    assert (vp["layout"], vp["chunks"]) == ("TP1 PP2 VP2 DP1", 2)  # megatron's interleaved schedule ran
+    assert (pp1["layout"], pp1["chunks"]) == ("TP1 PP1 DP2", 1)
+    _close(vp["losses"], pp1["losses"], range(1, 5))
+    assert len(set(pp1["losses"].values())) == 4  # the model trains (the losses move)
+
+
+def test_resume_across_interleaved_and_plain_layouts(vp_runs):
+    # saved at PP2 VP2, resumed at PP1; saved at PP1, resumed at PP2 VP2 (--num-virtual-stages-per-pipeline-rank)
+    assert vp_runs["vp_to_pp1"]["layout"] == "TP1 PP1 DP2"
+    _close(vp_runs["vp_to_pp1"]["losses"], vp_runs["vp"]["losses"], (3, 4))
+    assert vp_runs["pp1_to_vp"]["layout"] == "TP1 PP2 VP2 DP1"
+    _close(vp_runs["pp1_to_vp"]["losses"], vp_runs["pp1"]["losses"], (3, 4))
+
+
+def test_depth_growth_at_and_into_interleaved_layouts(vp_runs):
+    ref = vp_runs["grow_pp1"]
+    for name in ("grow_vp", "grow_into_vp"):
+        r = vp_runs[name]
+        (stage,) = r["stages"]
+        assert stage["after"] == pytest.approx(stage["before"], abs=TOL)  # identity growth keeps the function
+        assert stage["after"] == pytest.approx(ref["stages"][0]["after"], abs=TOL)
+        _close(r["losses"], ref["losses"], range(1, 5))  # and trains on exactly as the grown PP1 model
+    # --num-layers-per-virtual-pipeline-stage 1 is kept: 8 layers over PP2 are 4 chunks of one layer
+    assert (vp_runs["grow_vp"]["final_layout"], vp_runs["grow_vp"]["final_chunks"]) == ("TP1 PP2 VP4 DP1", 4)
+    g = vp_runs["grow_into_vp"]
+    assert (g["layout"], g["final_layout"], g["final_chunks"]) == ("TP1 PP1 DP2", "TP1 PP2 VP2 DP1", 2)
+    assert g["stages"][0]["to"]["vp"] == 2 and g["stages"][0]["to"]["num_layers"] == 8
+
+
+@pytest.mark.parametrize("argv,world,message", [
+    (["--num-layers-per-virtual-pipeline-stage", "1", "--num-virtual-stages-per-pipeline-rank", "2", *VP_STAGES[:2]],
+     2, "give only one of --num-layers-per-virtual-pipeline-stage and --num-virtual-stages-per-pipeline-rank"),
+    (["--num-virtual-stages-per-pipeline-rank", "2"], 1, "needs --pipeline-model-parallel-size > 1"),
+    (["--num-layers-per-virtual-pipeline-stage", "3", *VP_STAGES[:2]], 2,
+     "2 layers per pipeline stage is not divisible by --num-layers-per-virtual-pipeline-stage 3"),
+    (["--num-virtual-stages-per-pipeline-rank", "4", *VP_STAGES[:2]], 2,
+     "--num-layers 4 is not divisible by --pipeline-model-parallel-size 2 x 4 virtual stages"),
+    (["--num-virtual-stages-per-pipeline-rank", "0", *VP_STAGES[:2]], 2, "must be >= 1"),
+    ([*VP_STAGES, "--no-overlap-p2p-communication"], 2, "needs --pipeline-model-parallel-size > 2"),
+    ([*VP_STAGES, "--global-batch-size", "3"], 2, "to be a multiple of --pipeline-model-parallel-size 2"),
+    ([*VP_STAGES, "--num-layers", "0"], 2, "zero-layer model"),
+    (["--num-layers", "0", "--num-layers-per-virtual-pipeline-stage", "1"], 1, "a zero-layer model has no layers"),
+    ([*VP_STAGES, "--raptr-stages", "2"], 2, "interleaved 1F1B reorders"),
+])
+def test_bad_virtual_pipeline_values_are_one_line(argv, world, message):
+    with pytest.raises(UserError) as e:  # later flags win, as in argparse
+        validate(parse_config([*BASE, *argv]), world)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_growth_stage_must_map_onto_the_virtual_stages_before_training():
+    cfg = parse_config([*BASE, *VP_STAGES])
+    validate(cfg, 2)
+    with pytest.raises(UserError) as e:  # 6 layers do not split into PP2 x 2 virtual stages
+        plan_stages(cfg, [{"at_iteration": 2, "num_layers": 6}], 2, TrainState())
+    msg = str(e.value)
+    assert msg.startswith("staging.stages[0]: ") and "staging.stages[0].target_num_virtual_stages_per_pipeline_rank" in msg
+    assert "\n" not in msg
+    # the same depth with the interleaving the stage names maps
+    plan_stages(cfg, [{"at_iteration": 2, "num_layers": 6, "target_num_virtual_stages_per_pipeline_rank": 3}], 2,
+                TrainState())
