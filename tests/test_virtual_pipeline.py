@@ -43,6 +43,28 @@ def vp_runs(tmp_path_factory):
         {"name": "grow_vp", "flags": [*BASE, *VP_LAYERS, *grow]},
         {"name": "grow_into_vp", "flags": [*BASE, *PP1, "--config", str(d / "grow_into_vp.yaml")]},
     ]
+    # convert and offline grow into and out of interleaved layouts; each result evaluated
+    vp2, pp2 = f"{d}/vp/iter_0000002", f"{d}/pp1/iter_0000002"
+    conv, grow_tool = ["convert", "--no-optimizer"], ["grow"]
+    ev = [*BASE, "--no-load-optim", "--no-load-rng"]
+    cases += [
+        {"name": "c_pp1", "kind": "tool", "flags": [*conv, "--load", vp2, "--save", f"{d}/c_pp1",
+                                                   "--target-pipeline-model-parallel-size", "1"]},
+        {"name": "c_vp", "kind": "tool", "flags": [*conv, "--load", pp2, "--save", f"{d}/c_vp",
+                                                  "--target-pipeline-model-parallel-size", "2",
+                                                  "--target-num-virtual-stages-per-pipeline-rank", "2"]},
+        {"name": "g_vp", "kind": "tool", "flags": [*grow_tool, "--load", vp2, "--save", f"{d}/g_vp", "--depth-factor", "2"]},
+        {"name": "g_into_vp", "kind": "tool", "flags": [*grow_tool, "--load", pp2, "--save", f"{d}/g_into_vp",
+                                                       "--depth-factor", "2", "--target-pipeline-model-parallel-size", "2",
+                                                       "--target-num-layers-per-virtual-pipeline-stage", "2"]},
+        {"name": "e_pp1", "kind": "eval", "flags": [*ev, *PP1, "--load", pp2]},
+        {"name": "e_vp", "kind": "eval", "flags": [*ev, *VP_STAGES, "--load", vp2]},
+        {"name": "e_c_pp1", "kind": "eval", "flags": [*ev, *PP1, "--load", f"{d}/c_pp1"]},
+        {"name": "e_c_vp", "kind": "eval", "flags": [*ev, *VP_STAGES, "--load", f"{d}/c_vp"]},
+        {"name": "e_g_vp", "kind": "eval", "flags": [*ev, *PP1, "--load", f"{d}/g_vp"]},
+        {"name": "e_g_into_vp", "kind": "eval", "flags": [*ev, *VP_LAYERS[:2], "--num-layers-per-virtual-pipeline-stage", "2",
+                                                         "--load", f"{d}/g_into_vp"]},
+    ]
     (d / "cases.json").write_text(json.dumps(cases))
     torchrun([str(d / "cases.json"), str(d / "results.jsonl")], nproc=2, timeout=900,
              script=str(ROOT / "tests" / "workers" / "vpp_worker.py"))
@@ -83,6 +105,18 @@ def test_depth_growth_at_and_into_interleaved_layouts(vp_runs):
     g = vp_runs["grow_into_vp"]
     assert (g["layout"], g["final_layout"], g["final_chunks"]) == ("TP1 PP1 DP2", "TP1 PP2 VP2 DP1", 2)
     assert g["stages"][0]["to"]["vp"] == 2 and g["stages"][0]["to"]["num_layers"] == 8
+
+
+def test_convert_and_offline_grow_into_and_out_of_interleaved_layouts(vp_runs):
+    e = {k: vp_runs[k]["eval"] for k in ("e_pp1", "e_vp", "e_c_pp1", "e_c_vp", "e_g_vp", "e_g_into_vp")}
+    assert vp_runs["e_vp"]["chunks"] == 2 and vp_runs["e_c_vp"]["chunks"] == 2
+    assert e["e_vp"] == pytest.approx(e["e_pp1"], abs=TOL)  # the two runs trained the same model
+    assert e["e_c_pp1"] == pytest.approx(e["e_vp"], abs=TOL)  # PP2 VP2 -> PP1
+    assert e["e_c_vp"] == pytest.approx(e["e_pp1"], abs=TOL)  # PP1 -> PP2 VP2
+    # offline identity growth at the saved VP (layers per virtual stage kept) and into a VP target
+    assert e["e_g_vp"] == pytest.approx(e["e_vp"], abs=TOL)
+    assert e["e_g_into_vp"] == pytest.approx(e["e_pp1"], abs=TOL)
+    assert vp_runs["e_g_into_vp"]["layout"] == "TP1 PP2 VP2 DP1"  # 8 layers: 2 chunks of 2 per rank
 
 
 @pytest.mark.parametrize("argv,world,message", [
