@@ -373,8 +373,6 @@ def grow_sharded_state(source, spec: GrowthSpec, old_model_cfg, model_chunks, op
     directory). Must be called on every rank. Returns this rank's statistics: seconds, bytes moved
     (read from storage or received) and copied locally, and the bytes of its target shards.
     """
-    from megatron.core import parallel_state as ps
-
     from megatron_staged.growth.sources import CheckpointSource, return_freed_memory
 
     t0 = time.time()

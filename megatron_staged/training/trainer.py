@@ -92,6 +92,11 @@ def average_loss_over_ranks(losses) -> float:
     return float(t[0] / t[1]) if t[1] > 0 else float("nan")
 
 
+def _vp(side: dict) -> str:
+    """The ' VPn' suffix of a layout with interleaved 1F1B (virtual pipeline stages), else ''."""
+    return f" VP{side['vp']}" if side.get("vp") else ""
+
+
 # model fields a user may change on resume: they do not change any weight's shape or meaning
 NON_ARCHITECTURE_FIELDS = {"bf16", "fp16", "transformer_impl", "hidden_dropout", "attention_dropout",
                            "vocab_size", "seq_length", "init_method_std"}
@@ -241,8 +246,9 @@ class Trainer:
                  stage_index=stage_index, trigger=why)
         self.logger.event(
             f" growth at iteration {self.state.iteration}: {e['operator']} {e['from']['num_layers']} layers x "
-            f"{e['from']['hidden_size']} (TP{e['from']['tp']} PP{e['from']['pp']}) -> {e['to']['num_layers']} "
-            f"layers x {e['to']['hidden_size']} (TP{e['to']['tp']} PP{e['to']['pp']} DP{e['to']['dp']}) | "
+            f"{e['from']['hidden_size']} (TP{e['from']['tp']} PP{e['from']['pp']}{_vp(e['from'])}) -> "
+            f"{e['to']['num_layers']} layers x {e['to']['hidden_size']} (TP{e['to']['tp']} PP{e['to']['pp']}"
+            f"{_vp(e['to'])} DP{e['to']['dp']}) | "
             f"eval loss before: {before:.6f} | after: {after:.6f} | diff: {after - before:+.2e} | "
             f"LR schedule step {e['schedule_step_before']} -> {e['schedule_step_after']} (rho {e['rho']:.3g}, "
             f"re-warmup {e['rewarmup_iters']}) | {seconds:.2f}s",
