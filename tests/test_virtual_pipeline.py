@@ -34,6 +34,7 @@ def vp_runs(tmp_path_factory):
         "staging:\n  stages:\n    - {at_iteration: 2, depth_factor: 2, eval_iters: 1, "
         "target_pipeline_model_parallel_size: 2, target_num_virtual_stages_per_pipeline_rank: 2}\n")
     grow = ["--config", str(d / "grow.yaml")]
+    muon = [*BASE, "--no-use-distributed-optimizer", "--optimizer", "muon", "--train-iters", "3"]
     cases = [
         {"name": "pp1", "flags": [*BASE, *PP1, "--save", f"{d}/pp1", "--save-interval", "2"]},
         {"name": "vp", "flags": [*BASE, *VP_LAYERS, "--save", f"{d}/vp", "--save-interval", "2"]},
@@ -42,6 +43,8 @@ def vp_runs(tmp_path_factory):
         {"name": "grow_pp1", "flags": [*BASE, *PP1, *grow]},
         {"name": "grow_vp", "flags": [*BASE, *VP_LAYERS, *grow]},
         {"name": "grow_into_vp", "flags": [*BASE, *PP1, "--config", str(d / "grow_into_vp.yaml")]},
+        {"name": "muon_pp1", "flags": [*muon, *PP1]},
+        {"name": "muon_vp", "flags": [*muon, *VP_STAGES]},
     ]
     # convert and offline grow into and out of interleaved layouts; each result evaluated
     vp2, pp2 = f"{d}/vp/iter_0000002", f"{d}/pp1/iter_0000002"
@@ -82,6 +85,11 @@ def test_interleaved_training_matches_pp1(vp_runs):
     assert (pp1["layout"], pp1["chunks"]) == ("TP1 PP1 DP2", 1)
     _close(vp["losses"], pp1["losses"], range(1, 5))
     assert len(set(pp1["losses"].values())) == 4  # the model trains (the losses move)
+
+
+def test_interleaved_training_with_muon_matches_pp1(vp_runs):
+    assert vp_runs["muon_vp"]["chunks"] == 2
+    _close(vp_runs["muon_vp"]["losses"], vp_runs["muon_pp1"]["losses"], range(1, 4))
 
 
 def test_resume_across_interleaved_and_plain_layouts(vp_runs):
