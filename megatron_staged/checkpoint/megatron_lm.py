@@ -65,6 +65,8 @@ def normalize_common(raw: dict) -> dict:
     common["parallel_layout"] = {"tp": int(getattr(args, "tensor_model_parallel_size", 1)),
                                  "pp": int(getattr(args, "pipeline_model_parallel_size", 1)),
                                  "dp": int(getattr(args, "data_parallel_size", 1))}
+    if getattr(args, "virtual_pipeline_model_parallel_size", None):
+        common["parallel_layout"]["vp"] = int(args.virtual_pipeline_model_parallel_size)
     return common
 
 

@@ -29,6 +29,10 @@ class Layout:
     def __str__(self):
         return f"TP{self.tp} PP{self.pp}" + (f" VP{self.vp}" if self.vp else "") + f" DP{self.dp}"
 
+    def as_dict(self) -> dict:
+        """A checkpoint's ``parallel_layout``: tp, pp, dp, and vp only under interleaved 1F1B."""
+        return {"tp": self.tp, "pp": self.pp, "dp": self.dp, **({"vp": self.vp} if self.vp else {})}
+
 
 def init_distributed(backend: str = "auto", timeout_minutes: int = 10) -> None:
     """Start torch.distributed once per process (idempotent).
