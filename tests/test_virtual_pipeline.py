@@ -77,7 +77,7 @@ def vp_runs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vp_runs_4(tmp_path_factory):
     """4 processes: PP4 x 2 virtual stages with --no-overlap-p2p-communication (megatron's batched p2p),
-    TP2 PP2 VP2, and the PP1 (DP4) oracle; 8 layers (the padded vocabulary made TP-independent)."""
+    TP2 PP2 VP2, PP2 VP2 DP2 with overlapped grad reduce and param gather, and the PP1 (DP4) oracles; 8 layers (the padded vocabulary made TP-independent)."""
     d = tmp_path_factory.mktemp("vpp4")
     base = [*BASE, "--num-layers", "8", "--train-iters", "3", "--vocab-padding", "lcm"]
     cases = [
@@ -87,6 +87,9 @@ def vp_runs_4(tmp_path_factory):
                                              "--no-overlap-p2p-communication"]},
         {"name": "tp2_pp2_vp2", "flags": [*base, "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size",
                                          "2", "--num-layers-per-virtual-pipeline-stage", "2"]},
+        {"name": "pp1_gbs8", "flags": [*base, *PP1, "--global-batch-size", "8"]},
+        {"name": "pp2_vp2_dp2_overlap", "flags": [*base, *VP_STAGES, "--global-batch-size", "8", "--overlap-grad-reduce",
+                                                 "--overlap-param-gather"]},
     ]
     (d / "cases.json").write_text(json.dumps(cases))
     torchrun([str(d / "cases.json"), str(d / "results.jsonl")], nproc=4, timeout=900,
@@ -94,12 +97,15 @@ def vp_runs_4(tmp_path_factory):
     return {r["name"]: r for r in map(json.loads, (d / "results.jsonl").read_text().splitlines())}
 
 
-def test_interleaved_training_at_pp4_batched_p2p_and_tp2_matches_pp1(vp_runs_4):
+def test_interleaved_training_at_pp4_batched_p2p_tp2_and_dp2_overlap_matches_pp1(vp_runs_4):
     r = vp_runs_4
     assert (r["pp4_vp2_batched"]["layout"], r["pp4_vp2_batched"]["chunks"]) == ("TP1 PP4 VP2 DP1", 2)
     assert (r["tp2_pp2_vp2"]["layout"], r["tp2_pp2_vp2"]["chunks"]) == ("TP2 PP2 VP2 DP1", 2)
     for name in ("pp4_vp2_batched", "tp2_pp2_vp2"):
         _close(r[name]["losses"], r["pp1"]["losses"], range(1, 4))
+    # DP2 with the distributed optimizer's overlapped grad reduce / param gather (one sync per chunk)
+    assert r["pp2_vp2_dp2_overlap"]["layout"] == "TP1 PP2 VP2 DP2"
+    _close(r["pp2_vp2_dp2_overlap"]["losses"], r["pp1_gbs8"]["losses"], range(1, 4))
 
 
 def _close(a: dict, b: dict, iters) -> None:
