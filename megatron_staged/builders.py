@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import torch
 
-from megatron_staged.config import Config, lr_schedule_steps
+from megatron_staged.config import Config, lr_schedule_steps, virtual_pipeline_size
 from megatron_staged.runtime.distributed import Layout, set_parallel_layout, set_seed
 
 
@@ -38,12 +38,18 @@ def build_model_chunks(cfg: Config, seed: Optional[int] = None, initialize: bool
 
     from megatron_staged.model.builder import build_model, init_global_weights
 
-    model = build_model(cfg, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+    vp = virtual_pipeline_size(cfg)
+    if vp is not None:  # interleaved 1F1B: one chunk per virtual stage, as Megatron-LM's get_model builds them
+        models = [build_model(cfg, pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=i),
+                              post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=i), vp_stage=i)
+                  for i in range(vp)]
+    else:
+        models = [build_model(cfg, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())]
     if initialize:
-        init_global_weights([model], cfg, cfg.training.seed if seed is None else seed)
-    tcfg = model.config
+        init_global_weights(models, cfg, cfg.training.seed if seed is None else seed)
+    tcfg = models[0].config
     if cfg.model.bf16 or cfg.model.fp16:
-        model = Float16Module(tcfg, model)
+        models = [Float16Module(tcfg, model) for model in models]
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
@@ -51,7 +57,9 @@ def build_model_chunks(cfg: Config, seed: Optional[int] = None, initialize: bool
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
         check_for_nan_in_grad=False,
     )
-    return [DistributedDataParallel(tcfg, ddp_config, model)]
+    # Megatron-LM: bucketing off for chunks after the first (their communication overlaps compute anyway)
+    return [DistributedDataParallel(tcfg, ddp_config, model, disable_bucketing=i > 0)
+            for i, model in enumerate(models)]
 
 
 def build_optimizer(cfg: Config, model_chunks, zero_state: bool = True):
@@ -92,10 +100,11 @@ def wire_schedule_hooks(model_chunks, optimizer, cfg: Config) -> None:
     config.grad_scale_func = optimizer.scale_loss
     config.finalize_model_grads_func = finalize_model_grads
     config.timers = None
-    if cfg.parallel.overlap_grad_reduce:
-        config.no_sync_func = model_chunks[0].no_sync
+    if cfg.parallel.overlap_grad_reduce:  # Megatron-LM: one per chunk under interleaved 1F1B
+        config.no_sync_func = [c.no_sync for c in model_chunks] if len(model_chunks) > 1 else model_chunks[0].no_sync
     if cfg.parallel.overlap_param_gather and cfg.parallel.use_distributed_optimizer:
-        config.param_sync_func = model_chunks[0].start_param_sync
+        config.param_sync_func = ([c.start_param_sync for c in model_chunks] if len(model_chunks) > 1
+                                  else model_chunks[0].start_param_sync)
 
 
 def build_components(cfg: Config, *, initialize: bool = True, with_optimizer: bool = True,
@@ -109,7 +118,8 @@ def build_components(cfg: Config, *, initialize: bool = True, with_optimizer: bo
     """
     from megatron_staged.training.lr import build_scheduler
 
-    layout = set_parallel_layout(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
+    layout = set_parallel_layout(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
+                                 virtual_pipeline_size(cfg))
     set_seed(cfg.training.seed)
     model = build_model_chunks(cfg, initialize=initialize)
     optimizer = build_optimizer(cfg, model, zero_state=zero_optimizer_state) if with_optimizer else None

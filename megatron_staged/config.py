@@ -84,6 +84,15 @@ class ParallelConfig:
     overlap_param_gather: bool = _f(False)
     distributed_backend: str = _f("auto", "nccl on GPU, gloo on CPU", choices=["auto", "nccl", "gloo"])
     distributed_timeout_minutes: int = _f(10)
+    # -- interleaved 1F1B (virtual pipeline stages), as Megatron-LM: give at most one of the two --
+    num_layers_per_virtual_pipeline_stage: Optional[int] = _f(
+        None, "interleaved 1F1B: layers per virtual pipeline stage (model chunk); a depth growth keeps it "
+              "and adds virtual stages")
+    num_virtual_stages_per_pipeline_rank: Optional[int] = _f(
+        None, "interleaved 1F1B: virtual pipeline stages (model chunks) per pipeline rank; a depth growth "
+              "keeps it and adds layers to every virtual stage")
+    overlap_p2p_comm: bool = _f(True, "interleaved 1F1B: overlap pipeline send/recv with compute (Megatron-LM's "
+                                      "default; --no-overlap-p2p-communication needs PP > 2)")
 
 
 @dataclass
@@ -628,6 +637,60 @@ def validate_performance(cfg: Config) -> None:
     require(o.loss_scale_window >= 1 and o.hysteresis >= 1, "--loss-scale-window and --hysteresis must be >= 1")
 
 
+def virtual_pipeline_size(cfg: Config) -> Optional[int]:
+    """Megatron-LM's ``virtual_pipeline_model_parallel_size``: model chunks per pipeline rank, or None
+    (plain 1F1B) when neither interleaving flag is given, it comes to 1, or there is no pipeline (a
+    tool that builds a checkpoint's model at PP 1; :func:`validate` refuses the flags without PP)."""
+    vp = _requested_virtual_pipeline_size(cfg)
+    return vp if cfg.parallel.pipeline_model_parallel_size > 1 else None
+
+
+def _requested_virtual_pipeline_size(cfg: Config) -> Optional[int]:
+    p, L = cfg.parallel, cfg.model.num_layers
+    if p.num_layers_per_virtual_pipeline_stage is not None:
+        pp = p.pipeline_model_parallel_size
+        vp = L // pp // p.num_layers_per_virtual_pipeline_stage if L % pp == 0 else None
+    else:
+        vp = p.num_virtual_stages_per_pipeline_rank
+    return vp if vp and vp > 1 else None
+
+
+def validate_virtual_pipeline(cfg: Config) -> None:
+    """Megatron-LM's checks for --num-layers-per-virtual-pipeline-stage /
+    --num-virtual-stages-per-pipeline-rank (arguments.py validate_args, core_v0.16.1)."""
+    p, L = cfg.parallel, cfg.model.num_layers
+    lpvs, nvs = p.num_layers_per_virtual_pipeline_stage, p.num_virtual_stages_per_pipeline_rank
+    if lpvs is None and nvs is None:
+        return
+    require(lpvs is None or nvs is None, "give only one of --num-layers-per-virtual-pipeline-stage and "
+                                         "--num-virtual-stages-per-pipeline-rank")
+    pp = p.pipeline_model_parallel_size
+    if lpvs is not None:
+        require(lpvs >= 1, f"--num-layers-per-virtual-pipeline-stage {lpvs} must be >= 1")
+        require(L > 0, "--num-layers-per-virtual-pipeline-stage: a zero-layer model has no layers to "
+                       "interleave; drop the flag")
+        require((L // pp) % lpvs == 0,
+                f"--num-layers {L} / --pipeline-model-parallel-size {pp} = {L // pp} layers per pipeline stage "
+                f"is not divisible by --num-layers-per-virtual-pipeline-stage {lpvs}")
+    else:
+        require(nvs >= 1, f"--num-virtual-stages-per-pipeline-rank {nvs} must be >= 1")
+    vp = _requested_virtual_pipeline_size(cfg)
+    if vp is None:
+        return
+    require(L > 0, "interleaved 1F1B: a zero-layer model has no layers to interleave; drop the virtual "
+                   "pipeline flag")
+    require(L % (pp * vp) == 0,
+            f"--num-layers {L} is not divisible by --pipeline-model-parallel-size {pp} x "
+            f"{vp} virtual stages per pipeline rank; choose a multiple of {pp * vp} layers")
+    if p.overlap_p2p_comm:
+        require(pp > 1, f"interleaved 1F1B ({vp} virtual stages per pipeline rank) needs "
+                        f"--pipeline-model-parallel-size > 1; drop the virtual pipeline flag")
+    else:
+        require(pp > 2, "interleaved 1F1B with --no-overlap-p2p-communication needs "
+                        "--pipeline-model-parallel-size > 2 (Megatron-LM's rule); drop "
+                        "--no-overlap-p2p-communication")
+
+
 def validate(cfg: Config, world_size: int) -> None:
     """Check values, the layout and batch arithmetic; raise UserError with the fix."""
     m, p, t, o = cfg.model, cfg.parallel, cfg.training, cfg.optim
@@ -649,6 +712,7 @@ def validate(cfg: Config, world_size: int) -> None:
             f"--num-layers {m.num_layers} is not divisible by --pipeline-model-parallel-size {pp}; "
             f"use a PP size that divides the layer count")
     require(m.num_layers > 0 or pp == 1, "a zero-layer model cannot be pipelined; use --pipeline-model-parallel-size 1")
+    validate_virtual_pipeline(cfg)
     require(m.num_layers > 0 or cfg.performance.recompute_granularity != "full",
             "--recompute-granularity full: a zero-layer model has no layers to recompute; drop the flag")
     require(m.max_position_embeddings >= m.seq_length or m.position_embedding_type == "rope",
@@ -667,6 +731,14 @@ def validate(cfg: Config, world_size: int) -> None:
             f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
             f"{t.micro_batch_size} x data-parallel size {dp}; choose a multiple of "
             f"{t.micro_batch_size * dp}")
+    vp = virtual_pipeline_size(cfg)
+    if vp is not None:  # megatron-core's interleaved schedule: micro-batch groups of PP (its default)
+        nmb = t.global_batch_size // (t.micro_batch_size * dp)
+        require(nmb % pp == 0,
+                f"interleaved 1F1B needs the number of micro-batches ({nmb} = --global-batch-size "
+                f"{t.global_batch_size} / (--micro-batch-size {t.micro_batch_size} x DP {dp})) to be a multiple "
+                f"of --pipeline-model-parallel-size {pp}; choose --global-batch-size a multiple of "
+                f"{t.micro_batch_size * dp * pp}")
     if t.train_samples is not None:
         t.train_iters = t.train_samples // t.global_batch_size  # Megatron-LM: the last partial batch is dropped
         require(t.train_iters > 0, f"--train-samples {t.train_samples} is less than one global batch "
@@ -685,6 +757,11 @@ def validate(cfg: Config, world_size: int) -> None:
     from megatron_staged.subnet.schedule import validate_subnet
 
     validate_subnet(cfg, world_size)
+    from megatron_staged.subnet import enabled as layer_drop_enabled
+
+    require(virtual_pipeline_size(cfg) is None or not layer_drop_enabled(cfg),
+            "RaPTr / progressive layer dropping draws its masks per micro-batch in schedule order, which "
+            "interleaved 1F1B reorders across model chunks; drop the virtual pipeline flag")
 
 
 # ==== Megatron-LM compatibility: flags that are not fields of the tree ===========================
@@ -721,6 +798,7 @@ _NO_KERNEL = "a GPU kernel/performance switch with no effect on results; nothing
 MEGATRON_COMPAT: dict[str, CompatRule] = {
     # --- another spelling of a field of the tree
     "--no-rope-fusion": _set(apply_rope_fusion=False),
+    "--no-overlap-p2p-communication": _set(overlap_p2p_comm=False),
     "--use-rotary-position-embeddings": _set(position_embedding_type="rope"),
     "--use-dist-ckpt": _set(ckpt_format="torch_dist"),
     "--muon-no-split-qkv": _set(muon_split_qkv=False),
@@ -764,12 +842,6 @@ MEGATRON_COMPAT: dict[str, CompatRule] = {
                                   "not collected", ) ,
     "--profile": _refuse("use the PyTorch profiler around `megatron-staged train`; --profile is not wired"),
     # --- refused, with what to do instead
-    "--num-layers-per-virtual-pipeline-stage": _refuse(
-        "interleaved 1F1B (virtual pipeline stages) is not supported: depth growth places layers per "
-        "pipeline stage; drop the flag (plain 1F1B is used)"),
-    "--num-virtual-stages-per-pipeline-rank": _refuse(
-        "interleaved 1F1B (virtual pipeline stages) is not supported: depth growth places layers per "
-        "pipeline stage; drop the flag (plain 1F1B is used)"),
     "--rampup-batch-size": _refuse(
         "batch-size ramp-up is not supported: growth stages, FLOPs and the LR re-warmup count iterations "
         "of a constant global batch; use a constant --global-batch-size (Megatron-LM itself allows the "

@@ -141,8 +141,9 @@ def test_compat_rules_set_accept_refuse(capsys):
     assert "note: --use-mcore-models accepted" in capsys.readouterr().out
     with pytest.raises(UserError, match=r"^--context-parallel-size 2: context parallelism"):
         parse_config(["--mock-data", "--context-parallel-size", "2"])
-    with pytest.raises(UserError, match=r"--num-layers-per-virtual-pipeline-stage 2: interleaved 1F1B"):
-        parse_config(["--mock-data", "--num-layers-per-virtual-pipeline-stage", "2"])
+    # interleaved 1F1B parses with Megatron-LM's meaning (tests/test_virtual_pipeline.py runs it)
+    cfg = parse_config(["--mock-data", "--num-layers-per-virtual-pipeline-stage", "2", "--no-overlap-p2p-communication"])
+    assert (cfg.parallel.num_layers_per_virtual_pipeline_stage, cfg.parallel.overlap_p2p_comm) == (2, False)
     with pytest.raises(UserError, match="--ckpt-format torch: only torch_dist"):
         validate(parse_config(["--mock-data", "--ckpt-format", "torch"]), 1)
     with pytest.raises(UserError, match="no training data: give --data-path"):

@@ -283,9 +283,9 @@ def build_state_dict(model_chunks, optimizer, scheduler, common: dict, *, is_loa
     model_sd = model_sharded_state_dict(model_chunks)
     sd.update(model_sd)
     if with_optimizer and optimizer is not None:
-        merged = {}
-        for v in model_sd.values():
-            merged.update(v)
+        # one chunk: its dict; several (interleaved 1F1B): the nested {"model0": ..., "model1": ...}, as
+        # Megatron-LM passes it (the chunks' local keys coincide, so a flat merge would lose chunks)
+        merged = model_sd["model"] if len(model_sd) == 1 else model_sd
         sd["optimizer"] = optimizer.sharded_state_dict(merged, is_loading=is_loading,
                                                        metadata=sharding_metadata(optim_sharding))
     if scheduler is not None and not is_loading:
@@ -458,7 +458,7 @@ def save_checkpoint(root: str, iteration: int, model_chunks, optimizer, schedule
         "checkpoint_version": CHECKPOINT_VERSION,
         "train_state": state,
         "num_floating_point_operations_so_far": state.get("flops_so_far", 0.0),
-        "parallel_layout": {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp},
+        "parallel_layout": lay.as_dict(),
     }
     if scheduler is not None:
         common["opt_param_scheduler"] = megatron_lm.scheduler_in_samples(scheduler.state_dict(),
@@ -529,10 +529,11 @@ def _optimizer_sharding(common: dict, ckpt_dir: str, optimizer) -> str:
                         f"read; resave it with Megatron-LM using --dist-ckpt-optim-fully-reshardable, or pass "
                         f"--no-load-optim")
     saved, lay = common.get("parallel_layout") or {}, current_layout()
-    if (saved.get("tp"), saved.get("pp")) != (lay.tp, lay.pp):
+    if (saved.get("tp"), saved.get("pp"), saved.get("vp")) != (lay.tp, lay.pp, lay.vp):
+        vp_s, vp_l = (f" VP{saved['vp']}" if saved.get("vp") else ""), (f" VP{lay.vp}" if lay.vp else "")
         raise UserError(f"{ckpt_dir}: Megatron-LM saved its distributed optimizer as 'dp_reshardable' (its default), "
-                        f"which loads only at the saved TP{saved.get('tp')} PP{saved.get('pp')} (this run: TP{lay.tp} "
-                        f"PP{lay.pp}); resume at that layout, or first run `megatron-staged convert --load {ckpt_dir} "
+                        f"which loads only at the saved TP{saved.get('tp')} PP{saved.get('pp')}{vp_s} (this run: "
+                        f"TP{lay.tp} PP{lay.pp}{vp_l}); resume at that layout, or first run `megatron-staged convert --load {ckpt_dir} "
                         f"--save NEW` (at the saved layout; it rewrites the optimizer fully reshardable), or pass "
                         f"--no-load-optim")
     return kind
@@ -555,7 +556,7 @@ def load_checkpoint(path: str, model_chunks, optimizer, scheduler, *, load_optim
     state = dict(common.get("train_state", {}))
     config = common.get("args")
     lay = current_layout()
-    same_layout = common.get("parallel_layout", {}) == {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp}
+    same_layout = common.get("parallel_layout", {}) == lay.as_dict()  # VP too: its chunks hold other layers
     with_optim = load_optimizer and optimizer is not None and state.get("has_optimizer", True)
     if load_optimizer and optimizer is not None and not state.get("has_optimizer", True):
         raise UserError(f"{ckpt_dir} holds no optimizer state (saved with --no-save-optim); "

@@ -65,6 +65,8 @@ def normalize_common(raw: dict) -> dict:
     common["parallel_layout"] = {"tp": int(getattr(args, "tensor_model_parallel_size", 1)),
                                  "pp": int(getattr(args, "pipeline_model_parallel_size", 1)),
                                  "dp": int(getattr(args, "data_parallel_size", 1))}
+    if getattr(args, "virtual_pipeline_model_parallel_size", None):
+        common["parallel_layout"]["vp"] = int(args.virtual_pipeline_model_parallel_size)
     return common
 
 
@@ -130,7 +132,7 @@ def megatron_lm_args(cfg, *, tp: int, pp: int, world_size: int, iteration: int, 
     """Megatron-LM's ``args`` for a checkpoint saved here: every field of the (resolved) config tree
     under its Megatron-LM name, plus what Megatron-LM's ``load_checkpoint``/``check_checkpoint_args``
     and ``--use-checkpoint-args`` read under other names. Plain values only (weights-only readable)."""
-    from megatron_staged.config import resolve_model
+    from megatron_staged.config import resolve_model, virtual_pipeline_size
 
     c = cfg.copy()
     m = resolve_model(c.model)
@@ -142,7 +144,7 @@ def megatron_lm_args(cfg, *, tp: int, pp: int, world_size: int, iteration: int, 
         add_bias_linear=not m.disable_bias_linear,
         add_position_embedding=m.position_embedding_type == "learned_absolute",
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, data_parallel_size=dp,
-        world_size=world_size, context_parallel_size=1, virtual_pipeline_model_parallel_size=None,
+        world_size=world_size, context_parallel_size=1, virtual_pipeline_model_parallel_size=virtual_pipeline_size(c),
         global_batch_size=c.training.global_batch_size or c.training.micro_batch_size * dp,
         iteration=iteration, consumed_train_samples=consumed_train_samples, skipped_train_samples=0,
         consumed_valid_samples=0, use_dist_ckpt=True, ckpt_format="torch_dist", no_save_optim=not has_optimizer,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch.distributed as dist
 
 from megatron_staged.builders import Components, build_components
-from megatron_staged.config import Config
+from megatron_staged.config import Config, virtual_pipeline_size
 from megatron_staged.growth.engine import grow_sharded_state
 from megatron_staged.growth.operators import FRESH_INITS
 from megatron_staged.growth.spec import GrowthSpec, target_config
@@ -19,6 +19,7 @@ def describe(cfg: Config, layout=None) -> dict:
     return {"num_layers": m.num_layers, "hidden_size": m.hidden_size, "num_attention_heads": m.num_attention_heads,
             "num_query_groups": m.num_query_groups, "ffn_hidden_size": m.ffn_hidden_size,
             "tp": p.tensor_model_parallel_size, "pp": p.pipeline_model_parallel_size,
+            "vp": virtual_pipeline_size(cfg),
             "dp": layout.dp if layout else None}
 
 
@@ -72,7 +73,7 @@ def grow(source, spec: GrowthSpec, old_cfg: Config, common: dict,
         "consumed_samples": state.consumed_train_samples,
         "flops_so_far": state.flops_so_far,
         "operator": operator_name(spec),
-        "from": dict(describe(old_cfg), **{k: old_layout.get(k) for k in ("tp", "pp", "dp")}),
+        "from": dict(describe(old_cfg), **{k: old_layout.get(k) for k in ("tp", "pp", "dp", "vp")}),
         "to": describe(new_cfg, comps.layout),
         "rho": rho, "schedule_step_before": s_pre, "schedule_step_after": s_target,
         "rewarmup_iters": spec.rewarmup_iters, "spec": spec.to_dict(),

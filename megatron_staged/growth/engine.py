@@ -226,9 +226,8 @@ def model_space_optimizer_parts(optimizer, model_chunks, model_sts: list) -> tup
 
     from megatron_staged.checkpoint.manager import model_sharded_state_dict, sharding_metadata
 
-    merged = {}
-    for v in model_sharded_state_dict(model_chunks).values():
-        merged.update(v)
+    model_sd = model_sharded_state_dict(model_chunks)
+    merged = model_sd["model"] if len(model_sd) == 1 else model_sd  # chunks' local keys coincide: keep them nested
     raw = optimizer.sharded_state_dict(merged, is_loading=True, metadata=sharding_metadata())
     opt = load_preprocess(raw)  # (sharded dict, non-persistent part, factories)
     by_region = {(st.key, tuple(st.global_offset)): st for st in model_sts}
@@ -374,8 +373,6 @@ def grow_sharded_state(source, spec: GrowthSpec, old_model_cfg, model_chunks, op
     directory). Must be called on every rank. Returns this rank's statistics: seconds, bytes moved
     (read from storage or received) and copied locally, and the bytes of its target shards.
     """
-    from megatron.core import parallel_state as ps
-
     from megatron_staged.growth.sources import CheckpointSource, return_freed_memory
 
     t0 = time.time()
@@ -383,9 +380,11 @@ def grow_sharded_state(source, spec: GrowthSpec, old_model_cfg, model_chunks, op
         source = CheckpointSource(source)
     parts, target_shapes, opt = target_parts(model_chunks, optimizer)
 
-    per_stage = spec.new_num_layers // ps.get_pipeline_model_parallel_world_size()
-    first_layer = ps.get_pipeline_model_parallel_rank() * per_stage
-    layers = [-1] + [first_layer + i for i in range(per_stage)]
+    from megatron_staged.model.builder import global_layers
+
+    # this rank's target layers: its pipeline stage's, or under interleaved 1F1B the union over its
+    # virtual stages (megatron's own layer offsets); the same count on every rank
+    layers = [-1] + global_layers(model_chunks)
     planned = [plan_part(p, target_shapes[p.key], spec, old_model_cfg, source.shapes) for p in parts]
     # one slot per (state kind, layer), kind by kind: a slot moves one kind of one layer (a third of
     # what a whole layer would), and every rank walks the same number of slots

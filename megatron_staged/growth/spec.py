@@ -69,6 +69,12 @@ class GrowthRequest:
     width_noise: float = _opt(0.0, "noise std on new zero blocks (breaks exactness)")
     target_tensor_model_parallel_size: Optional[int] = _opt(None, "TP of the grown model (default: unchanged)")
     target_pipeline_model_parallel_size: Optional[int] = _opt(None, "PP of the grown model (default: unchanged)")
+    target_num_layers_per_virtual_pipeline_stage: Optional[int] = _opt(
+        None, "interleaved 1F1B of the grown model: layers per virtual stage (default: the run's virtual "
+              "pipeline setting, kept)")
+    target_num_virtual_stages_per_pipeline_rank: Optional[int] = _opt(
+        None, "interleaved 1F1B of the grown model: virtual stages per pipeline rank, 1 for plain 1F1B "
+              "(default: the run's virtual pipeline setting, kept)")
     rho: Optional[float] = _opt(None, "S_pre / S_target for the LR schedule (default: depth 1.4, width 1.8, "
                                       "both: product; 1 for an expansion)")
     rewarmup_iters: Optional[int] = _opt(None, "re-warmup iterations up to the schedule's LR at S_target "
@@ -141,6 +147,7 @@ class GrowthSpec:
     depth_map: list
     request: GrowthRequest = field(default_factory=GrowthRequest)
     seed: int = 1234
+    stage_index: Optional[int] = None  # the YAML stage it came from (None: the grow tool's flags)
 
     # the request's options the operators read (copy-<placement> resolved to copy + placement)
     depth_init = property(lambda self: "copy" if self.request.depth_init in COPY_INITS else self.request.depth_init)
@@ -272,9 +279,13 @@ def make_spec(old_cfg: Config, request: GrowthRequest, stage_index: Optional[int
     require(r.rewarmup_iters is None or r.rewarmup_iters >= 0,
             f"{name('rewarmup_iters')} {r.rewarmup_iters} must be >= 0")
     require(r.rho is None or r.rho > 0, f"{name('rho')} {r.rho} must be > 0")
-    for key in ("target_tensor_model_parallel_size", "target_pipeline_model_parallel_size"):
+    for key in ("target_tensor_model_parallel_size", "target_pipeline_model_parallel_size",
+                "target_num_layers_per_virtual_pipeline_stage", "target_num_virtual_stages_per_pipeline_rank"):
         v = getattr(r, key)
         require(v is None or v >= 1, f"{name(key)} {v} must be >= 1")
+    require(r.target_num_layers_per_virtual_pipeline_stage is None or r.target_num_virtual_stages_per_pipeline_rank is None,
+            f"give at most one of {name('target_num_layers_per_virtual_pipeline_stage')} and "
+            f"{name('target_num_virtual_stages_per_pipeline_rank')}")
     chosen = [k for k in ("num_layers", "depth_factor", "depth_map") if getattr(r, k) is not None]
     require(len(chosen) <= 1, f"give at most one of {', '.join(name(k) for k in chosen)}")
     try:
@@ -295,7 +306,7 @@ def make_spec(old_cfg: Config, request: GrowthRequest, stage_index: Optional[int
         require(r.depth_init in ("random", "zero"),
                 f"{name('depth_init')} {r.depth_init}: a zero-layer model has no layer to copy; use random or zero")
     spec = GrowthSpec(old_num_layers=old, depth_map=dmap, request=r,
-                      seed=old_cfg.training.seed if seed is None else seed)
+                      seed=old_cfg.training.seed if seed is None else seed, stage_index=stage_index)
     require(spec.grows_depth or r.width_factor > 1,
             f"nothing to grow: give {name('num_layers')}/{name('depth_factor')}/{name('depth_map')} "
             f"and/or {name('width_factor')} 2")
@@ -323,6 +334,12 @@ def target_config(old_cfg: Config, spec: GrowthSpec, world_size: int) -> Config:
         p.tensor_model_parallel_size = spec.target_tp
     if spec.target_pp:
         p.pipeline_model_parallel_size = spec.target_pp
+    r = spec.request
+    if r.target_num_layers_per_virtual_pipeline_stage or r.target_num_virtual_stages_per_pipeline_rank:
+        p.num_layers_per_virtual_pipeline_stage = r.target_num_layers_per_virtual_pipeline_stage
+        p.num_virtual_stages_per_pipeline_rank = r.target_num_virtual_stages_per_pipeline_rank
+    # else the run's setting is kept: with --num-layers-per-virtual-pipeline-stage a depth growth adds
+    # virtual stages, with --num-virtual-stages-per-pipeline-rank it adds layers to each virtual stage
     tp = p.tensor_model_parallel_size
     new.training.global_batch_size = old_cfg.training.global_batch_size
     try:
@@ -330,7 +347,12 @@ def target_config(old_cfg: Config, spec: GrowthSpec, world_size: int) -> Config:
         require(m.padded_vocab_size is None or m.padded_vocab_size % tp == 0,
                 f"the padded vocabulary ({m.padded_vocab_size}) cannot be split over TP {tp}")
     except UserError as e:
+        vp_hint = ""
+        if "virtual" in str(e) or "interleaved" in str(e):
+            name = r.key_namer(spec.stage_index)
+            vp_hint = (f" (set the grown model's interleaving with {name('target_num_virtual_stages_per_pipeline_rank')}"
+                       f" or {name('target_num_layers_per_virtual_pipeline_stage')})")
         raise UserError(f"the grown model ({m.num_layers} layers, hidden {m.hidden_size}, "
                         f"{m.num_attention_heads} heads) does not fit target TP {tp} x PP "
-                        f"{p.pipeline_model_parallel_size} on {world_size} processes: {e}")
+                        f"{p.pipeline_model_parallel_size} on {world_size} processes: {e}{vp_hint}")
     return new

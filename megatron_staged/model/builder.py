@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_staged.config import Config, ModelConfig, pad_vocab_size, resolve_model
+from megatron_staged.config import Config, ModelConfig, pad_vocab_size, resolve_model, virtual_pipeline_size
 from megatron_staged.errors import UserError
 
 
@@ -76,6 +76,10 @@ def transformer_config(cfg: Config):
         raise UserError("--sequence-parallel needs Transformer Engine on a GPU (not available here); "
                         "drop --sequence-parallel")
     extra = {}
+    vp = virtual_pipeline_size(cfg)
+    if vp is not None:  # interleaved 1F1B, configured as Megatron-LM's core_transformer_config_from_args does
+        extra.update(virtual_pipeline_model_parallel_size=vp, overlap_p2p_comm=p.overlap_p2p_comm,
+                     batch_p2p_comm=not p.overlap_p2p_comm)
     if m.num_layers == 0:
         # megatron's config derives the residual output projections' init from std/sqrt(2 num_layers);
         # a zero-layer model has no such projection, and init_global_weights() does the init anyway,
@@ -164,8 +168,9 @@ def _transformer_layer_spec(cfg: Config):
     return spec
 
 
-def build_model(cfg: Config, pre_process: bool, post_process: bool):
-    """A ``GPTModel`` holding this pipeline stage's layers, uninitialised (see init_global_weights)."""
+def build_model(cfg: Config, pre_process: bool, post_process: bool, vp_stage: Optional[int] = None):
+    """A ``GPTModel`` holding this pipeline stage's layers (of virtual stage ``vp_stage`` under
+    interleaved 1F1B), uninitialised (see init_global_weights)."""
     from megatron.core.models.gpt import GPTModel
 
     m = resolve_model(cfg.model)
@@ -183,6 +188,7 @@ def build_model(cfg: Config, pre_process: bool, post_process: bool):
         position_embedding_type=m.position_embedding_type,
         rotary_percent=m.rotary_percent,
         rotary_base=m.rotary_base,
+        vp_stage=vp_stage,
     )
     _mark_tensor_parallel_weights(model)
     # megatron built the weights in host memory (use_cpu_initialization: layout-independent init);
@@ -318,6 +324,19 @@ def unwrap(model):
     while hasattr(model, "module"):
         model = model.module
     return model
+
+
+def global_layers(model_chunks) -> list[int]:
+    """The global (0-based) indices of the transformer layers this rank holds: under interleaved 1F1B
+    the union over its chunks, each placed by megatron-core's own ``get_transformer_layer_offset``."""
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    out = []
+    for chunk in model_chunks:
+        g = unwrap(chunk)
+        offset = get_transformer_layer_offset(g.config, vp_stage=getattr(g, "vp_stage", None))
+        out += range(offset, offset + len(g.decoder.layers))
+    return out
 
 
 def count_parameters(cfg: Config) -> dict:

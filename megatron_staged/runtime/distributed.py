@@ -10,6 +10,7 @@ import datetime
 import os
 import random
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -23,9 +24,14 @@ class Layout:
     tp: int
     pp: int
     dp: int
+    vp: Optional[int] = None  # virtual pipeline stages per pipeline rank (interleaved 1F1B); None: plain
 
     def __str__(self):
-        return f"TP{self.tp} PP{self.pp} DP{self.dp}"
+        return f"TP{self.tp} PP{self.pp}" + (f" VP{self.vp}" if self.vp else "") + f" DP{self.dp}"
+
+    def as_dict(self) -> dict:
+        """A checkpoint's ``parallel_layout``: tp, pp, dp, and vp only under interleaved 1F1B."""
+        return {"tp": self.tp, "pp": self.pp, "dp": self.dp, **({"vp": self.vp} if self.vp else {})}
 
 
 def init_distributed(backend: str = "auto", timeout_minutes: int = 10) -> None:
@@ -59,13 +65,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def set_parallel_layout(tp: int, pp: int) -> Layout:
-    """(Re)build megatron-core's model-parallel groups for TP x PP (DP = world / (TP*PP))."""
+def set_parallel_layout(tp: int, pp: int, vp: Optional[int] = None) -> Layout:
+    """(Re)build megatron-core's model-parallel groups for TP x PP (DP = world / (TP*PP)); ``vp``:
+    virtual pipeline stages per pipeline rank (interleaved 1F1B), None for plain 1F1B."""
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                 virtual_pipeline_model_parallel_size=vp)
     return current_layout()
 
 
@@ -73,7 +81,7 @@ def current_layout() -> Layout:
     from megatron.core import parallel_state as ps
 
     return Layout(ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
-                  ps.get_data_parallel_world_size())
+                  ps.get_data_parallel_world_size(), ps.get_virtual_pipeline_model_parallel_world_size())
 
 
 def set_seed(seed: int) -> None:

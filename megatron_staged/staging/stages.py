@@ -263,4 +263,4 @@ def live_common(old: Components, state: TrainState) -> dict:
     step = get_optimizer_step(old.optimizer) if old.optimizer is not None else 0
     return {"iteration": state.iteration, "train_state": dict(state.to_dict(), optimizer_step=step),
             "opt_param_scheduler": old.scheduler.state_dict() if old.scheduler is not None else {},
-            "parallel_layout": {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp}}
+            "parallel_layout": lay.as_dict()}

@@ -27,6 +27,10 @@ def parse_args(argv):
     p.add_argument("--save", required=True, help="target checkpoint directory")
     p.add_argument("--target-tensor-model-parallel-size", type=int, default=None, help="default: as saved")
     p.add_argument("--target-pipeline-model-parallel-size", type=int, default=None, help="default: as saved")
+    p.add_argument("--target-num-virtual-stages-per-pipeline-rank", type=int, default=None,
+                   help="interleaved 1F1B of the target (1: none); default: as saved when the PP is, else none")
+    p.add_argument("--target-num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                   help="interleaved 1F1B of the target, as layers per virtual stage")
     p.add_argument("--no-optimizer", action="store_true", help="write weights only (no optimizer or scheduler state)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="parameter dtype (default: as saved)")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint or files already in --save")
@@ -43,16 +47,26 @@ def target_config(common: dict, args, world_size: int):
     p, saved = cfg.parallel, common.get("parallel_layout") or {}
     tp = args.target_tensor_model_parallel_size or saved.get("tp", p.tensor_model_parallel_size)
     pp = args.target_pipeline_model_parallel_size or saved.get("pp", p.pipeline_model_parallel_size)
+    nvs = getattr(args, "target_num_virtual_stages_per_pipeline_rank", None)
+    lpvs = getattr(args, "target_num_layers_per_virtual_pipeline_stage", None)
+    if nvs is not None or lpvs is not None:
+        p.num_virtual_stages_per_pipeline_rank, p.num_layers_per_virtual_pipeline_stage = nvs, lpvs
+    elif pp != saved.get("pp", p.pipeline_model_parallel_size):  # the saved interleaving was for the saved PP
+        p.num_virtual_stages_per_pipeline_rank = p.num_layers_per_virtual_pipeline_stage = None
     p.tensor_model_parallel_size, p.pipeline_model_parallel_size = tp, pp
     if args.dtype:
         cfg.model.bf16, cfg.model.fp16 = args.dtype == "bf16", False
     resolve_model(cfg.model)
     check = cfg.copy()
-    check.training.global_batch_size = None  # the batch is the training run's business, not the layout's
+    # the batch is the training run's business, not the layout's: one that fits (interleaved 1F1B needs
+    # a multiple of PP micro-batches)
+    check.training.global_batch_size = check.training.micro_batch_size * max(world_size // (tp * pp), 1) * pp
     try:
         validate(check, world_size)
     except UserError as e:  # name this tool's flags, not the trainer's
         msg = str(e).replace("--tensor-model-parallel-size", "--target-tensor-model-parallel-size")
+        for flag in ("--num-virtual-stages-per-pipeline-rank", "--num-layers-per-virtual-pipeline-stage"):
+            msg = msg.replace(flag, "--target" + flag[1:])
         raise UserError(msg.replace("--pipeline-model-parallel-size", "--target-pipeline-model-parallel-size")) from None
     padded = cfg.model.padded_vocab_size
     if padded is None or padded % tp:
@@ -70,7 +84,11 @@ def check_target_dir(save: str, source_dir: str, overwrite: bool = False) -> Non
 
 def convert(args) -> dict:
     for flag, v in (("--target-tensor-model-parallel-size", args.target_tensor_model_parallel_size),
-                    ("--target-pipeline-model-parallel-size", args.target_pipeline_model_parallel_size)):
+                    ("--target-pipeline-model-parallel-size", args.target_pipeline_model_parallel_size),
+                    ("--target-num-virtual-stages-per-pipeline-rank",
+                     getattr(args, "target_num_virtual_stages_per_pipeline_rank", None)),
+                    ("--target-num-layers-per-virtual-pipeline-stage",
+                     getattr(args, "target_num_layers_per_virtual_pipeline_stage", None))):
         if v is not None and v < 1:
             raise UserError(f"{flag} {v} must be positive (>= 1)")
 

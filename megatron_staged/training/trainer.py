@@ -7,6 +7,7 @@ happened, never how an operator works.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import sys
@@ -61,9 +62,11 @@ def forward_step(data_iterator, model):
 
 def run_microbatches(model_chunks, data_iterator, num_microbatches: int, cfg: Config, forward_only: bool):
     """One pass of the pipeline schedule; returns the mean loss over all DP ranks (all ranks)."""
-    from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    if len(model_chunks) > 1 and not isinstance(data_iterator, list):
+        # interleaved 1F1B takes one iterator per chunk, each over the same micro-batches
+        data_iterator = list(itertools.tee(data_iterator, len(model_chunks)))
     losses = get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=data_iterator,
@@ -87,6 +90,11 @@ def average_loss_over_ranks(losses) -> float:
     if dist.is_initialized():
         dist.all_reduce(t)
     return float(t[0] / t[1]) if t[1] > 0 else float("nan")
+
+
+def _vp(side: dict) -> str:
+    """The ' VPn' suffix of a layout with interleaved 1F1B (virtual pipeline stages), else ''."""
+    return f" VP{side['vp']}" if side.get("vp") else ""
 
 
 # model fields a user may change on resume: they do not change any weight's shape or meaning
@@ -182,8 +190,10 @@ class Trainer:
         t = self.cfg.training
         dp, dpr = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         train_ds, valid_ds, _ = self.datasets
-        self.train_iter = build_data_iterator(train_ds, self.state.consumed_train_samples, t.micro_batch_size,
-                                              dpr, dp, num_workers=self.cfg.data.num_workers)
+        # interleaved 1F1B: one iterator per model chunk over the same samples, as Megatron-LM builds them
+        iters = [build_data_iterator(train_ds, self.state.consumed_train_samples, t.micro_batch_size,
+                                     dpr, dp, num_workers=self.cfg.data.num_workers) for _ in self.model]
+        self.train_iter = iters if len(iters) > 1 else iters[0]
         self.valid_ds = valid_ds
 
     # -- checkpoints --------------------------------------------------------------------------------
@@ -236,8 +246,9 @@ class Trainer:
                  stage_index=stage_index, trigger=why)
         self.logger.event(
             f" growth at iteration {self.state.iteration}: {e['operator']} {e['from']['num_layers']} layers x "
-            f"{e['from']['hidden_size']} (TP{e['from']['tp']} PP{e['from']['pp']}) -> {e['to']['num_layers']} "
-            f"layers x {e['to']['hidden_size']} (TP{e['to']['tp']} PP{e['to']['pp']} DP{e['to']['dp']}) | "
+            f"{e['from']['hidden_size']} (TP{e['from']['tp']} PP{e['from']['pp']}{_vp(e['from'])}) -> "
+            f"{e['to']['num_layers']} layers x {e['to']['hidden_size']} (TP{e['to']['tp']} PP{e['to']['pp']}"
+            f"{_vp(e['to'])} DP{e['to']['dp']}) | "
             f"eval loss before: {before:.6f} | after: {after:.6f} | diff: {after - before:+.2e} | "
             f"LR schedule step {e['schedule_step_before']} -> {e['schedule_step_after']} (rho {e['rho']:.3g}, "
             f"re-warmup {e['rewarmup_iters']}) | {seconds:.2f}s",
@@ -317,8 +328,9 @@ class Trainer:
 
         t = self.cfg.training
         n = eval_iters or t.eval_iters
-        it = build_data_iterator(self.valid_ds, 0, t.micro_batch_size, ps.get_data_parallel_rank(),
-                                 ps.get_data_parallel_world_size())
+        its = [build_data_iterator(self.valid_ds, 0, t.micro_batch_size, ps.get_data_parallel_rank(),
+                                   ps.get_data_parallel_world_size()) for _ in self.model]
+        it = its if len(its) > 1 else its[0]
         for chunk in self.model:
             chunk.eval()
         losses = [run_microbatches(self.model, it, self.num_microbatches, self.cfg, forward_only=True)

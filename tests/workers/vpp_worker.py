@@ -1,0 +1,75 @@
+"""Run interleaved-1F1B (virtual pipeline) cases inside one torchrun job (megatron-core imported once).
+
+Each case is a training run with the trainer, in-process (process groups are rebuilt per run, as a
+growth does): the flags come from the test (tests/test_virtual_pipeline.py), which compares. Rank 0
+writes one JSON line per case: the per-iteration losses, the layout, the number of model chunks on
+this rank and the stage history (eval loss before/after each growth). Kind "eval" loads a checkpoint
+and evaluates; kind "tool" runs ``convert`` or ``grow`` (argv after the command name).
+
+    torchrun --nproc-per-node 2 tests/workers/vpp_worker.py CASES.json RESULTS.jsonl
+"""
+import json
+import os
+import sys
+import warnings
+
+warnings.filterwarnings("ignore")
+
+
+def run(flags: list) -> dict:
+    from megatron_staged.cli import _train_parser
+    from megatron_staged.config import config_from_args
+    from megatron_staged.training.trainer import Trainer
+
+    t = Trainer(config_from_args(_train_parser("worker").parse_args(flags)))
+    start = (str(t.layout), len(t.model))
+    summary = t.train()
+    out = {"losses": {str(i): loss for i, loss, _ in t.state.loss_history}, "layout": start[0], "chunks": start[1],
+           "final_layout": str(t.layout), "final_chunks": len(t.model),
+           "stages": [{"before": e["eval_loss_before"], "after": e["eval_loss_after"], "to": e["to"]}
+                      for e in summary["stage_history"]]}
+    del t
+    return out
+
+
+def evaluate(flags: list) -> dict:
+    from megatron_staged.cli import _train_parser
+    from megatron_staged.config import config_from_args
+    from megatron_staged.training.trainer import Trainer
+
+    t = Trainer(config_from_args(_train_parser("worker").parse_args(flags)))
+    out = {"eval": t.evaluate(), "layout": str(t.layout), "chunks": len(t.model)}
+    del t
+    return out
+
+
+def tool(argv: list) -> dict:
+    """``megatron-staged convert|grow ARGV``, in this process (a torchrun job, as a user would launch it)."""
+    from megatron_staged.tools import convert, grow
+
+    if argv[0] == "convert":
+        convert.convert(convert.parse_args(argv[1:]))
+    else:
+        grow.main(argv[1:])
+    return {}
+
+
+def main():
+    import torch.distributed as dist
+
+    from megatron_staged import runtime
+    from megatron_staged.checkpoint.safe_load import untrusted_checkpoint_reads
+
+    cases = json.load(open(sys.argv[1]))
+    with open(sys.argv[2], "w") if os.environ.get("RANK", "0") == "0" else open(os.devnull, "w") as out:
+        with untrusted_checkpoint_reads(), runtime.installed():
+            for c in cases:
+                kind = {"train": run, "eval": evaluate, "tool": tool}[c.get("kind", "train")]
+                out.write(json.dumps(dict(kind(c["flags"]), name=c["name"])) + "\n")
+                out.flush()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
