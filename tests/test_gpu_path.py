@@ -373,7 +373,8 @@ def test_runtime_install_is_undone_by_uninstall():
             assert DistributedOptimizer.get_parameter_state_dp_zero is not originals[3]
             assert torch.zeros(1, device="cuda").device.type == "cuda"  # tagged: reports the device
             assert runtime.summary() == ("runtime patches: megatron-core 0.16.1 fixes: "
-                                         "DistributedOptimizer.get_parameter_state_dp_zero | "
+                                         "DistributedOptimizer.get_parameter_state_dp_zero; "
+                                         "filesystem_async._get_write_results_queue | "
                                          "CPU backend for megatron-core (strict device checks)")
         assert (torch.cuda.current_device, dist.all_reduce, torch.nn.Parameter.__new__,
                 DistributedOptimizer.get_parameter_state_dp_zero) == originals

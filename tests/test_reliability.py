@@ -235,6 +235,20 @@ def _running(proc) -> bool:
         return False
 
 
+def _tagged(tag: str) -> list:
+    """The running processes whose environment carries MEGATRON_STAGED_TEST_JOB=tag."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("MEGATRON_STAGED_TEST_JOB") == tag and _running(proc):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return found
+
+
 def test_workers_stop_when_the_launcher_is_killed(tmp_path):
     """torchrun SIGKILLed: its workers (in sessions of their own) stop within seconds and write nothing more."""
     import signal
@@ -251,7 +265,9 @@ def test_workers_stop_when_the_launcher_is_killed(tmp_path):
            "--save-interval", "2", "--log-file", str(log)]
     workers, helpers = [], []
     with open(tmp_path / "out", "w") as out:
-        p = subprocess.Popen(cmd, cwd=str(ROOT), env=_env(), stdout=out, stderr=out, start_new_session=True)
+        tag = f"{os.getpid()}-{time.time_ns()}"
+        p = subprocess.Popen(cmd, cwd=str(ROOT), env=_env({"MEGATRON_STAGED_TEST_JOB": tag}), stdout=out, stderr=out,
+                             start_new_session=True)
         try:
             _wait_for_iterations(log, 3, p)
             descendants = psutil.Process(p.pid).children(recursive=True)
@@ -267,15 +283,17 @@ def test_workers_stop_when_the_launcher_is_killed(tmp_path):
             stopped_after = time.time() - t0
             assert not alive, f"workers still running {stopped_after:.0f}s after the launcher died"
             assert stopped_after < 15
-            while any(_running(c) for c in helpers) and time.time() - t0 < 30:
+            # every process of the job (found by an environment variable only it carries, so also
+            # children started after the snapshot, e.g. forked checkpoint writers) is gone
+            while _tagged(tag) and time.time() - t0 < 30:
                 time.sleep(0.2)
-            left = [_cmdline(c) for c in helpers if _running(c)]
+            left = [_cmdline(c) for c in _tagged(tag)]
             assert not left, f"the workers' child processes outlived them: {left}"
             snap = {q: q.stat().st_mtime_ns for q in ckpt.rglob("*")}
             time.sleep(3)
             assert {q: q.stat().st_mtime_ns for q in ckpt.rglob("*")} == snap, "files written after the workers stopped"
         finally:
-            for q in [p, *workers, *helpers]:
+            for q in [p, *workers, *helpers, *_tagged(tag)]:
                 try:
                     q.kill()
                 except (ProcessLookupError, psutil.NoSuchProcess):

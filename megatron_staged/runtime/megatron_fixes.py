@@ -42,20 +42,6 @@ def _with_bucket_padding(self, state):
     return state
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """Initializer of the results-queue manager process: SIGKILL when its rank dies."""
-    import ctypes
-    import os
-    import signal
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux
-        return
-    if os.getppid() != parent_pid:  # the rank died before the request took effect
-        os._exit(0)
-
-
 def _results_queue_dying_with_rank():
     """megatron's ``_get_write_results_queue``, with a manager process that dies with its rank."""
     import multiprocessing as mp
@@ -64,9 +50,11 @@ def _results_queue_dying_with_rank():
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
 
+    from megatron_staged.runtime.process import die_with_parent
+
     if fa._results_queue is None:
         manager = SyncManager(ctx=mp.get_context("spawn"))
-        manager.start(initializer=_die_with_parent, initargs=(os.getpid(),))
+        manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
         fa._results_queue = manager.Queue()
         _MANAGERS.append(manager)  # kept alive with the queue (its proxy needs the server)
     return fa._results_queue

@@ -6,7 +6,9 @@ checkpoints, into directories a restarted job will use. A cluster scheduler kill
 this covers the other cases. A daemon thread polls the parent process id: when the launcher dies
 the worker is re-parented (to init or a subreaper), and the thread ends the process at once with
 ``os._exit`` — no ``finally`` blocks, no further writes. A save in flight is left as its
-``iter_XXXXXXX.tmp``, which is never loaded (saves are atomic).
+``iter_XXXXXXX.tmp``, which is never loaded (saves are atomic). The worker's forked children
+(megatron-core's checkpoint-writer processes) are killed with it (``PR_SET_PDEATHSIG``), so they
+write nothing more either.
 """
 from __future__ import annotations
 
@@ -39,6 +41,9 @@ def launcher_watchdog(poll_seconds: float = 1.0) -> bool:
                 finally:
                     os._exit(EXIT_STATUS)
 
+    from megatron_staged.runtime.process import forked_children_die_with_this_process
+
+    forked_children_die_with_this_process()
     threading.Thread(target=watch, name="launcher-watchdog", daemon=True).start()
     _started = True
     return True
