@@ -16,9 +16,6 @@ Case kinds:
            trainer is rebuilt from scratch (process groups, seeds, model, optimizer, data), so the
            only state carried over is what the checkpoint holds.
 """
-import json
-import os
-import sys
 import warnings
 
 warnings.filterwarnings("ignore")
@@ -82,20 +79,9 @@ def run_resume(c: dict, d: str) -> dict:
 
 
 def main():
-    import torch.distributed as dist
+    from cases import run_cases
 
-    from megatron_staged import runtime
-    from megatron_staged.checkpoint.safe_load import untrusted_checkpoint_reads
-
-    cases = json.load(open(sys.argv[1]))
-    with open(sys.argv[2], "w") if os.environ.get("RANK", "0") == "0" else open(os.devnull, "w") as out:
-        with untrusted_checkpoint_reads(), runtime.installed():
-            for c in cases:
-                r = (run_convert if c["kind"] == "convert" else run_resume)(c, c["dir"])
-                out.write(json.dumps(dict(r, name=c["name"])) + "\n")
-                out.flush()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    run_cases(lambda c: (run_convert if c["kind"] == "convert" else run_resume)(c, c["dir"]))
 
 
 if __name__ == "__main__":

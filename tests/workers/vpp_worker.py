@@ -8,9 +8,6 @@ and evaluates; kind "tool" runs ``convert`` or ``grow`` (argv after the command 
 
     torchrun --nproc-per-node 2 tests/workers/vpp_worker.py CASES.json RESULTS.jsonl
 """
-import json
-import os
-import sys
 import warnings
 
 warnings.filterwarnings("ignore")
@@ -55,20 +52,9 @@ def tool(argv: list) -> dict:
 
 
 def main():
-    import torch.distributed as dist
+    from cases import run_cases
 
-    from megatron_staged import runtime
-    from megatron_staged.checkpoint.safe_load import untrusted_checkpoint_reads
-
-    cases = json.load(open(sys.argv[1]))
-    with open(sys.argv[2], "w") if os.environ.get("RANK", "0") == "0" else open(os.devnull, "w") as out:
-        with untrusted_checkpoint_reads(), runtime.installed():
-            for c in cases:
-                kind = {"train": run, "eval": evaluate, "tool": tool}[c.get("kind", "train")]
-                out.write(json.dumps(dict(kind(c["flags"]), name=c["name"])) + "\n")
-                out.flush()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    run_cases(lambda c: {"train": run, "eval": evaluate, "tool": tool}[c.get("kind", "train")](c["flags"]))
 
 
 if __name__ == "__main__":
