@@ -17,7 +17,7 @@ import os
 import dataclasses
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional
+from typing import Optional
 
 from megatron_staged.errors import ArgumentParser, UserError, require
 

@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TINY_GPT2, TINY_LLAMA, losses, read_records, torchrun
+from conftest import ROOT, TINY_GPT2, TINY_LLAMA, read_records, torchrun
 
 import oracle as O
 from megatron_staged.config import Config

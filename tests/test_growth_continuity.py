@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 import oracle as O
 from conftest import TINY_GPT2, read_records, torchrun

@@ -12,7 +12,7 @@ import math
 import pytest
 
 from conftest import ROOT, read_records, torchrun
-from megatron_staged.config import Config, parse_config, validate
+from megatron_staged.config import parse_config, validate
 from megatron_staged.errors import UserError
 from megatron_staged.subnet.schedule import build_schedule
 

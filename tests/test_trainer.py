@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, TINY_GPT2, TINY_LLAMA, losses, read_records, run_cli, torchrun
+from conftest import ROOT, TINY_GPT2, TINY_LLAMA, losses, torchrun
 
 LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 1, 2), (2, 2, 2)]
 

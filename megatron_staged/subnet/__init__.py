@@ -7,12 +7,15 @@ the iteration with no communication. See :mod:`.schedule` (which layers, when) a
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from megatron_staged.subnet.schedule import build_schedule, enabled, validate_subnet  # noqa: F401
 
+if TYPE_CHECKING:
+    from megatron_staged.subnet.layers import LayerDropController
 
-def attach_layer_drop(components) -> Optional["LayerDropController"]:  # noqa: F821
+
+def attach_layer_drop(components) -> Optional["LayerDropController"]:
     """Build the run's LayerDropController and hook it into ``components`` (None when off)."""
     cfg = components.cfg
     schedule = build_schedule(cfg)

@@ -15,7 +15,6 @@ format on load) and saved again, exactly as a training run resuming at another l
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 from megatron_staged.errors import ArgumentParser, UserError

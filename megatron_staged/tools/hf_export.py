@@ -16,7 +16,6 @@ models on random tokens and reports the largest logit difference).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil

@@ -14,7 +14,6 @@ The embedding and output rows are padded with zeros to a multiple of
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -229,7 +228,7 @@ def main(argv) -> int:
         raise UserError(f"--save {args.save} is the --hf directory being imported; give a new directory")
     check_output_dir(args.save, "--save", overwrite=args.overwrite)
     hf_cfg = read_hf_config(args.hf)
-    tp, pp = args.target_tensor_model_parallel_size, args.target_pipeline_model_parallel_size
+    tp = args.target_tensor_model_parallel_size
     arch = arch_of(hf_cfg, args.hf)
     arch = dataclasses.replace(arch, padded_vocab=pad_vocab_size(arch.vocab, args.make_vocab_size_divisible_by, tp))
     if hf_cfg.get("model_type") == "gpt2" and hf_cfg.get("activation_function", "gelu_new") != "gelu":

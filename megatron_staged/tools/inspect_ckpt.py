@@ -7,7 +7,6 @@ Runs in one plain process in a few seconds; ``--json`` prints one JSON object fo
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from datetime import datetime
 
 from megatron_staged.runtime.distributed import is_rank0

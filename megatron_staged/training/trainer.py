@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
-import sys
 import time
 from functools import partial
 from typing import Optional
