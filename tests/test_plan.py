@@ -161,6 +161,27 @@ def test_memory_per_gpu_by_hand():
     assert est.total == 125248 * 16 + 4096 * 44 * 2 * 2 == 2724864
 
 
+
+def test_interleaved_pipeline_activation_memory_by_hand():
+    """Interleaved 1F1B: rank 0 holds (1 + (p-1)/(p v)) times 1F1B's activations (Korthikanti et al.
+    2022, section 4.2.3) when there are enough micro batches; fewer micro batches cap it."""
+    per_layer_none = 90112  # TP2 with sequence parallelism, as in test_memory_per_gpu_by_hand
+    # 8 layers over PP 2, 2 virtual stages of 2 layers; DP 1, 16 samples / micro batch 2 = 8 micro batches
+    cfg = small_llama(num_layers=8, num_layers_per_virtual_pipeline_stage=2, global_batch_size=16)
+    plain = small_llama(num_layers=8, global_batch_size=16)
+    # 1F1B rank 0: 2 micro batches in flight x 4 layers
+    assert estimate_memory(plain, 2, 2, 1, "none").activations["none"] == per_layer_none * 4 * 2
+    # interleaved rank 0: (1 + 1/4) x that = 10 layer-micro-batches (5 model-chunk micro batches of 2 layers)
+    est = estimate_memory(cfg, 2, 2, 1, "none")
+    assert est.pipeline_rank == 0
+    assert est.activations["none"] == per_layer_none * 4 * 2 * (1 + 1 / 4) == per_layer_none * 10
+    # 4 virtual stages of 1 layer on PP 2: rank 0 (1 + 1/8) x 8 = 9 layer-micro-batches
+    cfg4 = small_llama(num_layers=8, num_virtual_stages_per_pipeline_rank=4, global_batch_size=16)
+    assert estimate_memory(cfg4, 2, 2, 1, "none").activations["none"] == per_layer_none * 9
+    # one micro batch (global batch 2): only its 2 model-chunk passes of 2 layers are ever held
+    cfg1 = small_llama(num_layers=8, num_layers_per_virtual_pipeline_stage=2, global_batch_size=2)
+    assert estimate_memory(cfg1, 2, 2, 1, "none").activations["none"] == per_layer_none * 4
+
 # ---- throughput ------------------------------------------------------------------------------------
 
 def test_tokens_per_second_and_days_by_hand():

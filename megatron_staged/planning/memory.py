@@ -31,7 +31,9 @@ Activation Recomputation in Large Transformer Models", section 4 and table 2), w
 The formula assumes 16-bit activations (doubled here for fp32 runs), GeLU with a 4h FFN and
 multi-head attention; it is the paper's, applied as is to SwiGLU/GQA models (see docs/scaling.md).
 Under the 1F1B pipeline schedule pipeline rank ``i`` holds ``min(PP - i, micro batches)`` micro
-batches in flight, each with its ``num_layers / PP`` layers' activations.
+batches in flight, each with its ``num_layers / PP`` layers' activations; under interleaved 1F1B
+(``vp`` virtual stages per rank) ``min(2 (PP - i - 1) + (vp - 1) PP + 1, vp x micro batches)``
+model-chunk micro batches of ``num_layers / (PP vp)`` layers each (:func:`micro_batches_in_flight`).
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-from megatron_staged.config import Config, ModelConfig, resolve_model
+from megatron_staged.config import Config, ModelConfig, resolve_model, virtual_pipeline_size
 from megatron_staged.errors import require
 
 GIB = 2 ** 30
@@ -187,6 +189,28 @@ def bytes_per_parameter(cfg: Config, dp: int) -> tuple[float, float, float]:
     return (2 if sixteen_bit else 4), GRAD_BYTES, optimizer
 
 
+def micro_batches_in_flight(pp: int, rank: int, microbatches: int, vp: int = 1) -> int:
+    """Most (model chunk, micro batch) forward passes whose activations pipeline rank ``rank`` holds at
+    once: the warm-up forwards of megatron-core's schedule plus the steady state's one
+    (``get_pp_rank_microbatches``: ``PP - rank - 1`` warm-up micro batches for 1F1B;
+    ``2 (PP - rank - 1) + (vp - 1) PP`` model-chunk micro batches interleaved, the micro batch group
+    per virtual stage being PP), never more than the ``microbatches x vp`` there are. Each holds
+    ``num_layers / (PP vp)`` layers' activations; for rank 0 interleaving gives Korthikanti et al.'s
+    ``(1 + (PP - 1) / (PP vp))`` times the 1F1B amount."""
+    if pp == 1:
+        return 1
+    warmup = pp - rank - 1 if vp == 1 else 2 * (pp - rank - 1) + (vp - 1) * pp
+    return min(warmup + 1, microbatches * vp)
+
+
+def with_pipeline(cfg: Config, pp: int) -> Config:
+    if cfg.parallel.pipeline_model_parallel_size == pp:
+        return cfg
+    new = cfg.copy()
+    new.parallel.pipeline_model_parallel_size = pp
+    return new
+
+
 def estimate_memory(cfg: Config, tp: int, pp: int, dp: int, recompute="none") -> MemoryEstimate:
     """Peak training memory per GPU at TP x PP x DP (weights, grads, optimizer state, activations).
 
@@ -200,11 +224,13 @@ def estimate_memory(cfg: Config, tp: int, pp: int, dp: int, recompute="none") ->
     w, g, o = bytes_per_parameter(cfg, dp)
     per_layer = {r: activation_bytes_per_layer(m, t.micro_batch_size, tp, cfg.parallel.sequence_parallel, r)
                  for r in RECOMPUTE_GRANULARITIES}
+    vp = virtual_pipeline_size(with_pipeline(cfg, pp)) or 1
+    chunk = stage_activation_bytes(per_layer, m.num_layers // (pp * vp), recompute)
     best = None
     for rank in range(pp):
         n = parameters_on_pipeline_rank(pc, tp, pp, rank)
-        in_flight = min(pp - rank, microbatches)
-        acts = {r: v * in_flight for r, v in stage_activation_bytes(per_layer, m.num_layers // pp, recompute).items()}
+        in_flight = micro_batches_in_flight(pp, rank, microbatches, vp)
+        acts = {r: v * in_flight for r, v in chunk.items()}
         est = MemoryEstimate(pipeline_rank=rank, parameters=n, weights=n * w, grads=n * g, optimizer=n * o,
                              activations=acts, recompute=recompute)
         if best is None or est.total > best.total:
