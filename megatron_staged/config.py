@@ -93,6 +93,9 @@ class ParallelConfig:
               "keeps it and adds layers to every virtual stage")
     overlap_p2p_comm: bool = _f(True, "interleaved 1F1B: overlap pipeline send/recv with compute (Megatron-LM's "
                                       "default; --no-overlap-p2p-communication needs PP > 2)")
+    microbatch_group_size_per_virtual_pipeline_stage: Optional[int] = _f(
+        None, "interleaved 1F1B: micro-batches run back to back on one virtual stage before the next "
+              "(Megatron-LM's; default the pipeline size; from PP to the number of micro-batches)")
 
 
 @dataclass
@@ -732,13 +735,25 @@ def validate(cfg: Config, world_size: int) -> None:
             f"{t.micro_batch_size} x data-parallel size {dp}; choose a multiple of "
             f"{t.micro_batch_size * dp}")
     vp = virtual_pipeline_size(cfg)
-    if vp is not None:  # megatron-core's interleaved schedule: micro-batch groups of PP (its default)
+    g = p.microbatch_group_size_per_virtual_pipeline_stage
+    require(g is None or vp is not None, "--microbatch-group-size-per-virtual-pipeline-stage is for interleaved "
+                                         "1F1B; give a virtual pipeline flag too, or drop it")
+    if vp is not None:  # megatron-core's interleaved schedule: micro-batch groups of g (default PP)
         nmb = t.global_batch_size // (t.micro_batch_size * dp)
-        require(nmb % pp == 0,
-                f"interleaved 1F1B needs the number of micro-batches ({nmb} = --global-batch-size "
-                f"{t.global_batch_size} / (--micro-batch-size {t.micro_batch_size} x DP {dp})) to be a multiple "
-                f"of --pipeline-model-parallel-size {pp}; choose --global-batch-size a multiple of "
-                f"{t.micro_batch_size * dp * pp}")
+        batch = (f"{nmb} micro-batches = --global-batch-size {t.global_batch_size} / (--micro-batch-size "
+                 f"{t.micro_batch_size} x DP {dp})")
+        if g is None:
+            require(nmb % pp == 0,
+                    f"interleaved 1F1B needs the number of micro-batches to be a multiple of "
+                    f"--pipeline-model-parallel-size {pp} ({batch}); choose --global-batch-size a multiple of "
+                    f"{t.micro_batch_size * dp * pp}")
+        else:  # megatron-core's checks (schedules.forward_backward_pipelining_with_interleaving)
+            require(pp <= g <= nmb, f"--microbatch-group-size-per-virtual-pipeline-stage {g} must lie between "
+                                    f"--pipeline-model-parallel-size {pp} and the number of micro-batches ({batch})")
+            require(nmb % g == 0 or nmb % g >= pp,
+                    f"--microbatch-group-size-per-virtual-pipeline-stage {g}: the last group has {nmb % g} "
+                    f"micro-batches ({batch}), fewer than --pipeline-model-parallel-size {pp} (megatron-core "
+                    f"refuses the bubble); choose a group size that divides {nmb}")
     if t.train_samples is not None:
         t.train_iters = t.train_samples // t.global_batch_size  # Megatron-LM: the last partial batch is dropped
         require(t.train_iters > 0, f"--train-samples {t.train_samples} is less than one global batch "

@@ -178,6 +178,11 @@ def test_interleaved_pipeline_activation_memory_by_hand():
     # 4 virtual stages of 1 layer on PP 2: rank 0 (1 + 1/8) x 8 = 9 layer-micro-batches
     cfg4 = small_llama(num_layers=8, num_virtual_stages_per_pipeline_rank=4, global_batch_size=16)
     assert estimate_memory(cfg4, 2, 2, 1, "none").activations["none"] == per_layer_none * 9
+    # micro-batch groups of 4 (Megatron's --microbatch-group-size-per-virtual-pipeline-stage): rank 0 runs
+    # 2 (PP-1) + (vp-1) 4 = 6 warm-up forwards, holding 7 model-chunk micro batches of 2 layers
+    cfg_g4 = small_llama(num_layers=8, num_layers_per_virtual_pipeline_stage=2, global_batch_size=16,
+                         microbatch_group_size_per_virtual_pipeline_stage=4)
+    assert estimate_memory(cfg_g4, 2, 2, 1, "none").activations["none"] == per_layer_none * 14
     # one micro batch (global batch 2): only its 2 model-chunk passes of 2 layers are ever held
     cfg1 = small_llama(num_layers=8, num_layers_per_virtual_pipeline_stage=2, global_batch_size=2)
     assert estimate_memory(cfg1, 2, 2, 1, "none").activations["none"] == per_layer_none * 4

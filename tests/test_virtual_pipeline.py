@@ -38,6 +38,8 @@ def vp_runs(tmp_path_factory):
     cases = [
         {"name": "pp1", "flags": [*BASE, *PP1, "--save", f"{d}/pp1", "--save-interval", "2"]},
         {"name": "vp", "flags": [*BASE, *VP_LAYERS, "--save", f"{d}/vp", "--save-interval", "2"]},
+        # 4 micro-batches run back to back per virtual stage (megatron's default group is PP = 2)
+        {"name": "vp_group4", "flags": [*BASE, *VP_LAYERS, "--microbatch-group-size-per-virtual-pipeline-stage", "4"]},
         {"name": "vp_to_pp1", "flags": [*BASE, *PP1, "--load", f"{d}/vp/iter_0000002"]},
         {"name": "pp1_to_vp", "flags": [*BASE, *VP_STAGES, "--load", f"{d}/pp1/iter_0000002"]},
         {"name": "grow_pp1", "flags": [*BASE, *PP1, *grow]},
@@ -119,6 +121,10 @@ def test_interleaved_training_matches_pp1(vp_runs):
     assert (pp1["layout"], pp1["chunks"]) == ("TP1 PP1 DP2", 1)
     _close(vp["losses"], pp1["losses"], range(1, 5))
     assert len(set(pp1["losses"].values())) == 4  # the model trains (the losses move)
+    assert vp["vp_group"] == 2  # megatron-core's default micro-batch group: PP
+    group4 = vp_runs["vp_group4"]
+    assert (group4["layout"], group4["vp_group"]) == ("TP1 PP2 VP2 DP1", 4)
+    _close(group4["losses"], pp1["losses"], range(1, 5))
 
 
 def test_interleaved_training_with_muon_matches_pp1(vp_runs):
@@ -173,6 +179,13 @@ def test_convert_and_offline_grow_into_and_out_of_interleaved_layouts(vp_runs):
     ([*VP_STAGES, "--no-overlap-p2p-communication"], 2, "needs --pipeline-model-parallel-size > 2"),
     ([*VP_STAGES, "--global-batch-size", "3"], 2, "to be a multiple of --pipeline-model-parallel-size 2"),
     ([*VP_STAGES, "--num-layers", "0"], 2, "zero-layer model"),
+    # Megatron-LM's --microbatch-group-size-per-virtual-pipeline-stage: PP <= group <= micro-batches, and
+    # the last group not shorter than PP (4 micro-batches at DP1 here)
+    ([*VP_STAGES, "--microbatch-group-size-per-virtual-pipeline-stage", "1"], 2, "must lie between"),
+    ([*VP_STAGES, "--microbatch-group-size-per-virtual-pipeline-stage", "5"], 2, "must lie between"),
+    ([*VP_STAGES, "--global-batch-size", "5", "--microbatch-group-size-per-virtual-pipeline-stage", "4"], 2,
+     "the last group has 1 micro-batches"),
+    (["--microbatch-group-size-per-virtual-pipeline-stage", "2"], 2, "is for interleaved 1F1B"),
     (["--num-layers", "0", "--num-layers-per-virtual-pipeline-stage", "1"], 1, "a zero-layer model has no layers"),
     ([*VP_STAGES, "--raptr-stages", "2"], 2, "interleaved 1F1B reorders"),
 ])

@@ -79,7 +79,9 @@ def transformer_config(cfg: Config):
     vp = virtual_pipeline_size(cfg)
     if vp is not None:  # interleaved 1F1B, configured as Megatron-LM's core_transformer_config_from_args does
         extra.update(virtual_pipeline_model_parallel_size=vp, overlap_p2p_comm=p.overlap_p2p_comm,
-                     batch_p2p_comm=not p.overlap_p2p_comm)
+                     batch_p2p_comm=not p.overlap_p2p_comm,
+                     microbatch_group_size_per_vp_stage=(p.microbatch_group_size_per_virtual_pipeline_stage
+                                                         or p.pipeline_model_parallel_size))
     if m.num_layers == 0:
         # megatron's config derives the residual output projections' init from std/sqrt(2 num_layers);
         # a zero-layer model has no such projection, and init_global_weights() does the init anyway,

@@ -32,7 +32,8 @@ The formula assumes 16-bit activations (doubled here for fp32 runs), GeLU with a
 multi-head attention; it is the paper's, applied as is to SwiGLU/GQA models (see docs/scaling.md).
 Under the 1F1B pipeline schedule pipeline rank ``i`` holds ``min(PP - i, micro batches)`` micro
 batches in flight, each with its ``num_layers / PP`` layers' activations; under interleaved 1F1B
-(``vp`` virtual stages per rank) ``min(2 (PP - i - 1) + (vp - 1) PP + 1, vp x micro batches)``
+(``vp`` virtual stages per rank, micro-batch groups of ``G``, default PP)
+``min(2 (PP - i - 1) + (vp - 1) G + 1, vp x micro batches)``
 model-chunk micro batches of ``num_layers / (PP vp)`` layers each (:func:`micro_batches_in_flight`).
 """
 from __future__ import annotations
@@ -189,17 +190,17 @@ def bytes_per_parameter(cfg: Config, dp: int) -> tuple[float, float, float]:
     return (2 if sixteen_bit else 4), GRAD_BYTES, optimizer
 
 
-def micro_batches_in_flight(pp: int, rank: int, microbatches: int, vp: int = 1) -> int:
+def micro_batches_in_flight(pp: int, rank: int, microbatches: int, vp: int = 1, group: Optional[int] = None) -> int:
     """Most (model chunk, micro batch) forward passes whose activations pipeline rank ``rank`` holds at
     once: the warm-up forwards of megatron-core's schedule plus the steady state's one
     (``get_pp_rank_microbatches``: ``PP - rank - 1`` warm-up micro batches for 1F1B;
-    ``2 (PP - rank - 1) + (vp - 1) PP`` model-chunk micro batches interleaved, the micro batch group
-    per virtual stage being PP), never more than the ``microbatches x vp`` there are. Each holds
+    ``2 (PP - rank - 1) + (vp - 1) G`` model-chunk micro batches interleaved, ``G`` the micro batch
+    group per virtual stage, PP by default), never more than the ``microbatches x vp`` there are. Each holds
     ``num_layers / (PP vp)`` layers' activations; for rank 0 interleaving gives Korthikanti et al.'s
     ``(1 + (PP - 1) / (PP vp))`` times the 1F1B amount."""
     if pp == 1:
         return 1
-    warmup = pp - rank - 1 if vp == 1 else 2 * (pp - rank - 1) + (vp - 1) * pp
+    warmup = pp - rank - 1 if vp == 1 else 2 * (pp - rank - 1) + (vp - 1) * (group or pp)
     return min(warmup + 1, microbatches * vp)
 
 
@@ -229,7 +230,8 @@ def estimate_memory(cfg: Config, tp: int, pp: int, dp: int, recompute="none") ->
     best = None
     for rank in range(pp):
         n = parameters_on_pipeline_rank(pc, tp, pp, rank)
-        in_flight = micro_batches_in_flight(pp, rank, microbatches, vp)
+        in_flight = micro_batches_in_flight(pp, rank, microbatches, vp,
+                                            cfg.parallel.microbatch_group_size_per_virtual_pipeline_stage)
         acts = {r: v * in_flight for r, v in chunk.items()}
         est = MemoryEstimate(pipeline_rank=rank, parameters=n, weights=n * w, grads=n * g, optimizer=n * o,
                              activations=acts, recompute=recompute)

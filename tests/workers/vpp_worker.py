@@ -18,10 +18,13 @@ def run(flags: list) -> dict:
     from megatron_staged.config import config_from_args
     from megatron_staged.training.trainer import Trainer
 
+    from megatron.core.utils import get_model_config
+
     t = Trainer(config_from_args(_train_parser("worker").parse_args(flags)))
-    start = (str(t.layout), len(t.model))
+    start = (str(t.layout), len(t.model), get_model_config(t.model[0]).microbatch_group_size_per_vp_stage)
     summary = t.train()
     out = {"losses": {str(i): loss for i, loss, _ in t.state.loss_history}, "layout": start[0], "chunks": start[1],
+           "vp_group": start[2],
            "final_layout": str(t.layout), "final_chunks": len(t.model),
            "stages": [{"before": e["eval_loss_before"], "after": e["eval_loss_after"], "to": e["to"]}
                       for e in summary["stage_history"]]}
