@@ -93,6 +93,19 @@ class ParallelConfig:
               "keeps it and adds layers to every virtual stage")
     overlap_p2p_comm: bool = _f(True, "interleaved 1F1B: overlap pipeline send/recv with compute (Megatron-LM's "
                                       "default; --no-overlap-p2p-communication needs PP > 2)")
+    # -- uneven pipeline stages, as Megatron-LM (megatron-core's num_layers_in_first/last_pipeline_stage) --
+    decoder_first_pipeline_num_layers: Optional[int] = _f(
+        None, "transformer layers on the first pipeline stage (the others split the rest evenly); a depth "
+              "growth keeps it")
+    decoder_last_pipeline_num_layers: Optional[int] = _f(
+        None, "transformer layers on the last pipeline stage (the others split the rest evenly); a depth "
+              "growth keeps it")
+    account_for_embedding_in_pipeline_split: bool = _f(
+        False, "count the embedding as one layer when splitting layers over pipeline stages (the first "
+               "stage gets one transformer layer fewer)")
+    account_for_loss_in_pipeline_split: bool = _f(
+        False, "count the loss as one layer when splitting layers over pipeline stages (the last stage gets "
+               "one transformer layer fewer)")
     microbatch_group_size_per_virtual_pipeline_stage: Optional[int] = _f(
         None, "interleaved 1F1B: micro-batches run back to back on one virtual stage before the next "
               "(Megatron-LM's; default the pipeline size; from PP to the number of micro-batches)")
@@ -649,13 +662,92 @@ def virtual_pipeline_size(cfg: Config) -> Optional[int]:
 
 
 def _requested_virtual_pipeline_size(cfg: Config) -> Optional[int]:
-    p, L = cfg.parallel, cfg.model.num_layers
+    p, L = cfg.parallel, cfg.model.num_layers + _split_extra_layers(cfg)
     if p.num_layers_per_virtual_pipeline_stage is not None:
         pp = p.pipeline_model_parallel_size
         vp = L // pp // p.num_layers_per_virtual_pipeline_stage if L % pp == 0 else None
     else:
         vp = p.num_virtual_stages_per_pipeline_rank
     return vp if vp and vp > 1 else None
+
+
+def _split_extra_layers(cfg: Config) -> int:
+    """Megatron-LM's --account-for-embedding/loss-in-pipeline-split: the embedding and the loss each
+    counted as one layer of the pipeline split."""
+    p = cfg.parallel
+    return int(p.account_for_embedding_in_pipeline_split) + int(p.account_for_loss_in_pipeline_split)
+
+
+def uneven_pipeline(cfg: Config) -> bool:
+    p = cfg.parallel
+    return (p.decoder_first_pipeline_num_layers is not None or p.decoder_last_pipeline_num_layers is not None
+            or bool(_split_extra_layers(cfg)))
+
+
+def pipeline_layer_counts(cfg: Config) -> list:
+    """Transformer layers of each model chunk on each pipeline rank, ``[rank][chunk]``, as megatron-core
+    builds them (``get_num_layers_to_build``: --decoder-first/last-pipeline-num-layers take their
+    layers and the middle ranks split the rest evenly; --account-for-embedding/loss-in-pipeline-split
+    count the embedding / loss as a layer of the first / last stage; interleaved 1F1B splits each
+    rank's layers evenly over its chunks). Raises UserError where Megatron would refuse the split."""
+    p, L = cfg.parallel, cfg.model.num_layers
+    pp, vp = p.pipeline_model_parallel_size, virtual_pipeline_size(cfg) or 1
+    first, last = p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers
+    if pp == 1:
+        return [[L]]
+    if first is not None or last is not None:
+        require(not _split_extra_layers(cfg),
+                "--decoder-first/last-pipeline-num-layers and --account-for-embedding/loss-in-pipeline-split "
+                "are exclusive (Megatron-LM's rule); give one way of splitting")
+        for flag, v in (("--decoder-first-pipeline-num-layers", first), ("--decoder-last-pipeline-num-layers", last)):
+            require(v is None or v >= 1, f"{flag} {v} must be >= 1")
+        middle_ranks = pp - (first is not None) - (last is not None)
+        middle_layers = L - (first or 0) - (last or 0)
+        require(middle_layers >= 0 and bool(middle_layers) == bool(middle_ranks) and
+                (middle_ranks == 0 or middle_layers % middle_ranks == 0),
+                f"--num-layers {L} less the first/last pipeline stages' layers ({first or 0} + {last or 0}) "
+                f"leaves {middle_layers}, which does not split evenly over the {middle_ranks} other pipeline "
+                f"stage(s) of --pipeline-model-parallel-size {pp}")
+        per = [middle_layers // middle_ranks if middle_ranks else 0] * pp
+        if first is not None:
+            per[0] = first
+        if last is not None:
+            per[-1] = last
+        extra_first = extra_last = 0
+    else:
+        extra_first, extra_last = int(p.account_for_embedding_in_pipeline_split), int(p.account_for_loss_in_pipeline_split)
+        total = L + extra_first + extra_last
+        what = ("" if not (extra_first or extra_last) else
+                f" (with the {' and '.join(n for n, x in (('embedding', extra_first), ('loss', extra_last)) if x)} "
+                f"counted as a layer: {total})")
+        require(total % pp == 0, f"--num-layers {L}{what} is not divisible by --pipeline-model-parallel-size {pp}; "
+                                 f"use a PP size that divides the layer count")
+        per = [total // pp] * pp
+    for rank, n in enumerate(per):
+        require(n % vp == 0, f"pipeline stage {rank} holds {n} layer slots, not divisible by its {vp} virtual "
+                             f"pipeline stages (interleaved 1F1B)")
+    counts = [[n // vp] * vp for n in per]
+    counts[0][0] -= extra_first
+    counts[-1][-1] -= extra_last
+    require(counts[0][0] >= 0 and counts[-1][-1] >= 0,
+            "--account-for-embedding/loss-in-pipeline-split: the first/last pipeline stage would hold fewer "
+            "than zero transformer layers; use fewer pipeline stages")
+    return counts
+
+
+def retarget_pipeline_split(cfg: Config, pp: int, first: Optional[int] = None, last: Optional[int] = None) -> None:
+    """Set the pipeline size of a checkpoint's or a grown model's config, and its uneven split: given
+    first/last stage layer counts (0: none) replace the run's split settings; else they are kept while
+    the PP size is and dropped when it changes (they were chosen for the old PP)."""
+    p = cfg.parallel
+    if first is not None or last is not None:
+        p.decoder_first_pipeline_num_layers = first or None
+        p.decoder_last_pipeline_num_layers = last or None
+        p.account_for_embedding_in_pipeline_split = p.account_for_loss_in_pipeline_split = False
+    elif pp != p.pipeline_model_parallel_size:
+        p.decoder_first_pipeline_num_layers = p.decoder_last_pipeline_num_layers = None
+        p.account_for_embedding_in_pipeline_split = p.account_for_loss_in_pipeline_split = False
+    p.pipeline_model_parallel_size = pp
 
 
 def validate_virtual_pipeline(cfg: Config) -> None:
@@ -672,8 +764,10 @@ def validate_virtual_pipeline(cfg: Config) -> None:
         require(lpvs >= 1, f"--num-layers-per-virtual-pipeline-stage {lpvs} must be >= 1")
         require(L > 0, "--num-layers-per-virtual-pipeline-stage: a zero-layer model has no layers to "
                        "interleave; drop the flag")
-        require((L // pp) % lpvs == 0,
-                f"--num-layers {L} / --pipeline-model-parallel-size {pp} = {L // pp} layers per pipeline stage "
+        n = L + _split_extra_layers(cfg)  # Megatron-LM counts the embedding/loss layers of the split here
+        require((n // pp) % lpvs == 0,
+                f"--num-layers {L}{f' (+{n - L} counted for the embedding/loss)' if n > L else ''} / "
+                f"--pipeline-model-parallel-size {pp} = {n // pp} layers per pipeline stage "
                 f"is not divisible by --num-layers-per-virtual-pipeline-stage {lpvs}")
     else:
         require(nvs >= 1, f"--num-virtual-stages-per-pipeline-rank {nvs} must be >= 1")
@@ -682,9 +776,10 @@ def validate_virtual_pipeline(cfg: Config) -> None:
         return
     require(L > 0, "interleaved 1F1B: a zero-layer model has no layers to interleave; drop the virtual "
                    "pipeline flag")
-    require(L % (pp * vp) == 0,
-            f"--num-layers {L} is not divisible by --pipeline-model-parallel-size {pp} x "
-            f"{vp} virtual stages per pipeline rank; choose a multiple of {pp * vp} layers")
+    if not uneven_pipeline(cfg):  # else pipeline_layer_counts checks each stage's layers
+        require(L % (pp * vp) == 0,
+                f"--num-layers {L} is not divisible by --pipeline-model-parallel-size {pp} x "
+                f"{vp} virtual stages per pipeline rank; choose a multiple of {pp * vp} layers")
     if p.overlap_p2p_comm:
         require(pp > 1, f"interleaved 1F1B ({vp} virtual stages per pipeline rank) needs "
                         f"--pipeline-model-parallel-size > 1; drop the virtual pipeline flag")
@@ -711,11 +806,15 @@ def validate(cfg: Config, world_size: int) -> None:
     require(m.ffn_hidden_size % tp == 0,
             f"--ffn-hidden-size {m.ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}")
     require(m.num_layers >= 0, "--num-layers must be >= 0")
-    require(m.num_layers % pp == 0,
-            f"--num-layers {m.num_layers} is not divisible by --pipeline-model-parallel-size {pp}; "
-            f"use a PP size that divides the layer count")
     require(m.num_layers > 0 or pp == 1, "a zero-layer model cannot be pipelined; use --pipeline-model-parallel-size 1")
+    require(pp > 1 or (p.decoder_first_pipeline_num_layers is None and p.decoder_last_pipeline_num_layers is None),
+            "--decoder-first/last-pipeline-num-layers need --pipeline-model-parallel-size > 1")
+    require(p.num_layers_per_virtual_pipeline_stage is None or
+            (p.decoder_first_pipeline_num_layers is None and p.decoder_last_pipeline_num_layers is None),
+            "with --decoder-first/last-pipeline-num-layers give the interleaving as "
+            "--num-virtual-stages-per-pipeline-rank (Megatron-LM's rule), not --num-layers-per-virtual-pipeline-stage")
     validate_virtual_pipeline(cfg)
+    pipeline_layer_counts(cfg)
     require(m.num_layers > 0 or cfg.performance.recompute_granularity != "full",
             "--recompute-granularity full: a zero-layer model has no layers to recompute; drop the flag")
     require(m.max_position_embeddings >= m.seq_length or m.position_embedding_type == "rope",

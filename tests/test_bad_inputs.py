@@ -419,7 +419,10 @@ def test_common_pt_with_a_numpy_rng_state_is_read(sandbox):
     assert json.loads(out)["iteration"] == 2
     state = read_common(os.path.join(sandbox, "numpy_rng", "iter_0000002"))["rng_state"][0]["np_rng_state"]
     assert isinstance(state[1], np.ndarray) and state[1].dtype == np.uint32 and len(state[1]) == 624
-    assert torch.serialization.get_safe_globals() == before, "the allow-list is scoped to our loads"
+    # the allow-list is scoped to our loads: nothing of ours stays (torch registers its own classes as
+    # their modules are first imported, which a load may do)
+    added = [g for g in torch.serialization.get_safe_globals() if g not in before]
+    assert all(getattr(g, "__module__", "").startswith("torch.") for g in added), added
     # torch's own default still refuses it outside our loads (first on the args Namespace, Megatron-LM's format)
     with pytest.raises(Exception, match="Unsupported global: GLOBAL (numpy|argparse)"):
         torch.load(os.path.join(sandbox, "numpy_rng", "iter_0000002", "common.pt"), weights_only=True)

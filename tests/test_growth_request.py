@@ -16,7 +16,8 @@ from megatron_staged.training.state import TrainState
 GROW_FLAGS = {"--num-layers", "--depth-factor", "--depth-map", "--depth-placement", "--depth-init",
               "--width-factor", "--width-split", "--width-noise", "--target-tensor-model-parallel-size",
               "--target-pipeline-model-parallel-size", "--target-num-layers-per-virtual-pipeline-stage",
-              "--target-num-virtual-stages-per-pipeline-rank", "--rho", "--rewarmup-iters", "--fresh-moments"}
+              "--target-num-virtual-stages-per-pipeline-rank", "--target-decoder-first-pipeline-num-layers",
+              "--target-decoder-last-pipeline-num-layers", "--rho", "--rewarmup-iters", "--fresh-moments"}
 
 
 def _grow_parser() -> argparse.ArgumentParser:

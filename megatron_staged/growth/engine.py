@@ -381,16 +381,19 @@ def grow_sharded_state(source, spec: GrowthSpec, old_model_cfg, model_chunks, op
     parts, target_shapes, opt = target_parts(model_chunks, optimizer)
 
     from megatron_staged.model.builder import global_layers
+    from megatron_staged.runtime.distributed import all_reduce_scalar
 
     # this rank's target layers: its pipeline stage's, or under interleaved 1F1B the union over its
-    # virtual stages (megatron's own layer offsets); the same count on every rank
+    # virtual stages (megatron's own layer offsets); uneven pipeline stages hold different counts
     layers = [-1] + global_layers(model_chunks)
     planned = [plan_part(p, target_shapes[p.key], spec, old_model_cfg, source.shapes) for p in parts]
     # one slot per (state kind, layer), kind by kind: a slot moves one kind of one layer (a third of
-    # what a whole layer would), and every rank walks the same number of slots
+    # what a whole layer would); every rank walks the same number of slots (a source's fetch may be
+    # collective), so a rank with fewer layers ends with empty ones
     slots = [(group, layer) for group in range(len(SLOT_KINDS) + 1) for layer in layers]
     plans = [[pl for pl in planned if pl.part.layer == layer and slot_group(pl.kind) == group]
              for group, layer in slots]
+    plans += [[] for _ in range(int(all_reduce_scalar(len(plans), "max")) - len(plans))]
     del planned
     needed = [list(dict.fromkeys(r for p in slot for r in p.requests())) for slot in plans]
     # interleaved copies read the same source layer in consecutive slots: keep it, fetch it once

@@ -75,6 +75,12 @@ class GrowthRequest:
     target_num_virtual_stages_per_pipeline_rank: Optional[int] = _opt(
         None, "interleaved 1F1B of the grown model: virtual stages per pipeline rank, 1 for plain 1F1B "
               "(default: the run's virtual pipeline setting, kept)")
+    target_decoder_first_pipeline_num_layers: Optional[int] = _opt(
+        None, "uneven pipeline of the grown model: layers on the first stage, 0 for an even split (default: "
+              "the run's setting, kept while the PP size is; dropped when it changes)")
+    target_decoder_last_pipeline_num_layers: Optional[int] = _opt(
+        None, "uneven pipeline of the grown model: layers on the last stage, 0 for an even split (default: "
+              "the run's setting, kept while the PP size is; dropped when it changes)")
     rho: Optional[float] = _opt(None, "S_pre / S_target for the LR schedule (default: depth 1.4, width 1.8, "
                                       "both: product; 1 for an expansion)")
     rewarmup_iters: Optional[int] = _opt(None, "re-warmup iterations up to the schedule's LR at S_target "
@@ -283,6 +289,9 @@ def make_spec(old_cfg: Config, request: GrowthRequest, stage_index: Optional[int
                 "target_num_layers_per_virtual_pipeline_stage", "target_num_virtual_stages_per_pipeline_rank"):
         v = getattr(r, key)
         require(v is None or v >= 1, f"{name(key)} {v} must be >= 1")
+    for key in ("target_decoder_first_pipeline_num_layers", "target_decoder_last_pipeline_num_layers"):
+        v = getattr(r, key)
+        require(v is None or v >= 0, f"{name(key)} {v} must be >= 0 (0: an even split)")
     require(r.target_num_layers_per_virtual_pipeline_stage is None or r.target_num_virtual_stages_per_pipeline_rank is None,
             f"give at most one of {name('target_num_layers_per_virtual_pipeline_stage')} and "
             f"{name('target_num_virtual_stages_per_pipeline_rank')}")
@@ -315,7 +324,7 @@ def make_spec(old_cfg: Config, request: GrowthRequest, stage_index: Optional[int
 
 def target_config(old_cfg: Config, spec: GrowthSpec, world_size: int) -> Config:
     """The grown model's config at the target layout; raises UserError if it cannot be laid out."""
-    from megatron_staged.config import resolve_model
+    from megatron_staged.config import resolve_model, retarget_pipeline_split
 
     new = old_cfg.copy()
     resolve_model(old_cfg.model)
@@ -332,9 +341,11 @@ def target_config(old_cfg: Config, spec: GrowthSpec, world_size: int) -> Config:
     p = new.parallel
     if spec.target_tp:
         p.tensor_model_parallel_size = spec.target_tp
-    if spec.target_pp:
-        p.pipeline_model_parallel_size = spec.target_pp
     r = spec.request
+    # an uneven split is kept while the PP size is: a depth growth adds its layers to the middle stages
+    # (a first/last stage's count usually offsets the embedding or the loss, which do not grow)
+    retarget_pipeline_split(new, spec.target_pp or p.pipeline_model_parallel_size,
+                            r.target_decoder_first_pipeline_num_layers, r.target_decoder_last_pipeline_num_layers)
     if r.target_num_layers_per_virtual_pipeline_stage or r.target_num_virtual_stages_per_pipeline_rank:
         p.num_layers_per_virtual_pipeline_stage = r.target_num_layers_per_virtual_pipeline_stage
         p.num_virtual_stages_per_pipeline_rank = r.target_num_virtual_stages_per_pipeline_rank
@@ -348,10 +359,13 @@ def target_config(old_cfg: Config, spec: GrowthSpec, world_size: int) -> Config:
                 f"the padded vocabulary ({m.padded_vocab_size}) cannot be split over TP {tp}")
     except UserError as e:
         vp_hint = ""
+        name = r.key_namer(spec.stage_index)
         if "virtual" in str(e) or "interleaved" in str(e):
-            name = r.key_namer(spec.stage_index)
             vp_hint = (f" (set the grown model's interleaving with {name('target_num_virtual_stages_per_pipeline_rank')}"
                        f" or {name('target_num_layers_per_virtual_pipeline_stage')})")
+        elif "pipeline stages' layers" in str(e) or "pipeline-split" in str(e) or "divisible by --pipeline" in str(e):
+            vp_hint = (f" (set the grown model's split with {name('target_decoder_first_pipeline_num_layers')} / "
+                       f"{name('target_decoder_last_pipeline_num_layers')}, 0 for an even split)")
         raise UserError(f"the grown model ({m.num_layers} layers, hidden {m.hidden_size}, "
                         f"{m.num_attention_heads} heads) does not fit target TP {tp} x PP "
                         f"{p.pipeline_model_parallel_size} on {world_size} processes: {e}{vp_hint}")

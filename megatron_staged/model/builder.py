@@ -82,6 +82,11 @@ def transformer_config(cfg: Config):
                      batch_p2p_comm=not p.overlap_p2p_comm,
                      microbatch_group_size_per_vp_stage=(p.microbatch_group_size_per_virtual_pipeline_stage
                                                          or p.pipeline_model_parallel_size))
+    if p.pipeline_model_parallel_size > 1:  # uneven pipeline stages (validate checked the split)
+        extra.update(num_layers_in_first_pipeline_stage=p.decoder_first_pipeline_num_layers,
+                     num_layers_in_last_pipeline_stage=p.decoder_last_pipeline_num_layers,
+                     account_for_embedding_in_pipeline_split=p.account_for_embedding_in_pipeline_split,
+                     account_for_loss_in_pipeline_split=p.account_for_loss_in_pipeline_split)
     if m.num_layers == 0:
         # megatron's config derives the residual output projections' init from std/sqrt(2 num_layers);
         # a zero-layer model has no such projection, and init_global_weights() does the init anyway,

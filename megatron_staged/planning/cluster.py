@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from megatron_staged.config import Config, validate
+from megatron_staged.config import Config, retarget_pipeline_split, validate
 from megatron_staged.errors import UserError
 from megatron_staged.planning.memory import GIB, RECOMPUTE_GRANULARITIES, MemoryEstimate, Recompute, estimate_memory
 from megatron_staged.planning.recipe import PlannedStage
@@ -62,9 +62,10 @@ class StagePlan:
 
 
 def with_layout(cfg: Config, tp: int, pp: int) -> Config:
+    """``cfg`` at TP x PP (an uneven pipeline split kept only at the configured PP size)."""
     new = cfg.copy()
     new.parallel.tensor_model_parallel_size = tp
-    new.parallel.pipeline_model_parallel_size = pp
+    retarget_pipeline_split(new, pp)
     return new
 
 
@@ -84,8 +85,8 @@ def candidate_layouts(cfg: Config, hw: Hardware):
         if hw.gpus_per_node % tp or hw.gpus % tp:
             continue
         for pp in range(1, max(L, 1) + 1):
-            if (L % pp if L else pp != 1) or hw.gpus % (tp * pp):
-                continue
+            if (pp != 1 and not L) or hw.gpus % (tp * pp):
+                continue  # (the layer split is validate's to check: uneven stages may hold it)
             if layout_is_valid(with_layout(cfg, tp, pp), hw.gpus):
                 yield tp, pp
 

@@ -42,7 +42,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-from megatron_staged.config import Config, ModelConfig, resolve_model, virtual_pipeline_size
+from megatron_staged.config import (Config, ModelConfig, pipeline_layer_counts, resolve_model, retarget_pipeline_split,
+                                    virtual_pipeline_size)
 from megatron_staged.errors import require
 
 GIB = 2 ** 30
@@ -94,12 +95,15 @@ def count_parameters(m: ModelConfig) -> ParamCounts:
         output_layer=vh if m.untie_embeddings_and_output_weights else 0)
 
 
-def parameters_on_pipeline_rank(pc: ParamCounts, tp: int, pp: int, rank: int) -> int:
-    """Parameters one GPU holds at pipeline rank ``rank`` (any TP rank: shards are equal)."""
-    require(pc.num_layers % pp == 0, f"{pc.num_layers} layers do not split over PP {pp}")
+def parameters_on_pipeline_rank(pc: ParamCounts, tp: int, pp: int, rank: int, layers: Optional[int] = None) -> int:
+    """Parameters one GPU holds at pipeline rank ``rank`` (any TP rank: shards are equal), which holds
+    ``layers`` transformer layers (default: an even split)."""
+    if layers is None:
+        require(pc.num_layers % pp == 0, f"{pc.num_layers} layers do not split over PP {pp}")
+        layers = pc.num_layers // pp
     split = pc.layer - pc.layer_replicated
     require(split % tp == 0 and pc.word_embedding % tp == 0, f"the model does not split over TP {tp}")
-    n = (pc.num_layers // pp) * (split // tp + pc.layer_replicated)
+    n = layers * (split // tp + pc.layer_replicated)
     if rank == 0:
         n += pc.word_embedding // tp + pc.position_embedding
     if rank == pp - 1:
@@ -205,10 +209,11 @@ def micro_batches_in_flight(pp: int, rank: int, microbatches: int, vp: int = 1, 
 
 
 def with_pipeline(cfg: Config, pp: int) -> Config:
+    """``cfg`` at pipeline size ``pp`` (an uneven split kept only at the configured size)."""
     if cfg.parallel.pipeline_model_parallel_size == pp:
         return cfg
     new = cfg.copy()
-    new.parallel.pipeline_model_parallel_size = pp
+    retarget_pipeline_split(new, pp)
     return new
 
 
@@ -225,14 +230,18 @@ def estimate_memory(cfg: Config, tp: int, pp: int, dp: int, recompute="none") ->
     w, g, o = bytes_per_parameter(cfg, dp)
     per_layer = {r: activation_bytes_per_layer(m, t.micro_batch_size, tp, cfg.parallel.sequence_parallel, r)
                  for r in RECOMPUTE_GRANULARITIES}
-    vp = virtual_pipeline_size(with_pipeline(cfg, pp)) or 1
-    chunk = stage_activation_bytes(per_layer, m.num_layers // (pp * vp), recompute)
+    laid_out = with_pipeline(cfg, pp)
+    vp = virtual_pipeline_size(laid_out) or 1
+    counts = pipeline_layer_counts(laid_out)  # [rank][chunk] layers (uneven stages, virtual stages)
     best = None
     for rank in range(pp):
-        n = parameters_on_pipeline_rank(pc, tp, pp, rank)
+        n = parameters_on_pipeline_rank(pc, tp, pp, rank, sum(counts[rank]))
         in_flight = micro_batches_in_flight(pp, rank, microbatches, vp,
                                             cfg.parallel.microbatch_group_size_per_virtual_pipeline_stage)
-        acts = {r: v * in_flight for r, v in chunk.items()}
+        # the passes in flight cycle over the rank's chunks: their mean size (chunks differ only when
+        # the embedding/loss is counted in the split)
+        chunks = [stage_activation_bytes(per_layer, c, recompute) for c in counts[rank]]
+        acts = {r: in_flight * sum(c[r] for c in chunks) / len(chunks) for r in per_layer}
         est = MemoryEstimate(pipeline_rank=rank, parameters=n, weights=n * w, grads=n * g, optimizer=n * o,
                              activations=acts, recompute=recompute)
         if best is None or est.total > best.total:

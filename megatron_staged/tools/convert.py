@@ -30,6 +30,11 @@ def parse_args(argv):
                    help="interleaved 1F1B of the target (1: none); default: as saved when the PP is, else none")
     p.add_argument("--target-num-layers-per-virtual-pipeline-stage", type=int, default=None,
                    help="interleaved 1F1B of the target, as layers per virtual stage")
+    p.add_argument("--target-decoder-first-pipeline-num-layers", type=int, default=None,
+                   help="uneven pipeline of the target: layers on the first stage (0: an even split); "
+                        "default: the saved split when the PP is, else an even one")
+    p.add_argument("--target-decoder-last-pipeline-num-layers", type=int, default=None,
+                   help="uneven pipeline of the target: layers on the last stage (0: an even split)")
     p.add_argument("--no-optimizer", action="store_true", help="write weights only (no optimizer or scheduler state)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="parameter dtype (default: as saved)")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint or files already in --save")
@@ -38,7 +43,7 @@ def parse_args(argv):
 
 def target_config(common: dict, args, world_size: int):
     """The source's Config with the target layout and dtype; UserError if the layout cannot hold it."""
-    from megatron_staged.config import Config, resolve_model, validate
+    from megatron_staged.config import Config, resolve_model, retarget_pipeline_split, validate
 
     if not common.get("args"):
         raise UserError(f"{args.load}: common.pt holds no args (model config); it was not written by megatron_staged")
@@ -52,7 +57,10 @@ def target_config(common: dict, args, world_size: int):
         p.num_virtual_stages_per_pipeline_rank, p.num_layers_per_virtual_pipeline_stage = nvs, lpvs
     elif pp != saved.get("pp", p.pipeline_model_parallel_size):  # the saved interleaving was for the saved PP
         p.num_virtual_stages_per_pipeline_rank = p.num_layers_per_virtual_pipeline_stage = None
-    p.tensor_model_parallel_size, p.pipeline_model_parallel_size = tp, pp
+    p.pipeline_model_parallel_size = saved.get("pp", p.pipeline_model_parallel_size)
+    retarget_pipeline_split(cfg, pp, getattr(args, "target_decoder_first_pipeline_num_layers", None),
+                            getattr(args, "target_decoder_last_pipeline_num_layers", None))
+    p.tensor_model_parallel_size = tp
     if args.dtype:
         cfg.model.bf16, cfg.model.fp16 = args.dtype == "bf16", False
     resolve_model(cfg.model)
@@ -64,7 +72,8 @@ def target_config(common: dict, args, world_size: int):
         validate(check, world_size)
     except UserError as e:  # name this tool's flags, not the trainer's
         msg = str(e).replace("--tensor-model-parallel-size", "--target-tensor-model-parallel-size")
-        for flag in ("--num-virtual-stages-per-pipeline-rank", "--num-layers-per-virtual-pipeline-stage"):
+        for flag in ("--num-virtual-stages-per-pipeline-rank", "--num-layers-per-virtual-pipeline-stage",
+                     "--decoder-first-pipeline-num-layers", "--decoder-last-pipeline-num-layers"):
             msg = msg.replace(flag, "--target" + flag[1:])
         raise UserError(msg.replace("--pipeline-model-parallel-size", "--target-pipeline-model-parallel-size")) from None
     padded = cfg.model.padded_vocab_size
@@ -90,6 +99,10 @@ def convert(args) -> dict:
                      getattr(args, "target_num_layers_per_virtual_pipeline_stage", None))):
         if v is not None and v < 1:
             raise UserError(f"{flag} {v} must be positive (>= 1)")
+    for flag in ("--target-decoder-first-pipeline-num-layers", "--target-decoder-last-pipeline-num-layers"):
+        v = getattr(args, flag[2:].replace("-", "_"), None)
+        if v is not None and v < 0:
+            raise UserError(f"{flag} {v} must be >= 0 (0: an even split)")
 
     from megatron_staged.checkpoint.manager import load_checkpoint, load_common, resolve_checkpoint_dir, save_checkpoint
 

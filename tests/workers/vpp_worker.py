@@ -21,14 +21,26 @@ def run(flags: list) -> dict:
     from megatron.core.utils import get_model_config
 
     t = Trainer(config_from_args(_train_parser("worker").parse_args(flags)))
-    start = (str(t.layout), len(t.model), get_model_config(t.model[0]).microbatch_group_size_per_vp_stage)
+    start = (str(t.layout), len(t.model), get_model_config(t.model[0]).microbatch_group_size_per_vp_stage,
+             rank_layers(t.model))
     summary = t.train()
     out = {"losses": {str(i): loss for i, loss, _ in t.state.loss_history}, "layout": start[0], "chunks": start[1],
-           "vp_group": start[2],
+           "vp_group": start[2], "rank_layers": start[3], "final_rank_layers": rank_layers(t.model),
            "final_layout": str(t.layout), "final_chunks": len(t.model),
            "stages": [{"before": e["eval_loss_before"], "after": e["eval_loss_after"], "to": e["to"]}
                       for e in summary["stage_history"]]}
     del t
+    return out
+
+
+def rank_layers(model_chunks) -> list:
+    """Every rank's global transformer layer indices (rank order), as megatron-core placed them."""
+    import torch.distributed as dist
+
+    from megatron_staged.model.builder import global_layers
+
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, global_layers(model_chunks))
     return out
 
 
@@ -38,7 +50,7 @@ def evaluate(flags: list) -> dict:
     from megatron_staged.training.trainer import Trainer
 
     t = Trainer(config_from_args(_train_parser("worker").parse_args(flags)))
-    out = {"eval": t.evaluate(), "layout": str(t.layout), "chunks": len(t.model)}
+    out = {"eval": t.evaluate(), "layout": str(t.layout), "chunks": len(t.model), "rank_layers": rank_layers(t.model)}
     del t
     return out
 
