@@ -608,6 +608,7 @@ def check_values(cfg: Config) -> None:
     for name in ("adam_beta1", "adam_beta2"):
         require(getattr(o, name) < 1, f"{_flag(name)} {getattr(o, name)} must be below 1 (e.g. 0.9, 0.999)")
     require(o.min_lr <= o.lr, f"--min-lr {o.min_lr} exceeds --lr {o.lr}")
+    require(o.lr_warmup_init <= o.lr, f"--lr-warmup-init {o.lr_warmup_init} exceeds --lr {o.lr}")
     require(m.padded_vocab_size is None or m.padded_vocab_size > 0,
             f"--padded-vocab-size {m.padded_vocab_size} must be positive (> 0)")
     require(m.padded_vocab_size is None or m.vocab_size is None or m.padded_vocab_size >= m.vocab_size,
@@ -863,8 +864,10 @@ def validate(cfg: Config, world_size: int) -> None:
         if o.lr_decay_style == "WSD" and o.lr_wsd_decay_iters is None:
             o.lr_wsd_decay_iters = max(1, int(0.1 * o.lr_decay_iters))
     steps = lr_schedule_steps(cfg)
-    require(steps["warmup"] <= steps["decay"] or o.lr_decay_style == "constant",
-            f"the LR warmup ({steps['warmup']:g} iterations) exceeds the decay span ({steps['decay']:g})")
+    require(steps["decay"] > 0, f"the LR decay span is {steps['decay']:g} iterations; it must be positive")
+    require(steps["warmup"] < steps["decay"],  # megatron-core's OptimizerParamScheduler asserts it
+            f"the LR warmup ({steps['warmup']:g} iterations) must be shorter than the decay span "
+            f"({steps['decay']:g}: --lr-decay-iters, else --train-iters); shorten --lr-warmup-iters")
     if not cfg.data.mock_data and not cfg.data.data_path and cfg.data.tokenizer_type == "NullTokenizer" \
             and not any([cfg.data.train_data_path, cfg.data.valid_data_path, cfg.data.test_data_path]):
         raise UserError("--tokenizer-type NullTokenizer needs --data-path or --mock-data")

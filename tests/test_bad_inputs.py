@@ -170,6 +170,11 @@ CASES = [
     ("lr-zero", ["train", *T, "--lr", "0"], r"--lr 0.0 must be positive"),
     ("lr-nan", ["train", *T, "--lr", "nan"], r"--lr nan must be positive"),
     ("min-lr-above-lr", ["train", *T, "--lr", "0.1", "--min-lr", "1"], r"--min-lr 1.0 exceeds --lr 0.1"),
+    ("warmup-init-above-lr", ["train", *T, "--lr", "0.1", "--lr-warmup-init", "1"],
+     r"--lr-warmup-init 1.0 exceeds --lr 0.1"),
+    # megatron-core's scheduler asserts warmup < decay span (here the 2 training iterations)
+    ("warmup-as-long-as-decay", ["train", *T, "--lr-warmup-iters", "2"],
+     r"the LR warmup \(2 iterations\) must be shorter than the decay span \(2"),
     ("hidden-zero", ["train", *T, "--hidden-size", "0"], r"--hidden-size 0 must be positive"),
     ("hidden-negative", ["train", *T, "--hidden-size", "-8"], r"--hidden-size -8 must be positive"),
     ("layers-negative", ["train", *T, "--num-layers", "-1"], r"--num-layers -1 must be non-negative"),
