@@ -221,6 +221,9 @@ class DataConfig:
     merge_file: Optional[str] = _f(None, "GPT2BPETokenizer: merges.txt (local file)")
     tiktoken_pattern: Optional[str] = _f(None, "TikTokenizer: v1 or v2", choices=["v1", "v2"])
     tiktoken_num_special_tokens: int = _f(1000, "TikTokenizer: ids reserved for special tokens")
+    eod_mask_loss: bool = _f(False, "no loss on end-of-document tokens (megatron-core's GPTDataset, as Megatron-LM)")
+    reset_position_ids: bool = _f(False, "position ids restart after each end-of-document token (megatron-core's "
+                                         "GPTDataset; only learned absolute positions read them, as in Megatron-LM)")
 
 
 @dataclass
@@ -957,6 +960,8 @@ MEGATRON_COMPAT: dict[str, CompatRule] = {
                               "samples and FLOPs so far"),
     "--timing-log-level": _accept("the log line always reports the iteration time; per-phase timers are "
                                   "not collected", ) ,
+    "--reset-attention-mask": _refuse("per-document attention masks are not supported (attention is causal over "
+                                      "the whole sequence); --reset-position-ids and --eod-mask-loss are; drop it"),
     "--profile": _refuse("use the PyTorch profiler around `megatron-staged train`; --profile is not wired"),
     # --- refused, with what to do instead
     "--rampup-batch-size": _refuse(

@@ -310,6 +310,30 @@ def test_gpt_datasets_and_iterator(indexed, sp_tok, tmp_path):
                        torch.stack([train[2]["tokens"], train[3]["tokens"]]))
 
 
+def test_eod_mask_loss_and_reset_position_ids(indexed, sp_tok, tmp_path):
+    """Megatron-LM's --eod-mask-loss (no loss where the input token is end-of-document) and
+    --reset-position-ids (positions count from 0 again after each end-of-document token)."""
+    prefix, _ = indexed
+    seq, eod = 48, sp_tok.eod
+    kw = dict(data_path=[prefix], split="1,0,0", mock_data=False, seq_length=seq, seed=5, tokenizer=sp_tok,
+              train_samples=40, valid_samples=0, test_samples=0, cache_path=str(tmp_path / "cache"))
+    plain, _, _ = build_gpt_datasets(**kw)
+    masked, _, _ = build_gpt_datasets(**kw, eod_mask_loss=True, reset_position_ids=True)
+    crossings = 0
+    for i in range(len(plain)):
+        a, b = plain[i], masked[i]
+        assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["labels"], b["labels"])
+        tokens = b["tokens"].tolist()
+        assert b["loss_mask"].tolist() == [0.0 if t == eod else 1.0 for t in tokens]
+        expected, pos = [], 0
+        for t in tokens:
+            expected.append(pos)
+            pos = 0 if t == eod else pos + 1
+        assert b["position_ids"].tolist() == expected
+        crossings += tokens[:-1].count(eod)
+    assert crossings > 0  # the samples do cross document boundaries (the check above has teeth)
+
+
 def test_iterator_cycles_when_exhausted(indexed, sp_tok, tmp_path, caplog):
     prefix, _ = indexed
     _, valid, _ = build_gpt_datasets(

@@ -112,7 +112,8 @@ def build_gpt_datasets(*, data_path: list[str] | None, split: str | None, mock_d
                        train_data_path: list[str] | None = None,
                        valid_data_path: list[str] | None = None,
                        test_data_path: list[str] | None = None,
-                       create_attention_mask: bool = False):
+                       create_attention_mask: bool = False, eod_mask_loss: bool = False,
+                       reset_position_ids: bool = False):
     """Build (train, valid, test) megatron-core GPT datasets; a split without data is None.
 
     ``data_path`` is Megatron's ``--data-path`` blend: ``[prefix]``, ``[prefix1, prefix2]``
@@ -120,6 +121,7 @@ def build_gpt_datasets(*, data_path: list[str] | None, split: str | None, mock_d
     ``train/valid/test_data_path`` instead give one blend per split. ``*_samples`` are sequence
     counts; a dataset smaller than asked for is repeated over epochs (reshuffled each epoch).
     Indices are cached in ``cache_path`` (default: ``index-cache`` next to the first dataset).
+    ``eod_mask_loss`` / ``reset_position_ids``: Megatron-LM's flags, done by megatron-core's dataset.
 
     Call on every rank when torch.distributed is initialized: global rank 0 builds the indices
     first, the others wait at a barrier and then load them, so ``cache_path`` must be on a
@@ -175,8 +177,8 @@ def build_gpt_datasets(*, data_path: list[str] | None, split: str | None, mock_d
     config = GPTDatasetConfig(
         random_seed=seed, sequence_length=seq_length, blend=blend,
         blend_per_split=blend_per_split, split=split, path_to_cache=cache_path,
-        tokenizer=tokenizer, reset_position_ids=False, reset_attention_mask=False,
-        eod_mask_loss=False, create_attention_mask=create_attention_mask)
+        tokenizer=tokenizer, reset_position_ids=reset_position_ids, reset_attention_mask=False,
+        eod_mask_loss=eod_mask_loss, create_attention_mask=create_attention_mask)
     cls = MockGPTDataset if mock_data else GPTDataset
     sizes = [train_samples, valid_samples, test_samples]
     # Every rank builds its own dataset objects (rank 0 first; the builder barriers in between).

@@ -73,5 +73,6 @@ def prepare_data(cfg: Config, world_size: int):
         data_path=d.data_path or None, split=d.split, mock_data=d.mock_data, seq_length=m.seq_length,
         seed=cfg.training.seed, tokenizer=tokenizer, train_samples=train, valid_samples=valid,
         test_samples=test, cache_path=d.data_cache_path, train_data_path=d.train_data_path or None,
-        valid_data_path=d.valid_data_path or None, test_data_path=d.test_data_path or None)
+        valid_data_path=d.valid_data_path or None, test_data_path=d.test_data_path or None,
+        eod_mask_loss=d.eod_mask_loss, reset_position_ids=d.reset_position_ids)
     return tokenizer, datasets
