@@ -104,12 +104,16 @@ print("RESULT", json.dumps(out))
              padded_vocab_size=128),
         dict(model_family="gpt2", num_layers=3, hidden_size=48, num_attention_heads=4, seq_length=16,
              padded_vocab_size=256, untie_embeddings_and_output_weights=True, normalization="RMSNorm"),
+        # Qwen2's layout: no linear biases but QKV's (--disable-bias-linear --add-qkv-bias)
+        dict(model_family="llama", num_layers=2, hidden_size=64, num_attention_heads=4, group_query_attention=True,
+             num_query_groups=2, ffn_hidden_size=176, seq_length=32, padded_vocab_size=256, add_qkv_bias=True),
     ]
     r = subprocess.run([sys.executable, "-c", f"SPECS = {json.dumps(json.dumps(specs))}\n" + code],
                        cwd=str(ROOT), env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     pairs = json.loads(r.stdout.split("RESULT", 1)[1])
     assert pairs[0][0] == 125248 and pairs[1][0] == 110336
+    assert pairs[3][0] == 125248 + 2 * (4 + 2 * 2) * 16  # + a QKV bias of (heads + 2 groups) x head size per layer
     for built, counted in pairs:
         assert built == counted
 

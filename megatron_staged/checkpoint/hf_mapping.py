@@ -3,7 +3,8 @@
 Two HuggingFace architectures, both directions, as pure functions on whole (global) tensors:
 
 * ``GPT2LMHeadModel``  LayerNorm, GeLU MLP, learned absolute positions, biases, (un)tied head;
-* ``LlamaForCausalLM`` RMSNorm, SwiGLU MLP, RoPE (rotate-half), GQA, optional biases, (un)tied head.
+* ``LlamaForCausalLM`` RMSNorm, SwiGLU MLP, RoPE (rotate-half), GQA, optional biases, (un)tied head;
+* ``Qwen2ForCausalLM`` the same with biases on q/k/v only (megatron's ``--add-qkv-bias``).
 
 Layout facts the mapping relies on (megatron-core 0.16, TE-style checkpoint names):
 
@@ -61,6 +62,7 @@ ALIASES = {
 
 GPT2 = "GPT2LMHeadModel"
 LLAMA = "LlamaForCausalLM"
+QWEN2 = "Qwen2ForCausalLM"  # Llama's layout with q/k/v biases only
 
 
 def canonical_layer_param(name: str) -> str:
@@ -85,7 +87,7 @@ def split_layer_key(key: str) -> Optional[str]:
 class Arch:
     """What the mapping needs to know about a model (sizes are global)."""
 
-    hf_class: str          # GPT2 or LLAMA
+    hf_class: str          # GPT2, LLAMA or QWEN2
     num_layers: int
     hidden: int
     ffn: int
@@ -99,6 +101,11 @@ class Arch:
     rotary_base: float
     bias: bool             # linear layers have biases
     tied: bool             # output layer shares the word embeddings
+    qkv_bias: bool = False  # only the QKV projection has a bias (megatron's --add-qkv-bias; Qwen2)
+
+    @property
+    def has_qkv_bias(self) -> bool:
+        return self.bias or self.qkv_bias
 
     @property
     def qkv_rows(self) -> int:
@@ -116,13 +123,13 @@ def arch_from_model_config(m, vocab: int) -> Arch:
                 f"checkpoint has {m.num_query_groups} query groups for {m.num_attention_heads} heads and "
                 f"head size {m.kv_channels} (hidden {m.hidden_size}), which transformers' GPT-2 cannot hold")
     elif norm == "RMSNorm" and pos == "rope" and glu:
-        hf_class = LLAMA
+        hf_class = QWEN2 if (m.add_qkv_bias and m.disable_bias_linear) else LLAMA
     else:
         raise UserError(
             f"no HuggingFace architecture matches this checkpoint (normalization {norm}, position "
             f"embeddings {pos}, swiglu {glu}); export-hf supports the gpt2 family (LayerNorm, "
             f"learned_absolute, GeLU) -> GPT2LMHeadModel and the llama family (RMSNorm, rope, "
-            f"SwiGLU) -> LlamaForCausalLM")
+            f"SwiGLU) -> LlamaForCausalLM (Qwen2ForCausalLM with --add-qkv-bias)")
     if not 0 < vocab <= m.padded_vocab_size:
         raise UserError(f"vocabulary size {vocab} must be in 1..{m.padded_vocab_size} (the checkpoint's "
                         f"padded vocabulary); pass the tokenizer's size with --vocab-size")
@@ -130,7 +137,8 @@ def arch_from_model_config(m, vocab: int) -> Arch:
                 heads=m.num_attention_heads, groups=m.num_query_groups, head_dim=m.kv_channels,
                 vocab=vocab, padded_vocab=m.padded_vocab_size, max_positions=m.max_position_embeddings,
                 norm_eps=m.norm_epsilon, rotary_base=m.rotary_base, bias=not m.disable_bias_linear,
-                tied=not m.untie_embeddings_and_output_weights)
+                tied=not m.untie_embeddings_and_output_weights,
+                qkv_bias=bool(m.add_qkv_bias) and bool(m.disable_bias_linear))
 
 
 def arch_to_model_fields(a: Arch) -> dict:
@@ -146,12 +154,13 @@ def arch_to_model_fields(a: Arch) -> dict:
         "rotary_base": int(a.rotary_base), "swiglu": not gpt2,
         "normalization": "LayerNorm" if gpt2 else "RMSNorm", "norm_epsilon": a.norm_eps,
         "untie_embeddings_and_output_weights": not a.tied, "disable_bias_linear": not a.bias,
-        "padded_vocab_size": a.padded_vocab,
+        "add_qkv_bias": a.qkv_bias, "padded_vocab_size": a.padded_vocab,
     }
 
 
 def hf_config_dict(a: Arch, **extra) -> dict:
-    """Keyword arguments for ``GPT2Config`` / ``LlamaConfig`` (dropout 0: megatron's defaults here)."""
+    """Keyword arguments for ``GPT2Config`` / ``LlamaConfig`` / ``Qwen2Config`` (dropout 0: megatron's
+    defaults here)."""
     if a.hf_class == GPT2:
         d = dict(model_type="gpt2", vocab_size=a.vocab, n_positions=a.max_positions, n_embd=a.hidden,
                  n_layer=a.num_layers, n_head=a.heads, n_inner=a.ffn,
@@ -165,6 +174,10 @@ def hf_config_dict(a: Arch, **extra) -> dict:
                  head_dim=a.head_dim, max_position_embeddings=a.max_positions, rms_norm_eps=a.norm_eps,
                  rope_theta=float(a.rotary_base), hidden_act="silu", attention_bias=a.bias, mlp_bias=a.bias,
                  attention_dropout=0.0, tie_word_embeddings=a.tied)
+        if a.hf_class == QWEN2:  # q/k/v biases are built in; no sliding window
+            for k in ("attention_bias", "mlp_bias"):
+                del d[k]
+            d.update(model_type="qwen2", use_sliding_window=False)
     d["architectures"] = [a.hf_class]
     d["megatron_padded_vocab_size"] = a.padded_vocab
     d.update(extra)
@@ -172,7 +185,7 @@ def hf_config_dict(a: Arch, **extra) -> dict:
 
 
 def arch_from_hf_config(c: dict, padded_vocab: Optional[int] = None) -> Arch:
-    """The architecture of a HF ``config.json`` (GPT-2 or Llama); UserError for anything else."""
+    """The architecture of a HF ``config.json`` (GPT-2, Llama or Qwen2); UserError for anything else."""
     mt = c.get("model_type")
     if mt == "gpt2":
         act = c.get("activation_function", "gelu_new")
@@ -187,9 +200,12 @@ def arch_from_hf_config(c: dict, padded_vocab: Optional[int] = None) -> Arch:
                              padded_vocab=padded_vocab, max_positions=c["n_positions"],
                              norm_eps=c.get("layer_norm_epsilon", 1e-5), rotary_base=10000, bias=True,
                              tied=c.get("tie_word_embeddings", True))
-    if mt == "llama":
+    if mt in ("llama", "qwen2"):
+        if mt == "qwen2" and c.get("use_sliding_window", False):
+            raise UserError("Qwen2 with use_sliding_window=true has no megatron equivalent here (attention is "
+                            "causal over the whole sequence)")
         if c.get("hidden_act", "silu") != "silu":
-            raise UserError(f"Llama hidden_act {c.get('hidden_act')!r} is not silu; megatron's SwiGLU uses silu")
+            raise UserError(f"{mt} hidden_act {c.get('hidden_act')!r} is not silu; megatron's SwiGLU uses silu")
         rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
@@ -197,17 +213,18 @@ def arch_from_hf_config(c: dict, padded_vocab: Optional[int] = None) -> Arch:
         theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
         if float(theta) != int(theta):
             raise UserError(f"rope_theta {theta} is not an integer; --rotary-base takes integers")
-        if bool(c.get("attention_bias", False)) != bool(c.get("mlp_bias", False)):
-            raise UserError("attention_bias and mlp_bias differ; megatron has one switch for all linear biases")
+        if mt == "llama" and bool(c.get("attention_bias", False)) != bool(c.get("mlp_bias", False)):
+            raise UserError("attention_bias and mlp_bias differ; megatron has one switch for all linear biases "
+                            "(and --add-qkv-bias for q/k/v alone, which is Qwen2's layout)")
         h, heads = c["hidden_size"], c["num_attention_heads"]
-        return _checked_arch(LLAMA, c, num_layers=c["num_hidden_layers"], hidden=h, ffn=c["intermediate_size"],
+        return _checked_arch(QWEN2 if mt == "qwen2" else LLAMA, c, num_layers=c["num_hidden_layers"], hidden=h, ffn=c["intermediate_size"],
                              heads=heads, groups=c.get("num_key_value_heads") or heads,
                              head_dim=c.get("head_dim") or h // heads, vocab=c["vocab_size"],
                              padded_vocab=padded_vocab, max_positions=c.get("max_position_embeddings", 2048),
                              norm_eps=c.get("rms_norm_eps", 1e-6), rotary_base=int(theta),
-                             bias=bool(c.get("attention_bias", False)),
-                             tied=c.get("tie_word_embeddings", False))
-    raise UserError(f"config.json has model_type {mt!r}; import-hf reads gpt2 and llama models")
+                             bias=mt == "llama" and bool(c.get("attention_bias", False)),
+                             tied=c.get("tie_word_embeddings", False), qkv_bias=mt == "qwen2")
+    raise UserError(f"config.json has model_type {mt!r}; import-hf reads gpt2, llama and qwen2 models")
 
 
 def _checked_arch(hf_class: str, c: dict, **kw) -> Arch:
@@ -310,11 +327,12 @@ def layer_to_hf(p: dict, a: Arch) -> dict:
         "post_attention_layernorm.weight": p[NORM2_W],
         "mlp.gate_proj.weight": gate, "mlp.up_proj.weight": up, "mlp.down_proj.weight": p[FC2_W],
     }
-    if a.bias:
+    if a.has_qkv_bias:
         qb, kb, vb = qkv_to_hf(p[QKV_B], a.heads, a.groups, a.head_dim)
+        out.update({"self_attn.q_proj.bias": qb, "self_attn.k_proj.bias": kb, "self_attn.v_proj.bias": vb})
+    if a.bias:
         gb, ub = fc1_to_gate_up(p[FC1_B], a.ffn)
-        out.update({"self_attn.q_proj.bias": qb, "self_attn.k_proj.bias": kb, "self_attn.v_proj.bias": vb,
-                    "self_attn.o_proj.bias": p[PROJ_B], "mlp.gate_proj.bias": gb, "mlp.up_proj.bias": ub,
+        out.update({"self_attn.o_proj.bias": p[PROJ_B], "mlp.gate_proj.bias": gb, "mlp.up_proj.bias": ub,
                     "mlp.down_proj.bias": p[FC2_B]})
     return out
 
@@ -343,10 +361,11 @@ def layer_from_hf(get: Callable[[str], torch.Tensor], a: Arch) -> dict:
         FC1_W: gate_up_to_fc1(get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")),
         FC2_W: get("mlp.down_proj.weight"),
     }
+    if a.has_qkv_bias:
+        p[QKV_B] = hf_to_qkv(get("self_attn.q_proj.bias"), get("self_attn.k_proj.bias"),
+                             get("self_attn.v_proj.bias"), a.heads, a.groups, a.head_dim)
     if a.bias:
-        p.update({QKV_B: hf_to_qkv(get("self_attn.q_proj.bias"), get("self_attn.k_proj.bias"),
-                                   get("self_attn.v_proj.bias"), a.heads, a.groups, a.head_dim),
-                  PROJ_B: get("self_attn.o_proj.bias"),
+        p.update({PROJ_B: get("self_attn.o_proj.bias"),
                   FC1_B: gate_up_to_fc1(get("mlp.gate_proj.bias"), get("mlp.up_proj.bias")),
                   FC2_B: get("mlp.down_proj.bias")})
     return p
@@ -429,13 +448,15 @@ def megatron_global_shapes(a: Arch) -> dict:
         s.update({POS_EMB: (a.max_positions, h), FINAL_NORM_B: (h,)})
     if not a.tied:
         s[OUTPUT] = (a.padded_vocab, h)
-    fc1 = 2 * f if a.hf_class == LLAMA else f
+    fc1 = f if a.hf_class == GPT2 else 2 * f
     layer = {NORM1_W: (h,), QKV_W: (a.qkv_rows, h), PROJ_W: (h, a.heads * a.head_dim), NORM2_W: (h,),
              FC1_W: (fc1, h), FC2_W: (h, f)}
     if a.hf_class == GPT2:
         layer.update({NORM1_B: (h,), NORM2_B: (h,)})
     if a.bias:
         layer.update({QKV_B: (a.qkv_rows,), PROJ_B: (h,), FC1_B: (fc1,), FC2_B: (h,)})
+    elif a.qkv_bias:
+        layer[QKV_B] = (a.qkv_rows,)
     if L > 0:
         s.update({LAYERS + k: (L,) + v for k, v in layer.items()})
     return s

@@ -104,6 +104,7 @@ def transformer_config(cfg: Config):
         normalization=m.normalization,
         layernorm_epsilon=m.norm_epsilon,
         add_bias_linear=not m.disable_bias_linear,
+        add_qkv_bias=m.add_qkv_bias,
         gated_linear_unit=bool(m.swiglu),
         activation_func=F.silu if m.swiglu else F.gelu,
         hidden_dropout=m.hidden_dropout,
@@ -353,7 +354,7 @@ def count_parameters(cfg: Config) -> dict:
     q = m.num_attention_heads * m.kv_channels
     kv = m.num_query_groups * m.kv_channels
     bias = 0 if m.disable_bias_linear else 1
-    attn = h * (q + 2 * kv) + q * h + bias * (q + 2 * kv + h)
+    attn = h * (q + 2 * kv) + q * h + bias * (q + 2 * kv + h) + (1 - bias) * m.add_qkv_bias * (q + 2 * kv)
     mlp = h * f * (2 if m.swiglu else 1) + f * h + bias * ((2 if m.swiglu else 1) * f + h)
     norms = (2 if m.normalization == "LayerNorm" else 1) * h
     layer = attn + mlp + 2 * norms

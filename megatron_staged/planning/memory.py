@@ -4,7 +4,8 @@ Nothing here builds a model: these are closed-form counts, so they work for a 7B
 
 Parameters are counted module by module as megatron-core's ``GPTModel`` holds them (word and
 learned position embeddings, per layer: input norm, fused QKV, output projection, pre-MLP norm,
-FC1 (x2 with SwiGLU), FC2, biases unless ``--disable-bias-linear``; final norm; untied output
+FC1 (x2 with SwiGLU), FC2, biases unless ``--disable-bias-linear`` (QKV's kept by ``--add-qkv-bias``);
+final norm; untied output
 layer). Under tensor parallelism the matrices, the column-parallel biases and the embeddings are
 split over TP; norms and the row-parallel biases (projection, FC2) are replicated. A pipeline
 stage holds its ``num_layers / PP`` layers, the first stage the embeddings, the last the final norm
@@ -82,7 +83,7 @@ def count_parameters(m: ModelConfig) -> ParamCounts:
     norm = 2 * h if m.normalization == "LayerNorm" else h  # LayerNorm has a bias, RMSNorm not
     fc1_out = 2 * f if m.swiglu else f
     qkv_out = (a + 2 * g) * kv
-    layer = (norm + h * qkv_out + (qkv_out if bias else 0)       # input norm, QKV
+    layer = (norm + h * qkv_out + (qkv_out if bias or m.add_qkv_bias else 0)  # input norm, QKV
              + a * kv * h + (h if bias else 0)                    # output projection
              + norm + h * fc1_out + (fc1_out if bias else 0)      # pre-MLP norm, FC1
              + f * h + (h if bias else 0))                        # FC2
