@@ -49,6 +49,9 @@ class ModelConfig:
     norm_epsilon: float = _f(1e-5)
     untie_embeddings_and_output_weights: Optional[bool] = _f(None)
     disable_bias_linear: Optional[bool] = _f(None)
+    qk_layernorm: bool = _f(False, "normalise each head's queries and keys (the --normalization kind, over the "
+                                   "head size) before attention (Qwen3's layout with RMSNorm; exports as "
+                                   "Qwen3ForCausalLM)")
     add_qkv_bias: bool = _f(False, "a bias on the QKV projection even with --disable-bias-linear (Qwen2's layout; "
                                    "exports as Qwen2ForCausalLM)")
     init_method_std: float = _f(0.02)

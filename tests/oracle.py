@@ -134,6 +134,10 @@ def width_tensor(mkey: str, kind: str, t: torch.Tensor, a: dict, alpha: float) -
         if kind == "param":
             return torch.cat([alpha * t, (1 - alpha) * t], dim=-1)
         return _dup(t, -1)  # carries the full gradient: moments unscaled
+    if sfx.startswith(("self_attention.q_layernorm.", "self_attention.k_layernorm.")):
+        # --qk-layernorm: one norm over the head size (which does not grow), used by every head; as the
+        # grown model equals the source for any value of it, its gradient is the source's: all unchanged
+        return t
     s = {"param": 1.0, "exp_avg": 0.5, "exp_avg_sq": 0.25}[kind]
     if sfx == "self_attention.linear_qkv.weight":
         out = _qkv_double(t, a["groups"])
@@ -257,6 +261,9 @@ def forward_loss(p: dict, a: dict, tokens: torch.Tensor) -> float:
         Q = qkv[:, :, :, :q].reshape(B, S, G * q, d)
         K = qkv[:, :, :, q].repeat_interleave(q, dim=2)
         V = qkv[:, :, :, q + 1].repeat_interleave(q, dim=2)
+        if lay("self_attention.q_layernorm.weight", i) is not None:  # per-head q/k norms, before rope
+            Q = _norm(Q, lay("self_attention.q_layernorm.weight", i), lay("self_attention.q_layernorm.bias", i), a)
+            K = _norm(K, lay("self_attention.k_layernorm.weight", i), lay("self_attention.k_layernorm.bias", i), a)
         if a["rope"]:
             Q, K = _rope(Q, a["rotary_base"]), _rope(K, a["rotary_base"])
         att = torch.einsum("bshd,bthd->bhst", Q, K) / math.sqrt(d) + mask

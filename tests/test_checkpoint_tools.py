@@ -109,9 +109,10 @@ def test_inspect_reports_state_layout_and_tensors(llama_run, capsys):
 # ---- HF export / import ----------------------------------------------------------------------------
 
 def _hf_models(d):
-    """A GPT-2, a GQA Llama and a GQA Qwen2 (biases on q/k/v only) with large random weights (so logits are
-    sensitive to any mix-up)."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    """A GPT-2, a GQA Llama, a GQA Qwen2 (biases on q/k/v only) and a Qwen3 (per-head q/k norms) with large
+    random weights (so logits are sensitive to any mix-up)."""
+    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     torch.manual_seed(0)
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=64, n_embd=48, n_layer=3, n_head=4,
@@ -125,13 +126,18 @@ def _hf_models(d):
                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                          rms_norm_eps=1e-5, rope_theta=10000.0, initializer_range=0.2,
                                          tie_word_embeddings=True, bos_token_id=0, eos_token_id=1))
+    qwen3 = Qwen3ForCausalLM(Qwen3Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                         max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=10000.0,
+                                         initializer_range=0.2, tie_word_embeddings=False, bos_token_id=0,
+                                         eos_token_id=1))
     with torch.no_grad():
-        for model in (gpt2, llama, qwen2):
+        for model in (gpt2, llama, qwen2, qwen3):
             for _, p in model.named_parameters():
                 if p.dim() == 1:  # norm weights (init 1) and biases (init 0): move them off their init
                     p.normal_(1.0 if bool(torch.all(p == 1)) else 0.0, 0.1)
     paths = {}
-    for name, model in (("gpt2", gpt2), ("llama", llama), ("qwen2", qwen2)):
+    for name, model in (("gpt2", gpt2), ("llama", llama), ("qwen2", qwen2), ("qwen3", qwen3)):
         paths[name] = d / f"hf_{name}"
         model.save_pretrained(paths[name])
     return paths
@@ -174,26 +180,31 @@ def test_export_and_import_match_transformers(llama_run, tmp_path):
     torchrun(["import-hf", "--hf", str(hf["llama"]), "--save", str(imp_llama), *_layout(2, 1)], nproc=2)
     # a grown checkpoint: 3x48 -> 6x96, i.e. not the shape any flag or default says
     run_cli(["grow", "--load", str(imp_gpt2), "--save", str(grown), "--depth-factor", "2", "--width-factor", "2"])
-    # Qwen2 (--disable-bias-linear --add-qkv-bias): imported, grown in depth and width, exported
-    imp_qwen2, grown_qwen2 = tmp_path / "imp_qwen2", tmp_path / "grown_qwen2"
-    run_cli(["import-hf", "--hf", str(hf["qwen2"]), "--save", str(imp_qwen2)])
-    run_cli(["grow", "--load", str(imp_qwen2), "--save", str(grown_qwen2), "--depth-factor", "2", "--width-factor", "2"])
+    # Qwen2 (--disable-bias-linear --add-qkv-bias) and Qwen3 (--qk-layernorm): imported, grown in depth and
+    # width, exported
+    for name in ("qwen2", "qwen3"):
+        run_cli(["import-hf", "--hf", str(hf[name]), "--save", str(tmp_path / f"imp_{name}")])
+        run_cli(["grow", "--load", str(tmp_path / f"imp_{name}"), "--save", str(tmp_path / f"grown_{name}"),
+                 "--depth-factor", "2", "--width-factor", "2"])
     exported = {name: tmp_path / f"export_{name}" for name in ("trained", "grown", "llama_back", "qwen2_back",
-                                                                 "grown_qwen2")}
-    exports = [["export-hf", "--load", str(src), "--out", str(exported[name])]
-               for name, src in (("trained", root), ("grown", grown), ("llama_back", imp_llama),
-                                 ("qwen2_back", imp_qwen2), ("grown_qwen2", grown_qwen2))]
+                                                                 "grown_qwen2", "qwen3_back", "grown_qwen3")}
+    sources = {"trained": root, "grown": grown, "llama_back": imp_llama,
+               **{f"{n}_back": tmp_path / f"imp_{n}" for n in ("qwen2", "qwen3")},
+               **{f"grown_{n}": tmp_path / f"grown_{n}" for n in ("qwen2", "qwen3")}}
+    exports = [["export-hf", "--load", str(sources[name]), "--out", str(out)] for name, out in exported.items()]
     ours = _megatron_logits(tmp_path, {"trained": root, "grown": grown, "imp_gpt2": imp_gpt2, "imp_llama": imp_llama,
-                                       "imp_qwen2": imp_qwen2, "grown_qwen2": grown_qwen2}, first=exports)
+                                       **{f"imp_{n}": tmp_path / f"imp_{n}" for n in ("qwen2", "qwen3")},
+                                       **{f"grown_{n}": tmp_path / f"grown_{n}" for n in ("qwen2", "qwen3")}},
+                            first=exports)
 
     # import-hf then export-hf gives back the HF weights exactly
-    for name in ("llama", "qwen2"):
+    for name in ("llama", "qwen2", "qwen3"):
         orig, back = load_file(hf[name] / "model.safetensors"), load_file(exported[name + "_back"] / "model.safetensors")
         assert sorted(orig) == sorted(back) and all(torch.equal(orig[k], back[k]) for k in orig), name
     # logits: exported model in transformers vs the checkpoint in megatron_staged, and import the other way
     pairs = {"trained": exported["trained"], "grown": exported["grown"],
-             "imp_gpt2": hf["gpt2"], "imp_llama": hf["llama"], "imp_qwen2": hf["qwen2"],
-             "grown_qwen2": exported["grown_qwen2"]}
+             "imp_gpt2": hf["gpt2"], "imp_llama": hf["llama"], "imp_qwen2": hf["qwen2"], "imp_qwen3": hf["qwen3"],
+             "grown_qwen2": exported["grown_qwen2"], "grown_qwen3": exported["grown_qwen3"]}
     for name, hf_dir in pairs.items():
         theirs = _hf_logits(hf_dir)
         assert theirs.abs().max() > 0.1, name
@@ -203,11 +214,12 @@ def test_export_and_import_match_transformers(llama_run, tmp_path):
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["num_key_value_heads"] == 2
     assert cfg["vocab_size"] == 512 and cfg["megatron_padded_vocab_size"] == ours["trained"].shape[-1]
     assert json.loads((exported["grown"] / "config.json").read_text())["n_layer"] == 6
-    # the grown Qwen2 (4 layers, hidden 128) is a Qwen2 and still computes the original's function
-    grown_cfg = json.loads((exported["grown_qwen2"] / "config.json").read_text())
-    assert (grown_cfg["architectures"], grown_cfg["num_hidden_layers"], grown_cfg["hidden_size"]) == (
-        ["Qwen2ForCausalLM"], 4, 128)
-    assert _max_diff(ours["grown_qwen2"], _hf_logits(hf["qwen2"])) <= 1e-4
+    # the grown Qwen2 / Qwen3 (4 layers, hidden 128) keep their architecture and the original's function
+    for name, arch in (("qwen2", "Qwen2ForCausalLM"), ("qwen3", "Qwen3ForCausalLM")):
+        grown_cfg = json.loads((exported["grown_" + name] / "config.json").read_text())
+        assert (grown_cfg["architectures"], grown_cfg["num_hidden_layers"], grown_cfg["hidden_size"]) == (
+            [arch], 4, 128)
+        assert _max_diff(ours["grown_" + name], _hf_logits(hf[name])) <= 1e-4, name
     sp_model = _common(root / "iter_0000004")["args"]["data"]["tokenizer_model"]
     _check_sentencepiece_tokenizer(exported["trained"], sp_model)
 
@@ -235,14 +247,14 @@ def test_qkv_layout_is_per_query_group():
     assert all(torch.equal(x, y) for x, y in zip(qkv_to_hf(fused, 4, 2, 1), (q, k, v)))
 
 
-@pytest.mark.parametrize("hf_class", ["GPT2LMHeadModel", "LlamaForCausalLM", "Qwen2ForCausalLM"])
+@pytest.mark.parametrize("hf_class", ["GPT2LMHeadModel", "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"])
 def test_hf_to_megatron_to_hf_is_exact(hf_class):
     from megatron_staged.checkpoint.hf_mapping import Arch, expected_hf_shapes, hf_to_megatron, megatron_to_hf
 
     gpt2, qwen2 = hf_class == "GPT2LMHeadModel", hf_class == "Qwen2ForCausalLM"
     a = Arch(hf_class=hf_class, num_layers=3, hidden=32, ffn=48, heads=4, groups=4 if gpt2 else 2, head_dim=8,
              vocab=100, padded_vocab=128, max_positions=16, norm_eps=1e-5, rotary_base=10000, bias=gpt2, tied=gpt2,
-             qkv_bias=qwen2)
+             qkv_bias=qwen2, qk_norm=hf_class == "Qwen3ForCausalLM")
     hf = {k: torch.randn(s) for k, s in expected_hf_shapes(a).items()}
     # Qwen2: biases on q, k and v only (transformers' Qwen2Attention)
     assert {k.split(".", 3)[-1] for k in hf if k.endswith("bias")} == (
@@ -251,6 +263,9 @@ def test_hf_to_megatron_to_hf_is_exact(hf_class):
     meg = hf_to_megatron(hf.__getitem__, a)
     assert meg["embedding.word_embeddings.weight"].shape == (128, 32)
     assert meg["decoder.layers.self_attention.linear_qkv.weight"].shape == (3, (4 + 2 * a.groups) * 8, 32)
+    if a.qk_norm:  # Qwen3: one RMSNorm weight over the head size per layer for q and one for k
+        assert meg["decoder.layers.self_attention.q_layernorm.weight"].shape == (3, 8)
+        assert hf["model.layers.0.self_attn.k_norm.weight"].shape == (8,)
     back = megatron_to_hf(meg, a)
     assert sorted(back) == sorted(hf) and all(torch.equal(back[k], hf[k]) for k in hf)
 

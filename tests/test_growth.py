@@ -49,10 +49,11 @@ def _target(op, tp, pp, world):
 
 @pytest.fixture(scope="session")
 def sources(tmp_path_factory, corpus):
-    """A 3-iteration source checkpoint per family (non-trivial Adam moments), TP1 PP1 DP2."""
+    """A 3-iteration source checkpoint per family (non-trivial Adam moments), TP1 PP1 DP2; the llama
+    with per-head query/key norms (--qk-layernorm, as Qwen3)."""
     root = tmp_path_factory.mktemp("sources")
     out = {}
-    for family, flags in (("gpt2", TINY_GPT2), ("llama", TINY_LLAMA)):
+    for family, flags in (("gpt2", TINY_GPT2), ("llama", [*TINY_LLAMA, "--qk-layernorm"])):
         flags = [f for f in flags]
         i = flags.index("--num-layers")
         flags[i + 1] = "2"

@@ -32,7 +32,8 @@ SOURCES = {
     "gpt2u": ["--model-family", "gpt2", "--untie-embeddings-and-output-weights"],  # non-distributed optimizer
     "llama": ["--model-family", "llama", "--group-query-attention", "--num-query-groups", "2",
               "--ffn-hidden-size", "96", "--use-distributed-optimizer"],
-    "llamat": ["--model-family", "llama", "--ffn-hidden-size", "96", "--use-distributed-optimizer"],  # + tied (yaml)
+    # + tied (yaml); per-head query/key norms (Qwen3's --qk-layernorm)
+    "llamat": ["--model-family", "llama", "--ffn-hidden-size", "96", "--use-distributed-optimizer", "--qk-layernorm"],
 }
 
 # name: (source, world, grow flags, oracle: depth map written out from the placement's definition, init, width)
@@ -149,6 +150,9 @@ def test_oracle_forward_gives_source_loss_on_grown_tensors(oracle_sources, oracl
         got = O.read_tensors(oracle_grown[name])
         before = O.forward_loss(src, a, tokens)
         after = O.forward_loss(got, big, tokens)
+        if "decoder.layers.self_attention.q_layernorm.weight" in src:  # sensitivity: the q/k norms are used
+            no_qk = {k: v for k, v in src.items() if "q_layernorm" not in k and "k_layernorm" not in k}
+            assert abs(O.forward_loss(no_qk, a, tokens) - before) > 1e-4, f"{name}: q/k norms have no effect"
         if init == "identity":
             assert abs(after - before) < 1e-5 * before, f"{name}: loss {before} -> {after}"
             ref = O.forward_loss(O.stacked(O.grow_state(src, a, depth_map=dmap, width=width)), big, tokens)

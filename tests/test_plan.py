@@ -107,6 +107,11 @@ print("RESULT", json.dumps(out))
         # Qwen2's layout: no linear biases but QKV's (--disable-bias-linear --add-qkv-bias)
         dict(model_family="llama", num_layers=2, hidden_size=64, num_attention_heads=4, group_query_attention=True,
              num_query_groups=2, ffn_hidden_size=176, seq_length=32, padded_vocab_size=256, add_qkv_bias=True),
+        # --qk-layernorm: per-head query and key norms (RMSNorm: a weight; LayerNorm: weight and bias)
+        dict(model_family="llama", num_layers=2, hidden_size=64, num_attention_heads=4, group_query_attention=True,
+             num_query_groups=2, ffn_hidden_size=176, seq_length=32, padded_vocab_size=256, qk_layernorm=True),
+        dict(model_family="gpt2", num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=32,
+             padded_vocab_size=128, qk_layernorm=True),
     ]
     r = subprocess.run([sys.executable, "-c", f"SPECS = {json.dumps(json.dumps(specs))}\n" + code],
                        cwd=str(ROOT), env=_env(), capture_output=True, text=True, timeout=300)
@@ -114,6 +119,7 @@ print("RESULT", json.dumps(out))
     pairs = json.loads(r.stdout.split("RESULT", 1)[1])
     assert pairs[0][0] == 125248 and pairs[1][0] == 110336
     assert pairs[3][0] == 125248 + 2 * (4 + 2 * 2) * 16  # + a QKV bias of (heads + 2 groups) x head size per layer
+    assert pairs[4][0] == 125248 + 2 * 2 * 16 and pairs[5][0] == 110336 + 2 * 2 * 2 * 16  # head size 16
     for built, counted in pairs:
         assert built == counted
 

@@ -4,7 +4,8 @@ Two HuggingFace architectures, both directions, as pure functions on whole (glob
 
 * ``GPT2LMHeadModel``  LayerNorm, GeLU MLP, learned absolute positions, biases, (un)tied head;
 * ``LlamaForCausalLM`` RMSNorm, SwiGLU MLP, RoPE (rotate-half), GQA, optional biases, (un)tied head;
-* ``Qwen2ForCausalLM`` the same with biases on q/k/v only (megatron's ``--add-qkv-bias``).
+* ``Qwen2ForCausalLM`` the same with biases on q/k/v only (megatron's ``--add-qkv-bias``);
+* ``Qwen3ForCausalLM`` Llama's layout without biases, with per-head q/k RMSNorms (``--qk-layernorm``).
 
 Layout facts the mapping relies on (megatron-core 0.16, TE-style checkpoint names):
 
@@ -53,6 +54,8 @@ FC1_W = "mlp.linear_fc1.weight"
 FC1_B = "mlp.linear_fc1.bias"
 FC2_W = "mlp.linear_fc2.weight"
 FC2_B = "mlp.linear_fc2.bias"
+Q_NORM = "self_attention.q_layernorm.weight"  # --qk-layernorm: RMSNorm over the head size
+K_NORM = "self_attention.k_layernorm.weight"
 
 # local-spec names -> the names checkpoints use
 ALIASES = {
@@ -63,6 +66,7 @@ ALIASES = {
 GPT2 = "GPT2LMHeadModel"
 LLAMA = "LlamaForCausalLM"
 QWEN2 = "Qwen2ForCausalLM"  # Llama's layout with q/k/v biases only
+QWEN3 = "Qwen3ForCausalLM"  # Llama's layout with per-head q/k norms
 
 
 def canonical_layer_param(name: str) -> str:
@@ -87,7 +91,7 @@ def split_layer_key(key: str) -> Optional[str]:
 class Arch:
     """What the mapping needs to know about a model (sizes are global)."""
 
-    hf_class: str          # GPT2, LLAMA or QWEN2
+    hf_class: str          # GPT2, LLAMA, QWEN2 or QWEN3
     num_layers: int
     hidden: int
     ffn: int
@@ -102,6 +106,7 @@ class Arch:
     bias: bool             # linear layers have biases
     tied: bool             # output layer shares the word embeddings
     qkv_bias: bool = False  # only the QKV projection has a bias (megatron's --add-qkv-bias; Qwen2)
+    qk_norm: bool = False   # per-head q/k RMSNorms (megatron's --qk-layernorm; Qwen3)
 
     @property
     def has_qkv_bias(self) -> bool:
@@ -117,6 +122,9 @@ def arch_from_model_config(m, vocab: int) -> Arch:
     norm, pos, glu = m.normalization, m.position_embedding_type, bool(m.swiglu)
     if norm == "LayerNorm" and pos == "learned_absolute" and not glu:
         hf_class = GPT2
+        if m.qk_layernorm:
+            raise UserError("GPT2LMHeadModel has no query/key norms; a --qk-layernorm checkpoint of the gpt2 family "
+                            "cannot be exported")
         if m.num_query_groups != m.num_attention_heads or m.kv_channels * m.num_attention_heads != m.hidden_size:
             raise UserError(
                 f"GPT2LMHeadModel needs plain multi-head attention with head size hidden/heads; this "
@@ -124,12 +132,18 @@ def arch_from_model_config(m, vocab: int) -> Arch:
                 f"head size {m.kv_channels} (hidden {m.hidden_size}), which transformers' GPT-2 cannot hold")
     elif norm == "RMSNorm" and pos == "rope" and glu:
         hf_class = QWEN2 if (m.add_qkv_bias and m.disable_bias_linear) else LLAMA
+        if m.qk_layernorm:
+            if not m.disable_bias_linear or m.add_qkv_bias:
+                raise UserError("--qk-layernorm with linear biases has no transformers architecture (Qwen3, the "
+                                "one with q/k norms, has no biases)")
+            hf_class = QWEN3
     else:
         raise UserError(
             f"no HuggingFace architecture matches this checkpoint (normalization {norm}, position "
             f"embeddings {pos}, swiglu {glu}); export-hf supports the gpt2 family (LayerNorm, "
             f"learned_absolute, GeLU) -> GPT2LMHeadModel and the llama family (RMSNorm, rope, "
-            f"SwiGLU) -> LlamaForCausalLM (Qwen2ForCausalLM with --add-qkv-bias)")
+            f"SwiGLU) -> LlamaForCausalLM (Qwen2ForCausalLM with --add-qkv-bias, Qwen3ForCausalLM with "
+            f"--qk-layernorm)")
     if not 0 < vocab <= m.padded_vocab_size:
         raise UserError(f"vocabulary size {vocab} must be in 1..{m.padded_vocab_size} (the checkpoint's "
                         f"padded vocabulary); pass the tokenizer's size with --vocab-size")
@@ -138,7 +152,7 @@ def arch_from_model_config(m, vocab: int) -> Arch:
                 vocab=vocab, padded_vocab=m.padded_vocab_size, max_positions=m.max_position_embeddings,
                 norm_eps=m.norm_epsilon, rotary_base=m.rotary_base, bias=not m.disable_bias_linear,
                 tied=not m.untie_embeddings_and_output_weights,
-                qkv_bias=bool(m.add_qkv_bias) and bool(m.disable_bias_linear))
+                qkv_bias=bool(m.add_qkv_bias) and bool(m.disable_bias_linear), qk_norm=bool(m.qk_layernorm))
 
 
 def arch_to_model_fields(a: Arch) -> dict:
@@ -154,7 +168,7 @@ def arch_to_model_fields(a: Arch) -> dict:
         "rotary_base": int(a.rotary_base), "swiglu": not gpt2,
         "normalization": "LayerNorm" if gpt2 else "RMSNorm", "norm_epsilon": a.norm_eps,
         "untie_embeddings_and_output_weights": not a.tied, "disable_bias_linear": not a.bias,
-        "add_qkv_bias": a.qkv_bias, "padded_vocab_size": a.padded_vocab,
+        "add_qkv_bias": a.qkv_bias, "qk_layernorm": a.qk_norm, "padded_vocab_size": a.padded_vocab,
     }
 
 
@@ -178,6 +192,9 @@ def hf_config_dict(a: Arch, **extra) -> dict:
             for k in ("attention_bias", "mlp_bias"):
                 del d[k]
             d.update(model_type="qwen2", use_sliding_window=False)
+        elif a.hf_class == QWEN3:  # q/k norms are built in; no biases, no sliding window
+            del d["mlp_bias"]
+            d.update(model_type="qwen3", attention_bias=False, use_sliding_window=False)
     d["architectures"] = [a.hf_class]
     d["megatron_padded_vocab_size"] = a.padded_vocab
     d.update(extra)
@@ -185,7 +202,7 @@ def hf_config_dict(a: Arch, **extra) -> dict:
 
 
 def arch_from_hf_config(c: dict, padded_vocab: Optional[int] = None) -> Arch:
-    """The architecture of a HF ``config.json`` (GPT-2, Llama or Qwen2); UserError for anything else."""
+    """The architecture of a HF ``config.json`` (GPT-2, Llama, Qwen2 or Qwen3); UserError for anything else."""
     mt = c.get("model_type")
     if mt == "gpt2":
         act = c.get("activation_function", "gelu_new")
@@ -200,10 +217,13 @@ def arch_from_hf_config(c: dict, padded_vocab: Optional[int] = None) -> Arch:
                              padded_vocab=padded_vocab, max_positions=c["n_positions"],
                              norm_eps=c.get("layer_norm_epsilon", 1e-5), rotary_base=10000, bias=True,
                              tied=c.get("tie_word_embeddings", True))
-    if mt in ("llama", "qwen2"):
-        if mt == "qwen2" and c.get("use_sliding_window", False):
-            raise UserError("Qwen2 with use_sliding_window=true has no megatron equivalent here (attention is "
-                            "causal over the whole sequence)")
+    if mt in ("llama", "qwen2", "qwen3"):
+        if mt != "llama" and c.get("use_sliding_window", False):
+            raise UserError(f"{mt} with use_sliding_window=true has no megatron equivalent here (attention is "
+                            f"causal over the whole sequence)")
+        if mt == "qwen3" and c.get("attention_bias", False):
+            raise UserError("Qwen3 with attention_bias=true has no megatron equivalent (biases on q/k/v/o but "
+                            "not the MLP)")
         if c.get("hidden_act", "silu") != "silu":
             raise UserError(f"{mt} hidden_act {c.get('hidden_act')!r} is not silu; megatron's SwiGLU uses silu")
         rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
@@ -217,14 +237,15 @@ def arch_from_hf_config(c: dict, padded_vocab: Optional[int] = None) -> Arch:
             raise UserError("attention_bias and mlp_bias differ; megatron has one switch for all linear biases "
                             "(and --add-qkv-bias for q/k/v alone, which is Qwen2's layout)")
         h, heads = c["hidden_size"], c["num_attention_heads"]
-        return _checked_arch(QWEN2 if mt == "qwen2" else LLAMA, c, num_layers=c["num_hidden_layers"], hidden=h, ffn=c["intermediate_size"],
+        return _checked_arch({"qwen2": QWEN2, "qwen3": QWEN3}.get(mt, LLAMA), c, num_layers=c["num_hidden_layers"], hidden=h, ffn=c["intermediate_size"],
                              heads=heads, groups=c.get("num_key_value_heads") or heads,
                              head_dim=c.get("head_dim") or h // heads, vocab=c["vocab_size"],
                              padded_vocab=padded_vocab, max_positions=c.get("max_position_embeddings", 2048),
                              norm_eps=c.get("rms_norm_eps", 1e-6), rotary_base=int(theta),
                              bias=mt == "llama" and bool(c.get("attention_bias", False)),
-                             tied=c.get("tie_word_embeddings", False), qkv_bias=mt == "qwen2")
-    raise UserError(f"config.json has model_type {mt!r}; import-hf reads gpt2, llama and qwen2 models")
+                             tied=c.get("tie_word_embeddings", False), qkv_bias=mt == "qwen2",
+                             qk_norm=mt == "qwen3")
+    raise UserError(f"config.json has model_type {mt!r}; import-hf reads gpt2, llama, qwen2 and qwen3 models")
 
 
 def _checked_arch(hf_class: str, c: dict, **kw) -> Arch:
@@ -330,6 +351,8 @@ def layer_to_hf(p: dict, a: Arch) -> dict:
     if a.has_qkv_bias:
         qb, kb, vb = qkv_to_hf(p[QKV_B], a.heads, a.groups, a.head_dim)
         out.update({"self_attn.q_proj.bias": qb, "self_attn.k_proj.bias": kb, "self_attn.v_proj.bias": vb})
+    if a.qk_norm:
+        out.update({"self_attn.q_norm.weight": p[Q_NORM], "self_attn.k_norm.weight": p[K_NORM]})
     if a.bias:
         gb, ub = fc1_to_gate_up(p[FC1_B], a.ffn)
         out.update({"self_attn.o_proj.bias": p[PROJ_B], "mlp.gate_proj.bias": gb, "mlp.up_proj.bias": ub,
@@ -361,6 +384,8 @@ def layer_from_hf(get: Callable[[str], torch.Tensor], a: Arch) -> dict:
         FC1_W: gate_up_to_fc1(get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")),
         FC2_W: get("mlp.down_proj.weight"),
     }
+    if a.qk_norm:
+        p.update({Q_NORM: get("self_attn.q_norm.weight"), K_NORM: get("self_attn.k_norm.weight")})
     if a.has_qkv_bias:
         p[QKV_B] = hf_to_qkv(get("self_attn.q_proj.bias"), get("self_attn.k_proj.bias"),
                              get("self_attn.v_proj.bias"), a.heads, a.groups, a.head_dim)
@@ -457,6 +482,8 @@ def megatron_global_shapes(a: Arch) -> dict:
         layer.update({QKV_B: (a.qkv_rows,), PROJ_B: (h,), FC1_B: (fc1,), FC2_B: (h,)})
     elif a.qkv_bias:
         layer[QKV_B] = (a.qkv_rows,)
+    if a.qk_norm:
+        layer.update({Q_NORM: (a.head_dim,), K_NORM: (a.head_dim,)})
     if L > 0:
         s.update({LAYERS + k: (L,) + v for k, v in layer.items()})
     return s

@@ -126,6 +126,10 @@ def width_rule(key: str, kind: str, ndim: int, *, swiglu: bool, tied: bool, alph
         # [alpha*y, (1-alpha)*y]; each copy receives the full gradient: moments duplicated unscaled
         scale = (alpha, 1.0 - alpha) if kind == "param" else (1.0, 1.0)
         return WidthRule(("kept", "doubled") if ndim == 2 else ("doubled",), scale)
+    if sfx.startswith(("self_attention.q_layernorm.", "self_attention.k_layernorm.")):
+        # --qk-layernorm: one norm over the head size, shared by all heads; the head size does not grow,
+        # and the gradient it gets from the two copies sums to the source's: weights and moments kept
+        return WidthRule(("kept",))
     m = MOMENT_SCALE[kind]  # each copy receives half the gradient: m/2, v/4
     if sfx in ("self_attention.linear_qkv.weight", "self_attention.linear_proj.weight", "mlp.linear_fc2.weight"):
         return WidthRule(("doubled", "doubled"), (m, m), block_diagonal=True)

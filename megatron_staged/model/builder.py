@@ -105,6 +105,7 @@ def transformer_config(cfg: Config):
         layernorm_epsilon=m.norm_epsilon,
         add_bias_linear=not m.disable_bias_linear,
         add_qkv_bias=m.add_qkv_bias,
+        qk_layernorm=m.qk_layernorm,
         gated_linear_unit=bool(m.swiglu),
         activation_func=F.silu if m.swiglu else F.gelu,
         hidden_dropout=m.hidden_dropout,
@@ -160,9 +161,9 @@ def _transformer_layer_spec(cfg: Config):
 
     backend = attention_backend(cfg)
     if backend == "transformer_engine":
-        spec = get_gpt_layer_with_transformer_engine_spec()
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.model.qk_layernorm)
     else:
-        spec = get_gpt_layer_local_spec(normalization=cfg.model.normalization)
+        spec = get_gpt_layer_local_spec(normalization=cfg.model.normalization, qk_layernorm=cfg.model.qk_layernorm)
         if backend == "sdpa":
             from megatron_staged.model.attention import SDPAttention
 
@@ -357,7 +358,8 @@ def count_parameters(cfg: Config) -> dict:
     attn = h * (q + 2 * kv) + q * h + bias * (q + 2 * kv + h) + (1 - bias) * m.add_qkv_bias * (q + 2 * kv)
     mlp = h * f * (2 if m.swiglu else 1) + f * h + bias * ((2 if m.swiglu else 1) * f + h)
     norms = (2 if m.normalization == "LayerNorm" else 1) * h
-    layer = attn + mlp + 2 * norms
+    qk_norms = 2 * (2 if m.normalization == "LayerNorm" else 1) * m.kv_channels if m.qk_layernorm else 0
+    layer = attn + mlp + 2 * norms + qk_norms
     V = m.padded_vocab_size or 0
     emb = V * h + (m.max_position_embeddings * h if m.position_embedding_type == "learned_absolute" else 0)
     out = V * h if m.untie_embeddings_and_output_weights else 0

@@ -5,7 +5,7 @@ Nothing here builds a model: these are closed-form counts, so they work for a 7B
 Parameters are counted module by module as megatron-core's ``GPTModel`` holds them (word and
 learned position embeddings, per layer: input norm, fused QKV, output projection, pre-MLP norm,
 FC1 (x2 with SwiGLU), FC2, biases unless ``--disable-bias-linear`` (QKV's kept by ``--add-qkv-bias``);
-final norm; untied output
+--qk-layernorm's per-head query and key norms; final norm; untied output
 layer). Under tensor parallelism the matrices, the column-parallel biases and the embeddings are
 split over TP; norms and the row-parallel biases (projection, FC2) are replicated. A pipeline
 stage holds its ``num_layers / PP`` layers, the first stage the embeddings, the last the final norm
@@ -87,7 +87,9 @@ def count_parameters(m: ModelConfig) -> ParamCounts:
              + a * kv * h + (h if bias else 0)                    # output projection
              + norm + h * fc1_out + (fc1_out if bias else 0)      # pre-MLP norm, FC1
              + f * h + (h if bias else 0))                        # FC2
-    replicated = 2 * norm + (2 * h if bias else 0)
+    qk_norms = 2 * (2 * kv if m.normalization == "LayerNorm" else kv) if m.qk_layernorm else 0  # over a head
+    layer += qk_norms
+    replicated = 2 * norm + (2 * h if bias else 0) + qk_norms
     vh = m.padded_vocab_size * h
     return ParamCounts(
         num_layers=m.num_layers, word_embedding=vh,

@@ -2,7 +2,8 @@
 
 Writes ``config.json`` + ``model.safetensors`` loadable with ``AutoModelForCausalLM.from_pretrained``:
 ``GPT2LMHeadModel`` for the gpt2 family, ``LlamaForCausalLM`` for the llama family (GQA, RoPE,
-SwiGLU, tied or untied; ``Qwen2ForCausalLM`` with biases on q/k/v only), plus the tokenizer the checkpoint was trained with (a sentencepiece
+SwiGLU, tied or untied; ``Qwen2ForCausalLM`` with biases on q/k/v only, ``Qwen3ForCausalLM`` with
+per-head q/k norms), plus the tokenizer the checkpoint was trained with (a sentencepiece
 ``tokenizer.model`` with a LlamaTokenizer config, or the files of a HuggingFace tokenizer).
 
 The architecture always comes from the checkpoint's stored args (so grown checkpoints export with
@@ -154,15 +155,15 @@ def load_checkpoint_config(path: str):
 
 
 def hf_config(arch, tok: Optional[TokenizerInfo], dtype: torch.dtype, extra: dict):
-    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
 
-    from megatron_staged.checkpoint.hf_mapping import GPT2, QWEN2, hf_config_dict
+    from megatron_staged.checkpoint.hf_mapping import GPT2, QWEN2, QWEN3, hf_config_dict
 
     ids = {"bos_token_id": tok.bos if tok else None, "eos_token_id": tok.eos if tok else None,
            "pad_token_id": tok.pad if tok else None}
     kw = hf_config_dict(arch, **ids, **extra)
     kw.pop("model_type")
-    config = {GPT2: GPT2Config, QWEN2: Qwen2Config}.get(arch.hf_class, LlamaConfig)(**kw)
+    config = {GPT2: GPT2Config, QWEN2: Qwen2Config, QWEN3: Qwen3Config}.get(arch.hf_class, LlamaConfig)(**kw)
     config.dtype = str(dtype).replace("torch.", "")
     return config
 

@@ -1,6 +1,6 @@
 """``megatron-staged import-hf --hf DIR --save CKPT``: a transformers model as an iteration-0 checkpoint.
 
-Reads a local HuggingFace ``GPT2LMHeadModel``, ``LlamaForCausalLM`` or ``Qwen2ForCausalLM`` directory (``config.json`` and
+Reads a local HuggingFace ``GPT2LMHeadModel``, ``LlamaForCausalLM``, ``Qwen2ForCausalLM`` or ``Qwen3ForCausalLM`` directory (``config.json`` and
 ``model.safetensors``, sharded safetensors, or ``pytorch_model.bin``; nothing is downloaded) and
 writes an ordinary checkpoint of this project at iteration 0, with fresh (zero) Adam moments, so
 that ``megatron-staged train --load CKPT`` starts (staged) training from the released model.
