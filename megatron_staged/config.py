@@ -66,6 +66,9 @@ class ModelConfig:
                                choices=["auto", "transformer_engine", "local"])
     # -- Megatron-LM compatibility (docs/megatron_compat.md) --
     rotary_percent: float = _f(1.0, "fraction of each head's channels that RoPE rotates")
+    use_rope_scaling: bool = _f(False, "Llama 3.1's RoPE frequency scaling (megatron-core's: low/high frequency "
+                                       "factors 1 and 4, original context 8192; factor --rope-scaling-factor)")
+    rope_scaling_factor: float = _f(8.0, "with --use-rope-scaling: the factor long wavelengths are divided by")
     attention_softmax_in_fp32: bool = _f(False, "compute the attention softmax in fp32 (bf16/fp16 runs)")
     # kernel fusions: used on GPU when the kernels exist; CPU runs never fuse, whatever these say
     masked_softmax_fusion: bool = _f(True, "fused scale+mask+softmax (GPU)")
@@ -587,7 +590,7 @@ def check_values(cfg: Config) -> None:
     positive = {  # must be >= 1 (or > 0 for floats)
         "model": ["hidden_size", "num_attention_heads", "seq_length", "make_vocab_size_divisible_by",
                   "ffn_hidden_size", "kv_channels", "num_query_groups", "max_position_embeddings", "vocab_size",
-                  "rotary_base", "norm_epsilon"],
+                  "rotary_base", "norm_epsilon", "rope_scaling_factor"],
         "parallel": ["tensor_model_parallel_size", "pipeline_model_parallel_size", "distributed_timeout_minutes"],
         "training": ["micro_batch_size", "global_batch_size", "train_iters", "eval_iters", "log_interval",
                      "exit_interval", "exit_duration_in_mins", "max_consecutive_skipped_iterations"],
@@ -826,6 +829,8 @@ def validate(cfg: Config, world_size: int) -> None:
     pipeline_layer_counts(cfg)
     require(m.num_layers > 0 or cfg.performance.recompute_granularity != "full",
             "--recompute-granularity full: a zero-layer model has no layers to recompute; drop the flag")
+    require(not m.use_rope_scaling or m.position_embedding_type == "rope",
+            "--use-rope-scaling scales rotary embeddings; it needs --position-embedding-type rope")
     require(m.max_position_embeddings >= m.seq_length or m.position_embedding_type == "rope",
             f"--max-position-embeddings {m.max_position_embeddings} < --seq-length {m.seq_length}")
     require(not (m.bf16 and m.fp16), "choose one of --bf16 and --fp16")

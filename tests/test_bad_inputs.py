@@ -170,6 +170,8 @@ CASES = [
     ("lr-zero", ["train", *T, "--lr", "0"], r"--lr 0.0 must be positive"),
     ("lr-nan", ["train", *T, "--lr", "nan"], r"--lr nan must be positive"),
     ("min-lr-above-lr", ["train", *T, "--lr", "0.1", "--min-lr", "1"], r"--min-lr 1.0 exceeds --lr 0.1"),
+    ("rope-scaling-without-rope", ["train", *T, "--position-embedding-type", "learned_absolute", "--use-rope-scaling"],
+     r"--use-rope-scaling scales rotary embeddings; it needs --position-embedding-type rope"),
     ("warmup-init-above-lr", ["train", *T, "--lr", "0.1", "--lr-warmup-init", "1"],
      r"--lr-warmup-init 1.0 exceeds --lr 0.1"),
     # megatron-core's scheduler asserts warmup < decay span (here the 2 training iterations)

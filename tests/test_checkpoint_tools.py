@@ -108,6 +108,10 @@ def test_inspect_reports_state_layout_and_tensors(llama_run, capsys):
 
 # ---- HF export / import ----------------------------------------------------------------------------
 
+LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+
+
 def _hf_models(d):
     """A GPT-2, a GQA Llama, a GQA Qwen2 (biases on q/k/v only) and a Qwen3 (per-head q/k norms) with large
     random weights (so logits are sensitive to any mix-up)."""
@@ -118,9 +122,10 @@ def _hf_models(d):
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=64, n_embd=48, n_layer=3, n_head=4,
                                       activation_function="gelu", resid_pdrop=0, embd_pdrop=0, attn_pdrop=0,
                                       initializer_range=0.2, bos_token_id=0, eos_token_id=1))
+    # with Llama 3.1's RoPE scaling (megatron's --use-rope-scaling --rope-scaling-factor)
     llama = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                          num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=64,
-                                         rms_norm_eps=1e-5, rope_theta=10000.0, initializer_range=0.2,
+                                         rms_norm_eps=1e-5, rope_parameters=LLAMA31_ROPE, initializer_range=0.2,
                                          tie_word_embeddings=False, bos_token_id=0, eos_token_id=1))
     qwen2 = Qwen2ForCausalLM(Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -209,6 +214,17 @@ def test_export_and_import_match_transformers(llama_run, tmp_path):
         theirs = _hf_logits(hf_dir)
         assert theirs.abs().max() > 0.1, name
         assert _max_diff(ours[name], theirs) <= 1e-4, f"{name}: logits differ by {_max_diff(ours[name], theirs)}"
+
+    # the llama's RoPE scaling matters at these positions (so the equality above has teeth), and exports back
+    unscaled = tmp_path / "hf_llama_unscaled"
+    c = json.loads((hf["llama"] / "config.json").read_text())
+    c["rope_parameters"] = {"rope_type": "default", "rope_theta": 500000.0}
+    unscaled.mkdir()
+    (unscaled / "config.json").write_text(json.dumps(c))
+    (unscaled / "model.safetensors").write_bytes((hf["llama"] / "model.safetensors").read_bytes())
+    assert _max_diff(ours["imp_llama"], _hf_logits(unscaled)) > 1e-2
+    rope = json.loads((exported["llama_back"] / "config.json").read_text())["rope_parameters"]
+    assert {k: rope[k] for k in LLAMA31_ROPE} == LLAMA31_ROPE
 
     cfg = json.loads((exported["trained"] / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["num_key_value_heads"] == 2
@@ -302,3 +318,20 @@ if __name__ == "__main__":
         _logits_main(sys.argv[2], sys.argv[3], sys.argv[4:])
     else:
         sys.exit(f"usage: {sys.argv[0]} logits OUT COMMANDS.json NAME=CKPT...")
+
+
+def test_rope_scaling_megatron_cannot_express_is_refused():
+    """megatron-core's Llama 3.1 RoPE scaling fixes all but the factor: another context or another
+    scaling type is refused in one line, not imported as a model that computes something else."""
+    from megatron_staged.checkpoint.hf_mapping import arch_from_hf_config
+    from megatron_staged.errors import UserError
+
+    base = dict(model_type="llama", hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                vocab_size=100)
+    a = arch_from_hf_config(dict(base, rope_parameters=dict(LLAMA31_ROPE, factor=32.0)))
+    assert a.rope_scaling_factor == 32.0 and a.rotary_base == 500000
+    for rope in (dict(LLAMA31_ROPE, original_max_position_embeddings=4096),
+                 {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}):
+        with pytest.raises(UserError) as e:
+            arch_from_hf_config(dict(base, rope_parameters=rope))
+        assert "\n" not in str(e.value) and "RoPE" in str(e.value)

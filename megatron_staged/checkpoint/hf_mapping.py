@@ -67,6 +67,8 @@ GPT2 = "GPT2LMHeadModel"
 LLAMA = "LlamaForCausalLM"
 QWEN2 = "Qwen2ForCausalLM"  # Llama's layout with q/k/v biases only
 QWEN3 = "Qwen3ForCausalLM"  # Llama's layout with per-head q/k norms
+# Llama 3.1's RoPE scaling as megatron-core's RotaryEmbedding applies it (only the factor varies)
+LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
 def canonical_layer_param(name: str) -> str:
@@ -107,6 +109,7 @@ class Arch:
     tied: bool             # output layer shares the word embeddings
     qkv_bias: bool = False  # only the QKV projection has a bias (megatron's --add-qkv-bias; Qwen2)
     qk_norm: bool = False   # per-head q/k RMSNorms (megatron's --qk-layernorm; Qwen3)
+    rope_scaling_factor: Optional[float] = None  # Llama 3.1's RoPE scaling (--use-rope-scaling), else None
 
     @property
     def has_qkv_bias(self) -> bool:
@@ -152,7 +155,8 @@ def arch_from_model_config(m, vocab: int) -> Arch:
                 vocab=vocab, padded_vocab=m.padded_vocab_size, max_positions=m.max_position_embeddings,
                 norm_eps=m.norm_epsilon, rotary_base=m.rotary_base, bias=not m.disable_bias_linear,
                 tied=not m.untie_embeddings_and_output_weights,
-                qkv_bias=bool(m.add_qkv_bias) and bool(m.disable_bias_linear), qk_norm=bool(m.qk_layernorm))
+                qkv_bias=bool(m.add_qkv_bias) and bool(m.disable_bias_linear), qk_norm=bool(m.qk_layernorm),
+                rope_scaling_factor=float(m.rope_scaling_factor) if m.use_rope_scaling else None)
 
 
 def arch_to_model_fields(a: Arch) -> dict:
@@ -169,6 +173,7 @@ def arch_to_model_fields(a: Arch) -> dict:
         "normalization": "LayerNorm" if gpt2 else "RMSNorm", "norm_epsilon": a.norm_eps,
         "untie_embeddings_and_output_weights": not a.tied, "disable_bias_linear": not a.bias,
         "add_qkv_bias": a.qkv_bias, "qk_layernorm": a.qk_norm, "padded_vocab_size": a.padded_vocab,
+        "use_rope_scaling": a.rope_scaling_factor is not None, "rope_scaling_factor": a.rope_scaling_factor or 8.0,
     }
 
 
@@ -188,6 +193,9 @@ def hf_config_dict(a: Arch, **extra) -> dict:
                  head_dim=a.head_dim, max_position_embeddings=a.max_positions, rms_norm_eps=a.norm_eps,
                  rope_theta=float(a.rotary_base), hidden_act="silu", attention_bias=a.bias, mlp_bias=a.bias,
                  attention_dropout=0.0, tie_word_embeddings=a.tied)
+        if a.rope_scaling_factor is not None:  # megatron-core's Llama 3.1 scaling: these constants are fixed
+            d["rope_parameters"] = dict(LLAMA3_ROPE, rope_type="llama3", factor=a.rope_scaling_factor,
+                                        rope_theta=float(a.rotary_base))
         if a.hf_class == QWEN2:  # q/k/v biases are built in; no sliding window
             for k in ("attention_bias", "mlp_bias"):
                 del d[k]
@@ -228,8 +236,16 @@ def arch_from_hf_config(c: dict, padded_vocab: Optional[int] = None) -> Arch:
             raise UserError(f"{mt} hidden_act {c.get('hidden_act')!r} is not silu; megatron's SwiGLU uses silu")
         rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise UserError(f"RoPE scaling {rope_type!r} is not supported (only the default rotary embedding)")
+        scaling = None
+        if rope_type == "llama3":
+            fixed = {k: rope.get(k) for k in LLAMA3_ROPE}
+            if any(v is None or float(v) != LLAMA3_ROPE[k] for k, v in fixed.items()):
+                raise UserError(f"llama3 RoPE scaling with {fixed}: megatron-core's fixes "
+                                f"{LLAMA3_ROPE} (only the factor is a flag)")
+            scaling = float(rope["factor"])
+        elif rope_type != "default":
+            raise UserError(f"RoPE scaling {rope_type!r} is not supported (the default rotary embedding, or "
+                            f"Llama 3.1's 'llama3' scaling)")
         theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
         if float(theta) != int(theta):
             raise UserError(f"rope_theta {theta} is not an integer; --rotary-base takes integers")
@@ -244,7 +260,7 @@ def arch_from_hf_config(c: dict, padded_vocab: Optional[int] = None) -> Arch:
                              norm_eps=c.get("rms_norm_eps", 1e-6), rotary_base=int(theta),
                              bias=mt == "llama" and bool(c.get("attention_bias", False)),
                              tied=c.get("tie_word_embeddings", False), qkv_bias=mt == "qwen2",
-                             qk_norm=mt == "qwen3")
+                             qk_norm=mt == "qwen3", rope_scaling_factor=scaling)
     raise UserError(f"config.json has model_type {mt!r}; import-hf reads gpt2, llama, qwen2 and qwen3 models")
 
 

@@ -197,6 +197,8 @@ def build_model(cfg: Config, pre_process: bool, post_process: bool, vp_stage: Op
         position_embedding_type=m.position_embedding_type,
         rotary_percent=m.rotary_percent,
         rotary_base=m.rotary_base,
+        rope_scaling=m.use_rope_scaling,
+        rope_scaling_factor=m.rope_scaling_factor,
         vp_stage=vp_stage,
     )
     _mark_tensor_parallel_weights(model)
