@@ -154,6 +154,12 @@ class OptimizerConfig:
     lr_wsd_decay_style: str = _f("exponential", choices=["exponential", "linear", "cosine", "minus_sqrt"])
     lr_wsd_decay_iters: Optional[int] = _f(None)
     weight_decay: float = _f(0.01)
+    weight_decay_incr_style: str = _f("constant", "weight decay over the run: constant (--weight-decay), or "
+                                                  "linear/cosine from --start-weight-decay to --end-weight-decay "
+                                                  "over --train-iters (Megatron-LM's)",
+                                      choices=["constant", "linear", "cosine"])
+    start_weight_decay: Optional[float] = _f(None, "with --weight-decay-incr-style linear/cosine: the first value")
+    end_weight_decay: Optional[float] = _f(None, "with --weight-decay-incr-style linear/cosine: the last value")
     clip_grad: float = _f(1.0)
     adam_beta1: float = _f(0.9)
     adam_beta2: float = _f(0.999)
@@ -218,6 +224,10 @@ class DataConfig:
     num_workers: int = _f(0)
     default_corpus_dir: Optional[str] = _f(None, "cache for the built-in corpus (default ~/.cache/megatron_staged)")
     # -- Megatron-LM compatibility: per-split data and the tokenizers' file flags --
+    data_args_path: Optional[str] = _f(None, "a file holding the --data-path blend (weights and prefixes, "
+                                             "whitespace-separated), as Megatron-LM")
+    per_split_data_args_path: Optional[str] = _f(None, "a JSON file {\"train\": [...], \"valid\": [...], "
+                                                       "\"test\": [...]} of per-split blends, as Megatron-LM")
     train_data_path: list = _lf("blend for the training split only (instead of --data-path/--split)")
     valid_data_path: list = _lf("blend for the validation split only")
     test_data_path: list = _lf("blend for the test split only")
@@ -928,6 +938,9 @@ _NO_KERNEL = "a GPU kernel/performance switch with no effect on results; nothing
 MEGATRON_COMPAT: dict[str, CompatRule] = {
     # --- another spelling of a field of the tree
     "--no-rope-fusion": _set(apply_rope_fusion=False),
+    "--recompute-activations": _set("Megatron-LM's older spelling of --recompute-granularity selective",
+                                    recompute_granularity="selective"),
+    "--override-opt_param-scheduler": _set(override_opt_param_scheduler=True),
     "--no-overlap-p2p-communication": _set(overlap_p2p_comm=False),
     "--use-rotary-position-embeddings": _set(position_embedding_type="rope"),
     "--use-dist-ckpt": _set(ckpt_format="torch_dist"),
@@ -966,6 +979,11 @@ MEGATRON_COMPAT: dict[str, CompatRule] = {
                                       "drop --dist-ckpt-strictness", accept_values=("assume_ok_unexpected",)),
     "--ckpt-fully-parallel-save": _accept("torch_dist saves are fully parallel here"),
     "--ckpt-fully-parallel-load": _accept("torch_dist loads read each rank's shards directly"),
+    "--ckpt-assume-constant-structure": _accept("a save-plan caching switch; each save here is complete"),
+    "--num-dataset-builder-threads": _accept("threads building dataset indices: speed only, the indices are the "
+                                             "same; nothing to do here"),
+    "--dataloader-type": _refuse("the data order is Megatron-LM's default 'single' pretraining sampler (resumable "
+                                 "at any sample); drop the flag", accept_values=("single",)),
     "--log-progress": _refuse("progress.txt is not written; the JSON-lines --log-file records iteration, "
                               "samples and FLOPs so far"),
     "--timing-log-level": _accept("the log line always reports the iteration time; per-phase timers are "
@@ -1115,6 +1133,17 @@ def validate_megatron(cfg: "Config", world_size: int) -> None:
                 "give one of --lr-warmup-fraction, --lr-warmup-iters and --lr-warmup-samples")
         require(0.0 <= o.lr_warmup_fraction < 1.0, "--lr-warmup-fraction must be in [0, 1)")
     require(d.builtin_corpus_max_bytes > 0, "--builtin-corpus-max-bytes must be positive")
+    read_data_args_files(d)
+    if o.weight_decay_incr_style == "constant":  # Megatron-LM's rule
+        require(o.start_weight_decay is None and o.end_weight_decay is None,
+                "--start-weight-decay/--end-weight-decay need --weight-decay-incr-style linear or cosine")
+    else:
+        require(o.start_weight_decay is not None and o.end_weight_decay is not None,
+                f"--weight-decay-incr-style {o.weight_decay_incr_style} needs --start-weight-decay and "
+                f"--end-weight-decay")
+        require(0 <= o.start_weight_decay <= o.end_weight_decay,  # megatron-core's scheduler asserts it
+                f"--start-weight-decay {o.start_weight_decay} must be non-negative and not above "
+                f"--end-weight-decay {o.end_weight_decay}")
     require(not d.builtin_corpus or not (d.data_path or d.mock_data),
             "--builtin-corpus is its own data source; drop --data-path/--mock-data")
     require(not (any([d.train_data_path, d.valid_data_path, d.test_data_path]) and d.data_path),
@@ -1133,6 +1162,41 @@ def validate_megatron(cfg: "Config", world_size: int) -> None:
             os.path.isdir(c.load) and any(n.startswith("iter_") for n in os.listdir(c.load)))
         require(has, f"--load {c.load}: no checkpoint there (no latest_checkpointed_iteration.txt) and "
                      "--exit-on-missing-checkpoint is set")
+
+
+def read_data_args_files(d: "DataConfig") -> None:
+    """Megatron-LM's --data-args-path (the --data-path blend in a file) and --per-split-data-args-path
+    (a JSON object of per-split blends): read into the blend fields once, then cleared."""
+    import json
+    import os
+
+    if d.data_args_path is not None:
+        require(not d.data_path and not d.per_split_data_args_path,
+                "--data-args-path replaces --data-path (and --per-split-data-args-path); give one")
+        require(os.path.isfile(d.data_args_path), f"--data-args-path {d.data_args_path}: no such file")
+        with open(d.data_args_path) as f:
+            d.data_path = f.read().split()
+        require(d.data_path, f"--data-args-path {d.data_args_path}: the file is empty")
+        d.data_args_path = None
+    if d.per_split_data_args_path is not None:
+        p = d.per_split_data_args_path
+        require(not d.data_path and not any([d.train_data_path, d.valid_data_path, d.test_data_path]),
+                "--per-split-data-args-path replaces --data-path and --train/valid/test-data-path; give one")
+        require(os.path.isfile(p), f"--per-split-data-args-path {p}: no such file")
+        try:
+            with open(p) as f:
+                splits = json.load(f)
+        except ValueError as e:
+            raise UserError(f"--per-split-data-args-path {p}: not JSON ({e})") from None
+        require(isinstance(splits, dict) and set(splits) <= {"train", "valid", "test"} and splits,
+                f"--per-split-data-args-path {p}: expected an object with keys train, valid, test")
+        for name, blend in splits.items():
+            if isinstance(blend, str):
+                blend = blend.split()
+            require(isinstance(blend, list) and all(isinstance(x, (str, int, float)) for x in blend),
+                    f"--per-split-data-args-path {p}: {name} must be a list of weights and prefixes")
+            setattr(d, f"{name}_data_path", [str(x) for x in blend])
+        d.per_split_data_args_path = None
 
 
 def require_data_source(d: "DataConfig") -> None:

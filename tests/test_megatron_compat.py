@@ -158,6 +158,58 @@ def test_compat_rules_set_accept_refuse(capsys):
         validate(parse_config(["--mock-data", "--load", "/nonexistent/x", "--exit-on-missing-checkpoint"]), 1)
 
 
+def test_more_megatron_spellings_data_args_files_and_dataloader(tmp_path, capsys):
+    cfg = parse_config(["--mock-data", "--recompute-activations", "--override-opt_param-scheduler",
+                        "--dataloader-type", "single", "--num-dataset-builder-threads", "4",
+                        "--ckpt-assume-constant-structure"])
+    assert cfg.performance.recompute_granularity == "selective" and cfg.checkpoint.override_opt_param_scheduler
+    out = capsys.readouterr().out  # (--dataloader-type single is what runs here: no note)
+    assert "note: --num-dataset-builder-threads accepted" in out and "note: --ckpt-assume-constant-structure" in out
+    with pytest.raises(UserError, match=r"^--dataloader-type cyclic: the data order is Megatron-LM's default"):
+        parse_config(["--mock-data", "--dataloader-type", "cyclic"])
+    # --data-args-path: the blend in a file; --per-split-data-args-path: per-split blends in JSON
+    (tmp_path / "blend.txt").write_text("0.3 /data/web_text_document\n0.7 /data/code_text_document\n")
+    cfg = parse_config(["--data-args-path", str(tmp_path / "blend.txt"), "--tokenizer-type", "NullTokenizer"])
+    validate(cfg, 1)
+    assert cfg.data.data_path == ["0.3", "/data/web_text_document", "0.7", "/data/code_text_document"]
+    (tmp_path / "splits.json").write_text('{"train": ["1", "/data/a"], "valid": "/data/b", "test": []}')
+    cfg = parse_config(["--per-split-data-args-path", str(tmp_path / "splits.json"), "--tokenizer-type", "NullTokenizer"])
+    validate(cfg, 1)
+    assert (cfg.data.train_data_path, cfg.data.valid_data_path, cfg.data.test_data_path) == (["1", "/data/a"], ["/data/b"], [])
+    for argv, message in ((["--data-args-path", str(tmp_path / "nope.txt")], "no such file"),
+                          (["--data-args-path", str(tmp_path / "blend.txt"), "--data-path", "x"], "replaces --data-path"),
+                          (["--per-split-data-args-path", str(tmp_path / "blend.txt")], "not JSON")):
+        with pytest.raises(UserError, match=message):
+            validate(parse_config(["--tokenizer-type", "NullTokenizer", *argv]), 1)
+
+
+@pytest.mark.parametrize("style", ["linear", "cosine"])
+def test_weight_decay_increment_is_megatrons(style):
+    """--weight-decay-incr-style linear/cosine from --start- to --end-weight-decay over --train-iters, on the
+    optimizer's param groups (Megatron-LM's OptimizerParamScheduler.get_wd, written out here)."""
+    import torch
+
+    from megatron_staged.training.lr import build_scheduler
+
+    cfg = parse_config(["--mock-data", "--train-iters", "10", "--weight-decay-incr-style", style,
+                        "--start-weight-decay", "0.01", "--end-weight-decay", "0.11"])
+    validate(cfg, 1)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    sched = build_scheduler(opt, cfg.optim, cfg.training.train_iters)
+    for k in range(1, 13):
+        sched.step(1)
+        r = min(k, 10) / 10
+        coeff = r if style == "linear" else 0.5 * (math.cos(math.pi * (1 - r)) + 1.0)
+        assert opt.param_groups[0]["weight_decay"] == pytest.approx(0.01 + coeff * 0.1, abs=1e-12), k
+    with pytest.raises(UserError, match="needs --start-weight-decay and --end-weight-decay"):
+        validate(parse_config(["--mock-data", "--weight-decay-incr-style", "linear"]), 1)
+    with pytest.raises(UserError, match="not above --end-weight-decay"):
+        validate(parse_config(["--mock-data", "--weight-decay-incr-style", style, "--start-weight-decay", "0.2",
+                               "--end-weight-decay", "0.1"]), 1)
+    with pytest.raises(UserError, match="need --weight-decay-incr-style linear or cosine"):
+        validate(parse_config(["--mock-data", "--start-weight-decay", "0.2"]), 1)
+
+
 def _megatron_lr(samples: int, *, max_lr, min_lr, warmup, decay, style="cosine") -> float:
     """OptimizerParamScheduler.get_lr at ``samples`` consumed samples (Megatron-LM's sample-based steps)."""
     if warmup > 0 and samples <= warmup:

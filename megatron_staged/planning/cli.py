@@ -132,9 +132,11 @@ def add_recipe_flags(p: argparse.ArgumentParser) -> None:
 
 def run_config(args) -> Config:
     """The run's config from flags/YAML with --train-tokens and --stages applied."""
+    from megatron_staged.config import read_data_args_files
     from megatron_staged.planning.recipe import parse_recipe, set_train_tokens
 
     cfg = config_from_args(args)
+    read_data_args_files(cfg.data)  # so a dry run checks the blend's files too
     set_train_tokens(cfg, args.train_tokens)
     if args.recipe:
         cfg.staging.stages = parse_recipe(args.recipe, cfg.training.train_iters)
