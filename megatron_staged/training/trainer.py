@@ -308,7 +308,8 @@ class Trainer:
         try:
             loss = run_microbatches(self.model, self.train_iter, self.num_microbatches, self.cfg, forward_only=False)
             inject_nan(self.state.iteration + 1, self.model)
-            self.step_finite = step_is_finite(loss, self.model)
+            dynamic_loss_scale = self.cfg.model.fp16 and self.cfg.optim.loss_scale is None
+            self.step_finite = step_is_finite(loss, self.model, check_grads=not dynamic_loss_scale)
             if not self.step_finite:
                 return loss, float("nan"), False
             ok, grad_norm, _ = self.optimizer.step()
