@@ -29,6 +29,9 @@ def warn(message: str) -> None:
 
 def preflight(cfg: Config, command: str = "train") -> None:
     check_values(cfg)
+    from megatron_staged.runtime.distributed import resolve_backend
+
+    resolve_backend(cfg.parallel.distributed_backend)
     from megatron_staged.data.validate import check_data_flags
 
     check_data_flags(cfg.data)

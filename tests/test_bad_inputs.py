@@ -444,3 +444,17 @@ if __name__ == "__main__":
         if first is None and any(m.startswith("megatron.core") for m in sys.modules):
             first = name
     print(json.dumps({"results": results, "megatron_imported": first is not None, "first_megatron_case": first}))
+
+
+def test_nccl_backend_without_cuda_is_one_line(monkeypatch, tmp_path):
+    """Found as a new user: `--distributed-backend nccl` (Megatron-LM's default, pasted from a GPU
+    script) on a machine without CUDA was torch's RuntimeError traceback from init_process_group."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rc, out, err = run_case(["train", *T, "--distributed-backend", "nccl"], str(tmp_path))
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1, err
+    assert lines[0].startswith("error: --distributed-backend nccl needs CUDA") and "gloo" in lines[0]
+    rc, _, err = run_case(["train", *T, "--distributed-backend", "gloo", "--lr", "-1"], str(tmp_path))
+    assert rc == 2 and "--lr -1.0 must be positive" in err  # gloo passes this check (the next one fails)
