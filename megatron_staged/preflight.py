@@ -35,6 +35,8 @@ def preflight(cfg: Config, command: str = "train") -> None:
     from megatron_staged.data.validate import check_data_flags
 
     check_data_flags(cfg.data)
+    if command == "evaluate" and cfg.training.eval_iters == 0:
+        raise UserError("evaluate needs --eval-iters of at least 1 (0 means no evaluation)")
     common = _check_load(cfg, command)
     _check_layout(cfg, common)
     if command == "train":
