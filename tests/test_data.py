@@ -465,3 +465,19 @@ def test_datasets_under_torch_distributed(indexed, sp_model, tmp_path):
     assert proc.returncode == 0 and "DIST-OK" in proc.stdout, proc.stderr[-3000:]
     assert any(f.endswith("GPTDataset-train-shuffle_index.npy")
                for _, _, fs in os.walk(tmp_path / "cache") for f in fs)
+
+
+def test_preprocess_jsonl_values_that_are_not_plain_strings(tmp_path, sp_model, sp_tok):
+    """Found as a new user: {"text": 5} and {"text": null} were tokenized as the text "5" and "None",
+    and a lone surrogate ("\\ud800", valid JSON) crashed sentencepiece with a pybind11 traceback."""
+    jsonl = tmp_path / "v.jsonl"
+    jsonl.write_text('{"text": "alpha"}\n{"text": null}\n{"text": "beta \\ud800 gamma"}\n')
+    stats = preprocess_data(str(jsonl), str(tmp_path / "v"), "GPTSentencePieceTokenizer", sp_model,
+                            append_eod=True, log=lambda m: None)
+    assert stats["skipped_empty"]["text"] == 1  # null is an empty document, not "None"
+    assert _read_docs(stats["prefixes"]["text"]) == [sp_tok.tokenize("alpha") + [2],
+                                                     sp_tok.tokenize("beta \N{REPLACEMENT CHARACTER} gamma") + [2]]
+    for value, kind in (("5", "number"), ("[\"a\"]", "array"), ("true", "boolean")):
+        jsonl.write_text('{"text": "ok"}\n{"text": %s}\n' % value)
+        with pytest.raises(UserError, match=rf"v.jsonl:2 has a JSON {kind} under key 'text', not a string"):
+            preprocess_data(str(jsonl), str(tmp_path / "w"), "GPTSentencePieceTokenizer", sp_model)
