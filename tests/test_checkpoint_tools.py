@@ -264,3 +264,27 @@ if __name__ == "__main__":
         _logits_main(sys.argv[2], sys.argv[3], sys.argv[4:])
     else:
         sys.exit(f"usage: {sys.argv[0]} logits OUT COMMANDS.json NAME=CKPT...")
+
+
+def test_export_verify_of_a_gpt2_with_a_short_context(tiny_checkpoint, tmp_path):
+    """Found as a new user: `export-hf --verify` ran 32 random tokens through a gpt2 checkpoint with
+    16 learned positions (seq 16): IndexError traceback from the position embedding."""
+    r = run_cli(["export-hf", "--load", str(tiny_checkpoint), "--out", str(tmp_path / "hf"), "--verify"], check=False)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    diff = float(r.stdout.split("megatron vs transformers = ")[1].split()[0])
+    assert diff <= 1e-4
+
+
+def test_export_refuses_partial_rotary_llama():
+    """Found as a new user: a llama checkpoint trained with --rotary-percent 0.5 exported as a
+    LlamaForCausalLM that rotates every channel (logits off by 1e-3; only --verify noticed)."""
+    from megatron_staged.checkpoint.hf_mapping import arch_from_model_config
+    from megatron_staged.config import ModelConfig, resolve_model
+    from megatron_staged.errors import UserError
+
+    m = resolve_model(ModelConfig(model_family="llama", num_layers=1, hidden_size=32, num_attention_heads=4,
+                                  padded_vocab_size=128))
+    assert arch_from_model_config(m, 100).hf_class  # full rotary: exported
+    m.rotary_percent = 0.5
+    with pytest.raises(UserError, match=r"rotates 0.5 of each head's channels"):
+        arch_from_model_config(m, 100)

@@ -117,6 +117,10 @@ def arch_from_model_config(m, vocab: int) -> Arch:
                 f"head size {m.kv_channels} (hidden {m.hidden_size}), which transformers' GPT-2 cannot hold")
     elif norm == "RMSNorm" and pos == "rope" and glu:
         hf_class = LLAMA
+        if getattr(m, "rotary_percent", 1.0) != 1.0:
+            raise UserError(f"this checkpoint rotates {m.rotary_percent:g} of each head's channels (--rotary-percent); "
+                            f"transformers' LlamaForCausalLM rotates all of them, so the export would compute "
+                            f"another function")
     else:
         raise UserError(
             f"no HuggingFace architecture matches this checkpoint (normalization {norm}, position "
