@@ -481,3 +481,31 @@ def test_preprocess_jsonl_values_that_are_not_plain_strings(tmp_path, sp_model, 
         jsonl.write_text('{"text": "ok"}\n{"text": %s}\n' % value)
         with pytest.raises(UserError, match=rf"v.jsonl:2 has a JSON {kind} under key 'text', not a string"):
             preprocess_data(str(jsonl), str(tmp_path / "w"), "GPTSentencePieceTokenizer", sp_model)
+
+
+def test_splits_without_a_share(indexed, sp_tok, sp_model, tmp_path):
+    """Found as a new user: `--split 0,100,0` (no train share) and `--split 100,0,0 --eval-interval 1`
+    (no validation share) both ended in `TypeError: 'NoneType' object is not an iterator`. No train
+    data is one error line; no validation data means no evaluation (Megatron-LM), said in a note."""
+    from conftest import run_cli
+
+    prefix, _ = indexed
+    with pytest.raises(UserError, match=r"no training data: --split 0,100,0 gives the train split no share"):
+        build_gpt_datasets(data_path=[prefix], split="0,100,0", mock_data=False, seq_length=16, seed=1,
+                           tokenizer=sp_tok, train_samples=10, valid_samples=1, test_samples=0,
+                           cache_path=str(tmp_path))
+    train, valid, _ = build_gpt_datasets(data_path=[prefix], split="100,0,0", mock_data=False, seq_length=16,
+                                         seed=1, tokenizer=sp_tok, train_samples=10, valid_samples=1,
+                                         test_samples=0, cache_path=str(tmp_path))
+    assert train is not None and valid is None
+    flags = ["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+             "--micro-batch-size", "2", "--global-batch-size", "2", "--eval-iters", "1", "--log-interval", "1",
+             "--tokenizer-type", "GPTSentencePieceTokenizer", "--tokenizer-model", sp_model,
+             "--data-path", prefix, "--split", "100,0,0", "--progress-bar", "off"]
+    r = run_cli(["train", *flags, "--train-iters", "2", "--eval-interval", "1", "--save", str(tmp_path / "ck")],
+                timeout=300, check=False)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert sum("lm loss:" in l for l in r.stdout.splitlines()) == 2 and "validation loss" not in r.stdout
+    assert "note: no validation data" in r.stdout
+    r = run_cli(["evaluate", *flags, "--load", str(tmp_path / "ck")], timeout=300, check=False)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: no validation data"), r.stderr

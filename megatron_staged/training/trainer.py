@@ -233,6 +233,7 @@ class Trainer:
         if why and why.get("trigger") == "slope":
             self._log_trigger("PRE-GROWTH", why)
         eval_iters = request.eval_iters or self.cfg.training.eval_iters  # 0: no loss check (nan recorded)
+        no_eval = ("--eval-iters 0" if not eval_iters else "no validation data" if self.valid_ds is None else None)
         before = self.evaluate(eval_iters)
         old, self.components = self.components, None
         self.components, self.state, stats = self.stages.grow(request, old, self.state, stage_index)
@@ -249,8 +250,8 @@ class Trainer:
             f"{e['from']['hidden_size']} (TP{e['from']['tp']} PP{e['from']['pp']}{_vp(e['from'])}) -> "
             f"{e['to']['num_layers']} layers x {e['to']['hidden_size']} (TP{e['to']['tp']} PP{e['to']['pp']}"
             f"{_vp(e['to'])} DP{e['to']['dp']}) | "
-            + (f"eval loss before: {before:.6f} | after: {after:.6f} | diff: {after - before:+.2e} | " if eval_iters
-               else "eval loss check skipped (--eval-iters 0) | ") +
+            + (f"eval loss before: {before:.6f} | after: {after:.6f} | diff: {after - before:+.2e} | " if not no_eval
+               else f"eval loss check skipped ({no_eval}) | ") +
             f"LR schedule step {e['schedule_step_before']} -> {e['schedule_step_after']} (rho {e['rho']:.3g}, "
             f"re-warmup {e['rewarmup_iters']}) | {seconds:.2f}s",
             event="growth", iteration=self.state.iteration, eval_loss_before=before, eval_loss_after=after,
@@ -330,7 +331,7 @@ class Trainer:
 
         t = self.cfg.training
         n = t.eval_iters if eval_iters is None else eval_iters
-        if n == 0:  # --eval-iters 0: no evaluation (Megatron-LM's meaning)
+        if n == 0 or self.valid_ds is None:  # --eval-iters 0 or no validation split: no evaluation (Megatron-LM)
             self.last_eval_se = float("nan")
             return float("nan")
         its = [build_data_iterator(self.valid_ds, 0, t.micro_batch_size, ps.get_data_parallel_rank(),
@@ -355,6 +356,9 @@ class Trainer:
         save_interval = self.cfg.checkpoint.save_interval
         self.logger.start(self.state.iteration, self.cfg.training.train_iters)
         t = self.cfg.training
+        if t.eval_interval and t.eval_iters and self.valid_ds is None:
+            print_rank0(f"note: no validation data (--split {self.cfg.data.split} gives the valid split no share, or no "
+                        f"--valid-data-path): no evaluation every --eval-interval {t.eval_interval} iterations")
         exits = ExitConditions(t.exit_signal_handler, t.exit_duration_in_mins, self.start_time)
         try:
             last_loss = self._loop(exits)
@@ -399,7 +403,8 @@ class Trainer:
             self.state.record_step(loss, t.global_batch_size, self.last_step_flops)
             last_loss = loss
             self.logger.iteration(self, loss, grad_norm, elapsed, ok)
-            if t.eval_interval and t.eval_iters and self.state.iteration % t.eval_interval == 0:
+            if t.eval_interval and t.eval_iters and self.valid_ds is not None and \
+                    self.state.iteration % t.eval_interval == 0:
                 self.logger.eval(self, self.evaluate())
             if save_interval and self.state.iteration % save_interval == 0:
                 self.save()
