@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, torchrun
 
 FIXTURE = ROOT / "tests" / "fixtures" / "megatron_lm" / "ckpt"
 ITER_DIR = FIXTURE / "iter_0000002"
@@ -206,3 +206,27 @@ def _check_ours_matches_megatron_lm(ours_dir):
     rng = [k for k in ours_keys if k.startswith("rng_state/")]
     assert rng and all(k.split("_")[-1].count(".") == [r for r in ref_keys if r.startswith("rng_state/")][0]
                        .split("_")[-1].count(".") for k in rng)
+
+
+def test_megatron_lm_checkpoint_converts_to_another_dtype_and_layout_in_one_step(tmp_path):
+    """Found as a new user: `convert --dtype bf16` of a Megatron-LM checkpoint failed with
+    "CheckpointException ... (does the model config match?)" (its dp_reshardable optimizer keys name the
+    buckets' dtypes), and `convert --target-tensor-model-parallel-size 2` stopped asking for a convert
+    at the saved layout first. convert now does that step itself, as grow does."""
+    from megatron_staged.checkpoint.global_tensors import read_global_tensors, tensor_specs
+
+    theirs = read_global_tensors(str(ITER_DIR))
+    model_keys = [k for k in tensor_specs(str(ITER_DIR)) if not k.startswith("optimizer.")]
+    bf = tmp_path / "bf16"
+    run_cli(["convert", "--load", str(FIXTURE), "--save", str(bf), "--dtype", "bf16"], timeout=900)
+    ours = read_global_tensors(str(bf / "iter_0000002"))
+    for k in model_keys:
+        assert ours[k].dtype == torch.bfloat16 and torch.equal(ours[k], theirs[k].to(torch.bfloat16)), k
+        assert torch.equal(ours[f"optimizer.state.param.{k}"], theirs[k]), k  # fp32 masters carried over
+    assert not (tmp_path / "bf16.megatron_lm_import").exists()
+    tp2 = tmp_path / "tp2"
+    torchrun(["convert", "--load", str(FIXTURE), "--save", str(tp2), "--target-tensor-model-parallel-size", "2"],
+             nproc=2, timeout=900)
+    ours = read_global_tensors(str(tp2 / "iter_0000002"))
+    for k in model_keys:
+        assert torch.equal(ours[k], theirs[k]), k

@@ -106,6 +106,38 @@ def convert(args) -> dict:
     # checked before anything is built (torchrun's WORLD_SIZE, as init_distributed will see it)
     cfg = target_config(common, args, int(os.environ.get("WORLD_SIZE", "1")))
     init_distributed()
+    from megatron_staged.tools.grow import needs_import
+
+    as_saved = target_config(common, argparse.Namespace(load=args.load, target_tensor_model_parallel_size=None,
+                                                        target_pipeline_model_parallel_size=None, dtype=None),
+                             int(os.environ.get("WORLD_SIZE", "1")))
+    def _shape(c):
+        p = c.parallel
+        return (p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.num_virtual_stages_per_pipeline_rank,
+                p.num_layers_per_virtual_pipeline_stage, c.model.bf16, c.model.fp16)
+
+    if needs_import(common, args.no_optimizer) and _shape(cfg) != _shape(as_saved):
+        # Megatron-LM's dp_reshardable optimizer loads only into the saved layout and dtype (its keys name
+        # the DDP buckets' dtypes): convert at those first, as grow does, then from that copy
+        from megatron_staged.runtime.distributed import print_rank0
+
+        imported = args.save.rstrip("/") + ".megatron_lm_import"
+        print_rank0(f"{ckpt_dir} was saved by Megatron-LM with its dp_reshardable optimizer; converting it at its "
+                    f"saved layout and dtype to {imported} first")
+        convert(argparse.Namespace(load=ckpt_dir, save=imported, target_tensor_model_parallel_size=None,
+                                   target_pipeline_model_parallel_size=None, no_optimizer=False, dtype=None,
+                                   overwrite=True))
+        import shutil
+
+        import torch.distributed as dist
+
+        try:
+            out = convert(argparse.Namespace(**dict(vars(args), load=imported)))
+            dist.barrier()  # every rank has read its shards of the copy
+        finally:
+            if dist.get_rank() == 0:
+                shutil.rmtree(imported, ignore_errors=True)
+        return dict(out, source=ckpt_dir, saved_layout=common.get("parallel_layout"))
     source_state = common.get("train_state") or {}
     with_optim = not args.no_optimizer and source_state.get("has_optimizer", True)
     cfg.checkpoint.override_opt_param_scheduler = False  # the saved schedule is carried over as it is
