@@ -61,7 +61,7 @@ def main(argv) -> int:
     old_cfg = Config.from_dict(common["args"])
     spec = make_spec(old_cfg, GrowthRequest.from_args(a))
     # validates before anything is built or written (torchrun's WORLD_SIZE, as init_distributed will see it)
-    new_cfg = target_config(old_cfg, spec, int(os.environ.get("WORLD_SIZE", "1")))
+    new_cfg = target_config(old_cfg, spec, int(os.environ.get("WORLD_SIZE", "1")), offline=True)
     init_distributed()
     comps, state, stats = grow_from_checkpoint(src_dir, spec, old_cfg, common, new_cfg)
     new_cfg.checkpoint.load = None
@@ -74,7 +74,8 @@ def main(argv) -> int:
     e = state.stage_history[-1]
     print_rank0(f"grew {src_dir} -> {a.save} at iteration {state.iteration}: {e['operator']} "
                 f"{e['from']['num_layers']}x{e['from']['hidden_size']} -> {e['to']['num_layers']}x{e['to']['hidden_size']}, "
-                f"layout TP{e['to']['tp']} PP{e['to']['pp']} DP{e['to']['dp']}, LR schedule step "
+                f"layout TP{e['to']['tp']} PP{e['to']['pp']}{' VP' + str(e['to']['vp']) if e['to'].get('vp') else ''} "
+                f"DP{e['to']['dp']}, LR schedule step "
                 f"{e['schedule_step_before']} -> {e['schedule_step_after']} (rho {e['rho']:.3g}), "
                 f"read {stats['bytes_read'] / 1e6:.1f} MB in {stats['seconds']:.2f}s")
     return 0
