@@ -509,3 +509,21 @@ def test_splits_without_a_share(indexed, sp_tok, sp_model, tmp_path):
     assert "note: no validation data" in r.stdout
     r = run_cli(["evaluate", *flags, "--load", str(tmp_path / "ck")], timeout=300, check=False)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: no validation data"), r.stderr
+
+
+def test_train_tokenizer_bad_input_found_while_training_is_one_line(tmp_path, capsys):
+    """Found as a new user: a JSONL line after the first lacking --json-keys (or a non-string value)
+    surfaced from inside sentencepiece's trainer: 'sentencepiece training failed: INTERNAL: UserError:
+    ...' followed by pybind11's 'At:' traceback. It is the input's one error line now; a negative
+    --input-sentence-size was a ValueError traceback."""
+    from megatron_staged.data.train_tokenizer import main
+
+    src = tmp_path / "d.jsonl"
+    src.write_text(json.dumps({"text": _stdlib_text("fnmatch.py")}) + "\n" + json.dumps({"body": "x"}) + "\n")
+    assert main(["--input", str(src), "--model-prefix", str(tmp_path / "m"), "--vocab-size", "300"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --input: {src}:2 has no key(s) ['text'] (present: ['body']); set --json-keys"], err
+    src.write_text(json.dumps({"text": "some text here"}) + "\n")
+    assert main(["--input", str(src), "--model-prefix", str(tmp_path / "m"), "--vocab-size", "300",
+                 "--input-sentence-size", "-1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: --input-sentence-size -1 must be >= 0 (0: every line)"]
