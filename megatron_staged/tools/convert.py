@@ -108,15 +108,18 @@ def convert(args) -> dict:
     init_distributed()
     from megatron_staged.tools.grow import needs_import
 
-    as_saved = target_config(common, argparse.Namespace(load=args.load, target_tensor_model_parallel_size=None,
-                                                        target_pipeline_model_parallel_size=None, dtype=None),
-                             int(os.environ.get("WORLD_SIZE", "1")))
-    def _shape(c):
+    def _shape(c, tp, pp):
         p = c.parallel
-        return (p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.num_virtual_stages_per_pipeline_rank,
-                p.num_layers_per_virtual_pipeline_stage, c.model.bf16, c.model.fp16)
+        return (tp, pp, p.num_virtual_stages_per_pipeline_rank, p.num_layers_per_virtual_pipeline_stage,
+                c.model.bf16, c.model.fp16)
 
-    if needs_import(common, args.no_optimizer) and _shape(cfg) != _shape(as_saved):
+    from megatron_staged.config import Config
+
+    src, saved = Config.from_dict(common["args"]), common.get("parallel_layout") or {}
+    as_saved = _shape(src, saved.get("tp", src.parallel.tensor_model_parallel_size),
+                      saved.get("pp", src.parallel.pipeline_model_parallel_size))
+    target = _shape(cfg, cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
+    if needs_import(common, args.no_optimizer) and target != as_saved:
         # Megatron-LM's dp_reshardable optimizer loads only into the saved layout and dtype (its keys name
         # the DDP buckets' dtypes): convert at those first, as grow does, then from that copy
         from megatron_staged.runtime.distributed import print_rank0
