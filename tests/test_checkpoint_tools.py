@@ -288,3 +288,16 @@ def test_export_refuses_partial_rotary_llama():
     m.rotary_percent = 0.5
     with pytest.raises(UserError, match=r"rotates 0.5 of each head's channels"):
         arch_from_model_config(m, 100)
+
+
+def test_inspect_names_the_virtual_pipeline_stages(tiny_checkpoint, capsys):
+    """Found as a new user: a checkpoint saved at TP1 PP2 VP2 was shown by `inspect` as 'TP1 PP2 DP1'
+    (the 'vp' of its parallel_layout dropped); convert's and grow's summary lines dropped it too."""
+    from megatron_staged.tools.inspect_ckpt import describe, print_text
+
+    d = describe(str(tiny_checkpoint))
+    print_text(d, with_tensors=False)
+    assert re.search(r"saved layout\s+TP1 PP1 DP1$", capsys.readouterr().out, re.M)
+    d["parallel_layout"] = dict(d["parallel_layout"], pp=2, vp=2)
+    print_text(d, with_tensors=False)
+    assert re.search(r"saved layout\s+TP1 PP2 VP2 DP1$", capsys.readouterr().out, re.M)

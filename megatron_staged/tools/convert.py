@@ -167,7 +167,8 @@ def main(argv) -> int:
     note = ""
     if not s["source_had_optimizer"] and not args.no_optimizer:
         note = " (the source holds no optimizer state, so neither does the target)"
-    was = f"TP{saved.get('tp', '?')} PP{saved.get('pp', '?')} DP{saved.get('dp', '?')}"
+    was = (f"TP{saved.get('tp', '?')} PP{saved.get('pp', '?')}" + (f" VP{saved['vp']}" if saved.get("vp") else "")
+           + f" DP{saved.get('dp', '?')}")
     print_rank0(f"converted {s['source']} (iteration {s['iteration']}, {was}) -> {s['target']} at {s['layout']}, {s['dtype']}, "
                 f"{'with' if s['with_optimizer'] else 'without'} optimizer state{note} in {time.time() - t0:.1f}s")
     return 0
