@@ -527,3 +527,17 @@ def test_train_tokenizer_bad_input_found_while_training_is_one_line(tmp_path, ca
     assert main(["--input", str(src), "--model-prefix", str(tmp_path / "m"), "--vocab-size", "300",
                  "--input-sentence-size", "-1"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == ["error: --input-sentence-size -1 must be >= 0 (0: every line)"]
+
+
+def test_tool_errors_quoting_library_messages_are_one_line(tmp_path, capsys):
+    """Found as a new user: preprocess_data.py with --tokenizer-type HuggingFaceTokenizer on a directory
+    without a tokenizer printed transformers' 5-line message after 'error:'; the tools now fold messages
+    to one line as the megatron-staged CLI does."""
+    from megatron_staged.data.preprocess import main
+
+    (tmp_path / "d.jsonl").write_text('{"text": "hello"}\n')
+    (tmp_path / "no_tok").mkdir()
+    assert main(["--input", str(tmp_path / "d.jsonl"), "--output-prefix", str(tmp_path / "o"),
+                 "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tmp_path / "no_tok")]) == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert len(err) == 1 and err[0].startswith("error: --tokenizer-model: cannot load a HuggingFace tokenizer"), err

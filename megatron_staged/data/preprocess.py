@@ -287,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
                    text_document_per_line=args.text_document_per_line, vocab_file=args.vocab_file,
                    merge_file=args.merge_file)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        from megatron_staged.errors import one_line
+
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     return 0

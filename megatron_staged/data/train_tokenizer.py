@@ -128,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
             max_sentence_length=args.max_sentence_length,
             input_sentence_size=args.input_sentence_size, seed=args.seed)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        from megatron_staged.errors import one_line
+
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     print(f"wrote {path}", file=sys.stderr)
     return 0
