@@ -230,3 +230,16 @@ def test_megatron_lm_checkpoint_converts_to_another_dtype_and_layout_in_one_step
     ours = read_global_tensors(str(tp2 / "iter_0000002"))
     for k in model_keys:
         assert torch.equal(ours[k], theirs[k]), k
+
+
+def test_megatron_lm_import_scratch_dir_of_the_user_is_not_deleted(tmp_path):
+    """Found by reading grow/convert: the scratch copy `<save>.megatron_lm_import` was written with
+    overwrite and then rmtree'd, so a user's directory of that name was deleted. A non-empty one is refused."""
+    scratch = tmp_path / "out.megatron_lm_import"
+    scratch.mkdir()
+    (scratch / "keep.txt").write_text("mine")
+    for argv in (["grow", "--load", str(FIXTURE), "--save", str(tmp_path / "out"), "--depth-factor", "2"],
+                 ["convert", "--load", str(FIXTURE), "--save", str(tmp_path / "out"), "--dtype", "bf16"]):
+        r = run_cli(argv, timeout=600, check=False)
+        assert r.returncode == 2 and "out.megatron_lm_import exists and is not empty" in r.stderr, r.stderr[-2000:]
+        assert (scratch / "keep.txt").read_text() == "mine" and not (tmp_path / "out").exists()

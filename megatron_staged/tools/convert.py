@@ -82,6 +82,24 @@ def check_target_dir(save: str, source_dir: str, overwrite: bool = False) -> Non
     check_output_dir(save, "--save", sources=(source_dir,), overwrite=overwrite)
 
 
+def import_scratch_dir(save: str) -> str:
+    """``<save>.megatron_lm_import``: where a Megatron-LM checkpoint is first converted at its saved layout
+    (removed afterwards). A directory of that name that is not empty is refused rather than deleted:
+    it may be the user's. Collective (a barrier), so no rank writes it before every rank has looked."""
+    import os
+
+    import torch.distributed as dist
+
+    from megatron_staged.errors import require
+
+    imported = save.rstrip("/") + ".megatron_lm_import"
+    free = not os.path.lexists(imported) or (os.path.isdir(imported) and not os.listdir(imported))
+    dist.barrier()
+    require(free, f"{imported} exists and is not empty: it is where a Megatron-LM checkpoint is first converted "
+                  f"(then removed); remove it (an interrupted earlier run leaves one) or choose another --save")
+    return imported
+
+
 def convert(args) -> dict:
     for flag, v in (("--target-tensor-model-parallel-size", args.target_tensor_model_parallel_size),
                     ("--target-pipeline-model-parallel-size", args.target_pipeline_model_parallel_size),
@@ -124,7 +142,7 @@ def convert(args) -> dict:
         # the DDP buckets' dtypes): convert at those first, as grow does, then from that copy
         from megatron_staged.runtime.distributed import print_rank0
 
-        imported = args.save.rstrip("/") + ".megatron_lm_import"
+        imported = import_scratch_dir(args.save)
         print_rank0(f"{ckpt_dir} was saved by Megatron-LM with its dp_reshardable optimizer; converting it at its "
                     f"saved layout and dtype to {imported} first")
         convert(argparse.Namespace(load=ckpt_dir, save=imported, target_tensor_model_parallel_size=None,
