@@ -301,3 +301,16 @@ def test_inspect_names_the_virtual_pipeline_stages(tiny_checkpoint, capsys):
     d["parallel_layout"] = dict(d["parallel_layout"], pp=2, vp=2)
     print_text(d, with_tensors=False)
     assert re.search(r"saved layout\s+TP1 PP2 VP2 DP1$", capsys.readouterr().out, re.M)
+
+
+def test_import_hf_gpt2_seq_length_beyond_its_positions_names_the_hf_limit(tmp_path):
+    """Found as a new user: `import-hf --hf GPT2(n_positions=24) --seq-length 64` said
+    '--max-position-embeddings 24 < --seq-length 64', naming a flag import-hf does not have."""
+    transformers = pytest.importorskip("transformers")
+    hf = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=24,
+                                                         activation_function="gelu")).save_pretrained(str(hf))
+    r = run_cli(["import-hf", "--hf", str(hf), "--save", str(tmp_path / "c"), "--seq-length", "64"], check=False)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(
+        "error: --seq-length 64 exceeds the HF model's 24 learned positions"), r.stderr[-2000:]
+    run_cli(["import-hf", "--hf", str(hf), "--save", str(tmp_path / "ok"), "--seq-length", "24"])
