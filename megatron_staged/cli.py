@@ -100,8 +100,9 @@ def main(argv=None) -> int:
     except UserError as e:
         rank = os.environ.get("RANK", "0")
         if rank == "0":
-            one_line = " ".join(part.strip() for part in str(e).splitlines() if part.strip())
-            print(f"error: {one_line}", file=sys.stderr, flush=True)
+            from megatron_staged.errors import one_line
+
+            print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
         return 2
     finally:
         _shutdown()

@@ -126,7 +126,7 @@ class TrainingConfig:
     train_iters: int = _f(100)
     seed: int = _f(1234)
     eval_interval: int = _f(0, "0 disables evaluation during training")
-    eval_iters: int = _f(10)
+    eval_iters: int = _f(10, "validation batches per evaluation; 0: no evaluation (Megatron-LM)")
     log_interval: int = _f(10)
     exit_interval: Optional[int] = _f(None, "save and stop when the iteration is a multiple of this")
     exit_duration_in_mins: Optional[float] = _f(None, "save and stop once the job has run this many minutes")
@@ -602,14 +602,14 @@ def check_values(cfg: Config) -> None:
                   "ffn_hidden_size", "kv_channels", "num_query_groups", "max_position_embeddings", "vocab_size",
                   "rotary_base", "norm_epsilon", "rope_scaling_factor"],
         "parallel": ["tensor_model_parallel_size", "pipeline_model_parallel_size", "distributed_timeout_minutes"],
-        "training": ["micro_batch_size", "global_batch_size", "train_iters", "eval_iters", "log_interval",
+        "training": ["micro_batch_size", "global_batch_size", "train_iters", "log_interval",
                      "exit_interval", "exit_duration_in_mins", "max_consecutive_skipped_iterations"],
         "optim": ["lr", "lr_decay_iters", "lr_wsd_decay_iters", "adam_eps"],
         "checkpoint": ["save_interval"],
     }
     non_negative = {
         "model": ["num_layers", "init_method_std", "hidden_dropout", "attention_dropout"],
-        "training": ["seed", "eval_interval"],
+        "training": ["seed", "eval_interval", "eval_iters"],  # --eval-iters 0: no evaluation (Megatron-LM)
         "optim": ["min_lr", "lr_warmup_iters", "lr_warmup_init", "weight_decay", "clip_grad", "adam_beta1",
                   "adam_beta2", "sgd_momentum"],
         "data": ["num_workers"],

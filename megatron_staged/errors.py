@@ -10,6 +10,11 @@ class UserError(Exception):
     """Bad input from the user; printed as one line, exit status 2."""
 
 
+def one_line(err: BaseException) -> str:
+    """The message on one line (library errors quoted in a UserError may span several)."""
+    return " ".join(part.strip() for part in str(err).splitlines() if part.strip())
+
+
 def require(condition: bool, message: str) -> None:
     """Raise :class:`UserError` with ``message`` unless ``condition`` holds."""
     if not condition:

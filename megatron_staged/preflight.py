@@ -29,9 +29,14 @@ def warn(message: str) -> None:
 
 def preflight(cfg: Config, command: str = "train") -> None:
     check_values(cfg)
+    from megatron_staged.runtime.distributed import resolve_backend
+
+    resolve_backend(cfg.parallel.distributed_backend)
     from megatron_staged.data.validate import check_data_flags
 
     check_data_flags(cfg.data)
+    if command == "evaluate" and cfg.training.eval_iters == 0:
+        raise UserError("evaluate needs --eval-iters of at least 1 (0 means no evaluation)")
     common = _check_load(cfg, command)
     _check_layout(cfg, common)
     if command == "train":

@@ -16,6 +16,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -188,7 +189,9 @@ CASES = [
     ("mbs-zero", ["train", *T, "--micro-batch-size", "0"], r"--micro-batch-size 0 must be positive"),
     ("gbs-zero", ["train", *T, "--global-batch-size", "0"], r"--global-batch-size 0 must be positive"),
     ("gbs-negative", ["train", *T, "--global-batch-size", "-4"], r"--global-batch-size -4 must be positive"),
-    ("eval-iters-zero", ["train", *T, "--eval-iters", "0"], r"--eval-iters 0 must be positive"),
+    ("eval-iters-negative", ["train", *T, "--eval-iters", "-1"], r"--eval-iters -1 must be non-negative"),
+    ("evaluate-eval-iters-zero", ["evaluate", *T, "--load", "{S}/good", "--eval-iters", "0"],
+     r"evaluate needs --eval-iters of at least 1"),
     ("log-interval-zero", ["train", *T, "--log-interval", "0"], r"--log-interval 0 must be positive"),
     ("save-interval-zero", ["train", *T, "--save-interval", "0"], r"--save-interval 0 must be positive"),
     ("warmup-negative", ["train", *T, "--lr-warmup-iters", "-1"], r"--lr-warmup-iters -1 must be non-negative"),
@@ -418,6 +421,7 @@ def test_common_pt_with_a_numpy_rng_state_is_read(sandbox):
     import numpy as np
     import torch
 
+    import megatron.core.safe_globals  # noqa: F401  (megatron-core's own process-wide registrations, at import)
     from megatron_staged.checkpoint.global_tensors import read_common
 
     before = list(torch.serialization.get_safe_globals())
@@ -430,9 +434,12 @@ def test_common_pt_with_a_numpy_rng_state_is_read(sandbox):
     # their modules are first imported, which a load may do)
     added = [g for g in torch.serialization.get_safe_globals() if g not in before]
     assert all(getattr(g, "__module__", "").startswith("torch.") for g in added), added
-    # torch's own default still refuses it outside our loads (first on the args Namespace, Megatron-LM's format)
-    with pytest.raises(Exception, match="Unsupported global: GLOBAL (numpy|argparse)"):
-        torch.load(os.path.join(sandbox, "numpy_rng", "iter_0000002", "common.pt"), weights_only=True)
+    # torch's own default (a process without megatron-core's registrations) refuses the file: the read
+    # above is our allow-list's doing (first on the args Namespace, Megatron-LM's format)
+    path = os.path.join(sandbox, "numpy_rng", "iter_0000002", "common.pt")
+    r = subprocess.run([sys.executable, "-c", f"import torch; torch.load({path!r}, weights_only=True)"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and re.search("Unsupported global: GLOBAL (numpy|argparse)", r.stderr), r.stderr[-2000:]
 
 
 def test_catalogue_fails_before_megatron(sandbox):
@@ -454,3 +461,17 @@ if __name__ == "__main__":
         if first is None and any(m.startswith("megatron.core") for m in sys.modules):
             first = name
     print(json.dumps({"results": results, "megatron_imported": first is not None, "first_megatron_case": first}))
+
+
+def test_nccl_backend_without_cuda_is_one_line(monkeypatch, tmp_path):
+    """Found as a new user: `--distributed-backend nccl` (Megatron-LM's default, pasted from a GPU
+    script) on a machine without CUDA was torch's RuntimeError traceback from init_process_group."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rc, out, err = run_case(["train", *T, "--distributed-backend", "nccl"], str(tmp_path))
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1, err
+    assert lines[0].startswith("error: --distributed-backend nccl needs CUDA") and "gloo" in lines[0]
+    rc, _, err = run_case(["train", *T, "--distributed-backend", "gloo", "--lr", "-1"], str(tmp_path))
+    assert rc == 2 and "--lr -1.0 must be positive" in err  # gloo passes this check (the next one fails)

@@ -295,7 +295,7 @@ def test_bad_input_is_one_line_error(tmp_path):
     bert.mkdir()
     (bert / "config.json").write_text(json.dumps({"model_type": "bert"}))
     r = run_cli(["import-hf", "--hf", str(bert), "--save", str(tmp_path / "ckpt")], check=False)
-    assert r.returncode == 2 and "gpt2 and llama" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "gpt2, llama, qwen2 and qwen3" in r.stderr and "Traceback" not in r.stderr
 
 
 # ---- script mode: megatron_staged's logits -------------------------------------------------------------
@@ -335,3 +335,53 @@ def test_rope_scaling_megatron_cannot_express_is_refused():
         with pytest.raises(UserError) as e:
             arch_from_hf_config(dict(base, rope_parameters=rope))
         assert "\n" not in str(e.value) and "RoPE" in str(e.value)
+
+
+def test_export_verify_of_a_gpt2_with_a_short_context(tiny_checkpoint, tmp_path):
+    """Found as a new user: `export-hf --verify` ran 32 random tokens through a gpt2 checkpoint with
+    16 learned positions (seq 16): IndexError traceback from the position embedding."""
+    r = run_cli(["export-hf", "--load", str(tiny_checkpoint), "--out", str(tmp_path / "hf"), "--verify"], check=False)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    diff = float(r.stdout.split("megatron vs transformers = ")[1].split()[0])
+    assert diff <= 1e-4
+
+
+def test_export_refuses_partial_rotary_llama():
+    """Found as a new user: a llama checkpoint trained with --rotary-percent 0.5 exported as a
+    LlamaForCausalLM that rotates every channel (logits off by 1e-3; only --verify noticed)."""
+    from megatron_staged.checkpoint.hf_mapping import arch_from_model_config
+    from megatron_staged.config import ModelConfig, resolve_model
+    from megatron_staged.errors import UserError
+
+    m = resolve_model(ModelConfig(model_family="llama", num_layers=1, hidden_size=32, num_attention_heads=4,
+                                  padded_vocab_size=128))
+    assert arch_from_model_config(m, 100).hf_class  # full rotary: exported
+    m.rotary_percent = 0.5
+    with pytest.raises(UserError, match=r"rotates 0.5 of each head's channels"):
+        arch_from_model_config(m, 100)
+
+
+def test_inspect_names_the_virtual_pipeline_stages(tiny_checkpoint, capsys):
+    """Found as a new user: a checkpoint saved at TP1 PP2 VP2 was shown by `inspect` as 'TP1 PP2 DP1'
+    (the 'vp' of its parallel_layout dropped); convert's and grow's summary lines dropped it too."""
+    from megatron_staged.tools.inspect_ckpt import describe, print_text
+
+    d = describe(str(tiny_checkpoint))
+    print_text(d, with_tensors=False)
+    assert re.search(r"saved layout\s+TP1 PP1 DP1$", capsys.readouterr().out, re.M)
+    d["parallel_layout"] = dict(d["parallel_layout"], pp=2, vp=2)
+    print_text(d, with_tensors=False)
+    assert re.search(r"saved layout\s+TP1 PP2 VP2 DP1$", capsys.readouterr().out, re.M)
+
+
+def test_import_hf_gpt2_seq_length_beyond_its_positions_names_the_hf_limit(tmp_path):
+    """Found as a new user: `import-hf --hf GPT2(n_positions=24) --seq-length 64` said
+    '--max-position-embeddings 24 < --seq-length 64', naming a flag import-hf does not have."""
+    transformers = pytest.importorskip("transformers")
+    hf = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=24,
+                                                         activation_function="gelu")).save_pretrained(str(hf))
+    r = run_cli(["import-hf", "--hf", str(hf), "--save", str(tmp_path / "c"), "--seq-length", "64"], check=False)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(
+        "error: --seq-length 64 exceeds the HF model's 24 learned positions"), r.stderr[-2000:]
+    run_cli(["import-hf", "--hf", str(hf), "--save", str(tmp_path / "ok"), "--seq-length", "24"])

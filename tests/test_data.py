@@ -489,3 +489,79 @@ def test_datasets_under_torch_distributed(indexed, sp_model, tmp_path):
     assert proc.returncode == 0 and "DIST-OK" in proc.stdout, proc.stderr[-3000:]
     assert any(f.endswith("GPTDataset-train-shuffle_index.npy")
                for _, _, fs in os.walk(tmp_path / "cache") for f in fs)
+
+
+def test_preprocess_jsonl_values_that_are_not_plain_strings(tmp_path, sp_model, sp_tok):
+    """Found as a new user: {"text": 5} and {"text": null} were tokenized as the text "5" and "None",
+    and a lone surrogate ("\\ud800", valid JSON) crashed sentencepiece with a pybind11 traceback."""
+    jsonl = tmp_path / "v.jsonl"
+    jsonl.write_text('{"text": "alpha"}\n{"text": null}\n{"text": "beta \\ud800 gamma"}\n')
+    stats = preprocess_data(str(jsonl), str(tmp_path / "v"), "GPTSentencePieceTokenizer", sp_model,
+                            append_eod=True, log=lambda m: None)
+    assert stats["skipped_empty"]["text"] == 1  # null is an empty document, not "None"
+    assert _read_docs(stats["prefixes"]["text"]) == [sp_tok.tokenize("alpha") + [2],
+                                                     sp_tok.tokenize("beta \N{REPLACEMENT CHARACTER} gamma") + [2]]
+    for value, kind in (("5", "number"), ("[\"a\"]", "array"), ("true", "boolean")):
+        jsonl.write_text('{"text": "ok"}\n{"text": %s}\n' % value)
+        with pytest.raises(UserError, match=rf"v.jsonl:2 has a JSON {kind} under key 'text', not a string"):
+            preprocess_data(str(jsonl), str(tmp_path / "w"), "GPTSentencePieceTokenizer", sp_model)
+
+
+def test_splits_without_a_share(indexed, sp_tok, sp_model, tmp_path):
+    """Found as a new user: `--split 0,100,0` (no train share) and `--split 100,0,0 --eval-interval 1`
+    (no validation share) both ended in `TypeError: 'NoneType' object is not an iterator`. No train
+    data is one error line; no validation data means no evaluation (Megatron-LM), said in a note."""
+    from conftest import run_cli
+
+    prefix, _ = indexed
+    with pytest.raises(UserError, match=r"no training data: --split 0,100,0 gives the train split no share"):
+        build_gpt_datasets(data_path=[prefix], split="0,100,0", mock_data=False, seq_length=16, seed=1,
+                           tokenizer=sp_tok, train_samples=10, valid_samples=1, test_samples=0,
+                           cache_path=str(tmp_path))
+    train, valid, _ = build_gpt_datasets(data_path=[prefix], split="100,0,0", mock_data=False, seq_length=16,
+                                         seed=1, tokenizer=sp_tok, train_samples=10, valid_samples=1,
+                                         test_samples=0, cache_path=str(tmp_path))
+    assert train is not None and valid is None
+    flags = ["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+             "--micro-batch-size", "2", "--global-batch-size", "2", "--eval-iters", "1", "--log-interval", "1",
+             "--tokenizer-type", "GPTSentencePieceTokenizer", "--tokenizer-model", sp_model,
+             "--data-path", prefix, "--split", "100,0,0", "--progress-bar", "off"]
+    r = run_cli(["train", *flags, "--train-iters", "2", "--eval-interval", "1", "--save", str(tmp_path / "ck")],
+                timeout=300, check=False)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert sum("lm loss:" in l for l in r.stdout.splitlines()) == 2 and "validation loss" not in r.stdout
+    assert "note: no validation data" in r.stdout
+    r = run_cli(["evaluate", *flags, "--load", str(tmp_path / "ck")], timeout=300, check=False)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: no validation data"), r.stderr
+
+
+def test_train_tokenizer_bad_input_found_while_training_is_one_line(tmp_path, capsys):
+    """Found as a new user: a JSONL line after the first lacking --json-keys (or a non-string value)
+    surfaced from inside sentencepiece's trainer: 'sentencepiece training failed: INTERNAL: UserError:
+    ...' followed by pybind11's 'At:' traceback. It is the input's one error line now; a negative
+    --input-sentence-size was a ValueError traceback."""
+    from megatron_staged.data.train_tokenizer import main
+
+    src = tmp_path / "d.jsonl"
+    src.write_text(json.dumps({"text": _stdlib_text("fnmatch.py")}) + "\n" + json.dumps({"body": "x"}) + "\n")
+    assert main(["--input", str(src), "--model-prefix", str(tmp_path / "m"), "--vocab-size", "300"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --input: {src}:2 has no key(s) ['text'] (present: ['body']); set --json-keys"], err
+    src.write_text(json.dumps({"text": "some text here"}) + "\n")
+    assert main(["--input", str(src), "--model-prefix", str(tmp_path / "m"), "--vocab-size", "300",
+                 "--input-sentence-size", "-1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: --input-sentence-size -1 must be >= 0 (0: every line)"]
+
+
+def test_tool_errors_quoting_library_messages_are_one_line(tmp_path, capsys):
+    """Found as a new user: preprocess_data.py with --tokenizer-type HuggingFaceTokenizer on a directory
+    without a tokenizer printed transformers' 5-line message after 'error:'; the tools now fold messages
+    to one line as the megatron-staged CLI does."""
+    from megatron_staged.data.preprocess import main
+
+    (tmp_path / "d.jsonl").write_text('{"text": "hello"}\n')
+    (tmp_path / "no_tok").mkdir()
+    assert main(["--input", str(tmp_path / "d.jsonl"), "--output-prefix", str(tmp_path / "o"),
+                 "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tmp_path / "no_tok")]) == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert len(err) == 1 and err[0].startswith("error: --tokenizer-model: cannot load a HuggingFace tokenizer"), err

@@ -460,3 +460,27 @@ def test_gpu_smoke_script_runs_at_toy_size(tmp_path):
     assert g["eval_loss_after"] == pytest.approx(g["eval_loss_before"], rel=1e-5) and g["verdict"].startswith("OK")
     assert g["seconds"] > 0
     assert "features: " in r.stdout and os.path.isfile(out)
+
+
+def test_fp16_overflow_is_skipped_by_the_loss_scaler_not_stopped(tmp_path):
+    """Found as a new user: `train --fp16` stopped at iteration 1 with "non-finite gradients": the
+    non-finite guard checked the *scaled* fp16 gradients, which overflow by design at the initial
+    loss scale 2**32. As in Megatron-LM, the dynamic loss scaler must skip such steps and lower
+    the scale, and the run goes on."""
+    import re
+
+    import sys
+
+    from conftest import _env, _run
+
+    env = {k: v for k, v in _env().items()  # not the in-process group's rendezvous (see strict_runtime)
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    r = _run([sys.executable, "-m", "megatron_staged", "train", *GPT2, "--fp16", "--global-batch-size", "2",
+              "--train-iters", "4", "--log-interval", "1", "--eval-iters", "1"], 300, env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    lines = [l for l in r.stdout.splitlines() if " iteration " in l and "loss scale:" in l]
+    assert len(lines) == 4, r.stdout[-2000:]
+    scales = [float(re.search(r"loss scale: ([0-9.e+]+)", l).group(1)) for l in lines]
+    skipped = [int(re.search(r"number of skipped iterations:\s+(\d+)", l).group(1)) for l in lines]
+    assert skipped[0] == 1 and sum(skipped) >= 2  # overflowed steps are counted as skipped
+    assert scales[-1] < 2.0 ** 32 and scales == sorted(scales, reverse=True)  # and the scale came down

@@ -152,3 +152,28 @@ def test_builtin_corpus_run_plans_its_stages(monkeypatch, tmp_path):
     planned = plan_stages(cfg, [{"at_iteration": 10, "depth_factor": 2}, {"at_iteration": 20, "width_factor": 2}],
                           4, TrainState())
     assert [s.index for s in planned] == [0, 1]
+
+
+def test_offline_grow_checks_the_layout_not_the_runs_batch():
+    """Found as a new user: `torchrun --nproc-per-node 4 grow --depth-factor 2 --target-pipeline-model-parallel-size 2
+    --target-num-layers-per-virtual-pipeline-stage 1` of a run with global batch 4, micro-batch 2 was refused
+    (interleaved 1F1B needs a multiple of PP micro-batches: 4 / (2 x DP 2) = 1), with no flag to change the batch.
+    As in convert, the batch is the resumed run's business: offline growth checks the layout only, and the
+    grown config keeps the run's batch; in-run growth (same function, offline=False) still checks it."""
+    from megatron_staged.growth.spec import make_spec, target_config
+
+    cfg = Config()
+    cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_attention_heads = 2, 64, 4
+    cfg.training.micro_batch_size, cfg.training.global_batch_size = 2, 4
+    resolve_model(cfg.model)
+    cfg.model.padded_vocab_size = 256
+    spec = make_spec(cfg, GrowthRequest(depth_factor=2, target_pipeline_model_parallel_size=2,
+                                        target_num_layers_per_virtual_pipeline_stage=1))
+    with pytest.raises(UserError, match="multiple of --pipeline-model-parallel-size"):
+        target_config(cfg, spec, 4)
+    new = target_config(cfg, spec, 4, offline=True)
+    assert new.model.num_layers == 4 and new.parallel.pipeline_model_parallel_size == 2
+    assert new.parallel.num_layers_per_virtual_pipeline_stage == 1 and new.training.global_batch_size == 4
+    with pytest.raises(UserError, match="not divisible by --pipeline-model-parallel-size 3"):  # layout still checked
+        target_config(cfg, make_spec(cfg, GrowthRequest(depth_factor=2, target_pipeline_model_parallel_size=3)),
+                      3, offline=True)

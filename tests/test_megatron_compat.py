@@ -392,3 +392,20 @@ def test_nvidia_scripts_run_reduced_on_cpu(bpe_files, tmp_path):
     assert "using GPT2BPETokenizer" in r.stdout
     lines = [MEGATRON_LOG_LINE.search(l) for l in r.stdout.splitlines() if "] iteration" in l]
     assert len(lines) == 2 and all(lines) and not lines[0].group(4)  # no --log-throughput: no throughput field
+
+
+def test_eval_iters_zero_means_no_evaluation(tmp_path):
+    """Found as a new user: `--eval-iters 0` (Megatron-LM's way to turn validation off) was refused as
+    'must be positive'. It trains with no validation pass, also at --eval-interval and at a growth."""
+    from conftest import run_cli
+
+    (tmp_path / "stages.yaml").write_text("staging:\n  stages:\n    - {at_iteration: 2, depth_factor: 2}\n")
+    r = run_cli(["train", "--config", str(tmp_path / "stages.yaml"), "--num-layers", "1", "--hidden-size", "32",
+                 "--num-attention-heads", "4", "--seq-length", "16", "--micro-batch-size", "2",
+                 "--global-batch-size", "2", "--train-iters", "3", "--mock-data", "--vocab-size", "100",
+                 "--eval-iters", "0", "--eval-interval", "1", "--log-interval", "1", "--progress-bar", "off"],
+                timeout=300, check=False)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert sum(" iteration " in l and "lm loss:" in l for l in r.stdout.splitlines()) == 3, r.stdout[-2000:]
+    assert "validation loss" not in r.stdout
+    assert "growth at iteration 2" in r.stdout and "eval loss check skipped (--eval-iters 0)" in r.stdout

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, torchrun
 
 FIXTURE = ROOT / "tests" / "fixtures" / "megatron_lm" / "ckpt"
 ITER_DIR = FIXTURE / "iter_0000002"
@@ -206,3 +206,40 @@ def _check_ours_matches_megatron_lm(ours_dir):
     rng = [k for k in ours_keys if k.startswith("rng_state/")]
     assert rng and all(k.split("_")[-1].count(".") == [r for r in ref_keys if r.startswith("rng_state/")][0]
                        .split("_")[-1].count(".") for k in rng)
+
+
+def test_megatron_lm_checkpoint_converts_to_another_dtype_and_layout_in_one_step(tmp_path):
+    """Found as a new user: `convert --dtype bf16` of a Megatron-LM checkpoint failed with
+    "CheckpointException ... (does the model config match?)" (its dp_reshardable optimizer keys name the
+    buckets' dtypes), and `convert --target-tensor-model-parallel-size 2` stopped asking for a convert
+    at the saved layout first. convert now does that step itself, as grow does."""
+    from megatron_staged.checkpoint.global_tensors import read_global_tensors, tensor_specs
+
+    theirs = read_global_tensors(str(ITER_DIR))
+    model_keys = [k for k in tensor_specs(str(ITER_DIR)) if not k.startswith("optimizer.")]
+    bf = tmp_path / "bf16"
+    run_cli(["convert", "--load", str(FIXTURE), "--save", str(bf), "--dtype", "bf16"], timeout=900)
+    ours = read_global_tensors(str(bf / "iter_0000002"))
+    for k in model_keys:
+        assert ours[k].dtype == torch.bfloat16 and torch.equal(ours[k], theirs[k].to(torch.bfloat16)), k
+        assert torch.equal(ours[f"optimizer.state.param.{k}"], theirs[k]), k  # fp32 masters carried over
+    assert not (tmp_path / "bf16.megatron_lm_import").exists()
+    tp2 = tmp_path / "tp2"
+    torchrun(["convert", "--load", str(FIXTURE), "--save", str(tp2), "--target-tensor-model-parallel-size", "2"],
+             nproc=2, timeout=900)
+    ours = read_global_tensors(str(tp2 / "iter_0000002"))
+    for k in model_keys:
+        assert torch.equal(ours[k], theirs[k]), k
+
+
+def test_megatron_lm_import_scratch_dir_of_the_user_is_not_deleted(tmp_path):
+    """Found by reading grow/convert: the scratch copy `<save>.megatron_lm_import` was written with
+    overwrite and then rmtree'd, so a user's directory of that name was deleted. A non-empty one is refused."""
+    scratch = tmp_path / "out.megatron_lm_import"
+    scratch.mkdir()
+    (scratch / "keep.txt").write_text("mine")
+    for argv in (["grow", "--load", str(FIXTURE), "--save", str(tmp_path / "out"), "--depth-factor", "2"],
+                 ["convert", "--load", str(FIXTURE), "--save", str(tmp_path / "out"), "--dtype", "bf16"]):
+        r = run_cli(argv, timeout=600, check=False)
+        assert r.returncode == 2 and "out.megatron_lm_import exists and is not empty" in r.stderr, r.stderr[-2000:]
+        assert (scratch / "keep.txt").read_text() == "mine" and not (tmp_path / "out").exists()

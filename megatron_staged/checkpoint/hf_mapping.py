@@ -140,6 +140,10 @@ def arch_from_model_config(m, vocab: int) -> Arch:
                 raise UserError("--qk-layernorm with linear biases has no transformers architecture (Qwen3, the "
                                 "one with q/k norms, has no biases)")
             hf_class = QWEN3
+        if getattr(m, "rotary_percent", 1.0) != 1.0:
+            raise UserError(f"this checkpoint rotates {m.rotary_percent:g} of each head's channels (--rotary-percent); "
+                            f"transformers' {hf_class} rotates all of them, so the export would compute "
+                            f"another function")
     else:
         raise UserError(
             f"no HuggingFace architecture matches this checkpoint (normalization {norm}, position "

@@ -185,6 +185,9 @@ def build_gpt_datasets(*, data_path: list[str] | None, split: str | None, mock_d
     builder = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config)
     with _rank_zero_if_not_distributed():
         train, valid, test = builder.build()
+    require(train is not None,
+            f"no training data: --split {split} gives the train split no share" if blend else
+            "no training data: --valid/--test-data-path without --train-data-path")
     return train, valid, test
 
 

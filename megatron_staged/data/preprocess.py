@@ -26,6 +26,7 @@ import glob
 import json
 import multiprocessing
 import os
+import re
 import sys
 import time
 from typing import Iterator
@@ -85,7 +86,22 @@ def _iter_jsonl(path: str, json_keys: list[str]) -> Iterator[dict[str, str]]:
             require(not missing,
                     f"--input: {path}:{lineno} has no key(s) {missing} "
                     f"(present: {sorted(record)[:10]}); set --json-keys")
-            yield {k: str(record[k]) for k in json_keys}
+            yield {k: _text_value(record[k], path, lineno, k) for k in json_keys}
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _text_value(value, path: str, lineno: int, key: str) -> str:
+    """A JSONL field as text: a string (lone surrogates such as ``"\\ud800"``, which JSON allows but
+    UTF-8 cannot encode, become U+FFFD, as undecodable bytes of plain-text input do); ``null`` is an
+    empty document (skipped and counted); any other JSON type is an error rather than its Python
+    repr (``5``, ``[..]``) being tokenized as text."""
+    if value is None:
+        return ""
+    kind = {bool: "boolean", int: "number", float: "number", list: "array", dict: "object"}.get(type(value), "value")
+    require(isinstance(value, str), f"--input: {path}:{lineno} has a JSON {kind} under key {key!r}, not a string")
+    return _LONE_SURROGATE.sub("\ufffd", value)
 
 
 # ---- tokenization (runs in worker processes) ----------------------------------------------
@@ -271,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
                    text_document_per_line=args.text_document_per_line, vocab_file=args.vocab_file,
                    merge_file=args.merge_file)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        from megatron_staged.errors import one_line
+
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     return 0

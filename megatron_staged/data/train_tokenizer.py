@@ -52,7 +52,9 @@ def train_sentencepiece_from_texts(texts: Iterable[str], model_prefix: str,
             "needs 256 ids plus 4 special ids; use at least 300")
     os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
     sentencepiece.set_random_generator_seed(seed)
-    lines = _lines(texts)
+    require(input_sentence_size >= 0, f"--input-sentence-size {input_sentence_size} must be >= 0 (0: every line)")
+    failures: list[UserError] = []
+    lines = _guarded(_lines(texts), failures)
     first = next(lines, None)
     require(first is not None, "--input: the input holds no non-blank text to train on")
     try:
@@ -65,9 +67,21 @@ def train_sentencepiece_from_texts(texts: Iterable[str], model_prefix: str,
             add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=True,
             num_threads=num_threads or min(16, os.cpu_count() or 1), minloglevel=2)
     except RuntimeError as err:
+        if failures:  # bad input found while sentencepiece was reading it: that error, as it is
+            raise failures[0] from None
         # e.g. "Vocabulary size is too high (8000). Please set it to a value <= 1234."
         raise UserError(f"sentencepiece training failed: {err}") from err
     return model_prefix + ".model"
+
+
+def _guarded(lines, failures: list):
+    """``lines``, keeping a UserError it raises (sentencepiece's C++ trainer wraps it in a RuntimeError
+    with a traceback of its own)."""
+    try:
+        yield from lines
+    except UserError as err:
+        failures.append(err)
+        raise
 
 
 def _prepend(first, rest):
@@ -114,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
             max_sentence_length=args.max_sentence_length,
             input_sentence_size=args.input_sentence_size, seed=args.seed)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        from megatron_staged.errors import one_line
+
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     print(f"wrote {path}", file=sys.stderr)
     return 0

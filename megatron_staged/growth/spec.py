@@ -322,8 +322,11 @@ def make_spec(old_cfg: Config, request: GrowthRequest, stage_index: Optional[int
     return spec
 
 
-def target_config(old_cfg: Config, spec: GrowthSpec, world_size: int) -> Config:
-    """The grown model's config at the target layout; raises UserError if it cannot be laid out."""
+def target_config(old_cfg: Config, spec: GrowthSpec, world_size: int, offline: bool = False) -> Config:
+    """The grown model's config at the target layout; raises UserError if it cannot be laid out.
+
+    ``offline`` (``grow``): the global batch is the resumed run's business, not the checkpoint's (as in
+    ``convert``), so the layout is checked with a batch that fits it; the saved config keeps the run's."""
     from megatron_staged.config import resolve_model, retarget_pipeline_split
 
     new = old_cfg.copy()
@@ -353,8 +356,15 @@ def target_config(old_cfg: Config, spec: GrowthSpec, world_size: int) -> Config:
     # virtual stages, with --num-virtual-stages-per-pipeline-rank it adds layers to each virtual stage
     tp = p.tensor_model_parallel_size
     new.training.global_batch_size = old_cfg.training.global_batch_size
+    check = new
+    if offline:  # a batch that fits: micro-batch x DP x PP (interleaved 1F1B needs a multiple of PP micro-batches)
+        check = new.copy()
+        check.training.global_batch_size = (check.training.micro_batch_size *
+                                            (p.microbatch_group_size_per_virtual_pipeline_stage or
+                                             p.pipeline_model_parallel_size) *
+                                            max(world_size // (tp * p.pipeline_model_parallel_size), 1))
     try:
-        validate(new, world_size)
+        validate(check, world_size)
         require(m.padded_vocab_size is None or m.padded_vocab_size % tp == 0,
                 f"the padded vocabulary ({m.padded_vocab_size}) cannot be split over TP {tp}")
     except UserError as e:

@@ -34,6 +34,20 @@ class Layout:
         return {"tp": self.tp, "pp": self.pp, "dp": self.dp, **({"vp": self.vp} if self.vp else {})}
 
 
+def resolve_backend(backend: str = "auto") -> str:
+    """``--distributed-backend``: ``auto`` is NCCL on GPU and gloo on CPU; NCCL asked for on a machine
+    without CUDA (or a torch built without it) is a UserError, not torch's traceback."""
+    if backend == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and not (torch.cuda.is_available() and dist.is_nccl_available()):
+        from megatron_staged.errors import UserError
+
+        why = "no CUDA device is available" if not torch.cuda.is_available() else "this torch has no NCCL"
+        raise UserError(f"--distributed-backend nccl needs CUDA GPUs, and {why}; use --distributed-backend gloo "
+                        f"(or auto: NCCL on GPU, gloo on CPU)")
+    return backend
+
+
 def init_distributed(backend: str = "auto", timeout_minutes: int = 10) -> None:
     """Start torch.distributed once per process (idempotent).
 
@@ -50,8 +64,7 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 10) -> None:
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = resolve_backend(backend)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))

@@ -15,6 +15,7 @@ format on load) and saved again, exactly as a training run resuming at another l
 """
 from __future__ import annotations
 
+import argparse
 import time
 
 from megatron_staged.errors import ArgumentParser, UserError
@@ -67,7 +68,8 @@ def target_config(common: dict, args, world_size: int):
     check = cfg.copy()
     # the batch is the training run's business, not the layout's: one that fits (interleaved 1F1B needs
     # a multiple of PP micro-batches)
-    check.training.global_batch_size = check.training.micro_batch_size * max(world_size // (tp * pp), 1) * pp
+    check.training.global_batch_size = check.training.micro_batch_size * max(world_size // (tp * pp), 1) * (
+        check.parallel.microbatch_group_size_per_virtual_pipeline_stage or pp)
     try:
         validate(check, world_size)
     except UserError as e:  # name this tool's flags, not the trainer's
@@ -88,6 +90,24 @@ def check_target_dir(save: str, source_dir: str, overwrite: bool = False) -> Non
     from megatron_staged.checkpoint.manager import check_output_dir
 
     check_output_dir(save, "--save", sources=(source_dir,), overwrite=overwrite)
+
+
+def import_scratch_dir(save: str) -> str:
+    """``<save>.megatron_lm_import``: where a Megatron-LM checkpoint is first converted at its saved layout
+    (removed afterwards). A directory of that name that is not empty is refused rather than deleted:
+    it may be the user's. Collective (a barrier), so no rank writes it before every rank has looked."""
+    import os
+
+    import torch.distributed as dist
+
+    from megatron_staged.errors import require
+
+    imported = save.rstrip("/") + ".megatron_lm_import"
+    free = not os.path.lexists(imported) or (os.path.isdir(imported) and not os.listdir(imported))
+    dist.barrier()
+    require(free, f"{imported} exists and is not empty: it is where a Megatron-LM checkpoint is first converted "
+                  f"(then removed); remove it (an interrupted earlier run leaves one) or choose another --save")
+    return imported
 
 
 def convert(args) -> dict:
@@ -118,6 +138,41 @@ def convert(args) -> dict:
     # checked before anything is built (torchrun's WORLD_SIZE, as init_distributed will see it)
     cfg = target_config(common, args, int(os.environ.get("WORLD_SIZE", "1")))
     init_distributed()
+    from megatron_staged.tools.grow import needs_import
+
+    def _shape(c, tp, pp):
+        p = c.parallel
+        return (tp, pp, p.num_virtual_stages_per_pipeline_rank, p.num_layers_per_virtual_pipeline_stage,
+                c.model.bf16, c.model.fp16)
+
+    from megatron_staged.config import Config
+
+    src, saved = Config.from_dict(common["args"]), common.get("parallel_layout") or {}
+    as_saved = _shape(src, saved.get("tp", src.parallel.tensor_model_parallel_size),
+                      saved.get("pp", src.parallel.pipeline_model_parallel_size))
+    target = _shape(cfg, cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
+    if needs_import(common, args.no_optimizer) and target != as_saved:
+        # Megatron-LM's dp_reshardable optimizer loads only into the saved layout and dtype (its keys name
+        # the DDP buckets' dtypes): convert at those first, as grow does, then from that copy
+        from megatron_staged.runtime.distributed import print_rank0
+
+        imported = import_scratch_dir(args.save)
+        print_rank0(f"{ckpt_dir} was saved by Megatron-LM with its dp_reshardable optimizer; converting it at its "
+                    f"saved layout and dtype to {imported} first")
+        convert(argparse.Namespace(load=ckpt_dir, save=imported, target_tensor_model_parallel_size=None,
+                                   target_pipeline_model_parallel_size=None, no_optimizer=False, dtype=None,
+                                   overwrite=True))
+        import shutil
+
+        import torch.distributed as dist
+
+        try:
+            out = convert(argparse.Namespace(**dict(vars(args), load=imported)))
+            dist.barrier()  # every rank has read its shards of the copy
+        finally:
+            if dist.get_rank() == 0:
+                shutil.rmtree(imported, ignore_errors=True)
+        return dict(out, source=ckpt_dir, saved_layout=common.get("parallel_layout"))
     source_state = common.get("train_state") or {}
     with_optim = not args.no_optimizer and source_state.get("has_optimizer", True)
     cfg.checkpoint.override_opt_param_scheduler = False  # the saved schedule is carried over as it is
@@ -144,7 +199,8 @@ def main(argv) -> int:
     note = ""
     if not s["source_had_optimizer"] and not args.no_optimizer:
         note = " (the source holds no optimizer state, so neither does the target)"
-    was = f"TP{saved.get('tp', '?')} PP{saved.get('pp', '?')} DP{saved.get('dp', '?')}"
+    was = (f"TP{saved.get('tp', '?')} PP{saved.get('pp', '?')}" + (f" VP{saved['vp']}" if saved.get("vp") else "")
+           + f" DP{saved.get('dp', '?')}")
     print_rank0(f"converted {s['source']} (iteration {s['iteration']}, {was}) -> {s['target']} at {s['layout']}, {s['dtype']}, "
                 f"{'with' if s['with_optimizer'] else 'without'} optimizer state{note} in {time.time() - t0:.1f}s")
     return 0

@@ -19,6 +19,11 @@ def main(argv) -> int:
     cfg.checkpoint.no_load_rng = True
     cfg.checkpoint.no_load_optim = True  # weights only
     trainer = Trainer(cfg)
+    if trainer.valid_ds is None:
+        from megatron_staged.errors import UserError
+
+        raise UserError(f"no validation data to evaluate on: --split {cfg.data.split} gives the valid split no "
+                        f"share (or give --valid-data-path)")
     loss = trainer.evaluate()
     print_rank0(f"eval loss {loss:.8f} at iteration {trainer.iteration} over {cfg.training.eval_iters} "
                 f"batches of {cfg.training.global_batch_size} ({cfg.model.num_layers} layers, "

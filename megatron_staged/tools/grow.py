@@ -39,16 +39,17 @@ def main(argv) -> int:
     GrowthRequest.add_flags(p)
     a = p.parse_args(argv)
     src_dir, _ = resolve_checkpoint_dir(a.load)
+    named = src_dir  # what the summary names: the user's source, not a scratch copy of it
     check_output_dir(a.save, "--save", sources=(src_dir,), overwrite=a.overwrite)
     common = load_common(src_dir)
     imported = None
     if needs_import(common, a.no_optimizer):
         # Megatron-LM's default optimizer form (dp_reshardable) is readable only at its saved TP/PP:
         # bring the checkpoint over first, as `convert` would, then grow from that copy
-        from megatron_staged.tools.convert import convert
+        from megatron_staged.tools.convert import convert, import_scratch_dir
 
-        imported = a.save.rstrip("/") + ".megatron_lm_import"
         init_distributed()
+        imported = import_scratch_dir(a.save)
         print_rank0(f"{src_dir} was saved by Megatron-LM with its dp_reshardable optimizer; converting it at its "
                     f"saved layout to {imported} first")
         convert(argparse.Namespace(load=src_dir, save=imported, target_tensor_model_parallel_size=None,
@@ -61,7 +62,7 @@ def main(argv) -> int:
     old_cfg = Config.from_dict(common["args"])
     spec = make_spec(old_cfg, GrowthRequest.from_args(a))
     # validates before anything is built or written (torchrun's WORLD_SIZE, as init_distributed will see it)
-    new_cfg = target_config(old_cfg, spec, int(os.environ.get("WORLD_SIZE", "1")))
+    new_cfg = target_config(old_cfg, spec, int(os.environ.get("WORLD_SIZE", "1")), offline=True)
     init_distributed()
     comps, state, stats = grow_from_checkpoint(src_dir, spec, old_cfg, common, new_cfg)
     new_cfg.checkpoint.load = None
@@ -72,9 +73,10 @@ def main(argv) -> int:
 
         shutil.rmtree(imported, ignore_errors=True)
     e = state.stage_history[-1]
-    print_rank0(f"grew {src_dir} -> {a.save} at iteration {state.iteration}: {e['operator']} "
+    print_rank0(f"grew {named} -> {a.save} at iteration {state.iteration}: {e['operator']} "
                 f"{e['from']['num_layers']}x{e['from']['hidden_size']} -> {e['to']['num_layers']}x{e['to']['hidden_size']}, "
-                f"layout TP{e['to']['tp']} PP{e['to']['pp']} DP{e['to']['dp']}, LR schedule step "
+                f"layout TP{e['to']['tp']} PP{e['to']['pp']}{' VP' + str(e['to']['vp']) if e['to'].get('vp') else ''} "
+                f"DP{e['to']['dp']}, LR schedule step "
                 f"{e['schedule_step_before']} -> {e['schedule_step_after']} (rho {e['rho']:.3g}), "
                 f"read {stats['bytes_read'] / 1e6:.1f} MB in {stats['seconds']:.2f}s")
     return 0

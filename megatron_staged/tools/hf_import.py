@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from megatron_staged.errors import ArgumentParser, UserError
+from megatron_staged.errors import ArgumentParser, UserError, require
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -145,12 +145,16 @@ def check_hf_shapes(weights: HFWeights, arch) -> None:
 
 def import_config(arch, args, hf_dir: str, world_size: int):
     """The Config to store: architecture from HF, layout and dtype from the flags."""
-    from megatron_staged.checkpoint.hf_mapping import arch_to_model_fields
+    from megatron_staged.checkpoint.hf_mapping import GPT2, arch_to_model_fields
     from megatron_staged.config import Config, resolve_model, validate
 
     cfg = Config.from_dict({"model": arch_to_model_fields(arch)})
     m = cfg.model
     m.seq_length = args.seq_length or arch.max_positions
+    if arch.hf_class == GPT2:  # learned positions: the HF model has no rows beyond n_positions
+        require(m.seq_length <= arch.max_positions,
+                f"--seq-length {m.seq_length} exceeds the HF model's {arch.max_positions} learned positions "
+                f"(n_positions in {os.path.join(hf_dir, 'config.json')}); use --seq-length {arch.max_positions} or less")
     m.make_vocab_size_divisible_by = args.make_vocab_size_divisible_by
     m.bf16 = args.dtype == "bf16"
     m.vocab_size = arch.vocab - 1  # NullTokenizer (mock data) semantics: ids 0..V-2 plus EOD V-1 = the HF vocabulary

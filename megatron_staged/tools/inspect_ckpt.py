@@ -143,7 +143,8 @@ def print_text(d: dict, with_tensors: bool) -> None:
          + (f" (saved iterations here: {', '.join(map(str, its))})" if len(its) > 1 else "")),
         ("model", model_line(d["model"])),
         ("parameters", f"{d['num_parameters']:,} (padded vocabulary rows included)"),
-        ("saved layout", f"TP{lay.get('tp', '?')} PP{lay.get('pp', '?')} DP{lay.get('dp', '?')}"),
+        ("saved layout", f"TP{lay.get('tp', '?')} PP{lay.get('pp', '?')}" + (f" VP{lay['vp']}" if lay.get("vp") else "")
+         + f" DP{lay.get('dp', '?')}"),
         ("consumed", f"{d['consumed_train_samples']} samples"),
         ("FLOPs so far", f"{d['flops_so_far']:.4g}" if d["flops_so_far"] is not None else "?"),
         ("optimizer", f"step {d['optimizer_step']}, state {'saved' if d['has_optimizer'] else 'not saved'}"

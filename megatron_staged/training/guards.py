@@ -77,9 +77,14 @@ def grads_finite(model_chunks) -> bool:
     return True
 
 
-def step_is_finite(loss: float, model_chunks) -> bool:
-    """Loss and gradients finite on every rank (collective)."""
-    local = 1.0 if (math.isfinite(loss) and grads_finite(model_chunks)) else 0.0
+def step_is_finite(loss: float, model_chunks, check_grads: bool = True) -> bool:
+    """Loss and gradients finite on every rank (collective).
+
+    ``check_grads=False`` (fp16 with a dynamic loss scale): only the loss is checked. Gradients that
+    overflow are the loss scaler's business, as in Megatron-LM: the optimizer finds them, skips the
+    step and lowers the scale (an initial scale of 2**32 overflows on the first steps by design).
+    """
+    local = 1.0 if (math.isfinite(loss) and (not check_grads or grads_finite(model_chunks))) else 0.0
     return all_reduce_scalar(local, "min") > 0
 
 

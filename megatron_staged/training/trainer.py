@@ -230,7 +230,8 @@ class Trainer:
         """
         if why and why.get("trigger") == "slope":
             self._log_trigger("PRE-GROWTH", why)
-        eval_iters = request.eval_iters or self.cfg.training.eval_iters
+        eval_iters = request.eval_iters or self.cfg.training.eval_iters  # 0: no loss check (nan recorded)
+        no_eval = ("--eval-iters 0" if not eval_iters else "no validation data" if self.valid_ds is None else None)
         before = self.evaluate(eval_iters)
         old, self.components = self.components, None
         self.components, self.state, stats = self.stages.grow(request, old, self.state, stage_index)
@@ -247,7 +248,8 @@ class Trainer:
             f"{e['from']['hidden_size']} (TP{e['from']['tp']} PP{e['from']['pp']}{_vp(e['from'])}) -> "
             f"{e['to']['num_layers']} layers x {e['to']['hidden_size']} (TP{e['to']['tp']} PP{e['to']['pp']}"
             f"{_vp(e['to'])} DP{e['to']['dp']}) | "
-            f"eval loss before: {before:.6f} | after: {after:.6f} | diff: {after - before:+.2e} | "
+            + (f"eval loss before: {before:.6f} | after: {after:.6f} | diff: {after - before:+.2e} | " if not no_eval
+               else f"eval loss check skipped ({no_eval}) | ") +
             f"LR schedule step {e['schedule_step_before']} -> {e['schedule_step_after']} (rho {e['rho']:.3g}, "
             f"re-warmup {e['rewarmup_iters']}) | {seconds:.2f}s",
             event="growth", iteration=self.state.iteration, eval_loss_before=before, eval_loss_after=after,
@@ -306,7 +308,8 @@ class Trainer:
         try:
             loss = run_microbatches(self.model, self.train_iter, self.num_microbatches, self.cfg, forward_only=False)
             inject_nan(self.state.iteration + 1, self.model)
-            self.step_finite = step_is_finite(loss, self.model)
+            dynamic_loss_scale = self.cfg.model.fp16 and self.cfg.optim.loss_scale is None
+            self.step_finite = step_is_finite(loss, self.model, check_grads=not dynamic_loss_scale)
             if not self.step_finite:
                 return loss, float("nan"), False
             ok, grad_norm, _ = self.optimizer.step()
@@ -325,7 +328,10 @@ class Trainer:
         from megatron_staged.data import build_data_iterator
 
         t = self.cfg.training
-        n = eval_iters or t.eval_iters
+        n = t.eval_iters if eval_iters is None else eval_iters
+        if n == 0 or self.valid_ds is None:  # --eval-iters 0 or no validation split: no evaluation (Megatron-LM)
+            self.last_eval_se = float("nan")
+            return float("nan")
         its = [build_data_iterator(self.valid_ds, 0, t.micro_batch_size, ps.get_data_parallel_rank(),
                                    ps.get_data_parallel_world_size()) for _ in self.model]
         it = its if len(its) > 1 else its[0]
@@ -348,6 +354,9 @@ class Trainer:
         save_interval = self.cfg.checkpoint.save_interval
         self.logger.start(self.state.iteration, self.cfg.training.train_iters)
         t = self.cfg.training
+        if t.eval_interval and t.eval_iters and self.valid_ds is None:
+            print_rank0(f"note: no validation data (--split {self.cfg.data.split} gives the valid split no share, or no "
+                        f"--valid-data-path): no evaluation every --eval-interval {t.eval_interval} iterations")
         exits = ExitConditions(t.exit_signal_handler, t.exit_duration_in_mins, self.start_time)
         try:
             last_loss = self._loop(exits)
@@ -392,7 +401,8 @@ class Trainer:
             self.state.record_step(loss, t.global_batch_size, self.last_step_flops)
             last_loss = loss
             self.logger.iteration(self, loss, grad_norm, elapsed, ok)
-            if t.eval_interval and self.state.iteration % t.eval_interval == 0:
+            if t.eval_interval and t.eval_iters and self.valid_ds is not None and \
+                    self.state.iteration % t.eval_interval == 0:
                 self.logger.eval(self, self.evaluate())
             if save_interval and self.state.iteration % save_interval == 0:
                 self.save()
