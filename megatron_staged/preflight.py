@@ -32,6 +32,9 @@ def preflight(cfg: Config, command: str = "train") -> None:
     from megatron_staged.runtime.distributed import resolve_backend
 
     resolve_backend(cfg.parallel.distributed_backend)
+    _check_output_file(cfg.logging.log_file, "--log-file")
+    _check_output_file(cfg.logging.tensorboard_dir, "--tensorboard-dir", directory=True)
+    _check_output_file(cfg.data.data_cache_path, "--data-cache-path", directory=True)
     from megatron_staged.data.validate import check_data_flags
 
     check_data_flags(cfg.data)
@@ -43,6 +46,22 @@ def preflight(cfg: Config, command: str = "train") -> None:
         _check_save(cfg, common)
         if common is not None:
             _check_schedule(cfg, common)
+
+
+def _check_output_file(path, flag: str, directory: bool = False) -> None:
+    """A file this run appends to (or a ``directory`` it writes into): not a directory (a file), and
+    under a directory that exists or can be made."""
+    if not path:
+        return
+    if directory and os.path.lexists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a file; give a directory")
+    if not directory and os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a directory; give a file path (records are appended to it)")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"{flag} {path}: {parent} is a file, so the directory for it cannot be made")
 
 
 def _check_layout(cfg: Config, common) -> None:

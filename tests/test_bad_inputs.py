@@ -249,6 +249,13 @@ CASES = [
     ("save-load-elsewhere", ["train", *T, "--load", "{S}/good", "--save", "{S}/other_model"], r"this run does not resume it \(--load"),
     ("finetune-into-source", ["train", *T, "--load", "{S}/good", "--finetune", "--save", "{S}/good"], r"--finetune restarts at iteration 0"),
     ("save-is-file", ["train", *T, "--save", "{S}/a_file"], r"--save .*a_file is a file"),
+    # found as a new user: IsADirectoryError / NotADirectoryError tracebacks after the model was built
+    ("log-file-is-dir", ["train", *T, "--log-file", "{S}/user_dir"], r"--log-file .*user_dir is a directory"),
+    ("log-file-under-a-file", ["train", *T, "--log-file", "{S}/a_file/x/log.jsonl"],
+     r"--log-file .*a_file is a file, so the directory for it cannot be made"),
+    ("tensorboard-dir-is-file", ["train", *T, "--tensorboard-dir", "{S}/a_file"],  # was a warning: TB disabled
+     r"--tensorboard-dir .*a_file is a file; give a directory"),
+    ("data-cache-path-is-file", ["train", *T, "--data-cache-path", "{S}/a_file"], r"--data-cache-path .*a_file is a file"),
     ("both-scheduler-flags", ["train", *T, "--train-iters", "4", "--load", "{S}/good", "--save", "{S}/good", "--override-opt-param-scheduler", "--use-checkpoint-opt_param-scheduler"], r"choose one of --override-opt-param-scheduler and --use-checkpoint-opt_param-scheduler"),
     # tools: never overwrite by surprise
     ("grow-into-own-root", ["grow", "--load", "{S}/good", "--save", "{S}/good", "--depth-factor", "2"], r"would write into the source checkpoint"),
