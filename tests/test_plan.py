@@ -322,6 +322,20 @@ def test_plan_refuses_what_fits_nowhere(capsys):
     assert err.startswith("error: stage 0") and "--recompute-granularity selective" in err and err.count("\n") == 1
 
 
+def test_plan_searches_when_the_configured_layout_cannot_run(capsys):
+    """6 GPUs, global batch 256 of micro batches of 4: TP1 PP1 leaves DP 6, which does not divide 256 / 4;
+    TP1 PP2 leaves DP 3 (no either); TP1 PP3 leaves DP 2 (yes) -- the first candidate that can run."""
+    rc = cli_main(["plan", "--model-family", "llama", "--num-layers", "6", "--hidden-size", "256",
+                   "--num-attention-heads", "8", "--seq-length", "256", "--padded-vocab-size", "1024", "--bf16",
+                   "--micro-batch-size", "4", "--global-batch-size", "256", "--train-iters", "100", "--gpus", "6"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "note: the configured layout TP1 PP1 cannot run on 6 GPUs (--global-batch-size 256 is not divisible" in out
+    assert "planning from TP1 PP3" in out
+    row = next(l for l in out.splitlines() if l.startswith("0 ") and l.rstrip().endswith("TP1 PP3"))
+    assert row.split()[:4] == ["0", "1", "3", "2"]  # stage 0 at TP1 PP3 DP2
+
+
 def test_every_example_config_dry_runs(capsys):
     configs = sorted(os.path.relpath(p, EXAMPLES) for p in glob.glob(str(EXAMPLES / "**" / "*.yaml"), recursive=True))
     assert configs == sorted(EXAMPLE_WORLD), "list every example config's world size in EXAMPLE_WORLD"

@@ -64,7 +64,7 @@ def hardware(args):
     from megatron_staged.errors import require
     from megatron_staged.planning.cluster import Hardware
 
-    require(args.gpus is None or args.gpus >= 1, f"--gpus {args.gpus} must be positive (>= 1)")
+    require(args.gpus is None or args.gpus >= 1, f"--gpus/--world-size {args.gpus} must be positive (>= 1)")
     require(args.gpus is not None, "give the number of GPUs: --gpus N (or --world-size N)")
     for flag, v, strict in (("--gpus-per-node", args.gpus_per_node, True), ("--gpu-memory-gb", args.gpu_memory_gb, True),
                             ("--reserved-memory-gb", args.reserved_memory_gb, False),
@@ -93,11 +93,37 @@ def run_cluster(args, cfg: Config) -> int:
     from megatron_staged.planning.recipe import plan_stages, schedule_warnings
 
     hw = hardware(args)
-    text, _ = cluster_report(plan_stages(cfg, hw.gpus), hw, recompute_settings(args, cfg))
+    stages, cfg = plan_stages_from_a_valid_layout(cfg, hw)
+    text, _ = cluster_report(stages, hw, recompute_settings(args, cfg))
     print(text)
     for warning in schedule_warnings(cfg, hw.gpus):
         print(warning)
     return 0
+
+
+def plan_stages_from_a_valid_layout(cfg: Config, hw):
+    """(stages, config planned from): the run's stages from its configured layout or, when that layout
+    cannot run on ``hw.gpus`` GPUs (e.g. the global batch does not split over the DP it leaves), from
+    the first candidate layout that can, with a note: the planner's job is to find one."""
+    from megatron_staged.config import resolve_model
+    from megatron_staged.errors import UserError
+    from megatron_staged.planning.cluster import candidate_layouts, with_layout
+    from megatron_staged.planning.recipe import plan_stages, resolve_vocab
+
+    try:
+        return plan_stages(cfg, hw.gpus), cfg
+    except UserError as e:
+        base = cfg.copy()
+        resolve_model(base.model)
+        resolve_vocab(base)
+        alt = next(iter(candidate_layouts(base, hw)), None)
+        if alt is None:
+            raise
+        p = cfg.parallel
+        print(f"note: the configured layout TP{p.tensor_model_parallel_size} PP{p.pipeline_model_parallel_size} "
+              f"cannot run on {hw.gpus} GPUs ({e}); planning from TP{alt[0]} PP{alt[1]}\n")
+        cfg = with_layout(cfg, *alt)
+        return plan_stages(cfg, hw.gpus), cfg
 
 
 def _run_kaplan(args, cfg: Config) -> int:
