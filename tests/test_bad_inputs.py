@@ -296,7 +296,7 @@ CASES = [
     ("exit-interval-zero", ["train", *T, "--exit-interval", "0"], r"--exit-interval 0 must be positive"),
     ("seed-negative", ["train", *T, "--seed", "-1"], r"--seed -1 must be non-negative"),
     ("norm-epsilon-zero", ["train", *T, "--norm-epsilon", "0"], r"--norm-epsilon 0.0 must be positive"),
-    ("plan-gpus-zero", ["plan", "--gpus", "0", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2"], r"--gpus 0 must be positive"),
+    ("plan-gpus-zero", ["plan", "--gpus", "0", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2"], r"--gpus/--world-size 0 must be positive"),
     ("plan-memory-negative", ["plan", "--gpus", "1", "--gpu-memory-gb", "-1", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2"], r"--gpu-memory-gb -1.0 must be positive"),
     ("plan-tokens-negative", ["plan", "--gpus", "1", "--train-tokens", "-5", "--global-batch-size", "8", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2"], r"--train-tokens -5.0 must be positive"),
     ("plan-mfu-above-one", ["plan", "--gpus", "1", "--mfu", "2", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2"], r"--mfu 2.0 must be in \(0, 1\]"),
