@@ -380,6 +380,16 @@ def set_optimizer_step(optimizer, step: int) -> None:
                     st["step"] = torch.tensor(float(step), dtype=torch.float32, device=device)
 
 
+def _optimizer_precision(optimizer) -> str:
+    """bf16, fp16 or fp32: the model precision megatron-core built this (non-distributed) optimizer for."""
+    parts = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    for opt in parts:
+        if hasattr(opt, "float16_groups"):  # Float16OptimizerWithFloat16Params
+            dtypes = {p.dtype for g in opt.float16_groups for p in g}
+            return "fp16" if torch.float16 in dtypes else "bf16"
+    return "fp32"
+
+
 def load_optimizer_state(optimizer, sd: dict, step: int) -> None:
     """``optimizer.load_state_dict`` for a loaded sharded state dict, with torch Adam's step.
 
@@ -569,6 +579,16 @@ def load_checkpoint(path: str, model_chunks, optimizer, scheduler, *, load_optim
             flag = "--use-distributed-optimizer" if saved_dist else "no --use-distributed-optimizer"
             raise UserError(f"{ckpt_dir} was saved with {flag}; resume the same way (or pass --no-load-optim "
                             f"to start a fresh optimizer)")
+        if not now_dist:
+            # the non-distributed optimizers differ by precision (fp32 master copies in 16-bit runs only)
+            saved_m = (config or {}).get("model", {})
+            saved_p = "bf16" if saved_m.get("bf16") else "fp16" if saved_m.get("fp16") else "fp32"
+            now_p = _optimizer_precision(optimizer)
+            if saved_p != now_p:
+                raise UserError(f"{ckpt_dir} was saved in {saved_p} without --use-distributed-optimizer, whose "
+                                f"optimizer state does not load into a {now_p} run; resume in {saved_p} (or pass "
+                                f"--no-load-optim to start a fresh optimizer; the distributed optimizer's "
+                                f"state changes precision freely)")
         optim_sharding = _optimizer_sharding(common, ckpt_dir, optimizer)
     rng_layout = megatron_lm.rng_layout(ckpt_dir) if load_rng and same_layout else None
     sd = build_state_dict(model_chunks, optimizer, None, {}, is_loading=True, with_optimizer=with_optim,

@@ -175,6 +175,9 @@ class Trainer:
                 raise UserError(f"--{name.replace('_', '-')} {mine} disagrees with the checkpoint "
                                 f"{ckpt_dir} ({value}); drop the flag or load a matching checkpoint")
             if name not in explicit:
+                if name in ("bf16", "fp16") and mine != value and value:
+                    print_rank0(f"note: --{name} taken from the checkpoint {ckpt_dir} (saved by a --{name} run); "
+                                f"pass --no-{name} to resume in fp32")
                 setattr(cfg.model, name, value)
         if cfg.checkpoint.finetune:
             return TrainState()
