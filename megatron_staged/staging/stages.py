@@ -207,6 +207,20 @@ class StageRunner:
         self.pending.pop(0)
         return st, why
 
+    def never_ran(self, state: TrainState, cfg: Config) -> list[str]:
+        """One note per stage still pending when the run reached --train-iters (a slope trigger that did
+        not fire, an at_flops point beyond the run's compute): the run ends on the ungrown model."""
+        lines = []
+        for st in self.pending:
+            r = st.request
+            point = (f"at_flops {r.at_flops:g} (the run reached {state.flops_so_far:.4g} FLOPs)"
+                     if r.at_flops is not None else
+                     "trigger: slope (the slope never rose above its threshold)" if r.trigger == "slope" else
+                     f"at_iteration {r.at_iteration}" if r.at_iteration is not None else "its point")
+            lines.append(f"note: staging.stages[{st.index}] never ran before --train-iters "
+                         f"{cfg.training.train_iters}: {point}; the run ends without that growth")
+        return lines
+
     def optimality_reached(self, state: TrainState, cfg: Config) -> Optional[dict]:
         """With ``--stop-at-optimality``, after the last stage: the reading once the slope says that
         training the current model further is no longer compute-optimal (Shen et al.'s OPTIMALITY)."""
