@@ -199,9 +199,14 @@ def _check_schedule(cfg: Config, common: dict) -> None:
     it = int(common.get("iteration") or 0)
     tail = ""
     steps = int(saved.get("lr_decay_steps") or 0)
-    if t.train_iters > steps and saved.get("lr_decay_style") != "constant":
-        tail = (f"; its LR decays to min-lr {saved.get('min_lr')} by step {steps}, so iterations "
-                f"{max(it, steps) + 1}-{t.train_iters} run at {saved.get('min_lr')}")
+    # The scheduler's step is not the iteration once a growth moved it (S_pre / rho): it runs behind
+    # by ``it - num_steps``, one step per iteration from here, so it reaches ``steps`` that much later.
+    now = int(saved.get("num_steps", it) or 0)
+    first = it + max(steps - now, 0) + 1
+    if t.train_iters >= first and saved.get("lr_decay_style") != "constant":
+        which = (f"iteration {first} runs" if first == t.train_iters else
+                 f"iterations {first}-{t.train_iters} run")
+        tail = f"; its LR decays to min-lr {saved.get('min_lr')} by step {steps}, so {which} at {saved.get('min_lr')}"
     warn(f"resuming with the checkpoint's LR schedule (Megatron's rule; the flags differ: {listed}){tail}; pass "
          f"--override-opt-param-scheduler to use the flags' schedule, or --use-checkpoint-opt_param-scheduler "
          f"to silence this")

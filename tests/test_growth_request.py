@@ -177,3 +177,22 @@ def test_offline_grow_checks_the_layout_not_the_runs_batch():
     with pytest.raises(UserError, match="not divisible by --pipeline-model-parallel-size 3"):  # layout still checked
         target_config(cfg, make_spec(cfg, GrowthRequest(depth_factor=2, target_pipeline_model_parallel_size=3)),
                       3, offline=True)
+
+
+def test_a_stage_list_edited_after_a_growth_is_refused_not_skipped(tmp_path):
+    """The checkpoint names its growths by stage index: a list edited after one ran (here the width stage
+    removed) must not let the depth stage, now at index 0, pass as done and never run."""
+    from conftest import TINY_MOCK, run_cli
+
+    ran, edited = tmp_path / "ran.yaml", tmp_path / "edited.yaml"
+    ran.write_text("staging:\n  stages:\n    - {at_iteration: 1, width_factor: 2}\n"
+                   "    - {at_iteration: 3, depth_factor: 2}\n")
+    edited.write_text("staging:\n  stages:\n    - {at_iteration: 3, depth_factor: 2}\n")
+    ck = tmp_path / "ck"
+    run_cli(["train", *TINY_MOCK, "--train-iters", "4", "--exit-interval", "2", "--config", str(ran), "--save", str(ck)])
+    bad = run_cli(["train", *TINY_MOCK, "--train-iters", "4", "--config", str(edited), "--load", str(ck),
+                   "--save", str(ck)], check=False)
+    assert bad.returncode != 0
+    assert "staging.stages[0] is not the stage 0 this run applied at iteration 1 (width" in bad.stderr, bad.stderr[-2000:]
+    good = run_cli(["train", *TINY_MOCK, "--train-iters", "4", "--config", str(ran), "--load", str(ck), "--save", str(ck)])
+    assert "growth at iteration 3: depth" in good.stdout + good.stderr

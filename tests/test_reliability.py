@@ -84,6 +84,39 @@ def test_resume_schedule_follows_megatron_rule_and_says_so(tmp_path, tiny_checkp
     assert overridden[3]["lr"] > 0.0, "the flags' schedule decays over 4 iterations"
 
 
+def test_resume_schedule_note_counts_from_the_schedulers_step_after_growth(capsys):
+    """After a growth the scheduler runs behind the iteration (step S/rho): the resume note must name the
+    iterations that really run at min-lr, found here by stepping megatron-core's own scheduler."""
+    import torch
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from megatron_staged.config import parse_config
+    from megatron_staged.preflight import _check_schedule
+
+    it, num_steps, decay, train_iters = 8, 5, 10, 14    # grown at iteration 7: step 7 -> 4
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = OptimizerParamScheduler(opt, init_lr=0.0, max_lr=1e-3, min_lr=0.0, lr_warmup_steps=2,
+                                    lr_decay_steps=decay, lr_decay_style="cosine", start_wd=0.0, end_wd=0.0,
+                                    wd_incr_steps=decay, wd_incr_style="constant")
+    sched.num_steps = num_steps
+    sched.step(0)
+    at_min = []
+    for i in range(it + 1, train_iters + 1):        # LR in effect during iteration i, then the step after it
+        if opt.param_groups[0]["lr"] == 0.0:
+            at_min.append(i)
+        sched.step(1)
+    cfg = parse_config(["--mock-data", "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+                        "--lr", "1e-3", "--lr-warmup-iters", "2", "--lr-decay-style", "cosine",
+                        "--train-iters", str(train_iters)])
+    common = {"iteration": it, "opt_param_scheduler": dict(sched.state_dict(), num_steps=num_steps)}
+    _check_schedule(cfg, common)
+    err = capsys.readouterr().err
+    assert "--train-iters gives 14, the checkpoint has 10" in err, err
+    said = (f"iteration {train_iters} runs at 0.0" if at_min == [train_iters] else
+            f"iterations {at_min[0]}-{train_iters} run at 0.0")
+    assert said in err, (at_min, err)
+
+
 def test_inspect_verify_finds_a_flipped_byte(tmp_path, tiny_checkpoint):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny_checkpoint, ckpt)

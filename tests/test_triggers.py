@@ -179,3 +179,18 @@ def test_compute_axis_is_executed_flops_when_layers_are_dropped():
     plain = [(since, 4.0, 7e12)] + [(since + i, 3.0 + 1.0 / i, 7e12 + i * full) for i in range(1, 50)]
     assert [c for c, _ in stage_curve(plain, since, full, step0)[1]] == pytest.approx(
         [full * (step0 + i) for i in range(1, 50)])
+
+
+def test_a_stage_that_never_ran_is_named_at_the_end(tmp_path):
+    """A stage whose point the run never reached (here at_flops far beyond it) ends the run ungrown: say so,
+    but not when the run stops early (--exit-interval), where a resume may still reach it."""
+    from conftest import TINY_MOCK
+
+    cfg = tmp_path / "stages.yaml"
+    cfg.write_text("staging:\n  stages:\n    - {at_flops: 1.0e+30, depth_factor: 2}\n")
+    full = run_cli(["train", *TINY_MOCK, "--train-iters", "3", "--config", str(cfg)])
+    out = full.stdout + full.stderr
+    assert "growth at iteration" not in out
+    assert "note: staging.stages[0] never ran before --train-iters 3: at_flops 1e+30" in out, out[-2000:]
+    early = run_cli(["train", *TINY_MOCK, "--train-iters", "3", "--exit-interval", "2", "--config", str(cfg)])
+    assert "never ran" not in early.stdout + early.stderr

@@ -54,10 +54,34 @@ class Stage:
         return self.request.at_iteration
 
 
+# What a stage is: the growth it asks for and its point. A checkpoint's history names a stage by its
+# index, so a stage list edited after a growth (one removed, or inserted before it) would shift a
+# different stage onto a recorded index and skip it silently.
+_IDENTITY = ("width_factor", "depth_factor", "num_layers", "at_flops", "trigger")
+
+
+def _same_stage(stage: Stage, spec: dict) -> bool:
+    r = stage.request
+    for key in _IDENTITY:
+        if key in spec and spec[key] != getattr(r, key):
+            return False
+    if r.at_fraction is None and spec.get("at_fraction") is None and "at_iteration" in spec:
+        return spec["at_iteration"] == r.at_iteration
+    return True
+
+
 def _done(stage: Stage, history: list) -> bool:
     for h in history:
         if "stage_index" in h:
             if h["stage_index"] == stage.index:
+                if isinstance(h.get("spec"), dict) and not _same_stage(stage, h["spec"]):
+                    raise UserError(
+                        f"staging.stages[{stage.index}] is not the stage {stage.index} this run applied at "
+                        f"iteration {h.get('iteration')} ({h.get('operator')}: "
+                        f"{(h.get('from') or {}).get('num_layers')} layers x {(h.get('from') or {}).get('hidden_size')}"
+                        f" -> {(h.get('to') or {}).get('num_layers')} layers x "
+                        f"{(h.get('to') or {}).get('hidden_size')}); the stage list was edited after it ran: keep the "
+                        f"stages that ran, in order, at the head of staging.stages")
                 return True
         elif stage.at_iteration is not None and h.get("iteration") == stage.at_iteration:
             return True  # a checkpoint from before stage indices were recorded
@@ -206,6 +230,20 @@ class StageRunner:
             return None, None
         self.pending.pop(0)
         return st, why
+
+    def never_ran(self, state: TrainState, cfg: Config) -> list[str]:
+        """One note per stage still pending when the run reached --train-iters (a slope trigger that did
+        not fire, an at_flops point beyond the run's compute): the run ends on the ungrown model."""
+        lines = []
+        for st in self.pending:
+            r = st.request
+            point = (f"at_flops {r.at_flops:g} (the run reached {state.flops_so_far:.4g} FLOPs)"
+                     if r.at_flops is not None else
+                     "trigger: slope (the slope never rose above its threshold)" if r.trigger == "slope" else
+                     f"at_iteration {r.at_iteration}" if r.at_iteration is not None else "its point")
+            lines.append(f"note: staging.stages[{st.index}] never ran before --train-iters "
+                         f"{cfg.training.train_iters}: {point}; the run ends without that growth")
+        return lines
 
     def optimality_reached(self, state: TrainState, cfg: Config) -> Optional[dict]:
         """With ``--stop-at-optimality``, after the last stage: the reading once the slope says that

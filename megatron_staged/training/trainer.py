@@ -366,6 +366,9 @@ class Trainer:
         finally:
             exits.close()
         self.logger.close()
+        if self.state.iteration >= t.train_iters:
+            for line in self.stages.never_ran(self.state, self.cfg):
+                print_rank0(line)
         if self.cfg.checkpoint.save and not (save_interval and self.state.iteration % save_interval == 0):
             self.save()
         s = self.state
