@@ -46,9 +46,17 @@ def _run(cmd: list[str], timeout: int, env: dict) -> subprocess.CompletedProcess
         return subprocess.CompletedProcess(cmd, rc, out.read(), err.read())
 
 
+# torch.distributed's rendezvous variables: a test that ran the CLI in this process set them (and holds
+# MASTER_PORT's store open); a child must pick its own
+RENDEZVOUS_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                  "GROUP_RANK", "TORCHELASTIC_RUN_ID")
+
+
 def _env(extra: dict | None = None) -> dict:
     e = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
              PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for k in RENDEZVOUS_ENV:
+        e.pop(k, None)
     e.update(extra or {})
     return e
 
