@@ -120,6 +120,9 @@ def config_from_megatron_args(ns: argparse.Namespace):
     cfg.performance.attention_backend = "local" if backend in ("unfused", "local") else "auto"
     if v.get("transformer_impl") not in ("transformer_engine", "local"):
         m.transformer_impl = "auto"
+    if cfg.optim.weight_decay_incr_style == "constant":
+        # Megatron-LM's validate_args fills start/end weight decay with --weight-decay for a constant style
+        cfg.optim.start_weight_decay = cfg.optim.end_weight_decay = None
     if not v.get("eval_iters"):  # Megatron-LM: --eval-iters 0 runs no evaluation; here that is --eval-interval 0
         cfg.training.eval_interval, cfg.training.eval_iters = 0, type(cfg.training)().eval_iters
     if v.get("train_iters") is None and v.get("train_samples"):
