@@ -110,6 +110,20 @@ def import_scratch_dir(save: str) -> str:
     return imported
 
 
+def copy_at_saved_layout(ckpt_dir: str, save: str) -> str:
+    """A Megatron-LM checkpoint with its dp_reshardable optimizer (readable only at its saved layout and
+    dtype) converted as saved into a scratch directory beside ``save``; returns that directory."""
+    from megatron_staged.runtime.distributed import print_rank0
+
+    imported = import_scratch_dir(save)
+    print_rank0(f"{ckpt_dir} was saved by Megatron-LM with its dp_reshardable optimizer; converting it at its "
+                f"saved layout and dtype to {imported} first")
+    convert(argparse.Namespace(load=ckpt_dir, save=imported, target_tensor_model_parallel_size=None,
+                               target_pipeline_model_parallel_size=None, no_optimizer=False, dtype=None,
+                               overwrite=True))
+    return imported
+
+
 def convert(args) -> dict:
     for flag, v in (("--target-tensor-model-parallel-size", args.target_tensor_model_parallel_size),
                     ("--target-pipeline-model-parallel-size", args.target_pipeline_model_parallel_size),
@@ -154,14 +168,7 @@ def convert(args) -> dict:
     if needs_import(common, args.no_optimizer) and target != as_saved:
         # Megatron-LM's dp_reshardable optimizer loads only into the saved layout and dtype (its keys name
         # the DDP buckets' dtypes): convert at those first, as grow does, then from that copy
-        from megatron_staged.runtime.distributed import print_rank0
-
-        imported = import_scratch_dir(args.save)
-        print_rank0(f"{ckpt_dir} was saved by Megatron-LM with its dp_reshardable optimizer; converting it at its "
-                    f"saved layout and dtype to {imported} first")
-        convert(argparse.Namespace(load=ckpt_dir, save=imported, target_tensor_model_parallel_size=None,
-                                   target_pipeline_model_parallel_size=None, no_optimizer=False, dtype=None,
-                                   overwrite=True))
+        imported = copy_at_saved_layout(ckpt_dir, args.save)
         import shutil
 
         import torch.distributed as dist

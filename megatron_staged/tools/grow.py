@@ -46,15 +46,10 @@ def main(argv) -> int:
     if needs_import(common, a.no_optimizer):
         # Megatron-LM's default optimizer form (dp_reshardable) is readable only at its saved TP/PP:
         # bring the checkpoint over first, as `convert` would, then grow from that copy
-        from megatron_staged.tools.convert import convert, import_scratch_dir
+        from megatron_staged.tools.convert import copy_at_saved_layout
 
         init_distributed()
-        imported = import_scratch_dir(a.save)
-        print_rank0(f"{src_dir} was saved by Megatron-LM with its dp_reshardable optimizer; converting it at its "
-                    f"saved layout to {imported} first")
-        convert(argparse.Namespace(load=src_dir, save=imported, target_tensor_model_parallel_size=None,
-                                   target_pipeline_model_parallel_size=None, no_optimizer=False, dtype=None,
-                                   overwrite=True))
+        imported = copy_at_saved_layout(src_dir, a.save)
         src_dir, _ = resolve_checkpoint_dir(imported)
         common = load_common(src_dir)
     if not common.get("args"):
