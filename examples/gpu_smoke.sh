@@ -13,4 +13,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}   # as Megatron-LM's scripts
-exec python examples/gpu_smoke.py "$@"
+exec "${PYTHON:-python}" examples/gpu_smoke.py "$@"
