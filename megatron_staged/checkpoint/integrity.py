@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import zlib
+from typing import Optional
 
 from megatron_staged.errors import UserError
 
@@ -89,6 +90,35 @@ def read_manifest(ckpt_dir: str):
         raise UserError(f"{path} is damaged: not a readable checkpoint manifest") from None
 
 
+def other_format(ckpt_dir: str) -> Optional[str]:
+    """A sentence when ``ckpt_dir`` holds a Megatron-LM checkpoint in a format other than torch_dist
+    (the legacy ``torch`` format's ``mp_rank_*/model_optim_rng.pt``, or a ``metadata.json`` naming
+    another sharded backend), else None."""
+    convert = ("convert it with Megatron-LM first: resume it there once with --ckpt-convert-format torch_dist "
+               "--ckpt-convert-save DIR, and --load DIR here")
+    try:
+        names = sorted(os.listdir(ckpt_dir))
+    except OSError:
+        return None
+    for name in names:
+        sub = os.path.join(ckpt_dir, name)
+        if name.startswith("mp_rank_") and os.path.isdir(sub) and any(
+                f in ("model_optim_rng.pt", "model_rng.pt", "distrib_optim.pt") for f in os.listdir(sub)):
+            return (f"{ckpt_dir} is a Megatron-LM checkpoint in the legacy 'torch' format ({name}/...); "
+                    f"megatron_staged reads the torch_dist format only: {convert}")
+    meta = os.path.join(ckpt_dir, "metadata.json")
+    if os.path.isfile(meta):
+        try:
+            with open(meta) as fh:
+                backend = json.load(fh).get("sharded_backend")
+        except Exception:  # noqa: BLE001 - unreadable: the damage checks below say so
+            return None
+        if backend and backend != "torch_dist":
+            return (f"{ckpt_dir} is a dist_checkpointing checkpoint in the '{backend}' format; megatron_staged "
+                    f"reads the torch_dist format only: {convert}")
+    return None
+
+
 def problems(ckpt_dir: str, checksums: bool = False) -> list[str]:
     """What is wrong with ``ckpt_dir`` (empty if nothing): one sentence per problem, naming the file."""
     from megatron_staged.checkpoint.safe_load import UnsafeCheckpoint, load_dcp_metadata
@@ -98,6 +128,9 @@ def problems(ckpt_dir: str, checksums: bool = False) -> list[str]:
         return [f"{ckpt_dir} is missing"]
     common = os.path.join(ckpt_dir, "common.pt")
     if not os.path.isfile(common):
+        other = other_format(ckpt_dir)
+        if other:
+            raise UserError(other)  # not damage: another format, said as such
         found.append(f"{common} is missing")
     try:
         manifest = read_manifest(ckpt_dir)

@@ -105,6 +105,11 @@ def _locate(path: str) -> tuple[str, int]:
         base = os.path.basename(os.path.normpath(path))
         it = int(base[5:]) if base.startswith("iter_") and base[5:].isdigit() else 0
         return path, it
+    from megatron_staged.checkpoint.integrity import other_format
+
+    other = other_format(path)
+    if other:
+        raise UserError(other)
     raise UserError(f"--load {path}: not a checkpoint (no {TRACKER} and no iter_XXXXXXX contents); "
                     f"point --load at the directory given to --save")
 
