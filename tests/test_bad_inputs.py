@@ -288,6 +288,8 @@ CASES = [
     ("import-into-checkpoint", ["import-hf", "--hf", "{S}/hf", "--save", "{S}/other_model"], r"already holds a checkpoint"),
     ("import-tp-zero", ["import-hf", "--hf", "{S}/hf", "--save", "{S}/new", "--target-tensor-model-parallel-size", "0"], r"--target-tensor-model-parallel-size 0 must be positive"),
     ("inspect-absent", ["inspect", "{S}/nope"], r"nope: no such checkpoint directory"),
+    ("inspect-load-spelling-absent", ["inspect", "--load", "{S}/nope"], r"nope: no such checkpoint directory"),
+    ("inspect-two-checkpoints", ["inspect", "{S}/good", "--load", "{S}/good"], r"give one checkpoint: `inspect CKPT` or `inspect --load CKPT`"),
     ("inspect-not-checkpoint", ["inspect", "{S}/empty"], r"not a checkpoint \(no latest_checkpointed_iteration.txt"),
     # tried as a new user in a second round (docs/reliability.md): growth requests, tool flags, configs, logs
     ("grow-map-reorders", ["grow", "--load", "{S}/good", "--save", "{S}/new", "--depth-map", "1,0"], r"--depth-map puts layer 1 before layer 0"),

@@ -101,7 +101,7 @@ def test_inspect_reports_state_layout_and_tensors(llama_run, capsys):
     assert tensors["embedding.word_embeddings.weight"]["shape"] == [padded, 64]
     assert tensors["decoder.layers.self_attention.linear_qkv.weight"]["shape"] == [4, (4 + 2 * 2) * 16, 64]
     assert tensors["optimizer.state.exp_avg_sq.output_layer.weight"]["dtype"] == "float32"
-    inspect_ckpt.main([str(root / "iter_0000003"), "--no-tensors"])
+    inspect_ckpt.main(["--load", str(root / "iter_0000003"), "--no-tensors"])  # the other tools' spelling
     text = capsys.readouterr().out
     assert "TP2 PP2 DP1" in text and re.search(r"^iteration\s+3\b", text, re.M)
 

@@ -16,13 +16,19 @@ from megatron_staged.errors import ArgumentParser, UserError
 
 def parse_args(argv):
     p = ArgumentParser(prog="megatron-staged inspect", description="Describe a checkpoint.")
-    p.add_argument("checkpoint", help="a --save directory (its latest iteration) or one iter_XXXXXXX directory")
+    p.add_argument("checkpoint", nargs="?", help="a --save directory (its latest iteration) or one iter_XXXXXXX "
+                   "directory")
+    p.add_argument("--load", default=None, help="the same, spelled as the other tools spell it")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-tensors", action="store_true", help="leave out the tensor list")
     p.add_argument("--verify", action="store_true",
                    help="check every file against the sizes and CRC-32 checksums recorded at save time (reads "
                         "every byte) and the byte ranges .metadata lists; exit status 1 if damaged")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if (args.checkpoint is None) == (args.load is None):
+        p.error("give one checkpoint: `inspect CKPT` or `inspect --load CKPT`")
+    args.checkpoint = args.checkpoint or args.load
+    return args
 
 
 def verify(path: str) -> int:
