@@ -76,3 +76,57 @@ def test_fit_rho(tmp_path):
     table = run_cli(["fit-rho", "--small", a, "--large", b, "--smooth", "1"]).stdout
     rhos = [s / math.ceil(10 / (0.5 + 10 / s)) for s in (40, 80, 120, 160)]
     assert f"median rho = {sorted(rhos)[1] / 2 + sorted(rhos)[2] / 2:.3f}" in table
+
+
+def test_report_baseline_trained_past_its_last_validation(tmp_path):
+    # baseline: 12 iterations at 4e12 FLOPs (4.8e13 in all), last validation at iteration 10 (4e13 FLOPs):
+    # its final loss 3.0 was measured at 4e13, the last 2 iterations bought no measured loss
+    base = iters(1, 12, 4e12, 4, 128) + [
+        {"iteration": 5, "eval_loss": 3.6, "flops_so_far": 2e13}, {"iteration": 10, "eval_loss": 3.0, "flops_so_far": 4e13}]
+    run = iters(1, 10, 3e12, 4, 128) + [{"iteration": 10, "eval_loss": 3.0, "flops_so_far": 3e13}]
+    b, r = write_log(tmp_path / "base.jsonl", base), write_log(tmp_path / "run.jsonl", run)
+    rows = json.loads(_json(run_cli(["report", r, b, "--baseline", b, "--out", str(tmp_path / "r.png"), "--json"])))
+    assert rows[0]["saving"] == pytest.approx(1 - 3e13 / 4e13)   # 25%, not 1 - 3/4.8 = 37.5%
+    assert rows[1]["saving"] == pytest.approx(0.0)                # the baseline against itself saves nothing
+
+
+def _json(result) -> str:
+    out = result.stdout
+    return out[:out.rindex("]") + 1]
+
+
+def test_report_and_fit_rho_read_a_crashed_runs_log(tmp_path):
+    # a run killed mid-write leaves a partial record; the same run resumed appends after it
+    recs = iters(1, 4, 1e12, 2, 64, loss=4.0) + [{"iteration": 4, "eval_loss": 3.5, "flops_so_far": 4e12}]
+    text = "".join(json.dumps(x) + "\n" for x in recs)
+    crashed = tmp_path / "crashed.jsonl"
+    crashed.write_text(text + '{"iteration": 5, "loss": 3.9, "flops_so')  # no newline: killed here
+    r = run_cli(["report", str(crashed), "--out", str(tmp_path / "r.png"), "--json"])
+    row = json.loads(_json(r))[0]
+    assert row["final_eval_loss"] == 3.5 and row["flops"] == 4e12 and "crashed.jsonl:6" in r.stderr
+    assert "3.9" not in r.stdout
+    resumed = tmp_path / "resumed.jsonl"
+    resumed.write_text(text + '{"iteration": 5, "lo' + json.dumps(iters(5, 5, 1e12, 2, 64, start_flops=4e12)[0])
+                       + "\n" + json.dumps({"iteration": 5, "eval_loss": 3.25, "flops_so_far": 5e12}) + "\n")
+    row = json.loads(_json(run_cli(["report", str(resumed), "--out", str(tmp_path / "r.png"), "--json"])))[0]
+    assert row["final_eval_loss"] == 3.25 and row["flops"] == 4e12  # iteration 5's record was the cut line
+    assert "rho" in run_cli(["fit-rho", "--small", str(crashed), "--large", str(resumed), "--smooth", "1"]).stdout
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(text + "Traceback (most recent call last):\n")
+    r = run_cli(["report", str(bad)], check=False)
+    assert r.returncode == 2 and "bad.jsonl:6: not a JSON line" in r.stderr
+
+
+def test_log_file_appended_after_a_partial_record(tmp_path):
+    from megatron_staged.config import Config
+    from megatron_staged.training.logger import MetricsLogger
+
+    log = tmp_path / "m.jsonl"
+    log.write_text('{"iteration": 1, "loss": 4.0}\n{"iteration": 2, "lo')
+    cfg = Config()
+    cfg.logging.log_file = str(log)
+    logger = MetricsLogger(cfg)
+    logger.event("x", event="growth", iteration=2)
+    logger.close()
+    lines = log.read_text().splitlines()
+    assert lines == ['{"iteration": 1, "loss": 4.0}', '{"iteration": 2, "lo', '{"event": "growth", "iteration": 2}']
