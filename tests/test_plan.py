@@ -296,6 +296,19 @@ def test_stage_start_from_flops_and_assumed_slope_trigger():
         {"depth_factor": 2, "trigger": "slope"}, {"width_factor": 2, "at_flops": 1e20}]
 
 
+def test_stage_whose_point_has_passed_starts_with_the_stage_before():
+    # FLOPs per token of the L-layer llama (by hand above): 6 x (46080 L + 256*64) + 12 L 32 64 = 301056 L + 98304
+    tokens = 16 * 32
+    per_iteration = {L: (301056 * L + 98304) * tokens for L in (2, 4, 8)}
+    cfg = small_llama(train_iters=100, global_batch_size=16)
+    cfg.staging.stages = [{"at_flops": 10 * per_iteration[2] + 1, "depth_factor": 2},  # after 11 iterations
+                          {"at_iteration": 5, "depth_factor": 2},     # passed by then: right after, at 11
+                          # 11 iterations of 2 layers, then 2.5 of 8 layers: reached after iteration 14
+                          {"at_flops": 11 * per_iteration[2] + 2.5 * per_iteration[8], "width_factor": 2}]
+    s = plan_stages(cfg, 8)
+    assert [(x.start_iteration, x.end_iteration) for x in s] == [(0, 11), (11, 11), (11, 14), (14, 100)]
+
+
 # ---- the commands ----------------------------------------------------------------------------
 
 def test_plan_command_prints_every_stage(capsys):

@@ -193,8 +193,9 @@ def plan_stages(cfg: Config, world_size: int) -> list[PlannedStage]:
             start = (prev_start + nxt) // 2
         require(start < T, f"staging.stages[{s.index}] would start at iteration {start}, not before "
                            f"--train-iters {T}: the stage would never run")
+        start = max(start, prev_start)  # a point already passed: right after the stage before (the trainer's rule)
         flops_at_start += (start - prev_start) * flops_per_iteration(prev.model, prev.training.global_batch_size)
-        starts.append(max(start, prev_start))
+        starts.append(start)
     bounds = [0] + starts + [T]
     return [PlannedStage(k, bounds[k], bounds[k + 1], c, None if k == 0 else dict(raw[pending[k - 1].index]))
             for k, c in enumerate(configs)]

@@ -381,8 +381,9 @@ class Trainer:
         skipped_in_a_row = 0
         while self.state.iteration < self.cfg.training.train_iters:
             stage, why = self.stages.due(self.state, self.cfg)
-            if stage is not None:
-                self.grow(stage.request, stage.index, why)
+            while stage is not None:  # every stage due now, in list order (an at_flops point already
+                self.grow(stage.request, stage.index, why)  # passed grows right after the stage before it)
+                stage, why = self.stages.due(self.state, self.cfg)
             cfg, t = self.cfg, self.cfg.training
             layer_drop = self.components.layer_drop
             change = layer_drop.stage_change(self.state.iteration) if layer_drop is not None else None
