@@ -84,6 +84,11 @@ def _cfg(layers=4, tp=1, pp=1, train_iters=100) -> Config:
      r"staging.stages\[1\].at_iteration 10 is not after staging.stages\[0\]'s 10; list the stages in the order"),
     ([{"at_iteration": 30, "depth_factor": 2}, {"at_iteration": 10, "width_factor": 2}], 1,
      r"staging.stages\[1\].at_iteration 10 is not after staging.stages\[0\]'s 30"),
+    # at_fraction is named as written, with the iteration it resolves to (round(f x 100))
+    ([{"at_fraction": 0.996, "depth_factor": 2}], 1,
+     r"staging.stages\[0\].at_fraction 0.996 \(iteration 100\) is not before --train-iters 100"),
+    ([{"at_fraction": 0.3, "depth_factor": 2}, {"at_iteration": 30, "width_factor": 2}], 1,
+     r"staging.stages\[1\].at_iteration 30 is not after staging.stages\[0\]'s at_fraction 0.3 \(iteration 30\)"),
     ([{"at_flops": -1.0, "depth_factor": 2}], 1, r"staging.stages\[0\].at_flops -1.0 must be > 0"),
     ([{"at_iteration": 10, "depth_factor": 2, "depth_placement": "diagonal"}], 1,
      r"staging.stages\[0\].depth_placement: 'diagonal' is not one of"),

@@ -96,14 +96,15 @@ def plan_stages(cfg: Config, stages: list, world_size: int, state: TrainState) -
     for st in all_stages:  # at_fraction: a fixed iteration of this run
         if st.request.at_fraction is not None:
             st.request = dataclasses.replace(st.request, at_iteration=fraction_iteration(st.request.at_fraction, cfg))
-    last: dict[str, tuple[int, float]] = {}
+    last: dict[str, tuple[int, float, Optional[float]]] = {}
     for st in all_stages:
         n, r = st.index, st.request
         if r.at_iteration is not None:
-            require(r.at_iteration >= 0, f"staging.stages[{n}].at_iteration {r.at_iteration} must be >= 0")
+            point = (f"staging.stages[{n}].at_iteration {r.at_iteration}" if r.at_fraction is None else
+                     f"staging.stages[{n}].at_fraction {r.at_fraction:g} (iteration {r.at_iteration})")
+            require(r.at_iteration >= 0, f"{point} must be >= 0")
             require(r.at_iteration < cfg.training.train_iters,
-                    f"staging.stages[{n}].at_iteration {r.at_iteration} is not before --train-iters "
-                    f"{cfg.training.train_iters}: the stage would never run")
+                    f"{point} is not before --train-iters {cfg.training.train_iters}: the stage would never run")
         if r.at_flops is not None:
             require(r.at_flops > 0, f"staging.stages[{n}].at_flops {r.at_flops} must be > 0")
         for key in ("at_iteration", "at_flops"):
@@ -111,10 +112,11 @@ def plan_stages(cfg: Config, stages: list, world_size: int, state: TrainState) -
             if v is None:
                 continue
             if key in last:
-                prev_n, prev_v = last[key]
-                require(v > prev_v, f"staging.stages[{n}].{key} {v:g} is not after staging.stages[{prev_n}]'s "
-                                    f"{prev_v:g}; list the stages in the order they run")
-            last[key] = (n, v)
+                prev_n, prev_v, prev_frac = last[key]
+                prev = f"{prev_v:g}" if prev_frac is None else f"at_fraction {prev_frac:g} (iteration {prev_v:g})"
+                require(v > prev_v, f"{_point_name(r, key, n)} is not after staging.stages[{prev_n}]'s {prev}; "
+                                    f"list the stages in the order they run")
+            last[key] = (n, v, r.at_fraction if key == "at_iteration" else None)
         require(r.eval_iters is None or r.eval_iters >= 1, f"staging.stages[{n}].eval_iters must be >= 1")
     pending = [st for st in all_stages if not _done(st, state.stage_history)]
     for st in pending:
@@ -133,6 +135,13 @@ def plan_stages(cfg: Config, stages: list, world_size: int, state: TrainState) -
         except UserError as e:
             raise UserError(f"staging.stages[{st.index}]: {e}") from None
     return pending
+
+
+def _point_name(r: GrowthRequest, key: str, n: int) -> str:
+    """How an error names a stage's point: as the user wrote it (at_fraction resolves to an iteration)."""
+    if key == "at_iteration" and r.at_fraction is not None:
+        return f"staging.stages[{n}].at_fraction {r.at_fraction:g} (iteration {r.at_iteration})"
+    return f"staging.stages[{n}].{key} {getattr(r, key):g}"
 
 
 def fraction_iteration(fraction: float, cfg: Config) -> int:
