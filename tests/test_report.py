@@ -73,6 +73,9 @@ def test_fit_rho(tmp_path):
     out = run_cli(["fit-rho", "--small", a, "--large", b, "--smooth", "1", "--at-iteration", "40"]).stdout
     s_target = math.ceil(10 / (0.5 + 10 / 40))
     assert f"S_target {s_target}: rho = {40 / s_target:.3f}" in out
+    for bad in ("0", "-5"):  # rho = S_pre / S_target would come out 0 or negative
+        r = run_cli(["fit-rho", "--small", a, "--large", b, "--at-iteration", bad], check=False)
+        assert r.returncode == 2 and f"--at-iteration {bad} must be >= 1" in r.stderr and "rho =" not in r.stdout
     table = run_cli(["fit-rho", "--small", a, "--large", b, "--smooth", "1"]).stdout
     rhos = [s / math.ceil(10 / (0.5 + 10 / s)) for s in (40, 80, 120, 160)]
     assert f"median rho = {sorted(rhos)[1] / 2 + sorted(rhos)[2] / 2:.3f}" in table

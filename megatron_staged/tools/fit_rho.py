@@ -65,6 +65,8 @@ def main(argv) -> int:
     a = p.parse_args(argv)
     if a.smooth < 1:
         raise UserError("--smooth must be >= 1")
+    if a.at_iteration is not None and a.at_iteration < 1:
+        raise UserError(f"--at-iteration {a.at_iteration} must be >= 1 (the small run's iteration to grow at)")
     small = smooth(read_losses(a.small), a.smooth)
     large = smooth(read_losses(a.large), a.smooth)
     last = small[-1][0]
