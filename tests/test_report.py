@@ -94,8 +94,7 @@ def test_report_baseline_trained_past_its_last_validation(tmp_path):
 
 
 def _json(result) -> str:
-    out = result.stdout
-    return out[:out.rindex("]") + 1]
+    return result.stdout
 
 
 def test_report_and_fit_rho_read_a_crashed_runs_log(tmp_path):
@@ -133,3 +132,17 @@ def test_log_file_appended_after_a_partial_record(tmp_path):
     logger.close()
     lines = log.read_text().splitlines()
     assert lines == ['{"iteration": 1, "loss": 4.0}', '{"iteration": 2, "lo', '{"event": "growth", "iteration": 2}']
+
+
+def test_report_json_is_strict_json(tmp_path):
+    # the run never reaches the baseline's 2.0: its figures are unknown, not NaN (which is not JSON)
+    base = iters(1, 4, 1e12, 2, 64) + [{"iteration": 4, "eval_loss": 2.0, "flops_so_far": 4e12}]
+    run = iters(1, 4, 1e12, 2, 64) + [{"iteration": 4, "eval_loss": 2.5, "flops_so_far": 4e12}]
+    b, r = write_log(tmp_path / "b.jsonl", base), write_log(tmp_path / "r.jsonl", run)
+    res = run_cli(["report", r, "--baseline", b, "--out", str(tmp_path / "r.png"), "--json"])
+
+    def no_constants(c):
+        raise AssertionError(f"{c} in --json output")
+    row = json.loads(res.stdout, parse_constant=no_constants)[0]  # stdout: the JSON document only
+    assert row["flops_to_target"] is None and row["saving"] is None and row["final_loss_gap"] == pytest.approx(0.5)
+    assert "wrote" in res.stderr

@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 
 from megatron_staged.errors import UserError
@@ -43,8 +44,6 @@ def metric_records(path: str):
     A record cut short (a run killed mid-write leaves a partial last line; a run resumed into the
     same file used to append its first record to that partial line) is skipped with a warning on
     stderr; a line that is not a JSON record at all is refused."""
-    import sys
-
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file (give the JSONL written by `train --log-file`)")
     with open(path) as fh:
@@ -236,6 +235,20 @@ def main(argv) -> int:
     baseline = read_run(a.baseline) if a.baseline else None
     rows = summarize(runs, baseline)
     plot(runs, baseline, a.out)
-    print(json.dumps(rows, indent=1) if a.json else format_rows(rows))
-    print(f"wrote {a.out}")
+    if a.json:  # stdout is one JSON document (NaN, e.g. a run that never reaches the target, as null)
+        print(json.dumps(_json_safe(rows), indent=1, allow_nan=False))
+        print(f"wrote {a.out}", file=sys.stderr)
+    else:
+        print(format_rows(rows))
+        print(f"wrote {a.out}")
     return 0
+
+
+def _json_safe(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
