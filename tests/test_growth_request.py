@@ -201,3 +201,26 @@ def test_a_stage_list_edited_after_a_growth_is_refused_not_skipped(tmp_path):
     assert "staging.stages[0] is not the stage 0 this run applied at iteration 1 (width" in bad.stderr, bad.stderr[-2000:]
     good = run_cli(["train", *TINY_MOCK, "--train-iters", "4", "--config", str(ran), "--load", str(ck), "--save", str(ck)])
     assert "growth at iteration 3: depth" in good.stdout + good.stderr
+
+
+def test_growths_that_push_the_lr_decay_past_the_run_are_warned_about():
+    """Each growth sets the schedule back to round(S_pre / rho); worked out by hand for rho 1.4:
+    growth at 5: 5 -> 4 (1 behind); at 10: 9 -> round(6.43) = 6 (4 behind); at --train-iters 20 the
+    schedule is at step 16, where a WSD decay over the last 4 of 20 steps only begins."""
+    from megatron_staged.staging.stages import plan_stages, schedule_end_warnings
+    from megatron_staged.training.state import TrainState
+
+    cfg = _cfg(train_iters=20)
+    cfg.optim.lr_decay_style, cfg.optim.lr_wsd_decay_iters = "WSD", 4
+    stages = plan_stages(cfg, [{"at_iteration": 5, "depth_factor": 2}, {"at_iteration": 10, "depth_factor": 2}], 1,
+                         TrainState())
+    (line,) = schedule_end_warnings(cfg, stages)
+    assert "back by 4 steps" in line and "schedule step 16 of 20" in line and "never starts" in line
+    assert "--lr-decay-iters 16" in line
+    cfg.optim.lr_decay_iters = 16  # the suggested fix: the decay now ends with the run
+    assert schedule_end_warnings(cfg, stages) == []
+    cfg.optim.lr_decay_iters, cfg.optim.lr_decay_style = None, "cosine"  # cosine: 4 steps short of --min-lr
+    (line,) = schedule_end_warnings(cfg, stages)
+    assert "ends 4 steps before the cosine decay reaches --min-lr" in line
+    expansion = plan_stages(cfg, [{"at_iteration": 5, "num_layers": 8, "depth_init": "zero"}], 1, TrainState())
+    assert schedule_end_warnings(cfg, expansion) == []  # rho 1: the schedule is not moved

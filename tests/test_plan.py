@@ -359,6 +359,7 @@ def test_every_example_config_dry_runs(capsys):
         assert rc == 0, rel
         assert "the config is valid" in out and "fits" in out
         assert "exceed" not in out, f"{rel}: a stage does not fit 80 GiB at its configured layout"
+        assert "LR schedule back" not in out, f"{rel}: the growths leave its LR decay unfinished"
     # the 7B example's stages: 8 -> 16 -> 32 layers of hidden 4096
     rc = cli_main(["train", "--dry-run", "--config", str(EXAMPLES / "llama_7b_progressive_depth/llama_7b.yaml"),
                    "--world-size", "64", "--vocab-size", "32000"])

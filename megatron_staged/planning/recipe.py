@@ -204,7 +204,7 @@ def plan_stages(cfg: Config, world_size: int) -> list[PlannedStage]:
 def schedule_warnings(cfg: Config, world_size: int) -> list[str]:
     """The trainer's start-up warnings about where expansions sit in the LR schedule
     (:func:`megatron_staged.staging.stages.expansion_warnings`), for ``plan`` and ``--dry-run``."""
-    from megatron_staged.staging.stages import expansion_warnings
+    from megatron_staged.staging.stages import expansion_warnings, schedule_end_warnings
     from megatron_staged.staging.stages import plan_stages as check_stages
     from megatron_staged.training.state import TrainState
 
@@ -212,5 +212,5 @@ def schedule_warnings(cfg: Config, world_size: int) -> list[str]:
     resolve_model(cfg.model)
     resolve_vocab(cfg)
     validate(cfg, world_size)
-    return expansion_warnings(cfg, check_stages(cfg, list(cfg.staging.stages or []), world_size, TrainState()),
-                              world_size)
+    stages = check_stages(cfg, list(cfg.staging.stages or []), world_size, TrainState())
+    return expansion_warnings(cfg, stages, world_size) + schedule_end_warnings(cfg, stages, world_size)

@@ -183,6 +183,61 @@ def expansion_warnings(cfg: Config, stages: list, world_size: int = 1) -> list[s
     return out
 
 
+def schedule_end_warnings(cfg: Config, stages: list, world_size: int = 1,
+                          state: Optional[TrainState] = None) -> list[str]:
+    """A line when the growths' schedule jumps (each sets the LR schedule back to ``S_pre / rho``)
+    leave the run ending before its LR schedule does: a schedule that would have decayed to
+    ``--min-lr`` within ``--train-iters`` (WSD's decay, cosine, linear) stops short of it, or never
+    starts WSD's decay. Worked out from the stages' fixed points (as growth/apply.py moves the
+    scheduler); nothing is said when a slope trigger's point is unknown."""
+    import math
+
+    from megatron_staged.config import lr_schedule_steps
+
+    o, t = cfg.optim, cfg.training
+    if o.lr_decay_style not in ("linear", "cosine", "WSD") or not stages:
+        return []
+    steps = lr_schedule_steps(cfg)
+    T, decay = t.train_iters, steps["decay"]
+    if decay > T:  # the schedule was set to outlast the run anyway
+        return []
+    it, step, flops = 0, 0, 0.0
+    if state is not None and state.iteration:
+        it, flops = state.iteration, state.flops_so_far
+        last = state.stage_history[-1] if state.stage_history else None
+        step = (int(last["schedule_step_after"]) + it - int(last["iteration"])
+                if last and "schedule_step_after" in last else it)
+    model_cfg = cfg
+    for st in stages:
+        r = st.request
+        per_iter = flops_per_iteration(model_cfg.model, model_cfg.training.global_batch_size)
+        if r.at_iteration is not None:
+            at = r.at_iteration
+        elif r.at_flops is not None:
+            at = it + max(0, math.ceil((r.at_flops - flops) / per_iter))
+        else:
+            return []  # a slope trigger: its point, hence the jump, is known only during the run
+        at = max(at, it)
+        step, flops, it = step + (at - it), flops + (at - it) * per_iter, at
+        spec = make_spec(model_cfg, r, st.index)
+        step = int(round(step / spec.effective_rho()))
+        try:
+            model_cfg = target_config(model_cfg, spec, world_size)
+        except UserError:
+            return []
+    final = step + (T - it)
+    if final >= decay:
+        return []
+    what = (f"the WSD decay (from schedule step {decay - steps['wsd_decay']:g}) never starts: the run ends at the "
+            f"peak LR" if o.lr_decay_style == "WSD" and final <= decay - steps["wsd_decay"] else
+            f"the run ends {decay - final:g} steps before the {o.lr_decay_style} decay reaches --min-lr {o.min_lr:g}")
+    fix = (f"--lr-decay-samples {final * t.global_batch_size}" if t.train_samples is not None
+           else f"--lr-decay-iters {final}")
+    return [f"warning: the growths set the LR schedule back by {T - final} steps (S_pre / rho), so at --train-iters "
+            f"{T} it reaches schedule step {final} of {decay:g}: {what}; to end the decay with the run, set {fix} "
+            f"(or train {decay - final:g} iterations longer)"]
+
+
 def current_stage_curve(state: TrainState, cfg: Config):
     """(iterations, curve) of the model trained since the last growth, on the from-scratch
     compute axis (see staging/triggers.py)."""
@@ -217,7 +272,8 @@ class StageRunner:
         from megatron_staged.runtime.distributed import print_rank0
 
         self.pending = plan_stages(cfg, cfg.staging.stages, world_size, state)
-        for line in expansion_warnings(cfg, self.pending, world_size):
+        for line in (expansion_warnings(cfg, self.pending, world_size)
+                     + schedule_end_warnings(cfg, self.pending, world_size, state)):
             print_rank0(line)
 
     def due(self, state: TrainState, cfg: Config) -> tuple[Optional[Stage], Optional[dict]]:
