@@ -224,3 +224,24 @@ def test_growths_that_push_the_lr_decay_past_the_run_are_warned_about():
     assert "ends 4 steps before the cosine decay reaches --min-lr" in line
     expansion = plan_stages(cfg, [{"at_iteration": 5, "num_layers": 8, "depth_init": "zero"}], 1, TrainState())
     assert schedule_end_warnings(cfg, expansion) == []  # rho 1: the schedule is not moved
+
+
+def test_resume_refuses_only_a_stage_the_saving_run_would_have_grown():
+    """A stage is checked at each loop start k (state after k iterations) from the growth before it on;
+    a checkpoint of iteration N was saved before the check at N. FLOPs here: 100 per iteration."""
+    hist = [(k, 3.0, 100.0 * k) for k in range(1, 13)]
+    flops = [{"at_flops": 150.0, "depth_factor": 2}]  # reached after iteration 2: grows at loop start 2
+    at2 = TrainState(iteration=2, flops_so_far=200.0, loss_history=hist[:2])  # e.g. --exit-interval 2
+    assert [s.index for s in plan_stages(_cfg(), flops, 1, at2)] == [0]
+    at3 = TrainState(iteration=3, flops_so_far=300.0, loss_history=hist[:3])
+    with pytest.raises(UserError, match=r"staging.stages\[0\] at 150 FLOPs lies before the resumed iteration 3"):
+        plan_stages(_cfg(), flops, 1, at3)
+    # a stage listed after another waits for it: its point passing first is no error
+    waits = [{"at_flops": 1e30, "depth_factor": 2}, {"at_iteration": 5, "width_factor": 2}]
+    assert [s.index for s in plan_stages(_cfg(), waits, 1, TrainState(iteration=8, loss_history=hist[:8]))] == [0, 1]
+    # ...and it grows at the iteration of the stage before it (10): saved there after that growth
+    grew = [{"iteration": 10, "stage_index": 0, "spec": {"at_flops": 1e30}}]
+    assert [s.index for s in plan_stages(_cfg(), waits, 1, TrainState(iteration=10, stage_history=grew,
+                                                                         loss_history=hist[:10]))] == [1]
+    with pytest.raises(UserError, match=r"staging.stages\[1\] at iteration 5 lies before the resumed iteration 11"):
+        plan_stages(_cfg(), waits, 1, TrainState(iteration=11, stage_history=grew, loss_history=hist[:11]))

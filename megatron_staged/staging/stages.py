@@ -119,11 +119,9 @@ def plan_stages(cfg: Config, stages: list, world_size: int, state: TrainState) -
             last[key] = (n, v, r.at_fraction if key == "at_iteration" else None)
         require(r.eval_iters is None or r.eval_iters >= 1, f"staging.stages[{n}].eval_iters must be >= 1")
     pending = [st for st in all_stages if not _done(st, state.stage_history)]
-    for st in pending:
+    for st in pending[:1]:  # later stages wait for this one: their points may have passed
         r = st.request
-        stale = (r.at_iteration is not None and r.at_iteration < state.iteration) or (
-            r.at_flops is not None and state.iteration > 0 and r.at_flops < state.flops_so_far)
-        if stale:
+        if _should_have_run(r, state):
             when = f"iteration {r.at_iteration}" if r.at_iteration is not None else f"{r.at_flops:g} FLOPs"
             raise UserError(f"staging.stages[{st.index}] at {when} lies before the resumed iteration "
                             f"{state.iteration} and was never applied; remove it or resume earlier")
@@ -142,6 +140,23 @@ def _point_name(r: GrowthRequest, key: str, n: int) -> str:
     if key == "at_iteration" and r.at_fraction is not None:
         return f"staging.stages[{n}].at_fraction {r.at_fraction:g} (iteration {r.at_iteration})"
     return f"staging.stages[{n}].{key} {getattr(r, key):g}"
+
+
+def _should_have_run(r: GrowthRequest, state: TrainState) -> bool:
+    """Whether the next stage was due at a loop start before the resumed iteration N (so the run that
+    saved this checkpoint would have grown it): a stage is checked from the iteration of the growth
+    before it on, at each loop start k < N, against the state after k iterations. A run stopped right
+    after iteration N (--exit-interval, a save, a requeue) has not yet checked it at N."""
+    n = state.iteration
+    since = int(state.stage_history[-1].get("iteration", 0)) if state.stage_history else 0
+    if since >= n:
+        return False
+    if r.at_iteration is not None:
+        return r.at_iteration <= n - 1
+    if r.at_flops is not None:  # FLOPs so far after iteration N - 1 (0 at the start)
+        before = 0.0 if n == 1 else next((float(f) for it, _, f in state.loss_history if int(it) == n - 1), None)
+        return before is not None and r.at_flops <= before
+    return False
 
 
 def fraction_iteration(fraction: float, cfg: Config) -> int:
