@@ -146,3 +146,14 @@ def test_report_json_is_strict_json(tmp_path):
     row = json.loads(res.stdout, parse_constant=no_constants)[0]  # stdout: the JSON document only
     assert row["flops_to_target"] is None and row["saving"] is None and row["final_loss_gap"] == pytest.approx(0.5)
     assert "wrote" in res.stderr
+
+
+def test_fit_rho_refuses_a_staged_run_and_mismatched_batches(tmp_path):
+    small = [{"iteration": t, "loss": 2 + 10 / t, "consumed_samples": 8 * t} for t in range(1, 51)]
+    large = [{"iteration": t, "loss": 1.5 + 10 / t, "consumed_samples": 16 * t} for t in range(1, 51)]
+    staged = small[:10] + [{"event": "growth", "iteration": 10, "num_layers": 4}] + small[10:]
+    a, b, c = (write_log(tmp_path / f"{n}.jsonl", x) for n, x in (("s", small), ("l", large), ("g", staged)))
+    r = run_cli(["fit-rho", "--small", c, "--large", a], check=False)
+    assert r.returncode == 2 and "is a staged run (it grows at iteration 10)" in r.stderr
+    r = run_cli(["fit-rho", "--small", a, "--large", b], check=False)
+    assert r.returncode == 2 and "global batches differ (8 and 16 samples per iteration)" in r.stderr
