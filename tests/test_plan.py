@@ -513,3 +513,16 @@ def test_kaplan_one_growth_saving_is_the_papers_formula_and_the_command_prints_i
     assert parse_growths("2xDxW") == [{"depth_factor": 2, "width_factor": 2}]
     assert parse_recipe("2xD,2xW", 900) == [{"depth_factor": 2, "at_iteration": 300},
                                             {"width_factor": 2, "at_iteration": 600}]
+
+
+def test_recipe_is_placed_on_a_train_samples_run(capsys):
+    # --train-samples 102400 at global batch 512: 200 iterations (not the --train-iters default, 100)
+    flags = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+             "--padded-vocab-size", "256", "--micro-batch-size", "8", "--global-batch-size", "512",
+             "--train-samples", "102400"]
+    assert cli_main(["plan", *flags, "--stages", "depth:2,width:2@75%", "--gpus", "8"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line[:1].isdigit() and ("initial" in line or "at_" in line)]
+    assert [r[3] for r in rows] == ["0-66", "66-150", "150-200"], out  # evenly spaced: (n+1) 200 // 3; 75% of 200
+    assert cli_main(["plan", "--mode", "kaplan", *flags, "--stages", "2xD"]) == 0
+    assert "over 200 iterations" in capsys.readouterr().out

@@ -159,10 +159,16 @@ def add_recipe_flags(p: argparse.ArgumentParser) -> None:
 def run_config(args) -> Config:
     """The run's config from flags/YAML with --train-tokens and --stages applied."""
     from megatron_staged.config import read_data_args_files
+    from megatron_staged.errors import require
     from megatron_staged.planning.recipe import parse_recipe, set_train_tokens
 
     cfg = config_from_args(args)
     read_data_args_files(cfg.data)  # so a dry run checks the blend's files too
+    t = cfg.training
+    if t.train_samples is not None:  # the run's length before the recipe is placed on it (as validate sets it)
+        require(args.train_tokens is None, "give one of --train-tokens and --train-samples")
+        require(t.global_batch_size, "--train-samples needs --global-batch-size")
+        t.train_iters = t.train_samples // t.global_batch_size
     set_train_tokens(cfg, args.train_tokens)
     if args.recipe:
         cfg.staging.stages = parse_recipe(args.recipe, cfg.training.train_iters)
