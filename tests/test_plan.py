@@ -526,3 +526,23 @@ def test_recipe_is_placed_on_a_train_samples_run(capsys):
     assert [r[3] for r in rows] == ["0-66", "66-150", "150-200"], out  # evenly spaced: (n+1) 200 // 3; 75% of 200
     assert cli_main(["plan", "--mode", "kaplan", *flags, "--stages", "2xD"]) == 0
     assert "over 200 iterations" in capsys.readouterr().out
+
+
+def test_unreached_at_flops_stage_is_a_note_not_an_error(capsys):
+    """The trainer runs a config whose at_flops lies beyond the run (and says at the end that the stage
+    never ran), so plan and --dry-run do not refuse it: they plan the stages before it and say so."""
+    # 4 layers: 301056 L + 98304 = 1302528 FLOPs per token (see above), 16 x 32 tokens per iteration
+    per_iteration = 1302528 * 16 * 32
+    cfg = small_llama(num_layers=4, train_iters=100, global_batch_size=16)
+    cfg.staging.stages = [{"at_iteration": 10, "width_factor": 2},
+                          {"at_flops": 1e30, "depth_factor": 2}, {"at_iteration": 90, "depth_factor": 2}]
+    notes = []
+    s = plan_stages(cfg, 8, notes)
+    assert [(x.start_iteration, x.end_iteration) for x in s] == [(0, 10), (10, 100)]
+    assert len(notes) == 1 and "staging.stages[1] at_flops 1e+30" in notes[0] and "staging.stages[2:]" in notes[0]
+    cfg.staging.stages = [{"at_flops": 99.5 * per_iteration, "depth_factor": 2}]  # reached after iteration 100
+    notes = []
+    assert [(x.start_iteration, x.end_iteration) for x in plan_stages(cfg, 8, notes)] == [(0, 100)]
+    assert "would be reached at iteration 100, not before --train-iters 100" in notes[0]
+    cfg.staging.stages = [{"at_flops": 98.5 * per_iteration, "depth_factor": 2}]  # after iteration 99: runs
+    assert [(x.start_iteration, x.end_iteration) for x in plan_stages(cfg, 8)] == [(0, 99), (99, 100)]

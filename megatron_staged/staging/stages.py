@@ -233,6 +233,8 @@ def schedule_end_warnings(cfg: Config, stages: list, world_size: int = 1,
         else:
             return []  # a slope trigger: its point, hence the jump, is known only during the run
         at = max(at, it)
+        if at >= T:  # never reached: the run ends without this stage and those after it
+            break
         step, flops, it = step + (at - it), flops + (at - it) * per_iter, at
         spec = make_spec(model_cfg, r, st.index)
         step = int(round(step / spec.effective_rho()))
