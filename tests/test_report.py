@@ -157,3 +157,15 @@ def test_fit_rho_refuses_a_staged_run_and_mismatched_batches(tmp_path):
     assert r.returncode == 2 and "is a staged run (it grows at iteration 10)" in r.stderr
     r = run_cli(["fit-rho", "--small", a, "--large", b], check=False)
     assert r.returncode == 2 and "global batches differ (8 and 16 samples per iteration)" in r.stderr
+
+
+def test_report_reads_the_last_run_of_a_log_reused_from_scratch(tmp_path):
+    # `train --log-file` appends: a second run from scratch into the same file supersedes the first
+    first = iters(1, 4, 1e12, 4, 128) + [{"iteration": 4, "eval_loss": 4.0, "flops_so_far": 4e12}]
+    second = iters(1, 2, 1e12, 2, 64) + [{"iteration": 2, "eval_loss": 3.0, "flops_so_far": 2e12}]
+    log = write_log(tmp_path / "m.jsonl", first + second)
+    r = run_cli(["report", log, "--out", str(tmp_path / "r.png"), "--json"])
+    row = json.loads(_json(r))[0]
+    assert (row["final_eval_loss"], row["flops"]) == (3.0, 2e12)
+    assert [(st["layers"], st["iterations"]) for st in row["stages"]] == [(2, 2)]
+    assert "starts again after iteration 4" in r.stderr

@@ -70,6 +70,13 @@ def read_run(path: str) -> Run:
     stage, pending_trigger = None, None
     for r in metric_records(path):
         if "loss" in r and "flops_so_far" in r and "event" not in r:  # an iteration (a trigger event has a loss too)
+            if r["iteration"] == 1 and last_it >= 1:  # a new run from scratch appended to the same file
+                import sys
+
+                print(f"warning: {path}: a run from scratch starts again after iteration {last_it}; reporting "
+                      f"the last run in the file", file=sys.stderr)
+                run = Run(name=run.name)
+                seconds, flops, last_it, stage, pending_trigger = 0.0, 0.0, 0, None, None
             if r["iteration"] <= last_it:  # a resumed run repeats iterations after its checkpoint
                 continue
             last_it = r["iteration"]
