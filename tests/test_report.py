@@ -169,3 +169,9 @@ def test_report_reads_the_last_run_of_a_log_reused_from_scratch(tmp_path):
     assert (row["final_eval_loss"], row["flops"]) == (3.0, 2e12)
     assert [(st["layers"], st["iterations"]) for st in row["stages"]] == [(2, 2)]
     assert "starts again after iteration 4" in r.stderr
+    # fit-rho likewise: a first small run with a flat loss 9 superseded by one with L = 2 + 10/t
+    flat = [{"iteration": t, "loss": 9.0} for t in range(1, 41)]
+    small = write_log(tmp_path / "s.jsonl", flat + [{"iteration": t, "loss": 2 + 10 / t} for t in range(1, 41)])
+    large = write_log(tmp_path / "l.jsonl", [{"iteration": t, "loss": 1.5 + 10 / t} for t in range(1, 41)])
+    out = run_cli(["fit-rho", "--small", small, "--large", large, "--smooth", "1", "--at-iteration", "40"]).stdout
+    assert f"S_target {math.ceil(10 / (0.5 + 10 / 40))}:" in out  # as in test_fit_rho

@@ -33,6 +33,8 @@ def read_run_losses(path: str) -> tuple[list[tuple[int, float]], float | None]:
         if r.get("event") == "growth":
             raise UserError(f"{path} is a staged run (it grows at iteration {r.get('iteration')}); fit-rho needs "
                             f"two runs trained from scratch, one of the small model and one of the large")
+        if "loss" in r and "iteration" in r and "event" not in r and r["iteration"] == 1 and last >= 1:
+            out, last, batch = [], 0, None  # a run from scratch appended to the same file: read the last run
         if "loss" in r and "iteration" in r and "event" not in r and r["iteration"] > last:
             last = r["iteration"]
             out.append((int(r["iteration"]), float(r["loss"])))
