@@ -394,7 +394,14 @@ def _coerce(name: str, f: dataclasses.Field, value):
 def set_value(cfg: Config, name: str, value) -> None:
     key = name.replace("-", "_")
     if key not in FIELDS:
-        raise UserError(f"unknown config key '{name}'; see `megatron-staged train --help` for the flags")
+        rule = MEGATRON_COMPAT.get("--" + key.replace("_", "-"))
+        if rule is not None and rule.action == "refuse":  # a Megatron-LM setting that is refused: say why
+            raise UserError(f"config key '{name}' (Megatron-LM's --{key.replace('_', '-')}): {rule.reason}")
+        import difflib
+
+        close = difflib.get_close_matches(key, list(FIELDS), n=1, cutoff=0.8)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise UserError(f"unknown config key '{name}'{hint}; see `megatron-staged train --help` for the flags")
     sec, f = FIELDS[key]
     value = coerce_field(key, f, value)
     setattr(getattr(cfg, sec), key, value)

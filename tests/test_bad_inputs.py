@@ -144,6 +144,8 @@ def build_sandbox(root, good_ckpt):
     open(s("bad.yaml"), "w").write("model: {hidden_size: [1, 2\n")
     open(s("list.yaml"), "w").write("- 1\n- 2\n")
     open(s("unknown.yaml"), "w").write("hidden_sise: 64\n")
+    open(s("ramp.yaml"), "w").write("training:\n  rampup_batch_size: [2, 2, 20]\n")
+    open(s("stage_typo.yaml"), "w").write("staging:\n  stages:\n    - {at_iteraton: 1, depth_factor: 2}\n")
     open(s("late_stage.yaml"), "w").write("staging:\n  stages:\n    - {at_iteration: 50, depth_factor: 2}\n")
     open(s("unmappable_stage.yaml"), "w").write("staging:\n  stages:\n    - {at_iteration: 1, depth_map: '0,1,5'}\n")
     open(s("unknown_stage_key.yaml"), "w").write("staging:\n  stages:\n    - {at_iteration: 1, depth_factr: 2}\n")
@@ -233,7 +235,9 @@ CASES = [
     ("config-missing", ["train", *T, "--config", "{S}/nope.yaml"], r"--config: cannot read .*nope.yaml"),
     ("config-invalid", ["train", *T, "--config", "{S}/bad.yaml"], r"--config: .*bad.yaml is not valid YAML"),
     ("config-not-mapping", ["train", *T, "--config", "{S}/list.yaml"], r"must hold a mapping of config keys"),
-    ("config-unknown-key", ["train", *T, "--config", "{S}/unknown.yaml"], r"unknown config key 'hidden_sise'"),
+    ("config-unknown-key", ["train", *T, "--config", "{S}/unknown.yaml"], r"unknown config key 'hidden_sise' \(did you mean 'hidden_size'\?\)"),
+    ("config-refused-key", ["train", *T, "--config", "{S}/ramp.yaml"], r"config key 'rampup_batch_size' \(Megatron-LM's --rampup-batch-size\): batch-size ramp-up is not supported"),
+    ("stage-key-typo", ["train", *T, "--config", "{S}/stage_typo.yaml"], r"unknown key\(s\) \['at_iteraton'\] \(did you mean 'at_iteration'\?\)"),
     ("stage-beyond-train-iters", ["train", *T, "--config", "{S}/late_stage.yaml"], r"staging.stages\[0\].at_iteration 50 is not before --train-iters 2: the stage would never run"),
     ("stage-negative", ["train", *T, "--config", "{S}/negative_stage.yaml"], r"staging.stages\[0\].at_iteration -1 must be >= 0"),
     ("stage-unmappable", ["train", *T, "--config", "{S}/unmappable_stage.yaml"], r"staging.stages\[0\].*refers to layer 5"),

@@ -108,3 +108,34 @@ def test_flops_samples_and_iterations_continue(inrun):
         want = flops(2 if i <= GROW_AT else 4)
         assert hist[i] - prev == pytest.approx(want, rel=1e-9), f"iteration {i}"
         prev = hist[i]
+
+
+def test_growth_after_a_resume_keeps_the_checkpoints_lr(tmp_path):
+    """Resumed with another --lr (no --override-opt-param-scheduler), a run keeps its checkpoint's LR
+    (Megatron's rule, as the start-up warning says) also after its next growth: constant 1e-3 throughout,
+    not the flag's 2e-3 once the grown optimizer is built; with --override-opt-param-scheduler, the flag's
+    2e-3 from the resume on (the checkpoint's param groups brought back 1e-3 until the next growth)."""
+    from conftest import TINY_MOCK, run_cli
+
+    cfg = tmp_path / "stages.yaml"
+    cfg.write_text("staging:\n  stages:\n    - {at_iteration: 2, depth_factor: 2, rewarmup_iters: 0, eval_iters: 1}\n"
+                   "    - {at_iteration: 4, width_factor: 2, rewarmup_iters: 0, eval_iters: 1}\n")
+    log, ck = tmp_path / "m.jsonl", str(tmp_path / "ck")
+    common = [*TINY_MOCK, "--train-iters", "6", "--lr-decay-style", "constant", "--config", str(cfg),
+              "--log-file", str(log), "--save", ck, "--save-interval", "100"]
+    run_cli(["train", *common, "--exit-interval", "3"])
+    import shutil
+
+    ck2 = str(tmp_path / "ck2")
+    shutil.copytree(ck, ck2)  # iteration 3, for the second resume below
+    r = run_cli(["train", *common, "--load", ck, "--lr", "2e-3"])
+    assert "resuming with the checkpoint's LR schedule" in r.stdout + r.stderr
+    lrs = {x["iteration"]: x["lr"] for x in read_records(log) if "lr" in x}
+    assert [x["hidden_size"] for x in read_records(log) if "lr" in x][-2:] == [64, 64]  # grown at 4
+    assert [lrs[i] for i in range(1, 7)] == pytest.approx([1e-3] * 6)
+    # with --override-opt-param-scheduler the flags' 2e-3 from the resume on, before and after the growth
+    log2 = tmp_path / "m2.jsonl"
+    common = [*common[:common.index("--log-file")], "--log-file", str(log2), "--save", ck2, "--save-interval", "100"]
+    run_cli(["train", *common, "--load", ck2, "--lr", "2e-3", "--override-opt-param-scheduler"])
+    lrs = {x["iteration"]: x["lr"] for x in read_records(log2) if "lr" in x}
+    assert [lrs[i] for i in range(4, 7)] == pytest.approx([2e-3] * 3)

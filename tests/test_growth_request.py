@@ -84,6 +84,11 @@ def _cfg(layers=4, tp=1, pp=1, train_iters=100) -> Config:
      r"staging.stages\[1\].at_iteration 10 is not after staging.stages\[0\]'s 10; list the stages in the order"),
     ([{"at_iteration": 30, "depth_factor": 2}, {"at_iteration": 10, "width_factor": 2}], 1,
      r"staging.stages\[1\].at_iteration 10 is not after staging.stages\[0\]'s 30"),
+    # at_fraction is named as written, with the iteration it resolves to (round(f x 100))
+    ([{"at_fraction": 0.996, "depth_factor": 2}], 1,
+     r"staging.stages\[0\].at_fraction 0.996 \(iteration 100\) is not before --train-iters 100"),
+    ([{"at_fraction": 0.3, "depth_factor": 2}, {"at_iteration": 30, "width_factor": 2}], 1,
+     r"staging.stages\[1\].at_iteration 30 is not after staging.stages\[0\]'s at_fraction 0.3 \(iteration 30\)"),
     ([{"at_flops": -1.0, "depth_factor": 2}], 1, r"staging.stages\[0\].at_flops -1.0 must be > 0"),
     ([{"at_iteration": 10, "depth_factor": 2, "depth_placement": "diagonal"}], 1,
      r"staging.stages\[0\].depth_placement: 'diagonal' is not one of"),
@@ -196,3 +201,47 @@ def test_a_stage_list_edited_after_a_growth_is_refused_not_skipped(tmp_path):
     assert "staging.stages[0] is not the stage 0 this run applied at iteration 1 (width" in bad.stderr, bad.stderr[-2000:]
     good = run_cli(["train", *TINY_MOCK, "--train-iters", "4", "--config", str(ran), "--load", str(ck), "--save", str(ck)])
     assert "growth at iteration 3: depth" in good.stdout + good.stderr
+
+
+def test_growths_that_push_the_lr_decay_past_the_run_are_warned_about():
+    """Each growth sets the schedule back to round(S_pre / rho); worked out by hand for rho 1.4:
+    growth at 5: 5 -> 4 (1 behind); at 10: 9 -> round(6.43) = 6 (4 behind); at --train-iters 20 the
+    schedule is at step 16, where a WSD decay over the last 4 of 20 steps only begins."""
+    from megatron_staged.staging.stages import plan_stages, schedule_end_warnings
+    from megatron_staged.training.state import TrainState
+
+    cfg = _cfg(train_iters=20)
+    cfg.optim.lr_decay_style, cfg.optim.lr_wsd_decay_iters = "WSD", 4
+    stages = plan_stages(cfg, [{"at_iteration": 5, "depth_factor": 2}, {"at_iteration": 10, "depth_factor": 2}], 1,
+                         TrainState())
+    (line,) = schedule_end_warnings(cfg, stages)
+    assert "back by 4 steps" in line and "schedule step 16 of 20" in line and "never starts" in line
+    assert "--lr-decay-iters 16" in line
+    cfg.optim.lr_decay_iters = 16  # the suggested fix: the decay now ends with the run
+    assert schedule_end_warnings(cfg, stages) == []
+    cfg.optim.lr_decay_iters, cfg.optim.lr_decay_style = None, "cosine"  # cosine: 4 steps short of --min-lr
+    (line,) = schedule_end_warnings(cfg, stages)
+    assert "ends 4 steps before the cosine decay reaches --min-lr" in line
+    expansion = plan_stages(cfg, [{"at_iteration": 5, "num_layers": 8, "depth_init": "zero"}], 1, TrainState())
+    assert schedule_end_warnings(cfg, expansion) == []  # rho 1: the schedule is not moved
+
+
+def test_resume_refuses_only_a_stage_the_saving_run_would_have_grown():
+    """A stage is checked at each loop start k (state after k iterations) from the growth before it on;
+    a checkpoint of iteration N was saved before the check at N. FLOPs here: 100 per iteration."""
+    hist = [(k, 3.0, 100.0 * k) for k in range(1, 13)]
+    flops = [{"at_flops": 150.0, "depth_factor": 2}]  # reached after iteration 2: grows at loop start 2
+    at2 = TrainState(iteration=2, flops_so_far=200.0, loss_history=hist[:2])  # e.g. --exit-interval 2
+    assert [s.index for s in plan_stages(_cfg(), flops, 1, at2)] == [0]
+    at3 = TrainState(iteration=3, flops_so_far=300.0, loss_history=hist[:3])
+    with pytest.raises(UserError, match=r"staging.stages\[0\] at 150 FLOPs lies before the resumed iteration 3"):
+        plan_stages(_cfg(), flops, 1, at3)
+    # a stage listed after another waits for it: its point passing first is no error
+    waits = [{"at_flops": 1e30, "depth_factor": 2}, {"at_iteration": 5, "width_factor": 2}]
+    assert [s.index for s in plan_stages(_cfg(), waits, 1, TrainState(iteration=8, loss_history=hist[:8]))] == [0, 1]
+    # ...and it grows at the iteration of the stage before it (10): saved there after that growth
+    grew = [{"iteration": 10, "stage_index": 0, "spec": {"at_flops": 1e30}}]
+    assert [s.index for s in plan_stages(_cfg(), waits, 1, TrainState(iteration=10, stage_history=grew,
+                                                                         loss_history=hist[:10]))] == [1]
+    with pytest.raises(UserError, match=r"staging.stages\[1\] at iteration 5 lies before the resumed iteration 11"):
+        plan_stages(_cfg(), waits, 1, TrainState(iteration=11, stage_history=grew, loss_history=hist[:11]))

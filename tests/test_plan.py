@@ -296,6 +296,19 @@ def test_stage_start_from_flops_and_assumed_slope_trigger():
         {"depth_factor": 2, "trigger": "slope"}, {"width_factor": 2, "at_flops": 1e20}]
 
 
+def test_stage_whose_point_has_passed_starts_with_the_stage_before():
+    # FLOPs per token of the L-layer llama (by hand above): 6 x (46080 L + 256*64) + 12 L 32 64 = 301056 L + 98304
+    tokens = 16 * 32
+    per_iteration = {L: (301056 * L + 98304) * tokens for L in (2, 4, 8)}
+    cfg = small_llama(train_iters=100, global_batch_size=16)
+    cfg.staging.stages = [{"at_flops": 10 * per_iteration[2] + 1, "depth_factor": 2},  # after 11 iterations
+                          {"at_iteration": 5, "depth_factor": 2},     # passed by then: right after, at 11
+                          # 11 iterations of 2 layers, then 2.5 of 8 layers: reached after iteration 14
+                          {"at_flops": 11 * per_iteration[2] + 2.5 * per_iteration[8], "width_factor": 2}]
+    s = plan_stages(cfg, 8)
+    assert [(x.start_iteration, x.end_iteration) for x in s] == [(0, 11), (11, 11), (11, 14), (14, 100)]
+
+
 # ---- the commands ----------------------------------------------------------------------------
 
 def test_plan_command_prints_every_stage(capsys):
@@ -346,6 +359,7 @@ def test_every_example_config_dry_runs(capsys):
         assert rc == 0, rel
         assert "the config is valid" in out and "fits" in out
         assert "exceed" not in out, f"{rel}: a stage does not fit 80 GiB at its configured layout"
+        assert "LR schedule back" not in out, f"{rel}: the growths leave its LR decay unfinished"
     # the 7B example's stages: 8 -> 16 -> 32 layers of hidden 4096
     rc = cli_main(["train", "--dry-run", "--config", str(EXAMPLES / "llama_7b_progressive_depth/llama_7b.yaml"),
                    "--world-size", "64", "--vocab-size", "32000"])
@@ -499,3 +513,36 @@ def test_kaplan_one_growth_saving_is_the_papers_formula_and_the_command_prints_i
     assert parse_growths("2xDxW") == [{"depth_factor": 2, "width_factor": 2}]
     assert parse_recipe("2xD,2xW", 900) == [{"depth_factor": 2, "at_iteration": 300},
                                             {"width_factor": 2, "at_iteration": 600}]
+
+
+def test_recipe_is_placed_on_a_train_samples_run(capsys):
+    # --train-samples 102400 at global batch 512: 200 iterations (not the --train-iters default, 100)
+    flags = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+             "--padded-vocab-size", "256", "--micro-batch-size", "8", "--global-batch-size", "512",
+             "--train-samples", "102400"]
+    assert cli_main(["plan", *flags, "--stages", "depth:2,width:2@75%", "--gpus", "8"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line[:1].isdigit() and ("initial" in line or "at_" in line)]
+    assert [r[3] for r in rows] == ["0-66", "66-150", "150-200"], out  # evenly spaced: (n+1) 200 // 3; 75% of 200
+    assert cli_main(["plan", "--mode", "kaplan", *flags, "--stages", "2xD"]) == 0
+    assert "over 200 iterations" in capsys.readouterr().out
+
+
+def test_unreached_at_flops_stage_is_a_note_not_an_error(capsys):
+    """The trainer runs a config whose at_flops lies beyond the run (and says at the end that the stage
+    never ran), so plan and --dry-run do not refuse it: they plan the stages before it and say so."""
+    # 4 layers: 301056 L + 98304 = 1302528 FLOPs per token (see above), 16 x 32 tokens per iteration
+    per_iteration = 1302528 * 16 * 32
+    cfg = small_llama(num_layers=4, train_iters=100, global_batch_size=16)
+    cfg.staging.stages = [{"at_iteration": 10, "width_factor": 2},
+                          {"at_flops": 1e30, "depth_factor": 2}, {"at_iteration": 90, "depth_factor": 2}]
+    notes = []
+    s = plan_stages(cfg, 8, notes)
+    assert [(x.start_iteration, x.end_iteration) for x in s] == [(0, 10), (10, 100)]
+    assert len(notes) == 1 and "staging.stages[1] at_flops 1e+30" in notes[0] and "staging.stages[2:]" in notes[0]
+    cfg.staging.stages = [{"at_flops": 99.5 * per_iteration, "depth_factor": 2}]  # reached after iteration 100
+    notes = []
+    assert [(x.start_iteration, x.end_iteration) for x in plan_stages(cfg, 8, notes)] == [(0, 100)]
+    assert "would be reached at iteration 100, not before --train-iters 100" in notes[0]
+    cfg.staging.stages = [{"at_flops": 98.5 * per_iteration, "depth_factor": 2}]  # after iteration 99: runs
+    assert [(x.start_iteration, x.end_iteration) for x in plan_stages(cfg, 8)] == [(0, 99), (99, 100)]

@@ -194,3 +194,18 @@ def test_a_stage_that_never_ran_is_named_at_the_end(tmp_path):
     assert "note: staging.stages[0] never ran before --train-iters 3: at_flops 1e+30" in out, out[-2000:]
     early = run_cli(["train", *TINY_MOCK, "--train-iters", "3", "--exit-interval", "2", "--config", str(cfg)])
     assert "never ran" not in early.stdout + early.stderr
+
+
+def test_stages_due_at_once_grow_at_the_same_iteration(tmp_path):
+    """An at_flops point already passed when the stage before it runs is due at once: both growths
+    happen at that iteration (what `plan` and `--dry-run` print), not one a step late."""
+    from conftest import TINY_MOCK
+
+    cfg = tmp_path / "stages.yaml"
+    cfg.write_text("staging:\n  stages:\n    - {at_iteration: 2, depth_factor: 2, eval_iters: 1}\n"
+                   "    - {at_flops: 1.0, width_factor: 2, eval_iters: 1}\n")
+    log = tmp_path / "m.jsonl"
+    run_cli(["train", *TINY_MOCK, "--train-iters", "3", "--config", str(cfg), "--log-file", str(log)])
+    growths = [r for r in read_records(log) if r.get("event") == "growth"]
+    assert [(g["iteration"], g["num_layers"], g["hidden_size"]) for g in growths] == [(2, 4, 32), (2, 4, 64)]
+    assert [r["hidden_size"] for r in read_records(log) if "elapsed_ms" in r] == [32, 32, 64]

@@ -40,6 +40,25 @@ def grow_from_checkpoint(src_dir: str, spec: GrowthSpec, old_cfg: Config, common
     return grow(CheckpointSource(src_dir), spec, old_cfg, common, new_cfg)
 
 
+def group_key(group: dict) -> tuple:
+    """What tells an optimizer param group from the others (its kind, not its parameters)."""
+    return tuple(group.get(k) for k in ("wd_mult", "lr_mult", "is_decoupled_lr", "is_expert_parallel"))
+
+
+def group_lrs(optimizer) -> list:
+    """(group kind, max_lr, min_lr) of each param group: what a resumed run took from its checkpoint."""
+    groups = getattr(optimizer, "param_groups", None) or []
+    return [(list(group_key(g)), g["max_lr"], g["min_lr"]) for g in groups if "max_lr" in g and "min_lr" in g]
+
+
+def carry_group_lrs(lrs, optimizer) -> None:
+    """Give the grown optimizer's param groups the source's max/min LR, group kind by group kind."""
+    by_kind = {tuple(k): (hi, lo) for k, hi, lo in (lrs or [])}
+    for g in getattr(optimizer, "param_groups", None) or []:
+        if group_key(g) in by_kind and "max_lr" in g:
+            g["max_lr"], g["min_lr"] = by_kind[group_key(g)]
+
+
 def grow(source, spec: GrowthSpec, old_cfg: Config, common: dict,
          new_cfg: Config = None) -> tuple[Components, TrainState, dict]:
     """Build the grown components at the target layout and fill them from ``source``: a
@@ -63,7 +82,13 @@ def grow(source, spec: GrowthSpec, old_cfg: Config, common: dict,
     saved = dict(common.get("train_state", {}))
     state = TrainState.from_dict(dict(saved, iteration=common.get("iteration", saved.get("iteration", 0))))
     set_optimizer_step(comps.optimizer, saved.get("optimizer_step", 0))
-    s_pre = int(common.get("opt_param_scheduler", {}).get("num_steps", state.iteration))
+    sched = common.get("opt_param_scheduler") or {}
+    s_pre = int(sched.get("num_steps", state.iteration))
+    if "max_lr" in sched and not new_cfg.checkpoint.override_opt_param_scheduler:
+        # the schedule the source ran on (a run resumed with other --lr/--min-lr keeps its checkpoint's, Megatron's
+        # rule, also in the optimizer's param groups, which the scheduler reads), not one rebuilt from the flags
+        comps.scheduler.load_state_dict(sched)
+        carry_group_lrs(common.get("param_group_lrs"), comps.optimizer)
     rho = spec.effective_rho()
     s_target = int(round(s_pre / rho))
     comps.scheduler.jump_to(s_target, spec.rewarmup_iters)

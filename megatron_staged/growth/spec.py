@@ -121,7 +121,11 @@ class GrowthRequest:
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(stage) - set(known))
         if unknown:
-            raise UserError(f"staging.stages[{n}]: unknown key(s) {unknown}; allowed: {sorted(known)}")
+            import difflib
+
+            close = [m for k in unknown for m in difflib.get_close_matches(k, list(known), n=1, cutoff=0.8)]
+            hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+            raise UserError(f"staging.stages[{n}]: unknown key(s) {unknown}{hint}; allowed: {sorted(known)}")
         r = cls(**{k: coerce_field(k, known[k], v, label=f"staging.stages[{n}].{k}") for k, v in stage.items()})
         when = [k for k in WHEN_KEYS if getattr(r, k) is not None]
         if not when:

@@ -93,15 +93,16 @@ def run_cluster(args, cfg: Config) -> int:
     from megatron_staged.planning.recipe import plan_stages, schedule_warnings
 
     hw = hardware(args)
-    stages, cfg = plan_stages_from_a_valid_layout(cfg, hw)
+    notes: list = []
+    stages, cfg = plan_stages_from_a_valid_layout(cfg, hw, notes)
     text, _ = cluster_report(stages, hw, recompute_settings(args, cfg))
     print(text)
-    for warning in schedule_warnings(cfg, hw.gpus):
-        print(warning)
+    for line in notes + schedule_warnings(cfg, hw.gpus):
+        print(line)
     return 0
 
 
-def plan_stages_from_a_valid_layout(cfg: Config, hw):
+def plan_stages_from_a_valid_layout(cfg: Config, hw, notes: list | None = None):
     """(stages, config planned from): the run's stages from its configured layout or, when that layout
     cannot run on ``hw.gpus`` GPUs (e.g. the global batch does not split over the DP it leaves), from
     the first candidate layout that can, with a note: the planner's job is to find one."""
@@ -111,7 +112,7 @@ def plan_stages_from_a_valid_layout(cfg: Config, hw):
     from megatron_staged.planning.recipe import plan_stages, resolve_vocab
 
     try:
-        return plan_stages(cfg, hw.gpus), cfg
+        return plan_stages(cfg, hw.gpus, notes), cfg
     except UserError as e:
         base = cfg.copy()
         resolve_model(base.model)
@@ -123,7 +124,7 @@ def plan_stages_from_a_valid_layout(cfg: Config, hw):
         print(f"note: the configured layout TP{p.tensor_model_parallel_size} PP{p.pipeline_model_parallel_size} "
               f"cannot run on {hw.gpus} GPUs ({e}); planning from TP{alt[0]} PP{alt[1]}\n")
         cfg = with_layout(cfg, *alt)
-        return plan_stages(cfg, hw.gpus), cfg
+        return plan_stages(cfg, hw.gpus, notes), cfg
 
 
 def _run_kaplan(args, cfg: Config) -> int:
@@ -159,10 +160,16 @@ def add_recipe_flags(p: argparse.ArgumentParser) -> None:
 def run_config(args) -> Config:
     """The run's config from flags/YAML with --train-tokens and --stages applied."""
     from megatron_staged.config import read_data_args_files
+    from megatron_staged.errors import require
     from megatron_staged.planning.recipe import parse_recipe, set_train_tokens
 
     cfg = config_from_args(args)
     read_data_args_files(cfg.data)  # so a dry run checks the blend's files too
+    t = cfg.training
+    if t.train_samples is not None:  # the run's length before the recipe is placed on it (as validate sets it)
+        require(args.train_tokens is None, "give one of --train-tokens and --train-samples")
+        require(t.global_batch_size, "--train-samples needs --global-batch-size")
+        t.train_iters = t.train_samples // t.global_batch_size
     set_train_tokens(cfg, args.train_tokens)
     if args.recipe:
         cfg.staging.stages = parse_recipe(args.recipe, cfg.training.train_iters)
@@ -197,11 +204,14 @@ def dry_run(argv) -> int:
         return 0
     hw = hardware(args)
     cfg = run_config(args)
-    stages = plan_stages(cfg, hw.gpus)
+    notes: list = []
+    stages = plan_stages(cfg, hw.gpus, notes)
     text, plans = dry_run_report(stages, hw, recompute_settings(args, cfg))
     print(f"megatron-staged train --dry-run: the config is valid for {hw.gpus} processes "
           f"(no model built, no process started)\n")
     print(text)
+    for line in notes:
+        print(line)
     for warning in data_warnings(cfg):
         print(f"warning: {warning}")
     for warning in schedule_warnings(cfg, hw.gpus):

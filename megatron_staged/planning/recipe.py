@@ -156,11 +156,14 @@ def set_train_tokens(cfg: Config, train_tokens: Optional[float]) -> None:
         cfg.optim.lr_decay_iters = t.train_iters
 
 
-def plan_stages(cfg: Config, world_size: int) -> list[PlannedStage]:
+def plan_stages(cfg: Config, world_size: int, notes: Optional[list] = None) -> list[PlannedStage]:
     """Validate the run's config and derive every stage's config, as the trainer would at ``world_size``.
 
     The stages are checked by the trainer's own ``staging.stages.plan_stages`` (the check it runs at
     start) and each stage's model comes from the growth code's ``make_spec`` and ``target_config``.
+    A stage whose ``at_flops`` lies beyond the run's FLOPs is accepted by the trainer (which ends the
+    run without it and says so): it is left out of the plan, with the stages after it, and a line
+    saying so is added to ``notes``.
     """
     from megatron_staged.growth.spec import make_spec, target_config
     from megatron_staged.staging.stages import plan_stages as check_stages
@@ -180,7 +183,7 @@ def plan_stages(cfg: Config, world_size: int) -> list[PlannedStage]:
     configs, starts, flops_at_start = [cfg], [], 0.0
     for k, s in enumerate(pending):
         prev = configs[-1]
-        configs.append(target_config(prev, make_spec(prev, s.request, s.index), world_size))
+        grown = target_config(prev, make_spec(prev, s.request, s.index), world_size)
         prev_start = starts[-1] if starts else 0
         r = s.request
         if r.at_iteration is not None:
@@ -191,10 +194,19 @@ def plan_stages(cfg: Config, world_size: int) -> list[PlannedStage]:
         else:  # a slope trigger: unknown before the run; assume halfway to the next fixed iteration
             nxt = next((p.request.at_iteration for p in pending[k + 1:] if p.request.at_iteration is not None), T)
             start = (prev_start + nxt) // 2
+        if start >= T and r.at_flops is not None:
+            after = (f" or the stages after it (staging.stages[{pending[k + 1].index}:])" if k + 1 < len(pending)
+                     else "")
+            if notes is not None:
+                notes.append(f"note: staging.stages[{s.index}] at_flops {r.at_flops:g} would be reached at iteration "
+                             f"{start}, not before --train-iters {T}: the run ends without it{after}")
+            break
         require(start < T, f"staging.stages[{s.index}] would start at iteration {start}, not before "
                            f"--train-iters {T}: the stage would never run")
+        configs.append(grown)
+        start = max(start, prev_start)  # a point already passed: right after the stage before (the trainer's rule)
         flops_at_start += (start - prev_start) * flops_per_iteration(prev.model, prev.training.global_batch_size)
-        starts.append(max(start, prev_start))
+        starts.append(start)
     bounds = [0] + starts + [T]
     return [PlannedStage(k, bounds[k], bounds[k + 1], c, None if k == 0 else dict(raw[pending[k - 1].index]))
             for k, c in enumerate(configs)]
@@ -203,7 +215,7 @@ def plan_stages(cfg: Config, world_size: int) -> list[PlannedStage]:
 def schedule_warnings(cfg: Config, world_size: int) -> list[str]:
     """The trainer's start-up warnings about where expansions sit in the LR schedule
     (:func:`megatron_staged.staging.stages.expansion_warnings`), for ``plan`` and ``--dry-run``."""
-    from megatron_staged.staging.stages import expansion_warnings
+    from megatron_staged.staging.stages import expansion_warnings, schedule_end_warnings
     from megatron_staged.staging.stages import plan_stages as check_stages
     from megatron_staged.training.state import TrainState
 
@@ -211,5 +223,5 @@ def schedule_warnings(cfg: Config, world_size: int) -> list[str]:
     resolve_model(cfg.model)
     resolve_vocab(cfg)
     validate(cfg, world_size)
-    return expansion_warnings(cfg, check_stages(cfg, list(cfg.staging.stages or []), world_size, TrainState()),
-                              world_size)
+    stages = check_stages(cfg, list(cfg.staging.stages or []), world_size, TrainState())
+    return expansion_warnings(cfg, stages, world_size) + schedule_end_warnings(cfg, stages, world_size)

@@ -96,14 +96,15 @@ def plan_stages(cfg: Config, stages: list, world_size: int, state: TrainState) -
     for st in all_stages:  # at_fraction: a fixed iteration of this run
         if st.request.at_fraction is not None:
             st.request = dataclasses.replace(st.request, at_iteration=fraction_iteration(st.request.at_fraction, cfg))
-    last: dict[str, tuple[int, float]] = {}
+    last: dict[str, tuple[int, float, Optional[float]]] = {}
     for st in all_stages:
         n, r = st.index, st.request
         if r.at_iteration is not None:
-            require(r.at_iteration >= 0, f"staging.stages[{n}].at_iteration {r.at_iteration} must be >= 0")
+            point = (f"staging.stages[{n}].at_iteration {r.at_iteration}" if r.at_fraction is None else
+                     f"staging.stages[{n}].at_fraction {r.at_fraction:g} (iteration {r.at_iteration})")
+            require(r.at_iteration >= 0, f"{point} must be >= 0")
             require(r.at_iteration < cfg.training.train_iters,
-                    f"staging.stages[{n}].at_iteration {r.at_iteration} is not before --train-iters "
-                    f"{cfg.training.train_iters}: the stage would never run")
+                    f"{point} is not before --train-iters {cfg.training.train_iters}: the stage would never run")
         if r.at_flops is not None:
             require(r.at_flops > 0, f"staging.stages[{n}].at_flops {r.at_flops} must be > 0")
         for key in ("at_iteration", "at_flops"):
@@ -111,17 +112,16 @@ def plan_stages(cfg: Config, stages: list, world_size: int, state: TrainState) -
             if v is None:
                 continue
             if key in last:
-                prev_n, prev_v = last[key]
-                require(v > prev_v, f"staging.stages[{n}].{key} {v:g} is not after staging.stages[{prev_n}]'s "
-                                    f"{prev_v:g}; list the stages in the order they run")
-            last[key] = (n, v)
+                prev_n, prev_v, prev_frac = last[key]
+                prev = f"{prev_v:g}" if prev_frac is None else f"at_fraction {prev_frac:g} (iteration {prev_v:g})"
+                require(v > prev_v, f"{_point_name(r, key, n)} is not after staging.stages[{prev_n}]'s {prev}; "
+                                    f"list the stages in the order they run")
+            last[key] = (n, v, r.at_fraction if key == "at_iteration" else None)
         require(r.eval_iters is None or r.eval_iters >= 1, f"staging.stages[{n}].eval_iters must be >= 1")
     pending = [st for st in all_stages if not _done(st, state.stage_history)]
-    for st in pending:
+    for st in pending[:1]:  # later stages wait for this one: their points may have passed
         r = st.request
-        stale = (r.at_iteration is not None and r.at_iteration < state.iteration) or (
-            r.at_flops is not None and state.iteration > 0 and r.at_flops < state.flops_so_far)
-        if stale:
+        if _should_have_run(r, state):
             when = f"iteration {r.at_iteration}" if r.at_iteration is not None else f"{r.at_flops:g} FLOPs"
             raise UserError(f"staging.stages[{st.index}] at {when} lies before the resumed iteration "
                             f"{state.iteration} and was never applied; remove it or resume earlier")
@@ -133,6 +133,30 @@ def plan_stages(cfg: Config, stages: list, world_size: int, state: TrainState) -
         except UserError as e:
             raise UserError(f"staging.stages[{st.index}]: {e}") from None
     return pending
+
+
+def _point_name(r: GrowthRequest, key: str, n: int) -> str:
+    """How an error names a stage's point: as the user wrote it (at_fraction resolves to an iteration)."""
+    if key == "at_iteration" and r.at_fraction is not None:
+        return f"staging.stages[{n}].at_fraction {r.at_fraction:g} (iteration {r.at_iteration})"
+    return f"staging.stages[{n}].{key} {getattr(r, key):g}"
+
+
+def _should_have_run(r: GrowthRequest, state: TrainState) -> bool:
+    """Whether the next stage was due at a loop start before the resumed iteration N (so the run that
+    saved this checkpoint would have grown it): a stage is checked from the iteration of the growth
+    before it on, at each loop start k < N, against the state after k iterations. A run stopped right
+    after iteration N (--exit-interval, a save, a requeue) has not yet checked it at N."""
+    n = state.iteration
+    since = int(state.stage_history[-1].get("iteration", 0)) if state.stage_history else 0
+    if since >= n:
+        return False
+    if r.at_iteration is not None:
+        return r.at_iteration <= n - 1
+    if r.at_flops is not None:  # FLOPs so far after iteration N - 1 (0 at the start)
+        before = 0.0 if n == 1 else next((float(f) for it, _, f in state.loss_history if int(it) == n - 1), None)
+        return before is not None and r.at_flops <= before
+    return False
 
 
 def fraction_iteration(fraction: float, cfg: Config) -> int:
@@ -174,6 +198,63 @@ def expansion_warnings(cfg: Config, stages: list, world_size: int = 1) -> list[s
     return out
 
 
+def schedule_end_warnings(cfg: Config, stages: list, world_size: int = 1,
+                          state: Optional[TrainState] = None) -> list[str]:
+    """A line when the growths' schedule jumps (each sets the LR schedule back to ``S_pre / rho``)
+    leave the run ending before its LR schedule does: a schedule that would have decayed to
+    ``--min-lr`` within ``--train-iters`` (WSD's decay, cosine, linear) stops short of it, or never
+    starts WSD's decay. Worked out from the stages' fixed points (as growth/apply.py moves the
+    scheduler); nothing is said when a slope trigger's point is unknown."""
+    import math
+
+    from megatron_staged.config import lr_schedule_steps
+
+    o, t = cfg.optim, cfg.training
+    if o.lr_decay_style not in ("linear", "cosine", "WSD") or not stages:
+        return []
+    steps = lr_schedule_steps(cfg)
+    T, decay = t.train_iters, steps["decay"]
+    if decay > T:  # the schedule was set to outlast the run anyway
+        return []
+    it, step, flops = 0, 0, 0.0
+    if state is not None and state.iteration:
+        it, flops = state.iteration, state.flops_so_far
+        last = state.stage_history[-1] if state.stage_history else None
+        step = (int(last["schedule_step_after"]) + it - int(last["iteration"])
+                if last and "schedule_step_after" in last else it)
+    model_cfg = cfg
+    for st in stages:
+        r = st.request
+        per_iter = flops_per_iteration(model_cfg.model, model_cfg.training.global_batch_size)
+        if r.at_iteration is not None:
+            at = r.at_iteration
+        elif r.at_flops is not None:
+            at = it + max(0, math.ceil((r.at_flops - flops) / per_iter))
+        else:
+            return []  # a slope trigger: its point, hence the jump, is known only during the run
+        at = max(at, it)
+        if at >= T:  # never reached: the run ends without this stage and those after it
+            break
+        step, flops, it = step + (at - it), flops + (at - it) * per_iter, at
+        spec = make_spec(model_cfg, r, st.index)
+        step = int(round(step / spec.effective_rho()))
+        try:
+            model_cfg = target_config(model_cfg, spec, world_size)
+        except UserError:
+            return []
+    final = step + (T - it)
+    if final >= decay:
+        return []
+    what = (f"the WSD decay (from schedule step {decay - steps['wsd_decay']:g}) never starts: the run ends at the "
+            f"peak LR" if o.lr_decay_style == "WSD" and final <= decay - steps["wsd_decay"] else
+            f"the run ends {decay - final:g} steps before the {o.lr_decay_style} decay reaches --min-lr {o.min_lr:g}")
+    fix = (f"--lr-decay-samples {final * t.global_batch_size}" if t.train_samples is not None
+           else f"--lr-decay-iters {final}")
+    return [f"warning: the growths set the LR schedule back by {T - final} steps (S_pre / rho), so at --train-iters "
+            f"{T} it reaches schedule step {final} of {decay:g}: {what}; to end the decay with the run, set {fix} "
+            f"(or train {decay - final:g} iterations longer)"]
+
+
 def current_stage_curve(state: TrainState, cfg: Config):
     """(iterations, curve) of the model trained since the last growth, on the from-scratch
     compute axis (see staging/triggers.py)."""
@@ -208,7 +289,8 @@ class StageRunner:
         from megatron_staged.runtime.distributed import print_rank0
 
         self.pending = plan_stages(cfg, cfg.staging.stages, world_size, state)
-        for line in expansion_warnings(cfg, self.pending, world_size):
+        for line in (expansion_warnings(cfg, self.pending, world_size)
+                     + schedule_end_warnings(cfg, self.pending, world_size, state)):
             print_rank0(line)
 
     def due(self, state: TrainState, cfg: Config) -> tuple[Optional[Stage], Optional[dict]]:
@@ -299,6 +381,9 @@ def live_common(old: Components, state: TrainState) -> dict:
 
     lay = old.layout
     step = get_optimizer_step(old.optimizer) if old.optimizer is not None else 0
+    from megatron_staged.growth.apply import group_lrs
+
     return {"iteration": state.iteration, "train_state": dict(state.to_dict(), optimizer_step=step),
             "opt_param_scheduler": old.scheduler.state_dict() if old.scheduler is not None else {},
+            "param_group_lrs": group_lrs(old.optimizer),
             "parallel_layout": lay.as_dict()}

@@ -20,16 +20,29 @@ from megatron_staged.errors import UserError
 
 def read_losses(path: str) -> list[tuple[int, float]]:
     """(iteration, training loss), each iteration once (a resumed run repeats some)."""
+    return read_run_losses(path)[0]
+
+
+def read_run_losses(path: str) -> tuple[list[tuple[int, float]], float | None]:
+    """(iteration, training loss) pairs and the run's samples per iteration (None if not logged).
+    Refuses a staged run: rho compares two models each trained from scratch."""
     from megatron_staged.tools.report import metric_records
 
-    out, last = [], 0
+    out, last, batch = [], 0, None
     for r in metric_records(path):
-        if "loss" in r and "iteration" in r and r["iteration"] > last:
+        if r.get("event") == "growth":
+            raise UserError(f"{path} is a staged run (it grows at iteration {r.get('iteration')}); fit-rho needs "
+                            f"two runs trained from scratch, one of the small model and one of the large")
+        if "loss" in r and "iteration" in r and "event" not in r and r["iteration"] == 1 and last >= 1:
+            out, last, batch = [], 0, None  # a run from scratch appended to the same file: read the last run
+        if "loss" in r and "iteration" in r and "event" not in r and r["iteration"] > last:
             last = r["iteration"]
             out.append((int(r["iteration"]), float(r["loss"])))
+            if batch is None and r.get("consumed_samples") and r["iteration"] > 0:
+                batch = r["consumed_samples"] / r["iteration"]
     if len(out) < 2:
         raise UserError(f"{path} holds fewer than 2 training losses")
-    return out
+    return out, batch
 
 
 def smooth(curve: list[tuple[int, float]], window: int) -> list[tuple[int, float]]:
@@ -65,8 +78,13 @@ def main(argv) -> int:
     a = p.parse_args(argv)
     if a.smooth < 1:
         raise UserError("--smooth must be >= 1")
-    small = smooth(read_losses(a.small), a.smooth)
-    large = smooth(read_losses(a.large), a.smooth)
+    if a.at_iteration is not None and a.at_iteration < 1:
+        raise UserError(f"--at-iteration {a.at_iteration} must be >= 1 (the small run's iteration to grow at)")
+    (small, b_small), (large, b_large) = read_run_losses(a.small), read_run_losses(a.large)
+    if b_small and b_large and abs(b_small - b_large) > 1e-9 * max(b_small, b_large):
+        raise UserError(f"the runs' global batches differ ({b_small:g} and {b_large:g} samples per iteration): rho "
+                        f"compares steps at one batch size; train both with the same --global-batch-size")
+    small, large = smooth(small, a.smooth), smooth(large, a.smooth)
     last = small[-1][0]
     points = [a.at_iteration] if a.at_iteration is not None else [max(1, int(last * f)) for f in (0.2, 0.4, 0.6, 0.8)]
     rhos = []

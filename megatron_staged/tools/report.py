@@ -2,9 +2,10 @@
 
 Reads runs' metric logs (``train --log-file``) and prints, per run: the final validation loss, the
 FLOPs and wall time of each stage (between growths), and with ``--baseline`` the compute each run
-needed to reach the baseline's final validation loss and the saving against the baseline's total
-(``1 - C_run / C_baseline``). Writes a PNG of validation loss against FLOPs and against wall time
-with the growth points marked.
+needed to reach the baseline's final validation loss and the saving against the baseline's compute
+at that validation point (``1 - C_run / C_baseline``; FLOPs the baseline logged after its last
+validation point do not count, since they bought no measured loss). Writes a PNG of validation
+loss against FLOPs and against wall time with the growth points marked.
 
 Compute to reach a loss: the first validation point at or below it, interpolated linearly in
 (log C, loss) between that point and the one before. Wall time: the sum of the iterations' times
@@ -16,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 
 from megatron_staged.errors import UserError
@@ -37,7 +39,11 @@ class Run:
 
 
 def metric_records(path: str):
-    """The records of a JSONL metrics log (``train --log-file``), one dict per line."""
+    """The records of a JSONL metrics log (``train --log-file``), one dict per line.
+
+    A record cut short (a run killed mid-write leaves a partial last line; a run resumed into the
+    same file used to append its first record to that partial line) is skipped with a warning on
+    stderr; a line that is not a JSON record at all is refused."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file (give the JSONL written by `train --log-file`)")
     with open(path) as fh:
@@ -45,9 +51,16 @@ def metric_records(path: str):
             if not line.strip():
                 continue
             try:
-                yield json.loads(line)
+                record = json.loads(line)
             except json.JSONDecodeError:
-                raise UserError(f"{path}:{n}: not a JSON line; is this a `train --log-file` metrics log?") from None
+                record = None
+            if not isinstance(record, dict):
+                if line.lstrip().startswith("{"):
+                    print(f"warning: {path}:{n}: skipped a record cut short (a run stopped while writing it)",
+                          file=sys.stderr)
+                    continue
+                raise UserError(f"{path}:{n}: not a JSON line; is this a `train --log-file` metrics log?")
+            yield record
 
 
 def read_run(path: str) -> Run:
@@ -57,6 +70,13 @@ def read_run(path: str) -> Run:
     stage, pending_trigger = None, None
     for r in metric_records(path):
         if "loss" in r and "flops_so_far" in r and "event" not in r:  # an iteration (a trigger event has a loss too)
+            if r["iteration"] == 1 and last_it >= 1:  # a new run from scratch appended to the same file
+                import sys
+
+                print(f"warning: {path}: a run from scratch starts again after iteration {last_it}; reporting "
+                      f"the last run in the file", file=sys.stderr)
+                run = Run(name=run.name)
+                seconds, flops, last_it, stage, pending_trigger = 0.0, 0.0, 0, None, None
             if r["iteration"] <= last_it:  # a resumed run repeats iterations after its checkpoint
                 continue
             last_it = r["iteration"]
@@ -108,6 +128,11 @@ def compute_to_reach(run: Run, target: float) -> float:
     return math.nan
 
 
+def baseline_compute(baseline: Run) -> float:
+    """FLOPs the baseline spent to measure its final validation loss (at its last validation point)."""
+    return baseline.evals[-1][1]
+
+
 def summarize(runs: list, baseline: Run | None) -> list:
     rows = []
     for run in runs:
@@ -119,8 +144,12 @@ def summarize(runs: list, baseline: Run | None) -> list:
         if baseline is not None:
             target = baseline.final_eval
             c = compute_to_reach(run, target)
-            row.update(target_loss=target, flops_to_target=c,
-                       saving=(1.0 - c / baseline.final_flops) if math.isfinite(c) else math.nan,
+            # the baseline's compute at its final validation point: the loss is measured there, and a
+            # baseline may train on past it (--train-iters not a multiple of --eval-interval, a stop at
+            # OPTIMALITY between evaluations) without that compute buying it a lower measured loss
+            base_c = baseline_compute(baseline)
+            row.update(target_loss=target, flops_to_target=c, baseline_flops_to_target=base_c,
+                       saving=(1.0 - c / base_c) if math.isfinite(c) and base_c > 0 else math.nan,
                        final_loss_gap=run.final_eval - target)
         rows.append(row)
     return rows
@@ -213,6 +242,20 @@ def main(argv) -> int:
     baseline = read_run(a.baseline) if a.baseline else None
     rows = summarize(runs, baseline)
     plot(runs, baseline, a.out)
-    print(json.dumps(rows, indent=1) if a.json else format_rows(rows))
-    print(f"wrote {a.out}")
+    if a.json:  # stdout is one JSON document (NaN, e.g. a run that never reaches the target, as null)
+        print(json.dumps(_json_safe(rows), indent=1, allow_nan=False))
+        print(f"wrote {a.out}", file=sys.stderr)
+    else:
+        print(format_rows(rows))
+        print(f"wrote {a.out}")
     return 0
+
+
+def _json_safe(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x

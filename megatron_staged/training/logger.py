@@ -41,6 +41,9 @@ class MetricsLogger:
         if self.rank0 and cfg.logging.log_file:
             os.makedirs(os.path.dirname(os.path.abspath(cfg.logging.log_file)), exist_ok=True)
             self.jsonl = open(cfg.logging.log_file, "a")
+            if _ends_mid_line(cfg.logging.log_file):  # a run killed mid-write: start our records on a new line
+                self.jsonl.write("\n")
+                self.jsonl.flush()
 
     def start(self, iteration: int, train_iters: int) -> None:
         mode = self.cfg.training.progress_bar
@@ -185,6 +188,16 @@ class MetricsLogger:
         if self.wandb:
             self.wandb.finish()
             self.wandb = None
+
+
+def _ends_mid_line(path: str) -> bool:
+    """Whether the file is non-empty and its last byte is not a newline."""
+    with open(path, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        if fh.tell() == 0:
+            return False
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) != b"\n"
 
 
 def _loss_scale(optimizer) -> float:

@@ -213,11 +213,19 @@ class Trainer:
     def _load(self, path: str) -> None:
         from megatron_staged.checkpoint.manager import load_checkpoint
 
+        from megatron_staged.growth.apply import carry_group_lrs, group_lrs
+
         c = self.cfg.checkpoint
         finetune = c.finetune
+        flags_lrs = group_lrs(self.optimizer)  # the param groups' max/min LR from the flags
         saved = load_checkpoint(path, self.model, self.optimizer, self.scheduler,
                                 load_optimizer=not (c.no_load_optim or finetune),
                                 load_rng=not (c.no_load_rng or finetune))
+        if c.override_opt_param_scheduler and self.optimizer is not None and self.scheduler is not None:
+            # the optimizer's state brought the checkpoint's max/min LR into its param groups, which the
+            # scheduler reads before its own values: the flags' schedule needs the flags' values there too
+            carry_group_lrs(flags_lrs, self.optimizer)
+            self.scheduler.step(increment=0)
         if not finetune:
             self.state = TrainState.from_dict(saved)
         print_rank0(f"loaded checkpoint {path} at iteration {self.state.iteration} "
@@ -381,8 +389,9 @@ class Trainer:
         skipped_in_a_row = 0
         while self.state.iteration < self.cfg.training.train_iters:
             stage, why = self.stages.due(self.state, self.cfg)
-            if stage is not None:
-                self.grow(stage.request, stage.index, why)
+            while stage is not None:  # every stage due now, in list order (an at_flops point already
+                self.grow(stage.request, stage.index, why)  # passed grows right after the stage before it)
+                stage, why = self.stages.due(self.state, self.cfg)
             cfg, t = self.cfg, self.cfg.training
             layer_drop = self.components.layer_drop
             change = layer_drop.stage_change(self.state.iteration) if layer_drop is not None else None
