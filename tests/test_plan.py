@@ -349,6 +349,23 @@ def test_plan_searches_when_the_configured_layout_cannot_run(capsys):
     assert row.split()[:4] == ["0", "1", "3", "2"]  # stage 0 at TP1 PP3 DP2
 
 
+def test_dry_run_warns_about_outputs_the_run_would_refuse(capsys, tmp_path):
+    """Found as a new user: --dry-run said the config was valid with --save pointing at a file and
+    --log-file under one; train then refused at once. A dry run may be made on another machine, so
+    these are warnings (rc 0), each the sentence train's preflight would stop with."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    flags = ["train", "--dry-run", "--world-size", "8", "--num-layers", "4", "--hidden-size", "64",
+             "--num-attention-heads", "4", "--seq-length", "32", "--micro-batch-size", "1", "--global-batch-size", "8",
+             "--mock-data", "--train-iters", "10"]
+    assert cli_main([*flags, "--save", str(a_file), "--log-file", str(a_file / "log.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert f"warning: train would refuse to start: --save {a_file} is a file; give a directory" in out
+    assert f"warning: train would refuse to start: --log-file {a_file / 'log.jsonl'}: {a_file} is a file" in out
+    assert cli_main([*flags, "--save", str(tmp_path / "new_dir"), "--log-file", str(tmp_path / "log.jsonl")]) == 0
+    assert "would refuse" not in capsys.readouterr().out
+
+
 def test_every_example_config_dry_runs(capsys):
     configs = sorted(os.path.relpath(p, EXAMPLES) for p in glob.glob(str(EXAMPLES / "**" / "*.yaml"), recursive=True))
     assert configs == sorted(EXAMPLE_WORLD), "list every example config's world size in EXAMPLE_WORLD"

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from megatron_staged.config import FIELDS, Config, add_config_flags, config_from_args
+from megatron_staged.errors import UserError
 from megatron_staged.planning.memory import RECOMPUTE_GRANULARITIES, Recompute
 
 
@@ -212,7 +213,7 @@ def dry_run(argv) -> int:
     print(text)
     for line in notes:
         print(line)
-    for warning in data_warnings(cfg):
+    for warning in data_warnings(cfg) + output_warnings(cfg):
         print(f"warning: {warning}")
     for warning in schedule_warnings(cfg, hw.gpus):
         print(warning)
@@ -234,6 +235,25 @@ def data_warnings(cfg: Config) -> list[str]:
                 out.append(f"--data-path {prefix}: {prefix + ext} not found (write it with tools/preprocess_data.py)")
     if d.tokenizer_model and not os.path.exists(d.tokenizer_model):
         out.append(f"--tokenizer-model {d.tokenizer_model} not found")
+    return out
+
+
+def output_warnings(cfg: Config) -> list[str]:
+    """What the run would refuse about where it writes (--save, --log-file, --tensorboard-dir,
+    --data-cache-path), checked as the run's preflight checks them; warnings, since a dry run may be
+    made on another machine than the run."""
+    from megatron_staged.preflight import _check_output_file, _check_save
+
+    checks = [lambda: _check_output_file(cfg.logging.log_file, "--log-file"),
+              lambda: _check_output_file(cfg.logging.tensorboard_dir, "--tensorboard-dir", directory=True),
+              lambda: _check_output_file(cfg.data.data_cache_path, "--data-cache-path", directory=True),
+              lambda: _check_save(cfg, None)]
+    out = []
+    for check in checks:
+        try:
+            check()
+        except UserError as e:
+            out.append(f"train would refuse to start: {e}")
     return out
 
 
