@@ -128,6 +128,9 @@ LAYOUT_CASES = {  # name: (TP, PP, DP, extra flags); all on 4 ranks
     "tp1pp4dp1": _lay(1, 4),  # one layer per stage: whole stages are dropped (pass-through)
     "tp2pp1dp2_distopt_overlap": _lay(2, 1, "--use-distributed-optimizer", "--overlap-grad-reduce"),
     "tp1pp2dp2_overlap": _lay(1, 2, "--overlap-grad-reduce"),
+    # interleaved 1F1B: 2 chunks of one layer per pipeline rank
+    "tp1pp2dp2_vp2_distopt_overlap": _lay(1, 2, "--num-layers-per-virtual-pipeline-stage", "1",
+                                          "--use-distributed-optimizer", "--overlap-grad-reduce"),
 }
 
 
@@ -138,6 +141,9 @@ def scenarios(tmp_path_factory):
     cases += [
         {"name": "mb_tp1pp1dp4", "kind": "train", "args": [*DROP, "--raptr-draw-per", "micro-batch", *_lay(1, 1)]},
         {"name": "mb_tp2pp2dp1", "kind": "train", "args": [*DROP, "--raptr-draw-per", "micro-batch", *_lay(2, 2)]},
+        # interleaved 1F1B runs the micro-batches of a step out of order across a rank's chunks
+        {"name": "mb_tp1pp2dp2_vp2", "kind": "train",
+         "args": [*DROP, "--raptr-draw-per", "micro-batch", *_lay(1, 2, "--num-virtual-stages-per-pipeline-rank", "2")]},
         {"name": "keep1", "kind": "train", "args": ["--raptr-keep-probs", "1", "--train-iters", "3", *_lay(2, 2)]},
         {"name": "full", "kind": "train", "args": ["--train-iters", "3", *_lay(2, 2)]},
         {"name": "no_skip", "kind": "train",
@@ -165,7 +171,7 @@ def _losses(rank_records):
 def test_every_rank_of_a_replica_drops_the_same_layers_and_skips_them(scenarios):
     """Per (iteration, micro-batch): the same mask on all TP/PP ranks (and DP replicas, drawn per
     iteration); the layers that really ran on a rank are exactly its layers the mask keeps."""
-    for name in [*LAYOUT_CASES, "mb_tp1pp1dp4", "mb_tp2pp2dp1"]:
+    for name in [*LAYOUT_CASES, "mb_tp1pp1dp4", "mb_tp2pp2dp1", "mb_tp1pp2dp2_vp2"]:
         ranks = scenarios[name]
         per_mb = name.startswith("mb_")
         ref = ranks[0]["masks"]
@@ -194,9 +200,11 @@ def test_same_losses_at_every_layout(scenarios):
         got = _losses(scenarios[name])
         for it in ref:
             assert got[it] == pytest.approx(ref[it], rel=1e-5), f"{name} iteration {it}"
-    a, b = _losses(scenarios["mb_tp1pp1dp4"]), _losses(scenarios["mb_tp2pp2dp1"])
-    for it in a:  # per-micro-batch draws are keyed by the global micro-batch: layout-free too
-        assert b[it] == pytest.approx(a[it], rel=1e-5), f"micro-batch draws, iteration {it}"
+    a = _losses(scenarios["mb_tp1pp1dp4"])
+    for name in ("mb_tp2pp2dp1", "mb_tp1pp2dp2_vp2"):
+        b = _losses(scenarios[name])
+        for it in a:  # per-micro-batch draws are keyed by the global micro-batch: layout-free too
+            assert b[it] == pytest.approx(a[it], rel=1e-5), f"micro-batch draws, {name} iteration {it}"
     assert any(abs(a[it] - ref[it]) > 1e-6 for it in ref), "per-micro-batch draws should differ from per-iteration"
 
 

@@ -5,7 +5,8 @@
   it runs for the current micro-batch; a dropped layer returns its input (an identity on the
   residual stream), so neither its forward nor its backward is computed and its parameters get
   no gradient.
-* A forward pre-hook on each ``GPTModel`` chunk counts micro-batches; a forward hook on the
+* A forward pre-hook on each ``GPTModel`` chunk counts that chunk's micro-batches (a chunk runs its
+  micro-batches in order, also under interleaved 1F1B, which only interleaves the chunks); a forward hook on the
   ``TransformerBlock`` copies the input when a pipeline stage's every layer was dropped (megatron's
   schedules must not see the received tensor returned as the stage's output).
 * ``config.finalize_model_grads_func`` (megatron's hook at the end of a step's backward) is wrapped
@@ -81,6 +82,7 @@ class LayerDropController:
         self.in_step = False
         self.iteration = 0
         self.micro_batch = -1           # local index of the micro-batch being run
+        self._chunk_micro_batches: list[int] = []  # the same, per model chunk (interleaved 1F1B)
         self.masks: list[torch.Tensor] = []
         self.scale = torch.ones(schedule.num_layers, dtype=torch.float64)
         self.layer_params: dict[int, list] = {}   # global layer number -> this rank's params
@@ -93,6 +95,7 @@ class LayerDropController:
         """Draw the masks of step ``iteration`` (0-based) for every global micro-batch."""
         self.iteration = iteration
         self.micro_batch = -1
+        self._chunk_micro_batches = [-1] * len(self._chunk_micro_batches)
         if self.forced is not None:
             self.masks = [self.forced.clone()]
         else:
@@ -153,9 +156,10 @@ class LayerDropController:
         from megatron_staged.model.builder import unwrap
 
         layer_cls = subnet_layer_class()
-        for chunk in model_chunks:
+        self._chunk_micro_batches = [-1] * len(model_chunks)
+        for index, chunk in enumerate(model_chunks):
             gpt = unwrap(chunk)
-            gpt.register_forward_pre_hook(self._count_micro_batch)
+            gpt.register_forward_pre_hook(self._micro_batch_counter(index))
             gpt.decoder.register_forward_hook(_pass_through_copy)
             for mod in gpt.modules():
                 if isinstance(mod, layer_cls):
@@ -168,8 +172,15 @@ class LayerDropController:
         if optimizer is not None and self.skip_optimizer_update:
             self._hook_optimizer(optimizer)
 
-    def _count_micro_batch(self, module, args):
-        self.micro_batch += 1
+    def _micro_batch_counter(self, index: int):
+        """Pre-hook of model chunk ``index``: its k-th forward of a step is micro-batch k. Under
+        interleaved 1F1B the schedule alternates between chunks, but each chunk still runs the
+        micro-batches in order, and a chunk's layers run right after its pre-hook (no recompute)."""
+        def count(module, args):
+            self._chunk_micro_batches[index] += 1
+            self.micro_batch = self._chunk_micro_batches[index]
+
+        return count
 
     def _finalize_wrapper(self, finalize, model_chunks):
         def finalize_with_dropped_layers(*args, **kwargs):
