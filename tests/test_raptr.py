@@ -144,6 +144,10 @@ def scenarios(tmp_path_factory):
         # interleaved 1F1B runs the micro-batches of a step out of order across a rank's chunks
         {"name": "mb_tp1pp2dp2_vp2", "kind": "train",
          "args": [*DROP, "--raptr-draw-per", "micro-batch", *_lay(1, 2, "--num-virtual-stages-per-pipeline-rank", "2")]},
+        # full recomputation runs a layer again in backward, after later micro-batches' forwards (1F1B)
+        {"name": "mb_tp1pp2dp2_recompute", "kind": "train",
+         "args": [*DROP, "--raptr-draw-per", "micro-batch", "--recompute-granularity", "full", "--recompute-method",
+                  "uniform", "--recompute-num-layers", "1", *_lay(1, 2)]},
         {"name": "keep1", "kind": "train", "args": ["--raptr-keep-probs", "1", "--train-iters", "3", *_lay(2, 2)]},
         {"name": "full", "kind": "train", "args": ["--train-iters", "3", *_lay(2, 2)]},
         {"name": "no_skip", "kind": "train",
@@ -201,7 +205,7 @@ def test_same_losses_at_every_layout(scenarios):
         for it in ref:
             assert got[it] == pytest.approx(ref[it], rel=1e-5), f"{name} iteration {it}"
     a = _losses(scenarios["mb_tp1pp1dp4"])
-    for name in ("mb_tp2pp2dp1", "mb_tp1pp2dp2_vp2"):
+    for name in ("mb_tp2pp2dp1", "mb_tp1pp2dp2_vp2", "mb_tp1pp2dp2_recompute"):
         b = _losses(scenarios[name])
         for it in a:  # per-micro-batch draws are keyed by the global micro-batch: layout-free too
             assert b[it] == pytest.approx(a[it], rel=1e-5), f"micro-batch draws, {name} iteration {it}"

@@ -20,6 +20,7 @@ Nothing here talks to other ranks: the masks are functions of (seed, iteration, 
 """
 from __future__ import annotations
 
+import collections
 from typing import Optional
 
 import torch
@@ -43,7 +44,10 @@ def _transformer_layer_cls():
             ctl = self.subnet_controller
             if ctl is None or not self.training or not ctl.in_step:
                 return super().forward(*args, **kwargs)
-            keep, scale = ctl.decide(self.layer_number)
+            if getattr(self.config, "recompute_granularity", None) == "full":
+                keep, scale = ctl.decide_recomputed(self.layer_number)
+            else:
+                keep, scale = ctl.decide(self.layer_number)
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             if not keep:
                 return hidden, kwargs.get("context")
@@ -83,6 +87,7 @@ class LayerDropController:
         self.iteration = 0
         self.micro_batch = -1           # local index of the micro-batch being run
         self._chunk_micro_batches: list[int] = []  # the same, per model chunk (interleaved 1F1B)
+        self._recompute_queue: dict = {}  # layer number -> decisions awaiting recomputation (FIFO)
         self.masks: list[torch.Tensor] = []
         self.scale = torch.ones(schedule.num_layers, dtype=torch.float64)
         self.layer_params: dict[int, list] = {}   # global layer number -> this rank's params
@@ -96,6 +101,7 @@ class LayerDropController:
         self.iteration = iteration
         self.micro_batch = -1
         self._chunk_micro_batches = [-1] * len(self._chunk_micro_batches)
+        self._recompute_queue = {}
         if self.forced is not None:
             self.masks = [self.forced.clone()]
         else:
@@ -116,6 +122,21 @@ class LayerDropController:
     def decide(self, layer_number: int) -> tuple[bool, float]:
         keep = bool(self.current_mask()[layer_number - 1])
         return keep, float(self.scale[layer_number - 1])
+
+    def decide_recomputed(self, layer_number: int) -> tuple[bool, float]:
+        """``decide`` for a layer under ``--recompute-granularity full``: megatron's checkpoint runs
+        the layer once without grad in forward and again in backward, when later micro-batches have
+        run their forwards (1F1B) and ``micro_batch`` has moved on. So the first pass queues its
+        decision and the recomputation takes it back; a layer's backwards come in the order of its
+        forwards (1F1B, interleaved or not, and no pipelining alike)."""
+        queue = self._recompute_queue.setdefault(layer_number, collections.deque())
+        if not torch.is_grad_enabled():  # the checkpointed forward
+            d = self.decide(layer_number)
+            queue.append(d)
+            return d
+        if queue:  # its recomputation in backward
+            return queue.popleft()
+        return self.decide(layer_number)  # a layer outside the recomputed ones (--recompute-num-layers)
 
     def active_layers(self) -> float:
         """Mean number of layers run per micro-batch in the current step (all replicas)."""
