@@ -286,3 +286,25 @@ def test_raptr_schedule_and_growth_stages(tmp_path):
     with pytest.raises(UserError, match="give --raptr-iters"):
         cfg_with("{at_flops: 1.0e+12, depth_factor: 2}")
     assert build_schedule(cfg_with("{at_flops: 1.0e+12, depth_factor: 2}", "--raptr-iters", "80")).span == 80
+
+
+@pytest.mark.parametrize("flags,warned", [
+    (["--raptr-keep-probs", "0.5", "--train-iters", "10"], True),   # would drop layers from iteration 3 on
+    (["--train-iters", "10"], False),                                # same (no) layer dropping as saved
+    (["--raptr-keep-probs", "0.5", "--raptr-iters", "2", "--train-iters", "10"], False),  # schedule over by 2
+    (["--progressive-layer-drop", "--train-iters", "10"], True),
+])
+def test_resume_with_other_layer_drop_flags_warns(tiny_checkpoint, capsys, flags, warned):
+    """Found as a new user: resuming a RaPTr run without its flags (or with other ones) silently
+    trained other subnetworks than the saved run. tiny_checkpoint was trained to iteration 2 without
+    layer dropping."""
+    from conftest import TINY_MOCK
+    from megatron_staged.preflight import preflight
+
+    cfg = parse_config([*TINY_MOCK, "--load", str(tiny_checkpoint), *flags])
+    preflight(cfg, "train")
+    err = capsys.readouterr().err
+    assert ("other layer-drop flags" in err) == warned, err
+    if warned:
+        line = next(l for l in err.splitlines() if "other layer-drop flags" in l)
+        assert "resuming at iteration 2" in line and "the checkpoint has" in line
