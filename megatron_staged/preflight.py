@@ -266,8 +266,8 @@ def _check_layer_drop(cfg: Config, common: dict) -> None:
     if not isinstance(saved_sub, dict) or cfg.checkpoint.finetune:
         return
     it = int(common.get("iteration") or 0)
-    if cfg.training.train_iters is not None and it >= cfg.training.train_iters:
-        return
+    if it == 0 or (cfg.training.train_iters is not None and it >= cfg.training.train_iters):
+        return  # nothing trained yet (e.g. import-hf), or nothing left to train
     saved = cfg.copy()
     saved.subnet = SubnetConfig()
     for name, value in saved_sub.items():
