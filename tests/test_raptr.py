@@ -82,6 +82,7 @@ def test_rescale_option():
     (["--raptr-keep-probs", "1.5"], "--raptr-keep-probs: 1.5 is not a probability"),
     (["--raptr-stages", "6,12", "--raptr-keep-probs", "0.5"], "not both"),
     (["--raptr-stages", "6,12", "--raptr-stage-iters", "100"], "--raptr-stage-iters has 1 stages"),
+    (["--raptr-stages", "6,12", "--raptr-stage-iters", "2.7,3.9"], "--raptr-stage-iters: 2.7 is not a whole number"),
     (["--raptr-stages", "6,12", "--raptr-fixed-layers", "0"], "--raptr-fixed-layers: layer 0 is not in 1..12"),
     (["--raptr-stages", "6,12", "--progressive-layer-drop"], "exclude each other"),
     (["--raptr-keep-probs", "0,1", "--raptr-rescale"], "--raptr-rescale divides"),

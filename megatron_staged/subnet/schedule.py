@@ -202,7 +202,10 @@ def build_schedule(cfg) -> Optional[LayerDropSchedule]:
     span = s.raptr_iters if s.raptr_iters is not None else (growth_at if growth_at is not None
                                                             else cfg.training.train_iters)
     if s.raptr_stage_iters:
-        lengths = [int(x) for x in _floats("--raptr-stage-iters", s.raptr_stage_iters)]
+        given = _floats("--raptr-stage-iters", s.raptr_stage_iters)
+        frac = next((x for x in given if x != int(x)), None)
+        require(frac is None, f"--raptr-stage-iters: {frac:g} is not a whole number of iterations")
+        lengths = [int(x) for x in given]
         require(len(lengths) == len(probs),
                 f"--raptr-stage-iters has {len(lengths)} stages but the schedule has {len(probs)}; give one length per stage")
         require(all(n >= 0 for n in lengths), "--raptr-stage-iters: lengths must be >= 0")
