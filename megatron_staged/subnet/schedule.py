@@ -204,7 +204,8 @@ def build_schedule(cfg) -> Optional[LayerDropSchedule]:
     if s.raptr_stage_iters:
         given = _floats("--raptr-stage-iters", s.raptr_stage_iters)
         frac = next((x for x in given if x != int(x)), None)
-        require(frac is None, f"--raptr-stage-iters: {frac:g} is not a whole number of iterations")
+        if frac is not None:
+            raise UserError(f"--raptr-stage-iters: {frac:g} is not a whole number of iterations")
         lengths = [int(x) for x in given]
         require(len(lengths) == len(probs),
                 f"--raptr-stage-iters has {len(lengths)} stages but the schedule has {len(probs)}; give one length per stage")
