@@ -129,9 +129,11 @@ LAYOUT_CASES = {  # name: (TP, PP, DP, extra flags); all on 4 ranks
     "tp1pp4dp1": _lay(1, 4),  # one layer per stage: whole stages are dropped (pass-through)
     "tp2pp1dp2_distopt_overlap": _lay(2, 1, "--use-distributed-optimizer", "--overlap-grad-reduce"),
     "tp1pp2dp2_overlap": _lay(1, 2, "--overlap-grad-reduce"),
-    # interleaved 1F1B: 2 chunks of one layer per pipeline rank
-    "tp1pp2dp2_vp2_distopt_overlap": _lay(1, 2, "--num-layers-per-virtual-pipeline-stage", "1",
-                                          "--use-distributed-optimizer", "--overlap-grad-reduce"),
+    # interleaved 1F1B: 2 chunks of one layer per pipeline rank; with --overlap-param-gather the
+    # all-gather of a chunk whose one layer is dropped is never waited for by megatron's pre-hooks
+    "tp1pp2dp2_vp2_distopt_overlap_pg": _lay(1, 2, "--num-layers-per-virtual-pipeline-stage", "1",
+                                             "--use-distributed-optimizer", "--overlap-grad-reduce",
+                                             "--overlap-param-gather"),
 }
 
 
@@ -225,8 +227,12 @@ def test_dropped_layers_equal_the_model_without_them(scenarios):
 
 
 def test_optimizer_leaves_layers_without_gradient_unchanged(scenarios):
-    """Default: no momentum / weight-decay drift on dropped layers; the opt-out does drift."""
+    """Default: no momentum / weight-decay drift on dropped layers; the opt-out does drift.
+    (Not measurable per step with --overlap-param-gather: a step's update of the shards other ranks
+    own arrives with the next step's all-gather, which can be a step that drops the layer.)"""
     for name in LAYOUT_CASES:
+        if "--overlap-param-gather" in LAYOUT_CASES[name]:
+            continue
         for r in scenarios[name]:
             c = r["checks"]
             assert c["moved_dropped"] == 0 and c["unchanged_kept"] == 0, f"{name} rank {r['rank']}: {c}"

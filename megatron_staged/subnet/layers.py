@@ -88,6 +88,7 @@ class LayerDropController:
         self.micro_batch = -1           # local index of the micro-batch being run
         self._chunk_micro_batches: list[int] = []  # the same, per model chunk (interleaved 1F1B)
         self._recompute_queue: dict = {}  # layer number -> decisions awaiting recomputation (FIFO)
+        self._param_gather_done: list[bool] = []  # per chunk: dropped buckets' all-gathers finished this step
         self.masks: list[torch.Tensor] = []
         self.scale = torch.ones(schedule.num_layers, dtype=torch.float64)
         self.layer_params: dict[int, list] = {}   # global layer number -> this rank's params
@@ -101,6 +102,7 @@ class LayerDropController:
         self.iteration = iteration
         self.micro_batch = -1
         self._chunk_micro_batches = [-1] * len(self._chunk_micro_batches)
+        self._param_gather_done = [False] * len(self._chunk_micro_batches)
         self._recompute_queue = {}
         if self.forced is not None:
             self.masks = [self.forced.clone()]
@@ -178,9 +180,13 @@ class LayerDropController:
 
         layer_cls = subnet_layer_class()
         self._chunk_micro_batches = [-1] * len(model_chunks)
+        self._param_gather_done = [False] * len(model_chunks)
         for index, chunk in enumerate(model_chunks):
             gpt = unwrap(chunk)
             gpt.register_forward_pre_hook(self._micro_batch_counter(index))
+            ddp = getattr(chunk, "ddp_config", None)
+            if ddp is not None and ddp.use_distributed_optimizer and ddp.overlap_param_gather:
+                gpt.register_forward_hook(self._param_gather_finisher(index, chunk))
             gpt.decoder.register_forward_hook(_pass_through_copy)
             for mod in gpt.modules():
                 if isinstance(mod, layer_cls):
@@ -202,6 +208,25 @@ class LayerDropController:
             self.micro_batch = self._chunk_micro_batches[index]
 
         return count
+
+    def _param_gather_finisher(self, index: int, chunk):
+        """With --overlap-param-gather, megatron waits for a bucket's parameter all-gather (and starts
+        the next one's) in the forward pre-hook of a module holding its parameters; a bucket whose
+        layers were all dropped is never waited for, and the next step's dispatch asserts that no
+        all-gather is outstanding (or, never dispatched, its parameters would stay stale on the ranks
+        that do not own their shard). After the first forward of each chunk in a step, finish every
+        such bucket, in megatron's all-gather order (its bucket groups reversed), the same on every
+        DP rank."""
+        def finish(module, args, output):
+            if not self.in_step or self._param_gather_done[index]:
+                return
+            self._param_gather_done[index] = True
+            for groups in (chunk.bucket_groups, chunk.expert_parallel_bucket_groups):
+                for group in reversed(groups):
+                    if group.param_gather_handle is not None or not group.param_gather_dispatched:
+                        group.finish_param_sync()
+
+        return finish
 
     def _finalize_wrapper(self, finalize, model_chunks):
         def finalize_with_dropped_layers(*args, **kwargs):
