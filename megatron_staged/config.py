@@ -904,11 +904,6 @@ def validate(cfg: Config, world_size: int) -> None:
     from megatron_staged.subnet.schedule import validate_subnet
 
     validate_subnet(cfg, world_size)
-    from megatron_staged.subnet import enabled as layer_drop_enabled
-
-    require(virtual_pipeline_size(cfg) is None or not layer_drop_enabled(cfg),
-            "RaPTr / progressive layer dropping draws its masks per micro-batch in schedule order, which "
-            "interleaved 1F1B reorders across model chunks; drop the virtual pipeline flag")
 
 
 # ==== Megatron-LM compatibility: flags that are not fields of the tree ===========================

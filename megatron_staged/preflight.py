@@ -48,6 +48,7 @@ def preflight(cfg: Config, command: str = "train") -> None:
         _check_save(cfg, common)
         if common is not None:
             _check_schedule(cfg, common)
+            _check_layer_drop(cfg, common)
 
 
 def _check_output_file(path, flag: str, directory: bool = False) -> None:
@@ -234,3 +235,55 @@ def _check_schedule(cfg: Config, common: dict) -> None:
     warn(f"resuming with the checkpoint's LR schedule (Megatron's rule; the flags differ: {listed}){tail}; pass "
          f"--override-opt-param-scheduler to use the flags' schedule, or --use-checkpoint-opt_param-scheduler "
          f"to silence this")
+
+
+def _layer_drop_running(cfg: Config, model: dict, iteration: int) -> bool:
+    """Whether ``cfg``'s RaPTr / PLD schedule (over the checkpoint's model) drops layers at ``iteration``."""
+    from megatron_staged.subnet.schedule import build_schedule, enabled
+
+    if not enabled(cfg):
+        return False
+    trial = cfg.copy()
+    for name, value in model.items():
+        if hasattr(trial.model, name):
+            setattr(trial.model, name, value)
+    try:
+        schedule = build_schedule(trial)
+        return schedule is not None and schedule.span > iteration
+    except Exception:  # not checkable before validation (e.g. --train-samples): assume it does
+        return True
+
+
+def _check_layer_drop(cfg: Config, common: dict) -> None:
+    """A resume whose RaPTr / layer-drop flags differ from the checkpoint's while either schedule still
+    drops layers: the flags win (Megatron's rule), and the run no longer continues the saved one; say so."""
+    import dataclasses
+
+    from megatron_staged.config import SubnetConfig
+
+    args = common.get("args") or {}
+    saved_sub = args.get("subnet")
+    if not isinstance(saved_sub, dict) or cfg.checkpoint.finetune:
+        return
+    it = int(common.get("iteration") or 0)
+    if it == 0 or (cfg.training.train_iters is not None and it >= cfg.training.train_iters):
+        return  # nothing trained yet (e.g. import-hf), or nothing left to train
+    saved = cfg.copy()
+    saved.subnet = SubnetConfig()
+    for name, value in saved_sub.items():
+        if hasattr(saved.subnet, name):
+            setattr(saved.subnet, name, value)
+    model = args.get("model") or {}
+    if not (_layer_drop_running(saved, model, it) or _layer_drop_running(cfg, model, it)):
+        return
+    diff = []
+    for f in dataclasses.fields(SubnetConfig):
+        mine, theirs = getattr(cfg.subnet, f.name), getattr(saved.subnet, f.name)
+        if mine != theirs:
+            flag = ("--no-layer-drop-skip-optimizer-update" if f.name == "layer_drop_skip_optimizer_update"
+                    else "--" + f.name.replace("_", "-"))
+            diff.append(f"{flag} gives {mine}, the checkpoint has {theirs}")
+    if diff:
+        warn(f"resuming at iteration {it} with other layer-drop flags than the checkpoint was trained with "
+             f"({'; '.join(diff)}): the flags apply from here on, so this run drops other layers than the "
+             f"saved run would have; pass the checkpoint's values to continue it")

@@ -380,8 +380,26 @@ def test_import_hf_gpt2_seq_length_beyond_its_positions_names_the_hf_limit(tmp_p
     transformers = pytest.importorskip("transformers")
     hf = tmp_path / "gpt2"
     transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=24,
-                                                         activation_function="gelu")).save_pretrained(str(hf))
+                                                         activation_function="gelu", bos_token_id=0, eos_token_id=1)).save_pretrained(str(hf))
     r = run_cli(["import-hf", "--hf", str(hf), "--save", str(tmp_path / "c"), "--seq-length", "64"], check=False)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(
         "error: --seq-length 64 exceeds the HF model's 24 learned positions"), r.stderr[-2000:]
     run_cli(["import-hf", "--hf", str(hf), "--save", str(tmp_path / "ok"), "--seq-length", "24"])
+
+
+def test_bf16_import_trains_without_the_distributed_optimizer(tmp_path):
+    """Found as a new user: `import-hf --dtype bf16` then `train --bf16 --load` (no distributed optimizer)
+    died with torch Adam's KeyError 'step' loading the iteration-0 optimizer state (megatron leaves a
+    step of 0 out of the saved state)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    hf = tmp_path / "hf"
+    GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=32, n_embd=32, n_layer=1, n_head=4,
+                               activation_function="gelu", bos_token_id=0, eos_token_id=1)).save_pretrained(str(hf))
+    run_cli(["import-hf", "--hf", str(hf), "--save", str(tmp_path / "ck"), "--dtype", "bf16"])
+    log = tmp_path / "log.jsonl"
+    run_cli(["train", "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "300", "--model-family",
+             "gpt2", "--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+             "--micro-batch-size", "2", "--train-iters", "2", "--bf16", "--lr", "1e-3", "--load", str(tmp_path / "ck"),
+             "--log-interval", "1", "--eval-iters", "0", "--progress-bar", "off", "--log-file", str(log)])
+    assert sorted(losses(log)) == [1, 2]

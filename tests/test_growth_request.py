@@ -106,6 +106,10 @@ def _cfg(layers=4, tp=1, pp=1, train_iters=100) -> Config:
     ([{"at_iteration": 10, "width_factor": 2, "target_tensor_model_parallel_size": 3}], 3,
      r"staging.stages\[0\]: the grown model .* not divisible by --tensor-model-parallel-size 3"),
     ([{"at_iteration": 10, "width_factor": 1}], 1, r"nothing to grow"),
+    # found as a new user: `grow --load CKPT --num-layers 4` of a checkpoint that already had 4 layers said
+    # "nothing to grow: give --num-layers/..." although --num-layers was given
+    ([{"at_iteration": 10, "num_layers": 4}], 1,
+     r"nothing to grow: the source model has 4 layers x hidden 64 \(staging.stages\[0\].num_layers 4 keeps it\)"),
     ([{"at_iteration": 10, "depth_factor": 2, "rho": 0}], 1, r"staging.stages\[0\].rho 0.0 must be > 0"),
 ])
 def test_every_stage_is_checked_before_the_run(stages, world, message):

@@ -563,3 +563,33 @@ def test_unreached_at_flops_stage_is_a_note_not_an_error(capsys):
     assert "would be reached at iteration 100, not before --train-iters 100" in notes[0]
     cfg.staging.stages = [{"at_flops": 98.5 * per_iteration, "depth_factor": 2}]  # after iteration 99: runs
     assert [(x.start_iteration, x.end_iteration) for x in plan_stages(cfg, 8)] == [(0, 99), (99, 100)]
+
+
+def _stage_flops(flags: list[str]) -> float:
+    """Planned FLOPs of a one-stage run (the dry-run's FLOPs column), in process."""
+    from megatron_staged.config import parse_config, validate
+
+    cfg = parse_config(["--mock-data", "--model-family", "llama", "--hidden-size", "64", "--num-attention-heads", "4",
+                        "--seq-length", "32", "--micro-batch-size", "1", "--global-batch-size", "16", *flags])
+    validate(cfg, 1)
+    (stage,) = plan_stages(cfg, 1)
+    p = plan_stage(stage, Hardware(gpus=1, gpu_memory_gb=None), Recompute(), 1, 1)
+    return p.flops_per_token * stage.tokens
+
+
+def test_planned_flops_count_the_layers_raptr_and_pld_run():
+    """Found as a new user: `train --dry-run` / `plan` counted every layer in every iteration of a RaPTr
+    or PLD run, while the trainer counts the layers that ran. RaPTr 4,6,8 of 8 layers in three equal
+    stages of 33 iterations runs 6 layers on average: the FLOPs of a 6-layer model. PLD: DeepSpeed's
+    keep-probabilities summed by brute force over the iterations."""
+    import math
+
+    raptr = _stage_flops(["--num-layers", "8", "--train-iters", "99", "--raptr-stages", "4,6,8"])
+    assert raptr == pytest.approx(_stage_flops(["--num-layers", "6", "--train-iters", "99"]), rel=1e-12)
+    full8 = _stage_flops(["--num-layers", "8", "--train-iters", "99"])
+    l0 = _stage_flops(["--num-layers", "0", "--train-iters", "99"])  # the logits term alone
+    theta_bar, gamma, L, T = 0.5, 0.03, 8, 99
+    layers = sum(1 - (l / L) * (1 - ((1 - theta_bar) * math.exp(-gamma * t) + theta_bar))
+                 for t in range(T) for l in range(1, L + 1)) / T
+    pld = _stage_flops(["--num-layers", "8", "--train-iters", "99", "--progressive-layer-drop", "--pld-gamma", "0.03"])
+    assert pld == pytest.approx(l0 + (full8 - l0) * layers / L, rel=1e-9)

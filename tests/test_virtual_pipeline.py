@@ -187,7 +187,6 @@ def test_convert_and_offline_grow_into_and_out_of_interleaved_layouts(vp_runs):
      "the last group has 1 micro-batches"),
     (["--microbatch-group-size-per-virtual-pipeline-stage", "2"], 2, "is for interleaved 1F1B"),
     (["--num-layers", "0", "--num-layers-per-virtual-pipeline-stage", "1"], 1, "a zero-layer model has no layers"),
-    ([*VP_STAGES, "--raptr-stages", "2"], 2, "interleaved 1F1B reorders"),
 ])
 def test_bad_virtual_pipeline_values_are_one_line(argv, world, message):
     with pytest.raises(UserError) as e:  # later flags win, as in argparse

@@ -428,6 +428,13 @@ def load_optimizer_state(optimizer, sd: dict, step: int) -> None:
             # megatron drops a falsy step (0) when saving (`if step:`), and torch's Adam then
             # refuses a state without "step": supply it
             part_sd = dict(part_sd, state=dict(part_sd["state"], common_step=torch.tensor(float(step))))
+        elif isinstance(part_sd.get("optimizer"), dict) and isinstance(part_sd["optimizer"].get("state"), dict) \
+                and "common_step" not in part_sd["optimizer"]["state"]:
+            # the same inside bf16/fp16's Float16OptimizerWithFloat16Params ({"optimizer": torch's, ...}); a
+            # growth's target state has step 0 until the step is set below
+            inner_sd = part_sd["optimizer"]
+            part_sd = dict(part_sd, optimizer=dict(inner_sd, state=dict(inner_sd["state"],
+                                                                          common_step=torch.tensor(float(step)))))
         opt.load_state_dict(part_sd)
         if param_state is not None:
             for st in opt.optimizer.state.values():

@@ -320,9 +320,12 @@ def make_spec(old_cfg: Config, request: GrowthRequest, stage_index: Optional[int
                 f"{name('depth_init')} {r.depth_init}: a zero-layer model has no layer to copy; use random or zero")
     spec = GrowthSpec(old_num_layers=old, depth_map=dmap, request=r,
                       seed=old_cfg.training.seed if seed is None else seed, stage_index=stage_index)
-    require(spec.grows_depth or r.width_factor > 1,
-            f"nothing to grow: give {name('num_layers')}/{name('depth_factor')}/{name('depth_map')} "
-            f"and/or {name('width_factor')} 2")
+    if not (spec.grows_depth or r.width_factor > 1):
+        given = next((f" ({name(k)} {getattr(r, k)} keeps it)" for k in ("num_layers", "depth_factor", "depth_map")
+                      if getattr(r, k) is not None), "")
+        raise UserError(f"nothing to grow: the source model has {old} layers x hidden {old_cfg.model.hidden_size}"
+                        f"{given}; give a larger {name('num_layers')}/{name('depth_factor')}/{name('depth_map')} "
+                        f"and/or {name('width_factor')} 2")
     return spec
 
 

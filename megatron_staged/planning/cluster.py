@@ -97,7 +97,11 @@ def plan_stage(stage: PlannedStage, hw: Hardware, recompute: Recompute, tp: int,
     mem = estimate_memory(cfg, tp, pp, dp, recompute)
     budget = hw.budget_bytes
     t = cfg.training
-    fpt = flops_per_iteration(cfg.model, t.global_batch_size) / (t.global_batch_size * cfg.model.seq_length)
+    from megatron_staged.subnet.schedule import mean_active_layers
+
+    active = mean_active_layers(cfg, stage.start_iteration, stage.end_iteration)  # RaPTr / PLD: layers that run
+    fpt = (flops_per_iteration(cfg.model, t.global_batch_size, num_layers=active)
+           / (t.global_batch_size * cfg.model.seq_length))
     tps = hw.mfu * hw.peak_tflops * 1e12 * hw.gpus / fpt
     return StagePlan(stage, tp, pp, dp, mem, None if budget is None else mem.total <= budget, fpt, tps)
 

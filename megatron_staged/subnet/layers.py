@@ -5,7 +5,8 @@
   it runs for the current micro-batch; a dropped layer returns its input (an identity on the
   residual stream), so neither its forward nor its backward is computed and its parameters get
   no gradient.
-* A forward pre-hook on each ``GPTModel`` chunk counts micro-batches; a forward hook on the
+* A forward pre-hook on each ``GPTModel`` chunk counts that chunk's micro-batches (a chunk runs its
+  micro-batches in order, also under interleaved 1F1B, which only interleaves the chunks); a forward hook on the
   ``TransformerBlock`` copies the input when a pipeline stage's every layer was dropped (megatron's
   schedules must not see the received tensor returned as the stage's output).
 * ``config.finalize_model_grads_func`` (megatron's hook at the end of a step's backward) is wrapped
@@ -19,6 +20,7 @@ Nothing here talks to other ranks: the masks are functions of (seed, iteration, 
 """
 from __future__ import annotations
 
+import collections
 from typing import Optional
 
 import torch
@@ -42,7 +44,10 @@ def _transformer_layer_cls():
             ctl = self.subnet_controller
             if ctl is None or not self.training or not ctl.in_step:
                 return super().forward(*args, **kwargs)
-            keep, scale = ctl.decide(self.layer_number)
+            if getattr(self.config, "recompute_granularity", None) == "full":
+                keep, scale = ctl.decide_recomputed(self.layer_number)
+            else:
+                keep, scale = ctl.decide(self.layer_number)
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             if not keep:
                 return hidden, kwargs.get("context")
@@ -81,6 +86,9 @@ class LayerDropController:
         self.in_step = False
         self.iteration = 0
         self.micro_batch = -1           # local index of the micro-batch being run
+        self._chunk_micro_batches: list[int] = []  # the same, per model chunk (interleaved 1F1B)
+        self._recompute_queue: dict = {}  # layer number -> decisions awaiting recomputation (FIFO)
+        self._param_gather_done: list[bool] = []  # per chunk: dropped buckets' all-gathers finished this step
         self.masks: list[torch.Tensor] = []
         self.scale = torch.ones(schedule.num_layers, dtype=torch.float64)
         self.layer_params: dict[int, list] = {}   # global layer number -> this rank's params
@@ -93,6 +101,9 @@ class LayerDropController:
         """Draw the masks of step ``iteration`` (0-based) for every global micro-batch."""
         self.iteration = iteration
         self.micro_batch = -1
+        self._chunk_micro_batches = [-1] * len(self._chunk_micro_batches)
+        self._param_gather_done = [False] * len(self._chunk_micro_batches)
+        self._recompute_queue = {}
         if self.forced is not None:
             self.masks = [self.forced.clone()]
         else:
@@ -113,6 +124,21 @@ class LayerDropController:
     def decide(self, layer_number: int) -> tuple[bool, float]:
         keep = bool(self.current_mask()[layer_number - 1])
         return keep, float(self.scale[layer_number - 1])
+
+    def decide_recomputed(self, layer_number: int) -> tuple[bool, float]:
+        """``decide`` for a layer under ``--recompute-granularity full``: megatron's checkpoint runs
+        the layer once without grad in forward and again in backward, when later micro-batches have
+        run their forwards (1F1B) and ``micro_batch`` has moved on. So the first pass queues its
+        decision and the recomputation takes it back; a layer's backwards come in the order of its
+        forwards (1F1B, interleaved or not, and no pipelining alike)."""
+        queue = self._recompute_queue.setdefault(layer_number, collections.deque())
+        if not torch.is_grad_enabled():  # the checkpointed forward
+            d = self.decide(layer_number)
+            queue.append(d)
+            return d
+        if queue:  # its recomputation in backward
+            return queue.popleft()
+        return self.decide(layer_number)  # a layer outside the recomputed ones (--recompute-num-layers)
 
     def active_layers(self) -> float:
         """Mean number of layers run per micro-batch in the current step (all replicas)."""
@@ -153,9 +179,14 @@ class LayerDropController:
         from megatron_staged.model.builder import unwrap
 
         layer_cls = subnet_layer_class()
-        for chunk in model_chunks:
+        self._chunk_micro_batches = [-1] * len(model_chunks)
+        self._param_gather_done = [False] * len(model_chunks)
+        for index, chunk in enumerate(model_chunks):
             gpt = unwrap(chunk)
-            gpt.register_forward_pre_hook(self._count_micro_batch)
+            gpt.register_forward_pre_hook(self._micro_batch_counter(index))
+            ddp = getattr(chunk, "ddp_config", None)
+            if ddp is not None and ddp.use_distributed_optimizer and ddp.overlap_param_gather:
+                gpt.register_forward_hook(self._param_gather_finisher(index, chunk))
             gpt.decoder.register_forward_hook(_pass_through_copy)
             for mod in gpt.modules():
                 if isinstance(mod, layer_cls):
@@ -168,8 +199,34 @@ class LayerDropController:
         if optimizer is not None and self.skip_optimizer_update:
             self._hook_optimizer(optimizer)
 
-    def _count_micro_batch(self, module, args):
-        self.micro_batch += 1
+    def _micro_batch_counter(self, index: int):
+        """Pre-hook of model chunk ``index``: its k-th forward of a step is micro-batch k. Under
+        interleaved 1F1B the schedule alternates between chunks, but each chunk still runs the
+        micro-batches in order, and a chunk's layers run right after its pre-hook (no recompute)."""
+        def count(module, args):
+            self._chunk_micro_batches[index] += 1
+            self.micro_batch = self._chunk_micro_batches[index]
+
+        return count
+
+    def _param_gather_finisher(self, index: int, chunk):
+        """With --overlap-param-gather, megatron waits for a bucket's parameter all-gather (and starts
+        the next one's) in the forward pre-hook of a module holding its parameters; a bucket whose
+        layers were all dropped is never waited for, and the next step's dispatch asserts that no
+        all-gather is outstanding (or, never dispatched, its parameters would stay stale on the ranks
+        that do not own their shard). After the first forward of each chunk in a step, finish every
+        such bucket, in megatron's all-gather order (its bucket groups reversed), the same on every
+        DP rank."""
+        def finish(module, args, output):
+            if not self.in_step or self._param_gather_done[index]:
+                return
+            self._param_gather_done[index] = True
+            for groups in (chunk.bucket_groups, chunk.expert_parallel_bucket_groups):
+                for group in reversed(groups):
+                    if group.param_gather_handle is not None or not group.param_gather_dispatched:
+                        group.finish_param_sync()
+
+        return finish
 
     def _finalize_wrapper(self, finalize, model_chunks):
         def finalize_with_dropped_layers(*args, **kwargs):

@@ -202,7 +202,11 @@ def build_schedule(cfg) -> Optional[LayerDropSchedule]:
     span = s.raptr_iters if s.raptr_iters is not None else (growth_at if growth_at is not None
                                                             else cfg.training.train_iters)
     if s.raptr_stage_iters:
-        lengths = [int(x) for x in _floats("--raptr-stage-iters", s.raptr_stage_iters)]
+        given = _floats("--raptr-stage-iters", s.raptr_stage_iters)
+        frac = next((x for x in given if x != int(x)), None)
+        if frac is not None:
+            raise UserError(f"--raptr-stage-iters: {frac:g} is not a whole number of iterations")
+        lengths = [int(x) for x in given]
         require(len(lengths) == len(probs),
                 f"--raptr-stage-iters has {len(lengths)} stages but the schedule has {len(probs)}; give one length per stage")
         require(all(n >= 0 for n in lengths), "--raptr-stage-iters: lengths must be >= 0")
@@ -262,3 +266,28 @@ def validate_subnet(cfg, world_size: int) -> None:
         raise UserError("--raptr-draw-per micro-batch with --overlap-grad-reduce at data-parallel size > 1 "
                         "would issue gradient collectives in a different order per replica; use "
                         "--raptr-draw-per iteration or drop --overlap-grad-reduce")
+
+
+def mean_active_layers(cfg, start: int, end: int) -> "Optional[float]":
+    """Expected transformer layers run per micro-batch, averaged over iterations ``start..end-1``
+    (0-based), under ``cfg``'s RaPTr / PLD schedule; None when layer dropping is off. The planner's
+    FLOPs count these, as the trainer's FLOPs count the layers that ran."""
+    schedule = build_schedule(cfg) if enabled(cfg) else None
+    if schedule is None or end <= start:
+        return None
+    L = schedule.num_layers
+    n = end - start
+    if schedule.method == "pld":
+        # sum_l p_l(t) = L - (1 - theta(t)) (L + 1) / 2, with 1 - theta(t) = (1 - theta_bar)(1 - exp(-gamma t))
+        g = schedule.pld_gamma
+        if g == 0.0:
+            mean_exp = 1.0
+        else:
+            mean_exp = (math.exp(-g * start) - math.exp(-g * end)) / (1.0 - math.exp(-g)) / n
+        return L - (1.0 - schedule.pld_theta) * (1.0 - mean_exp) * (L + 1) / 2.0
+    total, covered = 0.0, 0
+    for st in schedule.stages:
+        overlap = max(0, min(end, st.start + st.iters) - max(start, st.start))
+        total += overlap * st.expected_active
+        covered += overlap
+    return (total + (n - covered) * L) / n
