@@ -511,6 +511,10 @@ def test_kaplan_plan_equals_hand_computed_schedule(recipe, shapes, rho):
     assert plan.stages[-1].end_iteration == 1000
     assert plan.staged_flops == pytest.approx(sum(6 * n * 2048 * (e - s) * 1000 / total for n, s, e in rows))
     assert plan.yaml_stages()[0]["at_iteration"] == plan.stages[1].start_iteration
+    # the printed stages carry the schedule's rho, so a run of them jumps its LR schedule by the same ratio
+    # (found as a new user: they had none, and the trainer used its default 1.4 / 1.8)
+    assert [y["rho"] for y in plan.yaml_stages()] == [round(prev[2] / rows[i + 1][1], 4)
+                                                        for i, prev in enumerate(rows[:-1])]
 
 
 def test_kaplan_one_growth_saving_is_the_papers_formula_and_the_command_prints_it(capsys):

@@ -133,8 +133,10 @@ class KaplanPlan:
         return 1.0 - self.staged_flops / self.scratch_flops
 
     def yaml_stages(self) -> list[dict]:
-        """staging.stages for a run of the initial model (growth at the planned iterations)."""
-        return [dict(st.growth, at_iteration=st.start_iteration) for st in self.stages[1:]]
+        """staging.stages for a run of the initial model: growth at the planned iterations, each with the
+        rho this schedule assumed (without it the trainer would jump the LR schedule by its default rho)."""
+        return [dict(st.growth, at_iteration=st.start_iteration,
+                     **({} if st.rho is None else {"rho": round(st.rho, 4)})) for st in self.stages[1:]]
 
 
 def plan_kaplan(num_layers: int, hidden_size: int, growths: list[dict], train_iters: int, tokens_per_iteration: int,
