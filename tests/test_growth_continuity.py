@@ -111,7 +111,6 @@ def test_flops_samples_and_iterations_continue(inrun):
         prev = hist[i]
 
 
-<<<<<<< HEAD
 def test_growth_after_a_resume_keeps_the_checkpoints_lr(tmp_path):
     """Resumed with another --lr (no --override-opt-param-scheduler), a run keeps its checkpoint's LR
     (Megatron's rule, as the start-up warning says) also after its next growth: constant 1e-3 throughout,
@@ -141,7 +140,8 @@ def test_growth_after_a_resume_keeps_the_checkpoints_lr(tmp_path):
     run_cli(["train", *common, "--load", ck2, "--lr", "2e-3", "--override-opt-param-scheduler"])
     lrs = {x["iteration"]: x["lr"] for x in read_records(log2) if "lr" in x}
     assert [lrs[i] for i in range(4, 7)] == pytest.approx([2e-3] * 3)
-=======
+
+
 def test_bf16_growth_without_distributed_optimizer(tmp_path):
     """Found as a new user: growing a bf16 run that does not use the distributed optimizer (in-run or
     `grow`) died with torch Adam's KeyError 'step' (megatron leaves out a step of 0 when it saves the
@@ -169,4 +169,3 @@ def test_bf16_growth_without_distributed_optimizer(tmp_path):
              "--log-file", str(log)])
     steps = {r["iteration"]: r for r in read_records(log) if "loss" in r}
     assert steps[3]["num_layers"] == 4 and math.isfinite(steps[3]["loss"])
->>>>>>> explore-subnet
