@@ -43,6 +43,9 @@ optim:
   min_lr: 2.0e-4
   lr_warmup_iters: 20
   lr_decay_style: cosine
+  # the growths set the schedule back to S_pre / rho: 100 -> round(100/1.4) = 71, then 171 -> round(171/1.8) = 95,
+  # so at iteration 300 the schedule is at step 195: end the cosine there (plan/--dry-run say so when it does not)
+  lr_decay_iters: 195
   weight_decay: 0.01
   clip_grad: 1.0
 data:

@@ -366,6 +366,31 @@ def test_dry_run_warns_about_outputs_the_run_would_refuse(capsys, tmp_path):
     assert "would refuse" not in capsys.readouterr().out
 
 
+def test_quickstart_is_its_example_config_and_ends_its_decay_with_the_run():
+    """The built-in quickstart (the README's first command) and examples/quickstart.yaml are one config,
+    and it gives the user no schedule warning: found in this session, the schedule-lag warning's fix
+    reached the example file only, and the quickstart told its user to change a config they never wrote.
+    By hand: growths at 100 (rho 1.4) and 200 (rho 1.8) set the schedule to round(100/1.4) = 71, then
+    round((71 + 100)/1.8) = 95; at iteration 300 it is at step 95 + 100 = 195 = lr_decay_iters."""
+    import yaml
+
+    from megatron_staged.config import config_from_args, resolve_model, validate
+    from megatron_staged.planning.recipe import schedule_warnings
+    from megatron_staged.quickstart import QUICKSTART_YAML
+
+    assert yaml.safe_load((EXAMPLES / "quickstart.yaml").read_text()) == yaml.safe_load(QUICKSTART_YAML)
+    cfg = Config()
+    apply_mapping(cfg, yaml.safe_load(QUICKSTART_YAML), source="quickstart")
+    cfg.data.builtin_corpus, cfg.data.mock_data = False, True
+    assert cfg.optim.lr_decay_iters == round((round(100 / 1.4) + 100) / 1.8) + 100 == 195
+    resolve_model(cfg.model)
+    cfg.model.padded_vocab_size = 512
+    validate(cfg, 4)
+    assert schedule_warnings(cfg, 4) == []
+    cfg.optim.lr_decay_iters = None  # the decay span is then --train-iters: the warning is live
+    assert any("--lr-decay-iters 195" in w for w in schedule_warnings(cfg, 4))
+
+
 def test_every_example_config_dry_runs(capsys):
     configs = sorted(os.path.relpath(p, EXAMPLES) for p in glob.glob(str(EXAMPLES / "**" / "*.yaml"), recursive=True))
     assert configs == sorted(EXAMPLE_WORLD), "list every example config's world size in EXAMPLE_WORLD"
