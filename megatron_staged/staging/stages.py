@@ -100,8 +100,7 @@ def plan_stages(cfg: Config, stages: list, world_size: int, state: TrainState) -
     for st in all_stages:
         n, r = st.index, st.request
         if r.at_iteration is not None:
-            point = (f"staging.stages[{n}].at_iteration {r.at_iteration}" if r.at_fraction is None else
-                     f"staging.stages[{n}].at_fraction {r.at_fraction:g} (iteration {r.at_iteration})")
+            point = _point_name(r, "at_iteration", n)
             require(r.at_iteration >= 0, f"{point} must be >= 0")
             require(r.at_iteration < cfg.training.train_iters,
                     f"{point} is not before --train-iters {cfg.training.train_iters}: the stage would never run")

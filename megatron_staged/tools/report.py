@@ -71,8 +71,6 @@ def read_run(path: str) -> Run:
     for r in metric_records(path):
         if "loss" in r and "flops_so_far" in r and "event" not in r:  # an iteration (a trigger event has a loss too)
             if r["iteration"] == 1 and last_it >= 1:  # a new run from scratch appended to the same file
-                import sys
-
                 print(f"warning: {path}: a run from scratch starts again after iteration {last_it}; reporting "
                       f"the last run in the file", file=sys.stderr)
                 run = Run(name=run.name)
