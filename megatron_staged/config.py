@@ -268,7 +268,7 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     tensorboard_dir: Optional[str] = _f(None)
-    log_file: Optional[str] = _f(None, "also append per-iteration JSON records here (rank 0)")
+    log_file: Optional[str] = _f(None, "also append per-iteration JSON records here (rank 0; strict JSON: a non-finite loss or grad norm is null)")
     # -- Megatron-LM compatibility: what the log line and TensorBoard show --
     log_throughput: bool = _f(False, "add 'throughput per GPU (TFLOP/s/GPU)' to the log line")
     log_params_norm: bool = _f(False, "add 'params norm' (L2 norm of all parameters) to the log line")

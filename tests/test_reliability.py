@@ -7,6 +7,7 @@ bad-input catalogue itself is tests/test_bad_inputs.py.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -229,6 +230,16 @@ def test_non_finite_step_skipped_changes_nothing(tmp_path):
     assert "non-finite gradients at iteration 3; step skipped" in r.stdout
     recs = _records(log)
     assert sorted(recs) == [1, 2, 3, 4]
+    # the log is strict JSON (no bare NaN, which jq/JavaScript/strict readers refuse): the poisoned
+    # step's non-finite grad norm is null, and report/fit-rho read it back as NaN
+    def no_constants(name):
+        raise ValueError(f"{name} is not JSON")
+    for line in log.read_text().splitlines():
+        json.loads(line, parse_constant=no_constants)
+    assert recs[3]["grad_norm"] is None and isinstance(recs[2]["grad_norm"], float)
+    from megatron_staged.tools.report import metric_records
+    back = {r["iteration"]: r for r in metric_records(str(log)) if "loss" in r}
+    assert math.isnan(back[3]["grad_norm"]) and back[2]["grad_norm"] == recs[2]["grad_norm"]
     before, after = read_global_tensors(str(ckpt / "iter_0000002")), read_global_tensors(str(ckpt / "iter_0000003"))
     assert sorted(before) == sorted(after)
     changed = [k for k in before if not bool((before[k] == after[k]).all())]

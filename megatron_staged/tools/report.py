@@ -38,6 +38,15 @@ class Run:
         return self.evals[-1][3] if self.evals else math.nan
 
 
+def _nan_for_null(record: dict) -> dict:
+    """The logger writes a non-finite loss as null (strict JSON); read it back as NaN. Logs of
+    earlier versions hold bare ``NaN``, which ``json.loads`` reads as NaN already."""
+    for k, v in record.items():
+        if v is None and (k == "grad_norm" or k.endswith("loss") or "loss_" in k):
+            record[k] = math.nan
+    return record
+
+
 def metric_records(path: str):
     """The records of a JSONL metrics log (``train --log-file``), one dict per line.
 
@@ -60,7 +69,7 @@ def metric_records(path: str):
                           file=sys.stderr)
                     continue
                 raise UserError(f"{path}:{n}: not a JSON line; is this a `train --log-file` metrics log?")
-            yield record
+            yield _nan_for_null(record)
 
 
 def read_run(path: str) -> Run:

@@ -6,11 +6,30 @@ the writing.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from datetime import datetime
 
 from megatron_staged.runtime.distributed import is_rank0
+
+
+def _strict(value):
+    """A JSON value without NaN/Infinity (not JSON: jq, JavaScript and pandas' strict readers refuse
+    them): a non-finite float becomes null, containers are walked."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
+def json_line(record: dict) -> str:
+    """One strict-JSON line of the metrics log (a NaN loss is written as null; ``report`` and
+    ``fit-rho`` read null losses back as NaN)."""
+    return json.dumps(_strict(record), allow_nan=False) + "\n"
 
 
 class MetricsLogger:
@@ -73,7 +92,7 @@ class MetricsLogger:
         if active is not None:
             record["active_layers"] = active
         if self.jsonl:
-            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.write(json_line(record))
             self.jsonl.flush()
         finite = loss == loss and abs(loss) != float("inf")
         self.counts["advanced" if ok else "skipped"] += 1
@@ -133,8 +152,6 @@ class MetricsLogger:
         self.print(line)
 
     def eval(self, trainer, loss: float) -> None:
-        import math
-
         ppl = math.exp(min(loss, 20))
         self.print(f" validation loss at iteration {trainer.iteration} | lm loss value: {loss:.6E} |"
                    f" lm loss PPL: {ppl:.6E} |")
@@ -152,7 +169,7 @@ class MetricsLogger:
             se = getattr(trainer, "last_eval_se", None)
             if se is not None and math.isfinite(se):
                 rec["eval_loss_se"] = se  # standard error over the eval batches (sampling noise)
-            self.jsonl.write(json.dumps(rec) + "\n")
+            self.jsonl.write(json_line(rec))
             self.jsonl.flush()
 
     def layer_drop_stage(self, e: dict) -> None:
@@ -168,7 +185,7 @@ class MetricsLogger:
     def event(self, text: str, **record) -> None:
         self.print(text)
         if self.jsonl and record:
-            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.write(json_line(record))
             self.jsonl.flush()
 
     def print(self, line: str) -> None:
