@@ -204,8 +204,16 @@ def test_stages_due_at_once_grow_at_the_same_iteration(tmp_path):
     cfg = tmp_path / "stages.yaml"
     cfg.write_text("staging:\n  stages:\n    - {at_iteration: 2, depth_factor: 2, eval_iters: 1}\n"
                    "    - {at_flops: 1.0, width_factor: 2, eval_iters: 1}\n")
-    log = tmp_path / "m.jsonl"
-    run_cli(["train", *TINY_MOCK, "--train-iters", "3", "--config", str(cfg), "--log-file", str(log)])
+    log, ckpt = tmp_path / "m.jsonl", tmp_path / "ckpt"
+    r = run_cli(["train", *TINY_MOCK, "--train-iters", "3", "--config", str(cfg), "--log-file", str(log),
+                 "--save", str(ckpt)])
     growths = [r for r in read_records(log) if r.get("event") == "growth"]
     assert [(g["iteration"], g["num_layers"], g["hidden_size"]) for g in growths] == [(2, 4, 32), (2, 4, 64)]
     assert [r["hidden_size"] for r in read_records(log) if "elapsed_ms" in r] == [32, 32, 64]
+    # one checkpoint write for both growths at iteration 2 (the state after both), then the final one
+    saves = [l for l in r.stdout.splitlines() if "saved checkpoint at iteration" in l]
+    assert [int(l.split("iteration")[1].split()[0]) for l in saves] == [2, 3], r.stdout[-3000:]
+    import torch
+    common = torch.load(ckpt / "iter_0000002" / "common.pt", weights_only=False)
+    assert (common["args"].num_layers, common["args"].hidden_size) == (4, 64)  # Megatron-LM's args Namespace
+    assert len(common["train_state"]["stage_history"]) == 2

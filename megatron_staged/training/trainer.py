@@ -232,7 +232,8 @@ class Trainer:
                     f"(consumed samples {self.state.consumed_train_samples}, layout now {self.layout})")
 
     # -- growth -------------------------------------------------------------------------------------
-    def grow(self, request: GrowthRequest, stage_index: Optional[int] = None, why: Optional[dict] = None) -> dict:
+    def grow(self, request: GrowthRequest, stage_index: Optional[int] = None, why: Optional[dict] = None,
+             save: bool = True) -> dict:
         """Grow the model and its training state now, and continue on the grown components.
 
         Prints the eval loss just before and just after, on the same batches. Returns the stage
@@ -265,7 +266,7 @@ class Trainer:
             f"re-warmup {e['rewarmup_iters']}) | {seconds:.2f}s",
             event="growth", iteration=self.state.iteration, eval_loss_before=before, eval_loss_after=after,
             num_layers=e["to"]["num_layers"], hidden_size=e["to"]["hidden_size"])
-        if self.cfg.checkpoint.save:
+        if save and self.cfg.checkpoint.save:
             self.save()  # the grown state becomes the latest checkpoint of the run
         return e
 
@@ -389,9 +390,13 @@ class Trainer:
         skipped_in_a_row = 0
         while self.state.iteration < self.cfg.training.train_iters:
             stage, why = self.stages.due(self.state, self.cfg)
+            grew = False
             while stage is not None:  # every stage due now, in list order (an at_flops point already
-                self.grow(stage.request, stage.index, why)  # passed grows right after the stage before it)
+                self.grow(stage.request, stage.index, why, save=False)  # passed grows right after the one before)
+                grew = True
                 stage, why = self.stages.due(self.state, self.cfg)
+            if grew and self.cfg.checkpoint.save:
+                self.save()  # the grown state (after every growth due now) becomes the run's latest checkpoint
             cfg, t = self.cfg, self.cfg.training
             layer_drop = self.components.layer_drop
             change = layer_drop.stage_change(self.state.iteration) if layer_drop is not None else None
