@@ -128,8 +128,13 @@ def test_valid_stages_are_planned_in_list_order_and_done_ones_skipped():
     resumed = TrainState(iteration=40, stage_history=[{"iteration": 10, "stage_index": 0},
                                                       {"iteration": 33, "stage_index": 1}])
     assert [s.index for s in plan_stages(_cfg(), stages, 1, resumed)] == [2]
-    with pytest.raises(UserError, match=r"staging.stages\[0\] at iteration 10 lies before the resumed iteration 20"):
+    with pytest.raises(UserError, match=r"staging.stages\[0\].at_iteration 10 lies before the resumed iteration 20"):
         plan_stages(_cfg(), stages, 1, TrainState(iteration=20))
+    # an at_fraction point is named as the user wrote it (and the iteration it resolved to)
+    frac = [{"at_fraction": 0.1, "depth_factor": 2}]  # of --train-iters 100 (see _cfg): iteration 10
+    with pytest.raises(UserError, match=r"staging.stages\[0\].at_fraction 0.1 \(iteration 10\) lies before the "
+                                        r"resumed iteration 20"):
+        plan_stages(_cfg(), frac, 1, TrainState(iteration=20))
 
 
 def test_train_state_round_trip_keeps_unknown_keys():
@@ -238,7 +243,7 @@ def test_resume_refuses_only_a_stage_the_saving_run_would_have_grown():
     at2 = TrainState(iteration=2, flops_so_far=200.0, loss_history=hist[:2])  # e.g. --exit-interval 2
     assert [s.index for s in plan_stages(_cfg(), flops, 1, at2)] == [0]
     at3 = TrainState(iteration=3, flops_so_far=300.0, loss_history=hist[:3])
-    with pytest.raises(UserError, match=r"staging.stages\[0\] at 150 FLOPs lies before the resumed iteration 3"):
+    with pytest.raises(UserError, match=r"staging.stages\[0\].at_flops 150 lies before the resumed iteration 3"):
         plan_stages(_cfg(), flops, 1, at3)
     # a stage listed after another waits for it: its point passing first is no error
     waits = [{"at_flops": 1e30, "depth_factor": 2}, {"at_iteration": 5, "width_factor": 2}]
@@ -247,5 +252,5 @@ def test_resume_refuses_only_a_stage_the_saving_run_would_have_grown():
     grew = [{"iteration": 10, "stage_index": 0, "spec": {"at_flops": 1e30}}]
     assert [s.index for s in plan_stages(_cfg(), waits, 1, TrainState(iteration=10, stage_history=grew,
                                                                          loss_history=hist[:10]))] == [1]
-    with pytest.raises(UserError, match=r"staging.stages\[1\] at iteration 5 lies before the resumed iteration 11"):
+    with pytest.raises(UserError, match=r"staging.stages\[1\].at_iteration 5 lies before the resumed iteration 11"):
         plan_stages(_cfg(), waits, 1, TrainState(iteration=11, stage_history=grew, loss_history=hist[:11]))

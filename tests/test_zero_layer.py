@@ -202,3 +202,21 @@ def test_expansion_point_warnings():
     assert warnings_for(_cfg(0, lr_decay_style="cosine"), dict(expand, at_fraction=0.2)) == []
     # a growth that is not an expansion (Shen et al.'s staged growth) is not warned about
     assert warnings_for(_cfg(4, lr_decay_style="cosine"), {"depth_factor": 2, "at_iteration": 900}) == []
+    # an at_flops point sits at the iteration that reaches it: 950.5 iterations' FLOPs of the 1-layer
+    # model are reached after iteration 951 (FLOPs per iteration from the model: 6 N D-style count
+    # checked against hand values in test_plan.py)
+    from megatron_staged.config import resolve_model
+    from megatron_staged.training.flops import flops_per_iteration
+
+    def one():  # as the trainer holds it: model and vocabulary resolved
+        c = _cfg(1, lr_decay_style="WSD")
+        c.model.padded_vocab_size, c.training.micro_batch_size, c.training.global_batch_size = 512, 1, 8
+        resolve_model(c.model)
+        return c
+    per_iter = flops_per_iteration(one().model, one().training.global_batch_size)
+    late = warnings_for(one(), dict(expand, at_flops=950.5 * per_iter))
+    assert len(late) == 1 and late[0].startswith("warning: staging.stages[0] expands 1 -> 8 layers at iteration 951 "
+                                                 "(at_flops "), late
+    assert warnings_for(one(), dict(expand, at_flops=500.5 * per_iter)) == []
+    # beyond the run: never reached, nothing to warn about (the trainer names it at the end)
+    assert warnings_for(one(), dict(expand, at_flops=2000 * per_iter)) == []

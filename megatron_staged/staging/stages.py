@@ -121,8 +121,8 @@ def plan_stages(cfg: Config, stages: list, world_size: int, state: TrainState) -
     for st in pending[:1]:  # later stages wait for this one: their points may have passed
         r = st.request
         if _should_have_run(r, state):
-            when = f"iteration {r.at_iteration}" if r.at_iteration is not None else f"{r.at_flops:g} FLOPs"
-            raise UserError(f"staging.stages[{st.index}] at {when} lies before the resumed iteration "
+            key = "at_iteration" if r.at_iteration is not None else "at_flops"
+            raise UserError(f"{_point_name(r, key, st.index)} lies before the resumed iteration "
                             f"{state.iteration} and was never applied; remove it or resume earlier")
     model_cfg = cfg
     for st in pending:
@@ -163,24 +163,53 @@ def fraction_iteration(fraction: float, cfg: Config) -> int:
     return max(1, int(round(fraction * cfg.training.train_iters)))
 
 
-def expansion_warnings(cfg: Config, stages: list, world_size: int = 1) -> list[str]:
+def _point_iteration(r: GrowthRequest, it: int, flops: float, per_iter: float) -> Optional[int]:
+    """The iteration at which a stage's fixed point is reached from iteration ``it`` with ``flops``
+    FLOPs so far and ``per_iter`` FLOPs per iteration from here (a point already passed: ``it``, the
+    trainer's rule); None for a slope trigger (known only during the run)."""
+    import math
+
+    if r.at_iteration is not None:
+        return max(r.at_iteration, it)
+    if r.at_flops is not None:
+        return it + max(0, math.ceil((r.at_flops - flops) / per_iter))
+    return None
+
+
+def expansion_warnings(cfg: Config, stages: list, world_size: int = 1,
+                       state: Optional[TrainState] = None) -> list[str]:
     """One line per expansion stage (Bu 2025: from 0/1 layers, LR unchanged) whose point lies where
     the paper found expansion does not recover: after WSD's decay has begun, or late in a cosine or
-    linear decay (past half the decay span, where the LR is below half its peak)."""
+    linear decay (past half the decay span, where the LR is below half its peak). An ``at_flops``
+    point is placed at the iteration that reaches it (as ``plan`` does); a point after a slope
+    trigger's is unknown unless it is an ``at_iteration``."""
     from megatron_staged.config import lr_schedule_steps
 
     o = cfg.optim
     steps = lr_schedule_steps(cfg)
     out, model_cfg = [], cfg
+    it, flops, known = 0, 0.0, True  # iteration and FLOPs at the stage before; known: not after a slope trigger
+    if state is not None and state.iteration:
+        it, flops = state.iteration, state.flops_so_far
+    need_flops = any(st.request.at_flops is not None for st in stages)
     for st in stages:
         spec = make_spec(model_cfg, st.request, st.index)
         try:
             next_cfg = target_config(model_cfg, spec, world_size)
         except UserError:
             next_cfg = model_cfg
-        at = st.request.at_iteration
+        r = st.request
+        per_iter = flops_per_iteration(model_cfg.model, model_cfg.training.global_batch_size) if need_flops else 0.0
+        at = _point_iteration(r, it, flops, per_iter) if known or r.at_iteration is not None else None
+        if at is None or not known:
+            known = False  # FLOPs from here on are unknown
+        else:
+            flops, it = flops + (at - it) * per_iter, at
+        if at is not None and at >= cfg.training.train_iters:
+            break  # never reached: the run ends without this stage and those after it
         if spec.is_expansion and at is not None:
-            where = f"staging.stages[{st.index}] expands {spec.old_num_layers} -> {spec.new_num_layers} layers at iteration {at}"
+            point = (f"iteration {at}" if r.at_flops is None else f"iteration {at} (at_flops {r.at_flops:g})")
+            where = f"staging.stages[{st.index}] expands {spec.old_num_layers} -> {spec.new_num_layers} layers at {point}"
             if o.lr_decay_style == "WSD":
                 decay_start = steps["decay"] - (steps["wsd_decay"] or 0)
                 if at >= decay_start:
@@ -288,7 +317,7 @@ class StageRunner:
         from megatron_staged.runtime.distributed import print_rank0
 
         self.pending = plan_stages(cfg, cfg.staging.stages, world_size, state)
-        for line in (expansion_warnings(cfg, self.pending, world_size)
+        for line in (expansion_warnings(cfg, self.pending, world_size, state)
                      + schedule_end_warnings(cfg, self.pending, world_size, state)):
             print_rank0(line)
 
