@@ -326,6 +326,22 @@ def test_plan_command_prints_every_stage(capsys):
     assert "fits" in out and "days" in out
 
 
+def test_plan_prints_a_tiny_models_flops_per_token(capsys):
+    """The small llama's FLOPs per token by hand (above): 301056 L + 98304, i.e. 0.0007 GFLOP at 2 layers
+    and 0.0013 at 4 -- printed with two significant digits, not as 0.00."""
+    rc = cli_main(["plan", "--model-family", "llama", "--num-layers", "2", "--hidden-size", "64",
+                   "--num-attention-heads", "4", "--group-query-attention", "--num-query-groups", "2",
+                   "--ffn-hidden-size", "176", "--seq-length", "32", "--padded-vocab-size", "256",
+                   "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "100", "--gpus", "1",
+                   "--stages", "depth:2@50"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    table = out[out.index("GFLOP/token"):].splitlines()
+    got = [float(table[k].split()[1]) for k in (1, 2)]
+    want = [float(f"{(301056 * L + 98304) / 1e9:.2g}") for L in (2, 4)]
+    assert got == want and want == [0.0007, 0.0013], (got, want)
+
+
 def test_plan_refuses_what_fits_nowhere(capsys):
     rc = cli_main(["plan", "--model-family", "llama", "--num-layers", "8", "--hidden-size", "4096",
                    "--num-attention-heads", "32", "--seq-length", "4096", "--padded-vocab-size", "32000",

@@ -198,9 +198,15 @@ def layout_table(plans: list[StagePlan], configured: list[StagePlan]) -> str:
                    "optimizer", "activations n/s/f", "total GiB", "fits", "configured"], rows)
 
 
+def _gflop(flops: float) -> str:
+    """GFLOP with two decimals, or two significant digits below 0.01 (a tiny model is not 0.00)."""
+    g = flops / 1e9
+    return f"{g:.2f}" if g >= 0.01 or g == 0 else f"{g:.2g}"
+
+
 def throughput_table(plans: list[StagePlan], hw: Hardware) -> str:
     flops = [p.flops_per_token * p.stage.tokens for p in plans]
-    rows = [[p.stage.index, f"{p.flops_per_token / 1e9:.2f}", f"{p.tokens_per_second:,.0f}",
+    rows = [[p.stage.index, _gflop(p.flops_per_token), f"{p.tokens_per_second:,.0f}",
              f"{p.tokens_per_second / hw.gpus:,.0f}", fmt_count(p.stage.tokens), f"{f:.3g}",
              f"{100 * f / sum(flops):.1f}%", _days(p.days)] for p, f in zip(plans, flops)]
     rows.append(["all", "", "", "", fmt_count(sum(p.stage.tokens for p in plans)), f"{sum(flops):.3g}", "100%",
