@@ -21,6 +21,7 @@ import sys
 from dataclasses import dataclass, field
 
 from megatron_staged.errors import UserError
+from megatron_staged.training.logger import json_safe
 
 
 @dataclass
@@ -250,19 +251,9 @@ def main(argv) -> int:
     rows = summarize(runs, baseline)
     plot(runs, baseline, a.out)
     if a.json:  # stdout is one JSON document (NaN, e.g. a run that never reaches the target, as null)
-        print(json.dumps(_json_safe(rows), indent=1, allow_nan=False))
+        print(json.dumps(json_safe(rows), indent=1, allow_nan=False))
         print(f"wrote {a.out}", file=sys.stderr)
     else:
         print(format_rows(rows))
         print(f"wrote {a.out}")
     return 0
-
-
-def _json_safe(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x

@@ -14,22 +14,22 @@ from datetime import datetime
 from megatron_staged.runtime.distributed import is_rank0
 
 
-def _strict(value):
+def json_safe(value):
     """A JSON value without NaN/Infinity (not JSON: jq, JavaScript and pandas' strict readers refuse
     them): a non-finite float becomes null, containers are walked."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _strict(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_strict(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
 def json_line(record: dict) -> str:
     """One strict-JSON line of the metrics log (a NaN loss is written as null; ``report`` and
     ``fit-rho`` read null losses back as NaN)."""
-    return json.dumps(_strict(record), allow_nan=False) + "\n"
+    return json.dumps(json_safe(record), allow_nan=False) + "\n"
 
 
 class MetricsLogger:
