@@ -72,12 +72,18 @@ def assert_same_optimizer_state(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), (k, (a[k] - b[k]).abs().max().item())
 
 
-def test_optimizer_state_carries_across_kind_precision_and_layout(tmp_path):
+@pytest.fixture(scope="module")
+def bf16_source(tmp_path_factory):
+    """3 iterations of a bf16 run without the distributed optimizer (fp32 masters as ``fp32_param``)."""
+    src = tmp_path_factory.mktemp("optswitch") / "src"
+    run_cli(["train", *RUN, "--bf16", "--train-iters", "3", "--save", str(src)])
+    return src
+
+
+def test_optimizer_state_carries_across_kind_precision_and_layout(tmp_path, bf16_source):
     """plain bf16 (TP1 DP1) -> distributed bf16 (DP2) -> plain fp32 (PP2) -> plain bf16 (TP1): no
     training in between, so every moment and master must come out exactly as trained, and the step."""
-    src = tmp_path / "src"
-    run_cli(["train", *RUN, "--bf16", "--train-iters", "3", "--save", str(src)])
-    it = "iter_0000003"
+    src, it = bf16_source, "iter_0000003"
     before = optimizer_view(src / it)
     assert saved_steps(src / it) == {3.0}
     hops = [
@@ -133,3 +139,18 @@ def test_megatron_lm_flat_optimizer_is_still_refused_without_the_distributed_opt
     assert r.returncode == 2, r.stderr[-3000:]
     err = [l for l in r.stderr.splitlines() if l.strip() and not l.startswith("warning")]
     assert len(err) == 1 and "'dp_reshardable' form" in err[0] and "convert" in err[0], r.stderr[-3000:]
+
+
+def test_grow_writes_the_other_optimizer_form(tmp_path, bf16_source):
+    """grow --use-distributed-optimizer from a non-distributed bf16 checkpoint: the grown moments,
+    masters and step are those of the same growth written in the source's own form."""
+    it = "iter_0000003"
+    same, other = tmp_path / "same", tmp_path / "other"
+    run_cli(["grow", "--load", str(bf16_source), "--save", str(same), "--depth-factor", "2"])
+    run_cli(["grow", "--load", str(bf16_source), "--save", str(other), "--depth-factor", "2",
+             "--use-distributed-optimizer"])
+    assert saved_form(same / it)[:2] == (False, True) and saved_form(other / it)[:2] == (True, True)
+    want = optimizer_view(same / it)
+    assert ("exp_avg", "decoder.layers.mlp.linear_fc1.weight") in want
+    assert_same_optimizer_state(want, optimizer_view(other / it))
+    assert saved_steps(same / it) == saved_steps(other / it) == {3.0}
