@@ -687,6 +687,12 @@ def load_checkpoint(path: str, model_chunks, optimizer, scheduler, *, load_optim
     dist_checkpointing; the RNG is then not restored (its per-rank streams do not map across
     layouts). Checkpoints saved by Megatron-LM load the same way (``checkpoint.megatron_lm``); its
     default ``dp_reshardable`` optimizer form needs the saved TP/PP, as in Megatron-LM.
+
+    The optimizer kind and, without the distributed optimizer, the precision may differ from the
+    saved ones too: this optimizer's sharded state dict is then loaded through the saved form's
+    model-space keys (:func:`_load_translated_optimizer`), so moments, fp32 masters and the step
+    carry over; only Megatron-LM's ``dp_reshardable`` form into a run without the distributed
+    optimizer is refused.
     """
     from megatron.core import dist_checkpointing
 
