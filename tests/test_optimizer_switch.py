@@ -81,14 +81,15 @@ def bf16_source(tmp_path_factory):
 
 
 def test_optimizer_state_carries_across_kind_precision_and_layout(tmp_path, bf16_source):
-    """plain bf16 (TP1 DP1) -> distributed bf16 (DP2) -> plain fp32 (PP2) -> plain bf16 (TP1): no
+    """plain bf16 (TP1 DP1) -> distributed bf16 (TP2 DP2) -> plain fp32 (PP2) -> plain bf16 (TP1): no
     training in between, so every moment and master must come out exactly as trained, and the step."""
     src, it = bf16_source, "iter_0000003"
     before = optimizer_view(src / it)
     assert saved_steps(src / it) == {3.0}
     hops = [
-        (2, ["--use-distributed-optimizer"], (True, True, 1, 1, 2)),
-        (2, ["--no-use-distributed-optimizer", "--dtype", "fp32", "--target-pipeline-model-parallel-size", "2"],
+        (4, ["--use-distributed-optimizer", "--target-tensor-model-parallel-size", "2"], (True, True, 2, 1, 2)),
+        (2, ["--no-use-distributed-optimizer", "--dtype", "fp32", "--target-tensor-model-parallel-size", "1",
+             "--target-pipeline-model-parallel-size", "2"],
          (False, False, 1, 2, 1)),
         (1, ["--dtype", "bf16", "--target-pipeline-model-parallel-size", "1"], (False, True, 1, 1, 1)),
     ]
