@@ -43,7 +43,7 @@ def preflight(cfg: Config, command: str = "train") -> None:
     common = _check_load(cfg, command)
     _check_layout(cfg, common)
     if command == "train" and common is not None:
-        _check_optimizer_precision(cfg, common)
+        _check_optimizer_switch(cfg, common)
     if command == "train":
         _check_save(cfg, common)
         if common is not None:
@@ -133,26 +133,19 @@ def _check_load(cfg: Config, command: str):
     return common
 
 
-def _check_optimizer_precision(cfg: Config, common: dict) -> None:
-    """megatron-core's non-distributed optimizers differ by precision (fp32 master copies only in 16-bit
-    runs), so their state loads only in the precision it was saved in (the loader checks it too)."""
+def _check_optimizer_switch(cfg: Config, common: dict) -> None:
+    """Resuming without the distributed optimizer a checkpoint saved with it in Megatron-LM's flat
+    ``dp_reshardable`` form is refused before anything is built (the loader checks it too). Every
+    other switch of optimizer kind or precision loads (``checkpoint.manager``: the state is read
+    through the other form's model-space keys)."""
     c, args = cfg.checkpoint, common.get("args") or {}
     state = common.get("train_state") or {}
     if c.no_load_optim or c.finetune or not state.get("has_optimizer", True) or not isinstance(args, dict):
         return
-    if args.get("parallel", {}).get("use_distributed_optimizer") or cfg.parallel.use_distributed_optimizer:
-        return
-    saved_m, explicit = args.get("model", {}), getattr(cfg, "_explicit", set())
+    if args.get("parallel", {}).get("use_distributed_optimizer") and not cfg.parallel.use_distributed_optimizer:
+        from megatron_staged.checkpoint.manager import _check_switchable
 
-    def precision(m) -> str:
-        return "bf16" if m.get("bf16") else "fp16" if m.get("fp16") else "fp32"
-
-    mine = {k: getattr(cfg.model, k) if k in explicit else saved_m.get(k) for k in ("bf16", "fp16")}
-    if precision(mine) != precision(saved_m):
-        raise UserError(f"{c.load} was saved in {precision(saved_m)} without --use-distributed-optimizer, whose "
-                        f"optimizer state does not load into a {precision(mine)} run; resume in "
-                        f"{precision(saved_m)} (or pass --no-load-optim to start a fresh optimizer; the distributed "
-                        f"optimizer's state changes precision freely)")
+        _check_switchable(common, c.load)
 
 
 def _same_dir(a: str, b: str) -> bool:

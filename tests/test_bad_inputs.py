@@ -262,10 +262,8 @@ CASES = [
     ("load-iters-without-tracker", ["train", *T, "--load", "{S}/no_tracker"], r"holds iter_0000002 .* but no latest_checkpointed_iteration.txt"),
     ("save-other-run", ["train", *T, "--num-layers", "4", "--save", "{S}/other_model"], r"--save .*other_model already holds a checkpoint, iteration 2 of a different model .*this run starts from scratch"),
     ("save-same-model-no-load", ["train", *T, "--save", "{S}/other_model"], r"already holds a checkpoint, iteration 2 \(gpt2 2 layers.*resume it with --load"),
-    # the tiny checkpoint is fp32 with the non-distributed optimizer (megatron's FP32Optimizer): its state does not
-    # load into Float16OptimizerWithFloat16Params (was a CheckpointException about dict keys; bf16 -> fp32 a KeyError)
-    ("resume-in-another-precision", ["train", *T, "--load", "{S}/good", "--bf16"],
-     r"was saved in fp32 without --use-distributed-optimizer, whose optimizer state does not load into a bf16 run"),
+    # (resuming in another precision or optimizer kind now loads: tests/test_optimizer_switch.py; what is
+    # still refused there, Megatron-LM's flat dp_reshardable optimizer into a plain run, is checked there)
     ("save-load-elsewhere", ["train", *T, "--load", "{S}/good", "--save", "{S}/other_model"], r"this run does not resume it \(--load"),
     ("finetune-into-source", ["train", *T, "--load", "{S}/good", "--finetune", "--save", "{S}/good"], r"--finetune restarts at iteration 0"),
     ("save-is-file", ["train", *T, "--save", "{S}/a_file"], r"--save .*a_file is a file"),

@@ -23,6 +23,25 @@ from megatron_staged.checkpoint.safe_load import load_dcp_metadata, load_torch_f
 from megatron_staged.errors import UserError
 
 OPTIMIZER_PREFIX = "optimizer."
+STATE_PREFIX = "optimizer.state."
+# the fp32 master weight: the distributed optimizer's ``param`` (fp32 and 16-bit runs alike), the
+# non-distributed 16-bit optimizer's ``fp32_param``; a non-distributed fp32 optimizer keeps none
+# (its model weight is the master)
+MASTER_KINDS = ("param", "fp32_param")
+
+
+def saved_key(kind: str, model_key: str, available) -> Optional[str]:
+    """The key under which a checkpoint of either optimizer kind holds state ``kind`` of parameter
+    ``model_key``, or None. ``kind`` ``param`` (or ``fp32_param``): the fp32 master, else the model
+    weight itself (which is the master when saved in fp32 without the distributed optimizer);
+    ``exp_avg``/``exp_avg_sq`` and any other state: the same key in both optimizers' formats."""
+    if kind in MASTER_KINDS:
+        for k in (f"{STATE_PREFIX}param.{model_key}", f"{STATE_PREFIX}fp32_param.{model_key}", model_key):
+            if k in available:
+                return k
+        return None
+    k = f"{STATE_PREFIX}{kind}.{model_key}"
+    return k if k in available else None
 
 
 def read_common(ckpt_dir: str) -> dict:

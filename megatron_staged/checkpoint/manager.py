@@ -561,6 +561,123 @@ def _optimizer_sharding(common: dict, ckpt_dir: str, optimizer) -> str:
     return kind
 
 
+def saved_optimizer_form(common: dict) -> tuple[str, str]:
+    """(``distributed`` or ``plain``, the model precision) a checkpoint's optimizer was saved for
+    (``any`` for the distributed optimizer, as in :func:`optimizer_form`)."""
+    config = common.get("args") or {}
+    dist_opt = bool(config.get("parallel", {}).get("use_distributed_optimizer", False))
+    if dist_opt:  # the same state in every precision (see optimizer_form)
+        return "distributed", "any"
+    m = config.get("model", {})
+    return "plain", ("bf16" if m.get("bf16") else "fp16" if m.get("fp16") else "fp32")
+
+
+def optimizer_form(optimizer) -> tuple[str, str]:
+    """(``distributed`` or ``plain``, the model precision) of a built optimizer. The distributed
+    optimizer's state is the same in every precision (``param``: the fp32 master), so its precision
+    is reported as ``any``; megatron-core's non-distributed optimizers differ by precision (an fp32
+    master copy, ``fp32_param``, in 16-bit runs only)."""
+    if _is_distributed(optimizer):
+        return "distributed", "any"
+    return "plain", _optimizer_precision(optimizer)
+
+
+def _check_switchable(common: dict, ckpt_dir: str) -> None:
+    """A distributed optimizer's state is read into the other optimizer kind from its model-space
+    (``fully_reshardable``) form only; Megatron-LM's default flat-bucket form is refused."""
+    kind = (common.get("content_metadata") or {}).get("distrib_optim_sharding_type") or "fully_reshardable"
+    if kind != "fully_reshardable":
+        raise UserError(f"{ckpt_dir} was saved with --use-distributed-optimizer in Megatron-LM's {kind!r} form "
+                        f"(flat buckets), which loads only into the distributed optimizer: resume with "
+                        f"--use-distributed-optimizer (at the saved TP/PP), or first run `megatron-staged convert "
+                        f"--load {ckpt_dir} --save NEW` (it rewrites the optimizer fully reshardable; add "
+                        f"--no-use-distributed-optimizer to switch there), or pass --no-load-optim to start a "
+                        f"fresh optimizer")
+
+
+def _translate_keys(sharded_sd, available: set, ckpt_dir: str, masters_only: bool = False) -> None:
+    """Point each ShardedTensor (or factory) of ``sharded_sd`` at the key under which the checkpoint
+    holds its values in the other optimizer kind's form (:func:`global_tensors.saved_key`), in
+    place. An optimizer's state dict (``masters_only`` False): its plain entries (param groups,
+    the sharding type) are wrapped so that the load hands back this optimizer's own, not the
+    checkpoint's (they are another optimizer's). ``masters_only``: a model state dict, whose
+    weights are read from the fp32 masters where the checkpoint holds them."""
+    from dataclasses import replace
+
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase
+
+    from megatron_staged.checkpoint.global_tensors import STATE_PREFIX, saved_key
+
+    def fix(v):
+        if isinstance(v, ShardedBase) and hasattr(v, "key"):
+            if masters_only:
+                key = saved_key("param", v.key, available)
+                return v if key is None or key == v.key else replace(v, key=key)
+            if not v.key.startswith(STATE_PREFIX):
+                return v
+            kind, model_key = v.key[len(STATE_PREFIX):].split(".", 1)
+            key = saved_key(kind, model_key, available)
+            if key is None:
+                raise UserError(f"{ckpt_dir} holds no {kind} state for {model_key} (in either optimizer's form); "
+                                f"pass --no-load-optim to start a fresh optimizer")
+            return v if key == v.key else replace(v, key=key)
+        if masters_only or isinstance(v, LocalNonpersistentObject):
+            return v
+        return LocalNonpersistentObject(v)
+
+    dict_list_map_inplace(fix, sharded_sd)
+
+
+def _load_translated_optimizer(model_chunks, optimizer, common: dict, ckpt_dir: str, available: set):
+    """This optimizer's sharded state dict, filled from a checkpoint saved by the other optimizer
+    kind (or, non-distributed, in another precision): the same model-space tensors under that
+    form's keys (``exp_avg``/``exp_avg_sq`` alike; the fp32 master as ``param``, ``fp32_param`` or
+    the fp32 model weight). The step comes from ``train_state`` (:func:`load_optimizer_state`), the
+    loss scaler from the checkpoint when both runs have one."""
+    from megatron.core import dist_checkpointing
+
+    model_sd = model_sharded_state_dict(model_chunks)
+    merged = model_sd["model"] if len(model_sd) == 1 else model_sd
+    opt_sd = optimizer.sharded_state_dict(merged, is_loading=True, metadata=sharding_metadata())
+    _translate_keys(opt_sd, available, ckpt_dir)
+    key = "optimizer_translated"  # not "optimizer": the load would merge in the checkpoint's own entries
+    try:
+        with untrusted_checkpoint_reads():
+            loaded = dist_checkpointing.load({key: opt_sd}, ckpt_dir, strict="assume_ok_unexpected")
+    except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException derives from BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise load_error(ckpt_dir, e) from None
+    out = loaded[key]
+    saved = common.get("optimizer")
+    if isinstance(out, dict) and "grad_scaler" in out and isinstance(saved, dict) and "grad_scaler" in saved:
+        out["grad_scaler"] = saved["grad_scaler"]  # fp16: the loss scale and its growth tracker
+    return out
+
+
+def _saved_param_groups(saved) -> list:
+    """The param groups (hyperparameters) in a checkpoint's common optimizer entry, of either form."""
+    if isinstance(saved, dict):
+        if isinstance(saved.get("param_groups"), list):
+            return saved["param_groups"]
+        return _saved_param_groups(saved.get("optimizer"))
+    return []
+
+
+def _carry_param_groups(optimizer, saved) -> None:
+    """The hyperparameters a resume takes from its checkpoint (Megatron's rule: the saved max/min LR,
+    betas, weight decay, ...), group kind by group kind, when the optimizer was rebuilt in the
+    other form (whose plain entries were not loaded)."""
+    from megatron_staged.growth.apply import group_key
+
+    by_kind = {group_key(g): g for g in _saved_param_groups(saved) if isinstance(g, dict)}
+    for g in getattr(optimizer, "param_groups", None) or []:
+        old = by_kind.get(group_key(g))
+        if old is not None:
+            g.update({k: v for k, v in old.items() if k not in ("params", "step") and k in g})
+
+
 def load_checkpoint(path: str, model_chunks, optimizer, scheduler, *, load_optimizer: bool = True,
                     load_rng: bool = True) -> dict:
     """Load into already-built model/optimizer/scheduler at the current layout.
@@ -570,6 +687,12 @@ def load_checkpoint(path: str, model_chunks, optimizer, scheduler, *, load_optim
     dist_checkpointing; the RNG is then not restored (its per-rank streams do not map across
     layouts). Checkpoints saved by Megatron-LM load the same way (``checkpoint.megatron_lm``); its
     default ``dp_reshardable`` optimizer form needs the saved TP/PP, as in Megatron-LM.
+
+    The optimizer kind and, without the distributed optimizer, the precision may differ from the
+    saved ones too: this optimizer's sharded state dict is then loaded through the saved form's
+    model-space keys (:func:`_load_translated_optimizer`), so moments, fp32 masters and the step
+    carry over; only Megatron-LM's ``dp_reshardable`` form into a run without the distributed
+    optimizer is refused.
     """
     from megatron.core import dist_checkpointing
 
@@ -584,28 +707,29 @@ def load_checkpoint(path: str, model_chunks, optimizer, scheduler, *, load_optim
         raise UserError(f"{ckpt_dir} holds no optimizer state (saved with --no-save-optim); "
                         f"load it with --no-load-optim or --finetune")
     optim_sharding = "fully_reshardable"
+    switch = None  # (saved form, this run's form) when the optimizer state is translated on load
     if with_optim:
-        saved_dist = bool((config or {}).get("parallel", {}).get("use_distributed_optimizer", False))
-        now_dist = _is_distributed(optimizer)
-        if saved_dist != now_dist:
-            flag = "--use-distributed-optimizer" if saved_dist else "no --use-distributed-optimizer"
-            raise UserError(f"{ckpt_dir} was saved with {flag}; resume the same way (or pass --no-load-optim "
-                            f"to start a fresh optimizer)")
-        if not now_dist:
-            # the non-distributed optimizers differ by precision (fp32 master copies in 16-bit runs only)
-            saved_m = (config or {}).get("model", {})
-            saved_p = "bf16" if saved_m.get("bf16") else "fp16" if saved_m.get("fp16") else "fp32"
-            now_p = _optimizer_precision(optimizer)
-            if saved_p != now_p:
-                raise UserError(f"{ckpt_dir} was saved in {saved_p} without --use-distributed-optimizer, whose "
-                                f"optimizer state does not load into a {now_p} run; resume in {saved_p} (or pass "
-                                f"--no-load-optim to start a fresh optimizer; the distributed optimizer's "
-                                f"state changes precision freely)")
-        optim_sharding = _optimizer_sharding(common, ckpt_dir, optimizer)
+        saved_form, now_form = saved_optimizer_form(common), optimizer_form(optimizer)
+        if saved_form != now_form:
+            if saved_form[0] == "distributed":
+                _check_switchable(common, ckpt_dir)
+            switch = (saved_form, now_form)
+        else:
+            optim_sharding = _optimizer_sharding(common, ckpt_dir, optimizer)
     rng_layout = megatron_lm.rng_layout(ckpt_dir) if load_rng and same_layout else None
-    sd = build_state_dict(model_chunks, optimizer, None, {}, is_loading=True, with_optimizer=with_optim,
-                          with_rng=rng_layout is not None, optim_sharding=optim_sharding,
-                          rng_layout=rng_layout or "megatron")
+    sd = build_state_dict(model_chunks, optimizer, None, {}, is_loading=True,
+                          with_optimizer=with_optim and switch is None, with_rng=rng_layout is not None,
+                          optim_sharding=optim_sharding, rng_layout=rng_layout or "megatron")
+    available = None
+    if switch is not None:
+        from megatron_staged.checkpoint.global_tensors import tensor_specs
+
+        available = set(tensor_specs(ckpt_dir))
+        if switch[1] == ("plain", "fp32"):
+            # no master copy in this optimizer: the model weight is the master, so it is read from the
+            # checkpoint's fp32 master where there is one (a 16-bit run's), not from the rounded weight
+            for k in [k for k in sd if k == "model" or (k.startswith("model") and k[5:].isdigit())]:
+                _translate_keys(sd[k], available, ckpt_dir, masters_only=True)
     fresh = (common.get("fresh_moments") or {}) if with_optim else {}
     if fresh:
         from megatron_staged.growth import fresh_moments
@@ -627,7 +751,11 @@ def load_checkpoint(path: str, model_chunks, optimizer, scheduler, *, load_optim
         for i, c in enumerate(model_chunks):
             unwrap(c).load_state_dict(loaded[f"model{i}"])
     if with_optim:
+        if switch is not None:
+            loaded["optimizer"] = _load_translated_optimizer(model_chunks, optimizer, common, ckpt_dir, available)
         load_optimizer_state(optimizer, loaded["optimizer"], state.get("optimizer_step", 0))
+        if switch is not None:
+            _carry_param_groups(optimizer, common.get("optimizer"))
         if fresh:
             fresh_moments.loaded_tensors(optimizer, fresh_model_sd, loaded["fresh_moment_masks"], fresh["start_step"])
     if scheduler is not None and common.get("opt_param_scheduler") is not None and load_optimizer:

@@ -37,14 +37,10 @@ def split_state_key(key: str) -> tuple[str, str]:
 
 
 def _source_key(kind: str, model_key: str, available: set) -> Optional[str]:
-    if kind == "param":
-        # the distributed optimizer's fp32 master copy, else the model weight itself
-        for k in (f"{OPT_PREFIX}param.{model_key}", f"{OPT_PREFIX}fp32_param.{model_key}", model_key):
-            if k in available:
-                return k
-        return None
-    k = f"{OPT_PREFIX}{kind}.{model_key}"
-    return k if k in available else None
+    # the fp32 master copy (either optimizer's), else the model weight itself
+    from megatron_staged.checkpoint.global_tensors import saved_key
+
+    return saved_key(kind, model_key, available)
 
 
 def grown_global(model_key: str, kind: str, layer: int, spec: GrowthSpec, old_model_cfg,

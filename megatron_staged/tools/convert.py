@@ -7,7 +7,8 @@ N may be any multiple of T x P (DP = N / (T x P)). The whole training state is k
 Adam moments (and fp32 master weights), optimizer step, LR-scheduler state, consumed samples,
 FLOPs so far, stage and loss history. ``--no-optimizer`` writes weights only; ``--dtype bf16|fp32``
 casts the stored parameters (the fp32 master weights, when the optimizer is kept, are carried over
-exactly) and records it as ``model.bf16`` in the args.
+exactly) and records it as ``model.bf16`` in the args; ``--[no-]use-distributed-optimizer`` writes
+the optimizer state in the other optimizer's form (as a resume that switches does).
 
 There is no separate resharder: the target-layout model and optimizer are built, the checkpoint is
 loaded into them by the checkpoint manager (dist_checkpointing reshards the ``fully_reshardable``
@@ -38,6 +39,10 @@ def parse_args(argv):
                    help="uneven pipeline of the target: layers on the last stage (0: an even split)")
     p.add_argument("--no-optimizer", action="store_true", help="write weights only (no optimizer or scheduler state)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="parameter dtype (default: as saved)")
+    p.add_argument("--use-distributed-optimizer", action=argparse.BooleanOptionalAction, default=None,
+                   help="write the optimizer state for a run with (or, --no-use-distributed-optimizer, without) "
+                        "the distributed optimizer (default: as saved); the moments, fp32 master weights and "
+                        "step carry over either way")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint or files already in --save")
     return p.parse_args(argv)
 
@@ -64,6 +69,11 @@ def target_config(common: dict, args, world_size: int):
     p.tensor_model_parallel_size = tp
     if args.dtype:
         cfg.model.bf16, cfg.model.fp16 = args.dtype == "bf16", False
+    use_dist = getattr(args, "use_distributed_optimizer", None)
+    if use_dist is not None:
+        p.use_distributed_optimizer = use_dist
+        if not use_dist:  # run-time settings of the distributed optimizer only
+            p.overlap_param_gather = False
     resolve_model(cfg.model)
     check = cfg.copy()
     # the batch is the training run's business, not the layout's: one that fits (interleaved 1F1B needs
@@ -120,7 +130,7 @@ def copy_at_saved_layout(ckpt_dir: str, save: str) -> str:
                 f"saved layout and dtype to {imported} first")
     convert(argparse.Namespace(load=ckpt_dir, save=imported, target_tensor_model_parallel_size=None,
                                target_pipeline_model_parallel_size=None, no_optimizer=False, dtype=None,
-                               overwrite=True))
+                               use_distributed_optimizer=None, overwrite=True))
     return imported
 
 
@@ -157,7 +167,7 @@ def convert(args) -> dict:
     def _shape(c, tp, pp):
         p = c.parallel
         return (tp, pp, p.num_virtual_stages_per_pipeline_rank, p.num_layers_per_virtual_pipeline_stage,
-                c.model.bf16, c.model.fp16)
+                c.model.bf16, c.model.fp16, p.use_distributed_optimizer)
 
     from megatron_staged.config import Config
 

@@ -36,6 +36,10 @@ def main(argv) -> int:
     p.add_argument("--save", required=True, help="where to write the grown checkpoint")
     p.add_argument("--no-optimizer", action="store_true", help="write weights only")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint or files already in --save")
+    p.add_argument("--use-distributed-optimizer", action=argparse.BooleanOptionalAction, default=None,
+                   help="write the grown optimizer state for a run with (or, --no-use-distributed-optimizer, "
+                        "without) the distributed optimizer (default: as saved); moments, fp32 masters and step "
+                        "are read from either form")
     GrowthRequest.add_flags(p)
     a = p.parse_args(argv)
     src_dir, _ = resolve_checkpoint_dir(a.load)
@@ -58,6 +62,13 @@ def main(argv) -> int:
     spec = make_spec(old_cfg, GrowthRequest.from_args(a))
     # validates before anything is built or written (torchrun's WORLD_SIZE, as init_distributed will see it)
     new_cfg = target_config(old_cfg, spec, int(os.environ.get("WORLD_SIZE", "1")), offline=True)
+    if a.use_distributed_optimizer is not None:  # the engine reads either form and fills either
+        from megatron_staged.config import validate_muon
+
+        new_cfg.parallel.use_distributed_optimizer = a.use_distributed_optimizer
+        if not a.use_distributed_optimizer:  # a run-time setting of the distributed optimizer only
+            new_cfg.parallel.overlap_param_gather = False
+        validate_muon(new_cfg)
     init_distributed()
     comps, state, stats = grow_from_checkpoint(src_dir, spec, old_cfg, common, new_cfg)
     new_cfg.checkpoint.load = None
