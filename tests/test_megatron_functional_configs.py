@@ -59,3 +59,83 @@ def test_error_of_one_rank_only_is_reported(tmp_path):
     """, tmp_path)
     assert r.returncode != 0
     assert "error (rank 1): only on rank one" in r.stderr, r.stderr[-3000:]
+
+
+# MODEL_ARGS of Megatron-LM's gpt3_mcore_te_tp1_pp4_resume_torch_dist_swiglu and ..._sequence_parallel
+# (core_v0.16.1), sizes reduced, paths replaced, minus what is refused here (--async-save,
+# --dist-ckpt-strictness, --use-persistent-ckpt-worker; --distributed-backend nccl and
+# --transformer-impl transformer_engine need a GPU)
+FUNCTIONAL = """
+--num-layers 2 --hidden-size 32 --num-attention-heads 4 --log-params-norm --log-num-zeros-in-grad
+--log-validation-ppl-to-tensorboard --log-timers-to-tensorboard --micro-batch-size 2 --global-batch-size 4
+--seq-length 16 --max-position-embeddings 16 --train-iters 2 --timing-log-level 0 --lr-decay-iters 320000
+--split 949,50,1 --lr 0.00015 --lr-decay-style cosine --min-lr 1.0e-5 --weight-decay 1e-2 --clip-grad 1.0
+--lr-warmup-fraction .01 --log-interval 1 --save-interval 50 --eval-interval 1000 --eval-iters 1
+--tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 --swiglu --ckpt-fully-parallel-load
+--deterministic-mode --no-gradient-accumulation-fusion --attention-softmax-in-fp32
+--use-checkpoint-opt_param-scheduler --use-mcore-models --ckpt-format torch_dist --log-memory-to-tensorboard
+--sequence-parallel --dist-ckpt-optim-fully-reshardable
+""".split()
+
+
+def test_functional_config_flags_are_megatrons(capsys):
+    """Flags that were refused with the generic 'not supported' line although they are logging switches,
+    what this project always does, or megatron-core settings: each now means what it means in Megatron-LM."""
+    cfg = parse_config(FUNCTIONAL + ["--mock-data", "--apply-query-key-layer-scaling"])
+    out = capsys.readouterr().out
+    assert "note: --dist-ckpt-optim-fully-reshardable accepted" in out
+    assert cfg.logging.log_num_zeros_in_grad and cfg.logging.log_memory_to_tensorboard
+    assert cfg.performance.deterministic_mode and cfg.model.apply_query_key_layer_scaling
+    from megatron_staged.config import validate
+    from megatron_staged.model.builder import transformer_config
+
+    validate(cfg, 1)
+    # Megatron-LM's validate_args: "Disabling sequence parallelism because tensor model parallelism is disabled"
+    assert cfg.parallel.sequence_parallel is False
+    assert "--sequence-parallel turned off" in capsys.readouterr().out
+    tc = transformer_config(cfg)
+    # megatron-core's TransformerConfig: layer scaling forces the fp32 softmax; deterministic_mode passed on
+    assert tc.apply_query_key_layer_scaling and tc.attention_softmax_in_fp32 and tc.deterministic_mode
+    with pytest.raises(UserError, match="--rotary-interleaved"):  # still refused by name
+        parse_config(["--mock-data", "--rotary-interleaved"])
+
+
+def _tiny_dataset(prefix: str, period: int) -> None:
+    """2000 documents cycling through token ids 1..period (no EOD), written with megatron-core's builder."""
+    import numpy
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    b = IndexedDatasetBuilder(prefix + ".bin", dtype=numpy.int32)
+    for _ in range(2000):
+        b.add_document(torch.tensor([1 + i % period for i in range(10 * period)]), [10 * period])
+    b.finalize(prefix + ".idx")
+
+
+def test_num_zeros_in_grad_counts_unused_embedding_rows(tmp_path):
+    """--log-num-zeros-in-grad prints Megatron-LM's ' num zeros: N |' after the grad norm. Oracle by hand:
+    with untied embeddings, fp32 and every batch holding exactly the ids 1..10, the only zero gradients
+    are the word-embedding rows of the other ids: hidden x (padded vocab 128 - 10). (No linear biases:
+    the key bias's gradient is zero analytically, softmax being shift-invariant, so some of its elements
+    come out exactly 0 by round-off.) And
+    --apply-query-key-layer-scaling and --deterministic-mode do not change the losses (Megatron-LM:
+    layer scaling is undone in the fp32 softmax)."""
+    from conftest import run_cli
+
+    _tiny_dataset(str(tmp_path / "cyc"), 10)
+    base = FUNCTIONAL + ["--data-path", str(tmp_path / "cyc"), "--tokenizer-type", "NullTokenizer",
+                         "--vocab-size", "100", "--untie-embeddings-and-output-weights", "--disable-bias-linear",
+                         "--progress-bar", "off",
+                         "--data-cache-path", str(tmp_path / "cache"), "--seed", "7"]
+    base = [a for a in base if a not in ("--deterministic-mode",)]
+    runs = []
+    for extra in ([], ["--apply-query-key-layer-scaling", "--deterministic-mode"]):
+        r = run_cli(["train", *base, *extra], timeout=300, check=False)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        lines = [l for l in r.stdout.splitlines() if "] iteration" in l]
+        assert len(lines) == 2, r.stdout[-3000:]
+        for l in lines:
+            m = re.search(r"\| grad norm: [0-9.]+ \| num zeros: ([0-9.]+) \| params norm: [0-9.]+ \|", l)
+            assert m and float(m.group(1)) == 32 * (128 - 10), l
+        runs.append([float(re.search(r"lm loss: ([0-9.E+-]+)", l).group(1)) for l in lines])
+    assert runs[1] == pytest.approx(runs[0], rel=1e-5)

@@ -8,6 +8,7 @@ happened, never how an operator works.
 from __future__ import annotations
 
 import itertools
+import os
 import math
 import time
 from functools import partial
@@ -102,6 +103,16 @@ GROWN_FIELDS = {"num_layers", "hidden_size", "ffn_hidden_size", "num_attention_h
                 "kv_channels", "group_query_attention"}
 
 
+def _deterministic_mode(backend: str) -> None:
+    """--deterministic-mode, as Megatron-LM's validate_args: NCCL_ALGO named (NCCL's all-reduce order),
+    then torch.use_deterministic_algorithms(True); megatron-core gets deterministic_mode in its config."""
+    choices = ["Tree", "Ring", "CollnetDirect", "CollnetChain", "^NVLS"]
+    if backend == "nccl" and os.environ.get("NCCL_ALGO") not in choices:
+        raise UserError(f"--deterministic-mode needs the environment variable NCCL_ALGO set to one of {choices} "
+                        f"(as Megatron-LM asks; NCCL_ALGO={os.environ.get('NCCL_ALGO')!r} here)")
+    torch.use_deterministic_algorithms(True)
+
+
 # ---- the trainer --------------------------------------------------------------------------------
 
 class Trainer:
@@ -119,6 +130,8 @@ class Trainer:
         runtime.install()  # idempotent; the CLI has installed it already
         init_distributed(cfg.parallel.distributed_backend, cfg.parallel.distributed_timeout_minutes)
         self.world_size = dist.get_world_size()
+        if cfg.performance.deterministic_mode:
+            _deterministic_mode(dist.get_backend())
         saved_state = self._adopt_checkpoint_model_config(cfg)
         validate(cfg, self.world_size)
         print_rank0(features.describe(cfg, features.detect(), dist.get_backend()))
@@ -321,9 +334,12 @@ class Trainer:
             inject_nan(self.state.iteration + 1, self.model)
             dynamic_loss_scale = self.cfg.model.fp16 and self.cfg.optim.loss_scale is None
             self.step_finite = step_is_finite(loss, self.model, check_grads=not dynamic_loss_scale)
+            self.last_num_zeros = None
             if not self.step_finite:
                 return loss, float("nan"), False
-            ok, grad_norm, _ = self.optimizer.step()
+            ok, grad_norm, num_zeros = self.optimizer.step()
+            # --log-num-zeros-in-grad: megatron-core counts them (over the model-parallel group) in step()
+            self.last_num_zeros = num_zeros if ok and self.cfg.logging.log_num_zeros_in_grad else None
         finally:
             if layer_drop is not None:
                 layer_drop.end_step()
