@@ -139,3 +139,30 @@ def test_num_zeros_in_grad_counts_unused_embedding_rows(tmp_path):
             assert m and float(m.group(1)) == 32 * (128 - 10), l
         runs.append([float(re.search(r"lm loss: ([0-9.E+-]+)", l).group(1)) for l in lines])
     assert runs[1] == pytest.approx(runs[0], rel=1e-5)
+
+
+def test_evaluation_after_training_on_validation_and_test_sets(tmp_path):
+    """Megatron-LM's pretrain() evaluates after training (when it ran to --train-iters, not after an
+    early exit) on the validation set and then the test set, --eval-iters batches each, printing
+    ' validation loss at iteration N on validation set | ...' and '... on test set | ...' between rules
+    of dashes. Missing here before: a run with --eval-interval 1000 (NVIDIA's functional configs) and
+    100 iterations printed no validation loss at all."""
+    from conftest import run_cli
+
+    flags = ["train", "--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+             "--micro-batch-size", "2", "--global-batch-size", "2", "--mock-data", "--vocab-size", "100",
+             "--eval-iters", "2", "--log-interval", "1", "--progress-bar", "off", "--train-iters", "2"]
+    r = run_cli(flags + ["--eval-interval", "2"], timeout=300, check=False)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    periodic = [l for l in lines if l.startswith(" validation loss at iteration 2 |")]
+    final = [i for i, l in enumerate(lines) if l.startswith(" validation loss at iteration 2 on ")]
+    assert len(periodic) == 1 and [lines[i].split(" |")[0] for i in final] == [
+        " validation loss at iteration 2 on validation set", " validation loss at iteration 2 on test set"], r.stdout
+    for i in final:  # Megatron-LM: '-' * (len(line) + 1) above and below
+        assert lines[i - 1] == lines[i + 1] == "-" * (len(lines[i]) + 1)
+    value = lambda l: float(re.search(r"lm loss value: ([0-9.E+-]+)", l).group(1))
+    # same model, same validation batches (each evaluation reads the validation set from its start here)
+    assert value(lines[final[0]]) == value(periodic[0])
+    r = run_cli(flags + ["--exit-interval", "1"], timeout=300, check=False)  # an early exit: no evaluation
+    assert r.returncode == 0 and "validation loss" not in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]

@@ -168,6 +168,26 @@ class MetricsLogger:
             self.jsonl.write(json.dumps(rec) + "\n")
             self.jsonl.flush()
 
+    def final_eval(self, trainer, loss: float, split: str) -> None:
+        """Megatron-LM's evaluation after training: ' validation loss at iteration N on {split} set | ...'
+        between two rules of dashes; TensorBoard 'lm loss validation' for the validation set (as the
+        periodic evaluation writes it); a JSON record {iteration, final_eval: split, final_eval_loss}."""
+        import math
+
+        ppl = math.exp(min(loss, 20))
+        line = (f" validation loss at iteration {trainer.iteration} on {split} set | lm loss value: {loss:.6E} |"
+                f" lm loss PPL: {ppl:.6E} |")
+        self.print("-" * (len(line) + 1))
+        self.print(line)
+        self.print("-" * (len(line) + 1))
+        if self.writer and split == "validation":
+            self.writer.add_scalar("lm loss validation", loss, trainer.iteration)
+            self.writer.add_scalar("lm loss validation vs samples", loss, trainer.consumed_samples)
+            self.writer.flush()
+        if self.jsonl:
+            self.jsonl.write(json.dumps({"iteration": trainer.iteration, "final_eval": split, "final_eval_loss": loss}) + "\n")
+            self.jsonl.flush()
+
     def layer_drop_stage(self, e: dict) -> None:
         """A RaPTr stage transition (docs/raptr.md): log line and JSON record."""
         if e["until"] is None:

@@ -348,18 +348,19 @@ class Trainer:
         return loss, grad_norm, ok
 
     @torch.no_grad()
-    def evaluate(self, eval_iters: Optional[int] = None) -> float:
-        """Mean loss over ``eval_iters`` global batches of the validation set (from its start)."""
+    def evaluate(self, eval_iters: Optional[int] = None, dataset=None) -> float:
+        """Mean loss over ``eval_iters`` global batches of the validation set (or ``dataset``), from its start."""
         from megatron.core import parallel_state as ps
 
         from megatron_staged.data import build_data_iterator
 
         t = self.cfg.training
         n = t.eval_iters if eval_iters is None else eval_iters
-        if n == 0 or self.valid_ds is None:  # --eval-iters 0 or no validation split: no evaluation (Megatron-LM)
+        dataset = self.valid_ds if dataset is None else dataset
+        if n == 0 or dataset is None:  # --eval-iters 0 or no validation split: no evaluation (Megatron-LM)
             self.last_eval_se = float("nan")
             return float("nan")
-        its = [build_data_iterator(self.valid_ds, 0, t.micro_batch_size, ps.get_data_parallel_rank(),
+        its = [build_data_iterator(dataset, 0, t.micro_batch_size, ps.get_data_parallel_rank(),
                                    ps.get_data_parallel_world_size()) for _ in self.model]
         it = its if len(its) > 1 else its[0]
         for chunk in self.model:
@@ -389,12 +390,18 @@ class Trainer:
             last_loss = self._loop(exits)
         finally:
             exits.close()
-        self.logger.close()
         if self.state.iteration >= t.train_iters:
             for line in self.stages.never_ran(self.state, self.cfg):
                 print_rank0(line)
         if self.cfg.checkpoint.save and not (save_interval and self.state.iteration % save_interval == 0):
             self.save()
+        if self.state.iteration >= t.train_iters and t.eval_iters:
+            # Megatron-LM's pretrain() after training (not after an early exit): the validation set, then
+            # the test set, --eval-iters batches each ("validation loss at iteration N on test set")
+            for split, ds in (("validation", self.valid_ds), ("test", self.datasets[2])):
+                if ds is not None:
+                    self.logger.final_eval(self, self.evaluate(dataset=ds), split)
+        self.logger.close()
         s = self.state
         return {"iteration": s.iteration, "loss": last_loss, "consumed_samples": s.consumed_train_samples,
                 "flops_so_far": s.flops_so_far, "stage_history": s.stage_history}
