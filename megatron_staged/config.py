@@ -998,8 +998,19 @@ MEGATRON_COMPAT: dict[str, CompatRule] = {
     "--context-parallel-size": _refuse("context parallelism needs Transformer Engine's attention (CUDA) and "
                                        "the growth engine does not split sequences; use "
                                        "--context-parallel-size 1", accept_values=("1",)),
-    "--dist-ckpt-strictness": _refuse("checkpoint loading here is always strict (every tensor must match); "
-                                      "drop --dist-ckpt-strictness", accept_values=("assume_ok_unexpected",)),
+    "--dist-ckpt-strictness": _accept("checkpoints load here with Megatron-LM's default, assume_ok_unexpected, "
+                                      "whatever the value: extra tensors in the checkpoint are ignored and a tensor "
+                                      "the model needs but the checkpoint lacks is an error (never logged and "
+                                      "skipped)"),
+    "--rerun-mode": _refuse("the rerun state machine (re-running an iteration to tell a transient fault from a "
+                            "real NaN/spike) is not wired; non-finite steps follow --on-non-finite (stop or "
+                            "skip); use --rerun-mode disabled or drop the flag", accept_values=("disabled",)),
+    "--no-ckpt-fully-parallel-save": _accept("how the save is spread over ranks; the checkpoint's content is "
+                                             "the same (saves here are fully parallel)"),
+    "--auto-detect-ckpt-format": _accept("only torch_dist is read here; a checkpoint in another format is an "
+                                         "error naming it"),
+    "--timing-log-option": _accept("the log line always reports the iteration time; per-phase timers are not "
+                                   "collected"),
     "--ckpt-fully-parallel-save": _accept("torch_dist saves are fully parallel here"),
     "--ckpt-fully-parallel-load": _accept("torch_dist loads read each rank's shards directly"),
     "--dist-ckpt-optim-fully-reshardable": _accept("the distributed optimizer is always saved fully_reshardable "

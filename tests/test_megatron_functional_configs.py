@@ -63,8 +63,8 @@ def test_error_of_one_rank_only_is_reported(tmp_path):
 
 # MODEL_ARGS of Megatron-LM's gpt3_mcore_te_tp1_pp4_resume_torch_dist_swiglu and ..._sequence_parallel
 # (core_v0.16.1), sizes reduced, paths replaced, minus what is refused here (--async-save,
-# --dist-ckpt-strictness, --use-persistent-ckpt-worker; --distributed-backend nccl and
-# --transformer-impl transformer_engine need a GPU)
+# --use-persistent-ckpt-worker; --distributed-backend nccl and --transformer-impl transformer_engine
+# need a GPU)
 FUNCTIONAL = """
 --num-layers 2 --hidden-size 32 --num-attention-heads 4 --log-params-norm --log-num-zeros-in-grad
 --log-validation-ppl-to-tensorboard --log-timers-to-tensorboard --micro-batch-size 2 --global-batch-size 4
@@ -74,7 +74,7 @@ FUNCTIONAL = """
 --tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 --swiglu --ckpt-fully-parallel-load
 --deterministic-mode --no-gradient-accumulation-fusion --attention-softmax-in-fp32
 --use-checkpoint-opt_param-scheduler --use-mcore-models --ckpt-format torch_dist --log-memory-to-tensorboard
---sequence-parallel --dist-ckpt-optim-fully-reshardable
+--sequence-parallel --dist-ckpt-optim-fully-reshardable --dist-ckpt-strictness log_all
 """.split()
 
 
@@ -98,6 +98,13 @@ def test_functional_config_flags_are_megatrons(capsys):
     assert tc.apply_query_key_layer_scaling and tc.attention_softmax_in_fp32 and tc.deterministic_mode
     with pytest.raises(UserError, match="--rotary-interleaved"):  # still refused by name
         parse_config(["--mock-data", "--rotary-interleaved"])
+    # the other switches of NVIDIA's configs: checkpoint strictness, rerun machine off, timers, save spread
+    parse_config(["--mock-data", "--rerun-mode", "disabled", "--timing-log-option", "minmax",
+                  "--no-ckpt-fully-parallel-save", "--auto-detect-ckpt-format"])
+    assert "note: --dist-ckpt-strictness accepted" in out
+    # Megatron-LM's default --rerun-mode validate_results re-runs suspicious iterations: not wired, said so
+    with pytest.raises(UserError, match=r"^--rerun-mode validate_results: the rerun state machine"):
+        parse_config(["--mock-data", "--rerun-mode", "validate_results"])
 
 
 def _tiny_dataset(prefix: str, period: int) -> None:
