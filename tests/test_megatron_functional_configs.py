@@ -173,3 +173,27 @@ def test_evaluation_after_training_on_validation_and_test_sets(tmp_path):
     assert value(lines[final[0]]) == value(periodic[0])
     r = run_cli(flags + ["--exit-interval", "1"], timeout=300, check=False)  # an early exit: no evaluation
     assert r.returncode == 0 and "validation loss" not in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_zero_blend_weight_is_one_line(tmp_path):
+    """`--data-path 0 A 1 B` passed the check (weights non-negative, positive sum) and then failed with a
+    traceback from megatron-core's BlendedDataset (`assert all(map(lambda _: _ > 0, weights))`)."""
+    import numpy
+    import torch
+    from megatron.core.datasets.blended_dataset import BlendedDataset
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    for name in ("a", "b"):
+        b = IndexedDatasetBuilder(str(tmp_path / f"{name}.bin"), dtype=numpy.int32)
+        b.add_document(torch.arange(1, 50), [49])
+        b.finalize(str(tmp_path / f"{name}.idx"))
+    class _Split:  # the oracle: megatron-core itself refuses a zero weight
+        index_split = "train"
+    with pytest.raises(AssertionError):
+        BlendedDataset([_Split(), _Split()], [0.0, 1.0], 4, None)
+    from megatron_staged.data.datasets import _parse_blend
+
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert _parse_blend(["0.3", a, "0.7", b], "--data-path") == ([a, b], [0.3, 0.7])
+    with pytest.raises(UserError, match=r"^--data-path: blend weights must be positive .*has weight 0: drop it"):
+        _parse_blend(["0", a, "1", b], "--data-path")
