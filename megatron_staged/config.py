@@ -967,6 +967,8 @@ MEGATRON_COMPAT: dict[str, CompatRule] = {
     "--no-overlap-p2p-communication": _set(overlap_p2p_comm=False),
     "--use-rotary-position-embeddings": _set(position_embedding_type="rope"),
     "--use-dist-ckpt": _set(ckpt_format="torch_dist"),
+    "--ckpt-step": _set("load iteration N of --load: --load becomes <load>/iter_000000N (the iteration's "
+                        "directory, which --load also takes directly)"),
     "--muon-no-split-qkv": _set(muon_split_qkv=False),
     "--persistent-save-interval": _set(save_interval="$value"),
     "--disable-log-loss-scale-to-tensorboard": _set(log_loss_scale_to_tensorboard=False),
@@ -1125,6 +1127,18 @@ def apply_megatron_compat(cfg: "Config", recorded: list) -> list[str]:
             group = groups.get(flag, ("", "?"))[1]
             refused.append(f"{flag} (Megatron-LM '{group}' option) is not supported by megatron_staged; "
                            "remove it (see docs/megatron_compat.md)")
+        elif flag == "--ckpt-step":  # Megatron-LM: load this iteration of --load instead of the latest
+            try:
+                step = int(value)
+            except (TypeError, ValueError):
+                raise UserError(f"--ckpt-step: cannot interpret {value!r} as int") from None
+            load = cfg.checkpoint.load
+            require(load is not None, "--ckpt-step needs --load (the directory given to --save)")
+            path = os.path.join(load, f"iter_{step:07d}")
+            require(os.path.isdir(path), f"--ckpt-step {step}: no {path} (iterations saved there: "
+                    + (", ".join(n[5:].lstrip("0") or "0" for n in sorted(os.listdir(load)) if n.startswith("iter_"))
+                       if os.path.isdir(load) else "none, no such directory") + ")")
+            cfg.checkpoint.load = path
         elif rule.action == "set":
             for key, v in rule.sets.items():
                 set_value(cfg, key, value if v == "$value" else v)

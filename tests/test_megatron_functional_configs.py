@@ -197,3 +197,26 @@ def test_zero_blend_weight_is_one_line(tmp_path):
     assert _parse_blend(["0.3", a, "0.7", b], "--data-path") == ([a, b], [0.3, 0.7])
     with pytest.raises(UserError, match=r"^--data-path: blend weights must be positive .*has weight 0: drop it"):
         _parse_blend(["0", a, "1", b], "--data-path")
+
+
+def test_ckpt_step_loads_that_iteration(tmp_path):
+    """Megatron-LM's --ckpt-step N loads iteration N of --load instead of the latest (was the generic
+    refusal). Oracle: resuming from iteration 2 of a run saved at 1, 2, 3 repeats that run's iteration 3."""
+    from conftest import run_cli
+
+    flags = ["train", "--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+             "--micro-batch-size", "2", "--global-batch-size", "2", "--mock-data", "--vocab-size", "100",
+             "--eval-iters", "0", "--log-interval", "1", "--progress-bar", "off", "--train-iters", "3",
+             "--lr-decay-iters", "10"]
+    ck = str(tmp_path / "ck")
+    r = run_cli(flags + ["--save", ck, "--save-interval", "1"], timeout=300, check=False)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    loss3 = [l for l in r.stdout.splitlines() if "] iteration        3/" in l]
+    r = run_cli(flags + ["--load", ck, "--ckpt-step", "2"], timeout=300, check=False)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"loaded checkpoint {ck}/iter_0000002 at iteration 2" in r.stdout
+    again = [l for l in r.stdout.splitlines() if "] iteration        3/" in l]
+    loss = lambda ls: re.search(r"lm loss: ([0-9.E+-]+)", ls[0]).group(1)
+    assert len(loss3) == len(again) == 1 and loss(again) == loss(loss3)
+    r = run_cli(flags + ["--load", ck, "--ckpt-step", "7"], timeout=300, check=False)
+    assert r.returncode == 2 and "--ckpt-step 7: no " in r.stderr and "(iterations saved there: 1, 2, 3)" in r.stderr
