@@ -220,3 +220,25 @@ def test_ckpt_step_loads_that_iteration(tmp_path):
     assert len(loss3) == len(again) == 1 and loss(again) == loss(loss3)
     r = run_cli(flags + ["--load", ck, "--ckpt-step", "7"], timeout=300, check=False)
     assert r.returncode == 2 and "--ckpt-step 7: no " in r.stderr and "(iterations saved there: 1, 2, 3)" in r.stderr
+
+
+def test_data_path_with_bin_suffix_names_the_prefix(tmp_path):
+    """`--data-path web_text_document.bin` (a file, not Megatron-LM's prefix) said 'expected
+    web_text_document.bin.bin': now the error names the prefix to give."""
+    import numpy
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron_staged.data.datasets import _parse_blend
+
+    b = IndexedDatasetBuilder(str(tmp_path / "web_text_document.bin"), dtype=numpy.int32)
+    b.add_document(torch.arange(1, 20), [19])
+    b.finalize(str(tmp_path / "web_text_document.idx"))
+    prefix = str(tmp_path / "web_text_document")
+    for suffix in (".bin", ".idx"):
+        with pytest.raises(UserError, match=rf"^--data-path: {re.escape(prefix + suffix)} is a file of the dataset; "
+                                            rf"give its prefix, {re.escape(prefix)} "):
+            _parse_blend([prefix + suffix], "--data-path")
+    with pytest.raises(UserError, match="no indexed dataset at"):
+        _parse_blend([prefix + "_nope"], "--data-path")
+    assert _parse_blend([prefix], "--data-path") == ([prefix], None)

@@ -31,9 +31,14 @@ _SPLIT_NAMES = ("train", "valid", "test")
 # ---- validation -------------------------------------------------------------------------------
 
 def _check_prefix(prefix: str, flag: str) -> None:
-    require(os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx"),
-            f"{flag}: no indexed dataset at {prefix} (expected {prefix}.bin and {prefix}.idx; "
-            "build one with tools/preprocess_data.py)")
+    if os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx"):
+        return
+    stem, ext = os.path.splitext(prefix)
+    if ext in (".bin", ".idx") and os.path.isfile(stem + ".bin") and os.path.isfile(stem + ".idx"):
+        raise UserError(f"{flag}: {prefix} is a file of the dataset; give its prefix, {stem} (as Megatron-LM "
+                        "takes it: without .bin/.idx)")
+    raise UserError(f"{flag}: no indexed dataset at {prefix} (expected {prefix}.bin and {prefix}.idx; "
+                    "build one with tools/preprocess_data.py)")
 
 
 def _sequence_lengths(prefix: str) -> numpy.ndarray:
