@@ -195,8 +195,11 @@ def test_zero_blend_weight_is_one_line(tmp_path):
 
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     assert _parse_blend(["0.3", a, "0.7", b], "--data-path") == ([a, b], [0.3, 0.7])
-    with pytest.raises(UserError, match=r"^--data-path: blend weights must be positive .*has weight 0: drop it"):
-        _parse_blend(["0", a, "1", b], "--data-path")
+    from megatron_staged.data.validate import parse_data_path  # the check before anything is built
+
+    for parse in (_parse_blend, parse_data_path):
+        with pytest.raises(UserError, match=r"^--data-path: blend weights must be positive .*has weight 0: drop it"):
+            parse(["0", a, "1", b], "--data-path")
 
 
 def test_ckpt_step_loads_that_iteration(tmp_path):
@@ -239,6 +242,10 @@ def test_data_path_with_bin_suffix_names_the_prefix(tmp_path):
         with pytest.raises(UserError, match=rf"^--data-path: {re.escape(prefix + suffix)} is a file of the dataset; "
                                             rf"give its prefix, {re.escape(prefix)} "):
             _parse_blend([prefix + suffix], "--data-path")
+    from megatron_staged.data.validate import check_indexed_dataset  # the check before anything is built
+
+    with pytest.raises(UserError, match=rf"^--data-path: {re.escape(prefix)}.bin is a file of the dataset; "):
+        check_indexed_dataset(prefix + ".bin")
     with pytest.raises(UserError, match="no indexed dataset at"):
         _parse_blend([prefix + "_nope"], "--data-path")
     assert _parse_blend([prefix], "--data-path") == ([prefix], None)
