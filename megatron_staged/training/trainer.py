@@ -110,6 +110,10 @@ def _deterministic_mode(backend: str) -> None:
     if backend == "nccl" and os.environ.get("NCCL_ALGO") not in choices:
         raise UserError(f"--deterministic-mode needs the environment variable NCCL_ALGO set to one of {choices} "
                         f"(as Megatron-LM asks; NCCL_ALGO={os.environ.get('NCCL_ALGO')!r} here)")
+    if torch.cuda.is_available() and os.environ.get("CUBLAS_WORKSPACE_CONFIG") not in (":4096:8", ":16:8"):
+        # torch's rule for deterministic cuBLAS (else the first matmul raises); NVIDIA's configs set it
+        raise UserError("--deterministic-mode on CUDA needs the environment variable CUBLAS_WORKSPACE_CONFIG=:4096:8 "
+                        "(or :16:8), as NVIDIA's functional-test configs set it")
     torch.use_deterministic_algorithms(True)
 
 
