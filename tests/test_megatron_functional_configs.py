@@ -249,3 +249,27 @@ def test_data_path_with_bin_suffix_names_the_prefix(tmp_path):
     with pytest.raises(UserError, match="no indexed dataset at"):
         _parse_blend([prefix + "_nope"], "--data-path")
     assert _parse_blend([prefix], "--data-path") == ([prefix], None)
+
+
+def test_deterministic_mode_environment_checks(monkeypatch):
+    """--deterministic-mode as Megatron-LM's validate_args: with NCCL, NCCL_ALGO must name one of its
+    all-reduce algorithms; on CUDA, torch's deterministic cuBLAS needs CUBLAS_WORKSPACE_CONFIG (NVIDIA's
+    functional configs set both). Then torch.use_deterministic_algorithms(True)."""
+    import torch
+
+    from megatron_staged.training.trainer import _deterministic_mode
+
+    monkeypatch.delenv("NCCL_ALGO", raising=False)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    with pytest.raises(UserError, match=r"NCCL_ALGO set to one of \['Tree', 'Ring'"):
+        _deterministic_mode("nccl")
+    monkeypatch.setenv("NCCL_ALGO", "Ring")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(UserError, match="CUBLAS_WORKSPACE_CONFIG=:4096:8"):
+        _deterministic_mode("nccl")
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    try:
+        _deterministic_mode("nccl")
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
