@@ -80,6 +80,7 @@ def build_optimizer(cfg: Config, model_chunks, zero_state: bool = True):
         # fp16: Megatron-LM's dynamic loss scaling (or a constant --loss-scale); bf16 needs none
         loss_scale=o.loss_scale if m.fp16 else None, initial_loss_scale=o.initial_loss_scale,
         min_loss_scale=o.min_loss_scale, loss_scale_window=o.loss_scale_window, hysteresis=o.hysteresis,
+        log_num_zeros_in_grad=cfg.logging.log_num_zeros_in_grad,
     )
     if is_muon(o.optimizer):  # megatron's Muon builder chains its Adam config for the other parameters
         for k, v in muon_config_kwargs(o).items():

@@ -74,6 +74,9 @@ _delegate("fit-rho", "megatron_staged.tools.fit_rho")
 
 
 
+_NONZERO_RANK_ERROR_GRACE_S = 15.0  # how long a rank other than 0 waits for rank 0 to report an error
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_warnings()
@@ -98,11 +101,20 @@ def main(argv=None) -> int:
         with untrusted_checkpoint_reads(), runtime.owned():
             rc = COMMANDS[name](rest)
     except UserError as e:
-        rank = os.environ.get("RANK", "0")
-        if rank == "0":
-            from megatron_staged.errors import one_line
+        from megatron_staged.errors import one_line
 
-            print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+        rank = os.environ.get("RANK", "0")
+        if rank != "0":
+            # Every rank usually hits the same bad input, and rank 0 says so. Exiting at once would let
+            # torchrun stop rank 0 (SIGTERM to the others on the first failure) before it printed, and
+            # the run would end with no message at all: give rank 0 time to print and exit first (then
+            # torchrun ends this process here). Still alive after that, the error is this rank's own.
+            import time
+
+            time.sleep(_NONZERO_RANK_ERROR_GRACE_S)
+            print(f"error (rank {rank}): {one_line(e)}", file=sys.stderr, flush=True)
+            return 2
+        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
         return 2
     finally:
         _shutdown()

@@ -70,6 +70,9 @@ class ModelConfig:
                                        "factors 1 and 4, original context 8192; factor --rope-scaling-factor)")
     rope_scaling_factor: float = _f(8.0, "with --use-rope-scaling: the factor long wavelengths are divided by")
     attention_softmax_in_fp32: bool = _f(False, "compute the attention softmax in fp32 (bf16/fp16 runs)")
+    apply_query_key_layer_scaling: bool = _f(False, "scale Q K^T by 1/layer-number before an fp32 softmax that "
+                                                    "multiplies it back (fp16 stability; the same attention "
+                                                    "otherwise); implies --attention-softmax-in-fp32, as Megatron-LM")
     # kernel fusions: used on GPU when the kernels exist; CPU runs never fuse, whatever these say
     masked_softmax_fusion: bool = _f(True, "fused scale+mask+softmax (GPU)")
     bias_gelu_fusion: bool = _f(True, "fused bias+GeLU (GPU)")
@@ -209,6 +212,9 @@ class PerformanceConfig:
                                          choices=["uniform", "block"])
     recompute_num_layers: Optional[int] = _f(None, "with --recompute-granularity full: layers per "
                                              "recomputed chunk (uniform) or per stage (block)")
+    deterministic_mode: bool = _f(False, "Megatron-LM's: torch.use_deterministic_algorithms(True) and megatron-core's "
+                                         "deterministic_mode; with NCCL, NCCL_ALGO must be set as Megatron-LM asks "
+                                         "(CPU/gloo runs are deterministic anyway)")
 
 
 @dataclass
@@ -277,6 +283,10 @@ class LoggingConfig:
     log_validation_ppl_to_tensorboard: bool = _f(False, "write 'lm loss validation ppl' to TensorBoard")
     log_loss_scale_to_tensorboard: bool = _f(True, "write loss-scale to TensorBoard")
     log_world_size_to_tensorboard: bool = _f(False, "write world-size to TensorBoard")
+    log_num_zeros_in_grad: bool = _f(False, "add 'num zeros' (gradient elements equal to zero over the whole "
+                                            "model) to the log line and TensorBoard (Megatron-LM's)")
+    log_memory_to_tensorboard: bool = _f(False, "write CUDA memory statistics (mem-reserved-bytes, ...) to "
+                                                "TensorBoard, as Megatron-LM; nothing to write on CPU")
     wandb_project: Optional[str] = _f(None, "log to Weights & Biases under this project (needs wandb)")
     wandb_exp_name: Optional[str] = _f(None, "W&B run name")
     wandb_save_dir: Optional[str] = _f(None, "W&B local directory (default <tensorboard-dir>/wandb)")
@@ -662,9 +672,20 @@ def validate_muon(cfg: Config) -> None:
     require(o.muon_num_ns_steps >= 1, f"--muon-num-ns-steps {o.muon_num_ns_steps} must be >= 1")
 
 
+_NOTED: set = set()  # notes printed once per process (validate runs more than once)
+
+
 def validate_performance(cfg: Config) -> None:
     """Recomputation, overlap and loss-scaling flags, checked as Megatron-LM checks them."""
     r, o, p = cfg.performance, cfg.optim, cfg.parallel
+    if p.sequence_parallel and p.tensor_model_parallel_size == 1:
+        # Megatron-LM's validate_args: "Disabling sequence parallelism because tensor model parallelism
+        # is disabled" (a warning, not an error: at TP 1 it would change nothing but the numerics)
+        if os.environ.get("RANK", "0") == "0" and "sequence_parallel" not in _NOTED:
+            print("note: --sequence-parallel turned off: tensor model parallelism is disabled "
+                  "(--tensor-model-parallel-size 1), as Megatron-LM does", flush=True)
+            _NOTED.add("sequence_parallel")
+        p.sequence_parallel = False
     if p.overlap_param_gather:
         require(p.use_distributed_optimizer and p.overlap_grad_reduce,
                 "--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce")
@@ -946,6 +967,8 @@ MEGATRON_COMPAT: dict[str, CompatRule] = {
     "--no-overlap-p2p-communication": _set(overlap_p2p_comm=False),
     "--use-rotary-position-embeddings": _set(position_embedding_type="rope"),
     "--use-dist-ckpt": _set(ckpt_format="torch_dist"),
+    "--ckpt-step": _set("load iteration N of --load: --load becomes <load>/iter_000000N (the iteration's "
+                        "directory, which --load also takes directly)"),
     "--muon-no-split-qkv": _set(muon_split_qkv=False),
     "--persistent-save-interval": _set(save_interval="$value"),
     "--disable-log-loss-scale-to-tensorboard": _set(log_loss_scale_to_tensorboard=False),
@@ -977,10 +1000,24 @@ MEGATRON_COMPAT: dict[str, CompatRule] = {
     "--context-parallel-size": _refuse("context parallelism needs Transformer Engine's attention (CUDA) and "
                                        "the growth engine does not split sequences; use "
                                        "--context-parallel-size 1", accept_values=("1",)),
-    "--dist-ckpt-strictness": _refuse("checkpoint loading here is always strict (every tensor must match); "
-                                      "drop --dist-ckpt-strictness", accept_values=("assume_ok_unexpected",)),
+    "--dist-ckpt-strictness": _accept("checkpoints load here with Megatron-LM's default, assume_ok_unexpected, "
+                                      "whatever the value: extra tensors in the checkpoint are ignored and a tensor "
+                                      "the model needs but the checkpoint lacks is an error (never logged and "
+                                      "skipped)"),
+    "--rerun-mode": _refuse("the rerun state machine (re-running an iteration to tell a transient fault from a "
+                            "real NaN/spike) is not wired; non-finite steps follow --on-non-finite (stop or "
+                            "skip); use --rerun-mode disabled or drop the flag", accept_values=("disabled",)),
+    "--no-ckpt-fully-parallel-save": _accept("how the save is spread over ranks; the checkpoint's content is "
+                                             "the same (saves here are fully parallel)"),
+    "--auto-detect-ckpt-format": _accept("only torch_dist is read here; a checkpoint in another format is an "
+                                         "error naming it"),
+    "--timing-log-option": _accept("the log line always reports the iteration time; per-phase timers are not "
+                                   "collected"),
     "--ckpt-fully-parallel-save": _accept("torch_dist saves are fully parallel here"),
     "--ckpt-fully-parallel-load": _accept("torch_dist loads read each rank's shards directly"),
+    "--dist-ckpt-optim-fully-reshardable": _accept("the distributed optimizer is always saved fully_reshardable "
+                                                   "here (moments shaped like their parameters; loads at any "
+                                                   "TP/PP/DP)"),
     "--ckpt-assume-constant-structure": _accept("a save-plan caching switch; each save here is complete"),
     "--num-dataset-builder-threads": _accept("threads building dataset indices: speed only, the indices are the "
                                              "same; nothing to do here"),
@@ -1090,6 +1127,18 @@ def apply_megatron_compat(cfg: "Config", recorded: list) -> list[str]:
             group = groups.get(flag, ("", "?"))[1]
             refused.append(f"{flag} (Megatron-LM '{group}' option) is not supported by megatron_staged; "
                            "remove it (see docs/megatron_compat.md)")
+        elif flag == "--ckpt-step":  # Megatron-LM: load this iteration of --load instead of the latest
+            try:
+                step = int(value)
+            except (TypeError, ValueError):
+                raise UserError(f"--ckpt-step: cannot interpret {value!r} as int") from None
+            load = cfg.checkpoint.load
+            require(load is not None, "--ckpt-step needs --load (the directory given to --save)")
+            path = os.path.join(load, f"iter_{step:07d}")
+            require(os.path.isdir(path), f"--ckpt-step {step}: no {path} (iterations saved there: "
+                    + (", ".join(n[5:].lstrip("0") or "0" for n in sorted(os.listdir(load)) if n.startswith("iter_"))
+                       if os.path.isdir(load) else "none, no such directory") + ")")
+            cfg.checkpoint.load = path
         elif rule.action == "set":
             for key, v in rule.sets.items():
                 set_value(cfg, key, value if v == "$value" else v)

@@ -31,9 +31,14 @@ _SPLIT_NAMES = ("train", "valid", "test")
 # ---- validation -------------------------------------------------------------------------------
 
 def _check_prefix(prefix: str, flag: str) -> None:
-    require(os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx"),
-            f"{flag}: no indexed dataset at {prefix} (expected {prefix}.bin and {prefix}.idx; "
-            "build one with tools/preprocess_data.py)")
+    if os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx"):
+        return
+    stem, ext = os.path.splitext(prefix)
+    if ext in (".bin", ".idx") and os.path.isfile(stem + ".bin") and os.path.isfile(stem + ".idx"):
+        raise UserError(f"{flag}: {prefix} is a file of the dataset; give its prefix, {stem} (as Megatron-LM "
+                        "takes it: without .bin/.idx)")
+    raise UserError(f"{flag}: no indexed dataset at {prefix} (expected {prefix}.bin and {prefix}.idx; "
+                    "build one with tools/preprocess_data.py)")
 
 
 def _sequence_lengths(prefix: str) -> numpy.ndarray:
@@ -77,8 +82,10 @@ def _parse_blend(data_path: list[str] | None, flag: str):
         return None
     prefixes, weights = get_blend_from_list([str(p) for p in data_path])
     if weights is not None:
-        require(all(w >= 0 for w in weights) and sum(weights) > 0,
-                f"{flag}: blend weights must be non-negative with a positive sum, got {weights}")
+        # megatron-core's BlendedDataset asserts every weight > 0 (a 0 was a traceback, in Megatron-LM too)
+        bad = [(w, p) for w, p in zip(weights, prefixes) if not w > 0]
+        require(not bad, f"{flag}: blend weights must be positive (megatron-core's BlendedDataset); "
+                         + ", ".join(f"{p} has weight {w:g}" for w, p in bad) + ": drop it or give it a weight > 0")
     for prefix in prefixes:
         _check_prefix(prefix, flag)
     return prefixes, weights

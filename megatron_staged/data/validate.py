@@ -51,12 +51,20 @@ def parse_data_path(data_path: list, flag: str = "--data-path") -> tuple[list[st
             weights.append(wn)
             prefixes.append(p)
         require(sum(weights) > 0, f"{flag}: the blend weights sum to 0")
+        for wn, p in zip(weights, prefixes):  # megatron-core's BlendedDataset asserts each weight > 0
+            require(wn > 0, f"{flag}: blend weights must be positive (megatron-core's BlendedDataset); {p} has "
+                            f"weight {wn:g}: drop it or give it a weight > 0")
     return prefixes, weights
 
 
 def check_indexed_dataset(prefix: str, flag: str = "--data-path") -> int:
     """UserError unless ``prefix.idx`` is a valid index that matches ``prefix.bin``; returns #sequences."""
     idx, bin_ = prefix + ".idx", prefix + ".bin"
+    stem, ext = os.path.splitext(prefix)
+    if not (os.path.isfile(idx) and os.path.isfile(bin_)) and ext in (".bin", ".idx") \
+            and os.path.isfile(stem + ".bin") and os.path.isfile(stem + ".idx"):
+        raise UserError(f"{flag}: {prefix} is a file of the dataset; give its prefix, {stem} (as Megatron-LM "
+                        "takes it: without .bin/.idx)")
     require(os.path.isfile(idx) and os.path.isfile(bin_),
             f"{flag}: no indexed dataset at {prefix} (expected {bin_} and {idx}; build one with "
             f"tools/preprocess_data.py)")

@@ -124,7 +124,9 @@ def transformer_config(cfg: Config):
         bias_dropout_fusion=on_gpu and m.bias_dropout_fusion,
         masked_softmax_fusion=on_gpu and _have_fused_softmax_kernels() and m.masked_softmax_fusion,
         apply_rope_fusion=False,  # m.apply_rope_fusion needs TE's fused RoPE; not wired yet (docs/megatron_compat.md)
-        attention_softmax_in_fp32=m.attention_softmax_in_fp32,
+        attention_softmax_in_fp32=m.attention_softmax_in_fp32 or m.apply_query_key_layer_scaling,
+        apply_query_key_layer_scaling=m.apply_query_key_layer_scaling,
+        deterministic_mode=r.deterministic_mode,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         deallocate_pipeline_outputs=on_gpu,

@@ -57,6 +57,12 @@ class MetricsLogger:
                 self.writer = SummaryWriter(log_dir=cfg.logging.tensorboard_dir)
             except Exception as e:  # tensorboard is optional at run time
                 print(f"warning: TensorBoard disabled ({e})", flush=True)
+        if self.rank0 and cfg.logging.log_memory_to_tensorboard:
+            import torch
+
+            if not torch.cuda.is_available():
+                print("note: --log-memory-to-tensorboard writes CUDA memory statistics; there is no CUDA device "
+                      "here, so none are written", flush=True)
         if self.rank0 and cfg.logging.log_file:
             os.makedirs(os.path.dirname(os.path.abspath(cfg.logging.log_file)), exist_ok=True)
             self.jsonl = open(cfg.logging.log_file, "a")
@@ -101,6 +107,7 @@ class MetricsLogger:
         loss_scale = _loss_scale(trainer.optimizer)
         params_norm = _params_norm(trainer.model) if lg.log_params_norm else None
         samples = trainer.consumed_samples
+        num_zeros = getattr(trainer, "last_num_zeros", None) if lg.log_num_zeros_in_grad else None
         if (self.writer or self.wandb) and it % max(lg.tensorboard_log_interval, 1) == 0:
             # Megatron-LM's tag names (training.py training_log), plus 'lm loss vs flops' for staging
             scalars = {"learning-rate": lr, "batch-size": t.global_batch_size, "lm loss": loss}
@@ -110,6 +117,8 @@ class MetricsLogger:
                 scalars["world-size"] = trainer.world_size
             if grad_norm is not None:
                 scalars["grad-norm"] = grad_norm
+            if num_zeros is not None:
+                scalars["num-zeros"] = num_zeros
             if params_norm is not None:
                 scalars["params-norm"] = params_norm
             if lg.log_timers_to_tensorboard:
@@ -120,6 +129,8 @@ class MetricsLogger:
                     self.writer.add_scalar(tag, value, it)
                     self.writer.add_scalar(tag + " vs samples", value, samples)
                 self.writer.add_scalar("lm loss vs flops", loss, int(trainer.flops_so_far))
+                if lg.log_memory_to_tensorboard:
+                    _log_memory(self.writer, it)
             if self.wandb:
                 self.wandb.log(dict(scalars, **{"samples vs steps": samples}), step=it)
         if it % max(t.log_interval, 1) != 0:
@@ -142,6 +153,8 @@ class MetricsLogger:
                  f" lm loss: {avg_loss:.6E} | loss scale: {loss_scale:.1f} |")
         if grad_norm is not None:
             line += f" grad norm: {grad_norm:.3f} |"
+        if num_zeros is not None:  # Megatron-LM prints the float as it is (e.g. "num zeros: 1024.0")
+            line += f" num zeros: {num_zeros} |"
         if params_norm is not None:
             line += f" params norm: {params_norm:.3f} |"
         line += (f" number of skipped iterations: {self.counts['skipped']:3d} |"
@@ -170,6 +183,26 @@ class MetricsLogger:
             if se is not None and math.isfinite(se):
                 rec["eval_loss_se"] = se  # standard error over the eval batches (sampling noise)
             self.jsonl.write(json_line(rec))
+            self.jsonl.flush()
+
+    def final_eval(self, trainer, loss: float, split: str) -> None:
+        """Megatron-LM's evaluation after training: ' validation loss at iteration N on {split} set | ...'
+        between two rules of dashes; TensorBoard 'lm loss validation' for the validation set (as the
+        periodic evaluation writes it); a JSON record {iteration, final_eval: split, final_eval_loss}."""
+        import math
+
+        ppl = math.exp(min(loss, 20))
+        line = (f" validation loss at iteration {trainer.iteration} on {split} set | lm loss value: {loss:.6E} |"
+                f" lm loss PPL: {ppl:.6E} |")
+        self.print("-" * (len(line) + 1))
+        self.print(line)
+        self.print("-" * (len(line) + 1))
+        if self.writer and split == "validation":
+            self.writer.add_scalar("lm loss validation", loss, trainer.iteration)
+            self.writer.add_scalar("lm loss validation vs samples", loss, trainer.consumed_samples)
+            self.writer.flush()
+        if self.jsonl:
+            self.jsonl.write(json.dumps({"iteration": trainer.iteration, "final_eval": split, "final_eval_loss": loss}) + "\n")
             self.jsonl.flush()
 
     def layer_drop_stage(self, e: dict) -> None:
@@ -233,7 +266,11 @@ def _params_norm(model_chunks) -> float:
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-    sq = torch.zeros(1, dtype=torch.float64)
+    from megatron_staged.runtime.distributed import collective_device, current_device
+
+    # on the device (the parameters' place), then where the collective wants it: a host accumulator
+    # here failed on GPU ('Expected all tensors to be on the same device')
+    sq = torch.zeros(1, dtype=torch.float64, device=current_device())
     for chunk in model_chunks:
         for p in chunk.parameters():
             if not param_is_not_tensor_parallel_duplicate(p):
@@ -242,5 +279,19 @@ def _params_norm(model_chunks) -> float:
                 continue  # the last stage's copy of tied embeddings: counted on the first stage
             sq += p.detach().double().pow(2).sum()
     if dist.is_initialized():
+        sq = sq.to(collective_device())
         dist.all_reduce(sq, group=ps.get_model_parallel_group())
-    return float(sq.sqrt())
+    return float(sq.sqrt().item())
+
+
+def _log_memory(writer, iteration: int) -> None:
+    """--log-memory-to-tensorboard: Megatron-LM's four CUDA memory scalars (none on CPU)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    stats = torch.cuda.memory_stats()
+    writer.add_scalar("mem-reserved-bytes", stats["reserved_bytes.all.current"], iteration)
+    writer.add_scalar("mem-allocated-bytes", stats["allocated_bytes.all.current"], iteration)
+    writer.add_scalar("mem-max-allocated-bytes", stats["allocated_bytes.all.peak"], iteration)
+    writer.add_scalar("mem-allocated-count", stats["allocation.all.current"], iteration)

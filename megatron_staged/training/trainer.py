@@ -8,6 +8,7 @@ happened, never how an operator works.
 from __future__ import annotations
 
 import itertools
+import os
 import math
 import time
 from functools import partial
@@ -102,6 +103,20 @@ GROWN_FIELDS = {"num_layers", "hidden_size", "ffn_hidden_size", "num_attention_h
                 "kv_channels", "group_query_attention"}
 
 
+def _deterministic_mode(backend: str) -> None:
+    """--deterministic-mode, as Megatron-LM's validate_args: NCCL_ALGO named (NCCL's all-reduce order),
+    then torch.use_deterministic_algorithms(True); megatron-core gets deterministic_mode in its config."""
+    choices = ["Tree", "Ring", "CollnetDirect", "CollnetChain", "^NVLS"]
+    if backend == "nccl" and os.environ.get("NCCL_ALGO") not in choices:
+        raise UserError(f"--deterministic-mode needs the environment variable NCCL_ALGO set to one of {choices} "
+                        f"(as Megatron-LM asks; NCCL_ALGO={os.environ.get('NCCL_ALGO')!r} here)")
+    if torch.cuda.is_available() and os.environ.get("CUBLAS_WORKSPACE_CONFIG") not in (":4096:8", ":16:8"):
+        # torch's rule for deterministic cuBLAS (else the first matmul raises); NVIDIA's configs set it
+        raise UserError("--deterministic-mode on CUDA needs the environment variable CUBLAS_WORKSPACE_CONFIG=:4096:8 "
+                        "(or :16:8), as NVIDIA's functional-test configs set it")
+    torch.use_deterministic_algorithms(True)
+
+
 # ---- the trainer --------------------------------------------------------------------------------
 
 class Trainer:
@@ -119,6 +134,8 @@ class Trainer:
         runtime.install()  # idempotent; the CLI has installed it already
         init_distributed(cfg.parallel.distributed_backend, cfg.parallel.distributed_timeout_minutes)
         self.world_size = dist.get_world_size()
+        if cfg.performance.deterministic_mode:
+            _deterministic_mode(dist.get_backend())
         saved_state = self._adopt_checkpoint_model_config(cfg)
         validate(cfg, self.world_size)
         print_rank0(features.describe(cfg, features.detect(), dist.get_backend()))
@@ -322,9 +339,12 @@ class Trainer:
             inject_nan(self.state.iteration + 1, self.model)
             dynamic_loss_scale = self.cfg.model.fp16 and self.cfg.optim.loss_scale is None
             self.step_finite = step_is_finite(loss, self.model, check_grads=not dynamic_loss_scale)
+            self.last_num_zeros = None
             if not self.step_finite:
                 return loss, float("nan"), False
-            ok, grad_norm, _ = self.optimizer.step()
+            ok, grad_norm, num_zeros = self.optimizer.step()
+            # --log-num-zeros-in-grad: megatron-core counts them (over the model-parallel group) in step()
+            self.last_num_zeros = num_zeros if ok and self.cfg.logging.log_num_zeros_in_grad else None
         finally:
             if layer_drop is not None:
                 layer_drop.end_step()
@@ -333,18 +353,19 @@ class Trainer:
         return loss, grad_norm, ok
 
     @torch.no_grad()
-    def evaluate(self, eval_iters: Optional[int] = None) -> float:
-        """Mean loss over ``eval_iters`` global batches of the validation set (from its start)."""
+    def evaluate(self, eval_iters: Optional[int] = None, dataset=None) -> float:
+        """Mean loss over ``eval_iters`` global batches of the validation set (or ``dataset``), from its start."""
         from megatron.core import parallel_state as ps
 
         from megatron_staged.data import build_data_iterator
 
         t = self.cfg.training
         n = t.eval_iters if eval_iters is None else eval_iters
-        if n == 0 or self.valid_ds is None:  # --eval-iters 0 or no validation split: no evaluation (Megatron-LM)
+        dataset = self.valid_ds if dataset is None else dataset
+        if n == 0 or dataset is None:  # --eval-iters 0 or no validation split: no evaluation (Megatron-LM)
             self.last_eval_se = float("nan")
             return float("nan")
-        its = [build_data_iterator(self.valid_ds, 0, t.micro_batch_size, ps.get_data_parallel_rank(),
+        its = [build_data_iterator(dataset, 0, t.micro_batch_size, ps.get_data_parallel_rank(),
                                    ps.get_data_parallel_world_size()) for _ in self.model]
         it = its if len(its) > 1 else its[0]
         for chunk in self.model:
@@ -374,12 +395,18 @@ class Trainer:
             last_loss = self._loop(exits)
         finally:
             exits.close()
-        self.logger.close()
         if self.state.iteration >= t.train_iters:
             for line in self.stages.never_ran(self.state, self.cfg):
                 print_rank0(line)
         if self.cfg.checkpoint.save and not (save_interval and self.state.iteration % save_interval == 0):
             self.save()
+        if self.state.iteration >= t.train_iters and t.eval_iters:
+            # Megatron-LM's pretrain() after training (not after an early exit): the validation set, then
+            # the test set, --eval-iters batches each ("validation loss at iteration N on test set")
+            for split, ds in (("validation", self.valid_ds), ("test", self.datasets[2])):
+                if ds is not None:
+                    self.logger.final_eval(self, self.evaluate(dataset=ds), split)
+        self.logger.close()
         s = self.state
         return {"iteration": s.iteration, "loss": last_loss, "consumed_samples": s.consumed_train_samples,
                 "flops_so_far": s.flops_so_far, "stage_history": s.stage_history}
