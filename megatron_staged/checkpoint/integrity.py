@@ -109,7 +109,7 @@ def other_format(ckpt_dir: str) -> Optional[str]:
             return None
         if backend and backend != "torch_dist":
             return (f"{ckpt_dir} is a dist_checkpointing checkpoint in the '{backend}' format; megatron_staged "
-                    f"reads the torch_dist format only: {convert}")
+                    f"reads the torch_dist and legacy torch formats only: {convert}")
     return None
 
 

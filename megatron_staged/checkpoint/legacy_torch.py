@@ -101,8 +101,8 @@ def problems(ckpt_dir: str) -> list:
     ranks = rank_dirs(ckpt_dir)
     first = ranks.get((0, 0))
     if first is None or not os.path.isfile(os.path.join(first, MODEL_FILE)):
-        return [f"{os.path.join(ckpt_dir, 'mp_rank_00' + ('_000' if any(p for _, p in ranks) else ''), MODEL_FILE)} "
-                f"is missing"]
+        with_pp = any(len(os.path.basename(d)) > len("mp_rank_00") for d in ranks.values())
+        return [f"{os.path.join(ckpt_dir, 'mp_rank_00' + ('_000' if with_pp else ''), MODEL_FILE)} is missing"]
     try:
         args = _load(os.path.join(first, MODEL_FILE)).get("args")
     except UnsafeCheckpoint:
