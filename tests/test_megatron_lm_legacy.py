@@ -1,0 +1,195 @@
+"""Megatron-LM's legacy ``--ckpt-format torch`` checkpoints: convert and train --load read them.
+
+The fixture ``tests/fixtures/megatron_lm/legacy_tp2pp2`` was written by Megatron-LM's own
+``save_checkpoint`` (tag core_v0.16.1; ``make_fixture.py --legacy``: TP2 PP2, 4 layers, GQA 4 heads /
+2 query groups, swiglu, RMSNorm, rope, untied embeddings, fp32 Adam without the distributed
+optimizer, 2 iterations). ``legacy_tp2pp2.json`` holds what Megatron-LM computed on that model: its
+forward-only loss on fixed batches (its pipeline schedule and ``pretrain_gpt`` loss at TP2 PP2) and
+each rank's per-tensor sums.
+
+Oracles, none of them this project's reader: Megatron-LM's loss against a pure-torch forward
+(``tests/oracle.py``) of the converted whole tensors; the converted tensors against whole tensors
+rebuilt here from the raw rank files with explicit per-group / per-half views and layer numbers
+written out; the raw files against Megatron-LM's own checksums.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import oracle
+from conftest import ROOT, run_cli, torchrun
+
+FIX = ROOT / "tests" / "fixtures" / "megatron_lm" / "legacy_tp2pp2"
+RECORD = json.loads((ROOT / "tests" / "fixtures" / "megatron_lm" / "legacy_tp2pp2.json").read_text())
+IT = FIX / "iter_0000002"
+TP = PP = 2
+LAYERS_PER_STAGE = 2  # 4 layers over PP2
+GROUPS, HEADS, D, FFN = 2, 4, 4, 32  # query groups, heads, head size, ffn hidden (whole)
+
+
+def raw_rank(t: int, p: int) -> dict:
+    """One rank's file as Megatron-LM reads it (torch.load, its pickled classes allowed)."""
+    import signal
+
+    import numpy as np
+    from megatron.core.enums import ModelType
+    from megatron.core.transformer.enums import AttnBackend
+
+    allowed = [argparse.Namespace, signal.Signals, ModelType, AttnBackend, np.ndarray, np.dtype,
+               np.dtypes.UInt32DType, (np._core.multiarray._reconstruct, "numpy._core.multiarray._reconstruct")]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(IT / f"mp_rank_{t:02d}_{p:03d}" / "model_optim_rng.pt", weights_only=True)
+
+
+def expected_whole(kind: str = "model") -> dict:
+    """Whole tensors in the converted checkpoint's keys (layers stacked), rebuilt from the raw files.
+
+    ``kind``: 'model', or 'exp_avg'/'exp_avg_sq' (torch's optimizer state, its index -> parameter
+    written out from the param groups Megatron-LM saved: group 0 = the 2-D weights, group 1 = the norms)."""
+    ranks = {(t, p): raw_rank(t, p) for t in range(TP) for p in range(PP)}
+
+    def tensors(sd):
+        if kind == "model":
+            return {k: v for k, v in sd["model"].items() if isinstance(v, torch.Tensor)}
+        names = [k for k, v in sd["model"].items() if isinstance(v, torch.Tensor)]
+        mat = [n for n in names if sd["model"][n].dim() == 2]
+        vec = [n for n in names if sd["model"][n].dim() == 1]
+        groups = sd["optimizer"]["param_groups"]
+        assert [g["wd_mult"] for g in groups] == [1.0, 0.0]
+        idx = dict(zip(groups[0]["params"], mat)) | dict(zip(groups[1]["params"], vec))
+        return {idx[i]: st[kind] for i, st in sd["optimizer"]["state"].items()}
+
+    local = {k: tensors(v) for k, v in ranks.items()}
+    out = {}
+    emb = [local[(t, 0)]["embedding.word_embeddings.weight"] for t in range(TP)]
+    out["embedding.word_embeddings.weight"] = torch.cat(emb)  # vocab rows, TP rank order
+    out["output_layer.weight"] = torch.cat([local[(t, 1)]["output_layer.weight"] for t in range(TP)])
+    out["decoder.final_layernorm.weight"] = local[(0, 1)]["decoder.final_layernorm.weight"]
+    per_layer = {}
+    for p in range(PP):
+        for i in range(LAYERS_PER_STAGE):
+            g = p * LAYERS_PER_STAGE + i  # PP rank p holds layers 2p, 2p+1 as its 0, 1
+
+            def get(name):
+                return [local[(t, p)][f"decoder.layers.{i}.{name}"] for t in range(TP)]
+
+            # fused QKV: each TP rank holds whole query groups of [q (heads/groups rows of D), k, v]
+            qkv = torch.cat([w.view(GROUPS // TP, (HEADS // GROUPS + 2) * D, -1) for w in get(
+                "self_attention.linear_qkv.weight")], dim=0).reshape(GROUPS * (HEADS // GROUPS + 2) * D, -1)
+            # swiglu fc1: each rank [gate_r; up_r] -> [gate_0; gate_1; up_0; up_1]
+            fc1 = torch.stack([w.view(2, FFN // TP, -1) for w in get("mlp.linear_fc1.weight")], dim=1)
+            fc1 = fc1.reshape(2 * FFN, -1)
+            layer = {
+                "self_attention.linear_qkv.weight": qkv,
+                "mlp.linear_fc1.weight": fc1,
+                "self_attention.linear_proj.weight": torch.cat(get("self_attention.linear_proj.weight"), dim=1),
+                "mlp.linear_fc2.weight": torch.cat(get("mlp.linear_fc2.weight"), dim=1),
+                "self_attention.linear_qkv.layer_norm_weight": get("input_layernorm.weight")[0],
+                "mlp.linear_fc1.layer_norm_weight": get("pre_mlp_layernorm.weight")[0],
+            }
+            for k, v in layer.items():
+                per_layer.setdefault(k, {})[g] = v
+    for k, by_layer in per_layer.items():
+        out["decoder.layers." + k] = torch.stack([by_layer[g] for g in range(PP * LAYERS_PER_STAGE)])
+    return out
+
+
+def test_raw_files_are_what_megatron_lm_evaluated():
+    """The committed rank files hold the tensors whose sums Megatron-LM recorded at save time."""
+    for r in RECORD["ranks"]:
+        sd = raw_rank(r["tp"], r["pp"])["model"]
+        for k, rec in r["tensors"].items():
+            assert list(sd[k].shape) == rec["shape"]
+            assert float(sd[k].double().sum()) == pytest.approx(rec["sum"], rel=1e-12, abs=1e-12), k
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("legacy") / "conv"
+    r = run_cli(["convert", "--load", str(FIX), "--save", str(out), "--target-tensor-model-parallel-size", "1",
+                 "--target-pipeline-model-parallel-size", "1"], timeout=600)
+    assert "TP2 PP2" in r.stdout and "with optimizer state" in r.stdout, r.stdout
+    return out
+
+
+def test_converted_loss_is_megatron_lms(converted):
+    """The converted checkpoint (TP1 PP1, whole tensors) gives the loss Megatron-LM computed at TP2 PP2;
+    the same tensors with swiglu's halves or the pipeline stages' layers mixed up do not."""
+    t = oracle.read_tensors(str(converted))
+    a = oracle.describe(oracle.read_common(str(converted)))
+    assert (a["layers"], a["heads"], a["groups"], a["swiglu"], a["tied"], a["rmsnorm"], a["rope"]) == \
+        (4, HEADS, GROUPS, True, False, True, True)
+
+    def loss(p):
+        return sum(oracle.forward_loss(p, a, torch.tensor(b)) for b in RECORD["eval_tokens"]) / len(RECORD["eval_tokens"])
+
+    assert loss(t) == pytest.approx(RECORD["eval_loss"], abs=2e-5)
+    fc1 = "decoder.layers.mlp.linear_fc1.weight"
+    per_rank = dict(t, **{fc1: t[fc1].view(4, 2, TP, FFN // TP, -1).transpose(1, 2).reshape(4, 2 * FFN, -1)})
+    layers = dict(t, **{k: v[[2, 3, 0, 1]] for k, v in t.items() if k.startswith("decoder.layers.")})
+    for wrong in (per_rank, layers):
+        assert abs(loss(wrong) - RECORD["eval_loss"]) > 1e-2
+
+
+def test_converted_tensors_and_state_are_the_concatenation_rule(converted):
+    from megatron_staged.checkpoint.global_tensors import read_common
+
+    t = oracle.read_tensors(str(converted))
+    for kind in ("model", "exp_avg", "exp_avg_sq"):
+        exp = expected_whole(kind)
+        prefix = "" if kind == "model" else f"optimizer.state.{kind}."
+        have = {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix) and (kind != "model" or
+                                                                                    not k.startswith("optimizer."))}
+        assert set(have) == set(exp), (kind, set(have) ^ set(exp))
+        for k, v in exp.items():
+            assert torch.equal(have[k], v), (kind, k)
+    raw = raw_rank(0, 0)
+    c = read_common(str(converted / "iter_0000002"))
+    assert c["iteration"] == raw["iteration"] == 2
+    gbs = raw["args"].global_batch_size
+    assert c["train_state"]["consumed_train_samples"] == raw["args"].consumed_train_samples == 2 * gbs
+    assert c["train_state"]["optimizer_step"] == 2 and c["train_state"]["has_optimizer"] is True
+    assert c["train_state"]["flops_so_far"] == raw["num_floating_point_operations_so_far"]
+    for k in ("num_steps", "lr_warmup_steps", "lr_decay_steps"):
+        assert c["opt_param_scheduler"][k] * gbs == raw["opt_param_scheduler"][k]
+
+
+def test_train_loads_legacy_directly_at_another_layout(tmp_path):
+    """train --load of the legacy root at TP2 PP1 (saved TP2 PP2): resumes at iteration 2 with the
+    optimizer; the user's directory is left as it was and nothing is written beside it."""
+    before = sorted(p.relative_to(FIX).as_posix() for p in FIX.rglob("*"))
+    save = tmp_path / "run"
+    r = torchrun(["train", "--load", str(FIX), "--save", str(save), "--tensor-model-parallel-size", "2",
+                  "--train-iters", "3", "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "127",
+                  "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-3", "--min-lr", "1e-4",
+                  "--lr-decay-style", "cosine", "--lr-warmup-iters", "1", "--lr-decay-iters", "10",
+                  "--eval-iters", "0", "--log-interval", "1", "--progress-bar", "off"], nproc=2, timeout=600)
+    assert "loaded checkpoint" in r.stdout and "at iteration 2" in r.stdout, r.stdout[-3000:]
+    assert (save / "iter_0000003").is_dir()
+    assert sorted(p.relative_to(FIX).as_posix() for p in FIX.rglob("*")) == before
+    assert not list(tmp_path.glob("*import*"))
+
+
+def test_optimizer_that_cannot_be_carried_is_refused_in_one_line(tmp_path):
+    """A distributed-optimizer legacy checkpoint (distrib_optim.pt beside each rank's file): convert
+    refuses the optimizer naming --no-optimizer, and converts the weights with it."""
+    src = tmp_path / "distopt"
+    shutil.copytree(FIX, src)
+    for d in (src / "iter_0000002").iterdir():
+        torch.save({}, d / "distrib_optim.pt")
+    one = ["--target-tensor-model-parallel-size", "1", "--target-pipeline-model-parallel-size", "1"]
+    r = run_cli(["convert", "--load", str(src), "--save", str(tmp_path / "a"), *one], check=False)
+    err = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert r.returncode == 2 and len(err) == 1, r.stderr[-2000:]
+    assert "distrib_optim.pt" in err[0] and "--no-load-optim" in err[0] and "--no-optimizer" in err[0], err[0]
+    assert not (tmp_path / "a" / "iter_0000002").exists()
+    run_cli(["convert", "--load", str(src), "--save", str(tmp_path / "b"), "--no-optimizer", *one])
+    t = oracle.read_tensors(str(tmp_path / "b"))
+    assert not any(k.startswith("optimizer.") for k in t)
+    assert torch.equal(t["decoder.layers.mlp.linear_fc1.weight"], expected_whole()["decoder.layers.mlp.linear_fc1.weight"])
