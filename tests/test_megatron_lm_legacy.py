@@ -33,7 +33,12 @@ LAYERS_PER_STAGE = 2  # 4 layers over PP2
 GROUPS, HEADS, D, FFN = 2, 4, 4, 32  # query groups, heads, head size, ffn hidden (whole)
 
 
-def raw_rank(t: int, p: int) -> dict:
+GPT = ROOT / "tests" / "fixtures" / "megatron_lm" / "legacy_gpt_tp2pp2vp2"
+GPT_RECORD = json.loads((ROOT / "tests" / "fixtures" / "megatron_lm" / "legacy_gpt_tp2pp2vp2.json").read_text())
+GPT_FFN, GPT_HEADS = 64, 4  # gelu, no GQA (4 groups of [q, k, v] rows, head size 4)
+
+
+def raw_rank(t: int, p: int, it=None) -> dict:
     """One rank's file as Megatron-LM reads it (torch.load, its pickled classes allowed)."""
     import signal
 
@@ -44,7 +49,7 @@ def raw_rank(t: int, p: int) -> dict:
     allowed = [argparse.Namespace, signal.Signals, ModelType, AttnBackend, np.ndarray, np.dtype,
                np.dtypes.UInt32DType, (np._core.multiarray._reconstruct, "numpy._core.multiarray._reconstruct")]
     with torch.serialization.safe_globals(allowed):
-        return torch.load(IT / f"mp_rank_{t:02d}_{p:03d}" / "model_optim_rng.pt", weights_only=True)
+        return torch.load((it or IT) / f"mp_rank_{t:02d}_{p:03d}" / "model_optim_rng.pt", weights_only=True)
 
 
 def expected_whole(kind: str = "model") -> dict:
@@ -100,13 +105,74 @@ def expected_whole(kind: str = "model") -> dict:
     return out
 
 
-def test_raw_files_are_what_megatron_lm_evaluated():
+def expected_gpt(kind: str = "model") -> dict:
+    """The same for the GPT fixture (bf16, tied embeddings, biases, interleaved chunks model0/model1):
+    ``kind`` may also be 'fp32_param' (the fp32 masters, listed per param group like the params)."""
+    ranks = {(t, p): raw_rank(t, p, GPT / "iter_0000002") for t in range(TP) for p in range(PP)}
+
+    def tensors(sd):
+        names = [(c, k) for c in (0, 1) for k, v in sd[f"model{c}"].items() if isinstance(v, torch.Tensor)]
+        if kind == "model":
+            return {n: sd[f"model{n[0]}"][n[1]] for n in names}
+        mat = [n for n in names if sd[f"model{n[0]}"][n[1]].dim() == 2]
+        vec = [n for n in names if sd[f"model{n[0]}"][n[1]].dim() == 1]
+        groups = sd["optimizer"]["optimizer"]["param_groups"]
+        assert [g["wd_mult"] for g in groups] == [1.0, 0.0]
+        if kind == "fp32_param":
+            masters = sd["optimizer"]["fp32_from_fp16_params"]
+            return dict(zip(mat, masters[0])) | dict(zip(vec, masters[1]))
+        idx = dict(zip(groups[0]["params"], mat)) | dict(zip(groups[1]["params"], vec))
+        return {idx[i]: st[kind] for i, st in sd["optimizer"]["optimizer"]["state"].items()}
+
+    local = {k: tensors(v) for k, v in ranks.items()}
+    for t in range(TP):  # the last stage's tied output layer is the first stage's embedding shard
+        assert torch.equal(local[(t, 1)][(1, "output_layer.weight")], local[(t, 0)][(0, "embedding.word_embeddings.weight")])
+    out = {"embedding.word_embeddings.weight": torch.cat([local[(t, 0)][(0, "embedding.word_embeddings.weight")]
+                                                          for t in range(TP)]),
+           "embedding.position_embeddings.weight": local[(0, 0)][(0, "embedding.position_embeddings.weight")],
+           "decoder.final_layernorm.weight": local[(0, 1)][(1, "decoder.final_layernorm.weight")],
+           "decoder.final_layernorm.bias": local[(0, 1)][(1, "decoder.final_layernorm.bias")]}
+    per_layer = {}
+    for v in range(2):
+        for p in range(PP):
+            g = v * PP + p  # interleaved: virtual stage v of PP rank p holds layer 2v + p (its local layer 0)
+
+            def get(name):
+                return [local[(t, p)][(v, f"decoder.layers.0.{name}")] for t in range(TP)]
+
+            qkv_rows = 3 * (16 // GPT_HEADS)
+            layer = {
+                "self_attention.linear_qkv.weight": torch.cat([w.view(GPT_HEADS // TP, qkv_rows, 16) for w in get(
+                    "self_attention.linear_qkv.weight")]).reshape(GPT_HEADS * qkv_rows, 16),
+                "self_attention.linear_qkv.bias": torch.cat([b.view(GPT_HEADS // TP, qkv_rows) for b in get(
+                    "self_attention.linear_qkv.bias")]).reshape(-1),
+                "self_attention.linear_proj.weight": torch.cat(get("self_attention.linear_proj.weight"), dim=1),
+                "self_attention.linear_proj.bias": get("self_attention.linear_proj.bias")[0],
+                "mlp.linear_fc1.weight": torch.cat(get("mlp.linear_fc1.weight"), dim=0),
+                "mlp.linear_fc1.bias": torch.cat(get("mlp.linear_fc1.bias"), dim=0),
+                "mlp.linear_fc2.weight": torch.cat(get("mlp.linear_fc2.weight"), dim=1),
+                "mlp.linear_fc2.bias": get("mlp.linear_fc2.bias")[0],
+                "self_attention.linear_qkv.layer_norm_weight": get("input_layernorm.weight")[0],
+                "self_attention.linear_qkv.layer_norm_bias": get("input_layernorm.bias")[0],
+                "mlp.linear_fc1.layer_norm_weight": get("pre_mlp_layernorm.weight")[0],
+                "mlp.linear_fc1.layer_norm_bias": get("pre_mlp_layernorm.bias")[0],
+            }
+            for k, val in layer.items():
+                per_layer.setdefault(k, {})[g] = val
+    for k, by_layer in per_layer.items():
+        out["decoder.layers." + k] = torch.stack([by_layer[g] for g in range(4)])
+    return out
+
+
+@pytest.mark.parametrize("fixture,record", [(FIX, RECORD), (GPT, GPT_RECORD)], ids=["llama", "gpt"])
+def test_raw_files_are_what_megatron_lm_evaluated(fixture, record):
     """The committed rank files hold the tensors whose sums Megatron-LM recorded at save time."""
-    for r in RECORD["ranks"]:
-        sd = raw_rank(r["tp"], r["pp"])["model"]
+    for r in record["ranks"]:
+        sd = raw_rank(r["tp"], r["pp"], fixture / "iter_0000002")
         for k, rec in r["tensors"].items():
-            assert list(sd[k].shape) == rec["shape"]
-            assert float(sd[k].double().sum()) == pytest.approx(rec["sum"], rel=1e-12, abs=1e-12), k
+            chunk, k = k.split("/") if "/" in k else ("model", k)
+            assert list(sd[chunk][k].shape) == rec["shape"]
+            assert float(sd[chunk][k].double().sum()) == pytest.approx(rec["sum"], rel=1e-12, abs=1e-12), k
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +224,46 @@ def test_converted_tensors_and_state_are_the_concatenation_rule(converted):
     assert c["train_state"]["flops_so_far"] == raw["num_floating_point_operations_so_far"]
     for k in ("num_steps", "lr_warmup_steps", "lr_decay_steps"):
         assert c["opt_param_scheduler"][k] * gbs == raw["opt_param_scheduler"][k]
+
+
+@pytest.fixture(scope="module")
+def converted_gpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("legacy_gpt") / "conv"
+    r = run_cli(["convert", "--load", str(GPT), "--save", str(out), "--target-tensor-model-parallel-size", "1",
+                 "--target-pipeline-model-parallel-size", "1"], timeout=600)
+    assert "TP2 PP2 VP2" in r.stdout and "bf16, with optimizer state" in r.stdout, r.stdout
+    return out
+
+
+def test_gpt_bf16_interleaved_converts_with_its_master_weights(converted_gpt):
+    """bf16 + interleaved chunks + tied embeddings + biases: weights, moments and fp32 masters are the
+    concatenation rule; the loss is Megatron-LM's (within bf16 rounding: Megatron-LM computed in bf16),
+    and the layers or a TP split put in the wrong place are far outside that."""
+    t = oracle.read_tensors(str(converted_gpt))
+    for kind in ("model", "exp_avg", "exp_avg_sq", "fp32_param"):
+        exp = expected_gpt(kind)
+        prefix = "" if kind == "model" else f"optimizer.state.{kind}."
+        have = {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix) and (kind != "model" or
+                                                                                    not k.startswith("optimizer."))}
+        assert set(have) == set(exp), (kind, set(have) ^ set(exp))
+        for k, v in exp.items():
+            assert torch.equal(have[k], v.to(have[k].dtype)) and have[k].dtype == v.dtype, (kind, k)
+    a = oracle.describe(oracle.read_common(str(converted_gpt)))
+    assert (a["layers"], a["heads"], a["swiglu"], a["tied"], a["rmsnorm"], a["rope"]) == (4, 4, False, True, False, False)
+
+    def loss(p):
+        toks = GPT_RECORD["eval_tokens"]
+        return sum(oracle.forward_loss(p, a, torch.tensor(b)) for b in toks) / len(toks)
+
+    assert loss(t) == pytest.approx(GPT_RECORD["eval_loss"], abs=5e-3)
+    q = "decoder.layers.self_attention.linear_qkv.weight"
+    for wrong in ({k: v[[1, 0, 2, 3]] for k, v in t.items() if k.startswith("decoder.layers.")},
+                  {q: torch.cat(t[q].chunk(2, 1)[::-1], 1)}):
+        assert abs(loss(dict(t, **wrong)) - GPT_RECORD["eval_loss"]) > 5e-2
+    from megatron_staged.checkpoint.global_tensors import read_common
+
+    c = read_common(str(converted_gpt / "iter_0000002"))
+    assert c["iteration"] == 2 and c["train_state"]["optimizer_step"] == 2 and c["args"]["model"]["bf16"] is True
 
 
 def test_train_loads_legacy_directly_at_another_layout(tmp_path):

@@ -23,10 +23,11 @@ biases, position embeddings) is replicated. Pipeline ranks hold consecutive laye
 are offset by the layers of the earlier stages (and, with interleaving, of the earlier virtual stages),
 with the split of the checkpoint's own args (``config.pipeline_layer_counts``).
 
-The optimizer state is carried over for the non-distributed fp32 Adam (``optimizer.state`` indexes
-torch's parameter order: megatron-core's param groups, weight-decayed first, each in the model's
-parameter order; checked against every moment's shape). Other optimizer forms (the distributed
-optimizer's ``distrib_optim.pt``, fp16/bf16 master weights) are refused in one line naming
+The optimizer state is carried over for the non-distributed Adam in fp32 and bf16 (``optimizer.state``
+indexes torch's parameter order: megatron-core's param groups, weight-decayed first, each in the
+model's parameter order; bf16's fp32 master weights are listed in the same order; checked against
+every tensor's shape). Other optimizer forms (the distributed optimizer's ``distrib_optim.pt``, fp16's
+loss scaler) are refused in one line naming
 ``--no-load-optim``/``--finetune`` (``convert``: ``--no-optimizer``), never dropped silently.
 
 The loaded state is put into an already-built model/optimizer at any layout the same way
@@ -263,14 +264,16 @@ def optimizer_refusal(ckpt_dir: str, files: Optional[dict] = None) -> Optional[s
         os.path.isfile(os.path.join(d, DIST_OPTIM_FILE)) for d in rank_dirs(ckpt_dir).values())
     if dist_opt:
         what = "the distributed optimizer's state (distrib_optim.pt)"
-    elif getattr(args, "fp16", False) or getattr(args, "bf16", False):
-        what = "a 16-bit run's optimizer state (fp32 master weights)"
+    elif getattr(args, "fp16", False):
+        what = "an fp16 run's optimizer state (its loss scaler)"
     elif getattr(args, "optimizer", "adam") != "adam":
         what = f"{getattr(args, 'optimizer')!r} optimizer state"
     else:
         try:
             for k, f in files.items():
                 optimizer_chunks(ckpt_dir, f, k, "exp_avg")
+                if "fp32_from_fp16_params" in f["optimizer"]:
+                    optimizer_chunks(ckpt_dir, f, k, "fp32_param")
             return None
         except UserError as e:
             what = f"its optimizer state ({e})"
@@ -284,15 +287,23 @@ def _param_names(chunks: list) -> list:
 
 
 def optimizer_chunks(ckpt_dir: str, sd: dict, rank: tuple, kind: str) -> list:
-    """The fp32 Adam's ``kind`` moment of one rank, as model-like chunk dicts (local keys).
+    """One rank's Adam ``kind`` moment (``exp_avg``/``exp_avg_sq``), or with bf16 the fp32 master weights
+    (``fp32_param``), as model-like chunk dicts (local keys).
 
     torch's ``optimizer.state`` is indexed over the param groups' ``params`` in order; megatron-core
     builds the groups from ``named_parameters()`` of every chunk in turn (weight decay first, then
-    ``wd_mult 0``: 1-D tensors and biases). Each moment must have its parameter's shape."""
+    ``wd_mult 0``: 1-D tensors and biases). bf16's ``Float16OptimizerWithFloat16Params`` wraps that
+    state dict (``optimizer``) and lists the fp32 masters per group in the same order
+    (``fp32_from_fp16_params``). Each tensor must have its parameter's shape."""
     opt = sd.get("optimizer")
     where = f"{ckpt_dir} rank TP{rank[0]} PP{rank[1]}"
+    masters = None
+    if isinstance(opt, dict) and "fp32_from_fp16_params" in opt:
+        masters, opt = opt["fp32_from_fp16_params"], opt.get("optimizer")
     if not isinstance(opt, dict) or "state" not in opt or "param_groups" not in opt:
         raise UserError(f"{where}: optimizer state is not torch's Adam state dict")
+    if kind == "fp32_param" and masters is None:
+        raise UserError(f"{where}: no fp32 master weights (fp32_from_fp16_params)")
     args = sd["args"]
     chunks = _chunks(sd)
     names = [(ci, n) for ci, ns in enumerate(_param_names(chunks)) for n in ns]
@@ -306,29 +317,45 @@ def optimizer_chunks(ckpt_dir: str, sd: dict, rank: tuple, kind: str) -> list:
         return skip
 
     order = []
-    for g in opt["param_groups"]:
+    for gi, g in enumerate(opt["param_groups"]):
         zero = float(g.get("wd_mult", 1.0)) == 0.0
         members = [x for x in names if no_wd(*x) == zero]
         if len(members) != len(g["params"]):
             raise UserError(f"{where}: a param group holds {len(g['params'])} parameters, megatron-core's grouping "
                             f"gives {len(members)}")
-        order += list(zip(g["params"], members))
-    if len(order) != len(names) or len({i for i, _ in order}) != len(order):
+        if masters is not None and len(masters[gi]) != len(members):
+            raise UserError(f"{where}: fp32_from_fp16_params group {gi} holds {len(masters[gi])} tensors, its "
+                            f"param group {len(members)}")
+        order += [(idx, gi, j, m) for j, (idx, m) in enumerate(zip(g["params"], members))]
+    if len(order) != len(names) or len({o[0] for o in order}) != len(order):
         raise UserError(f"{where}: the param groups do not cover each parameter once")
     out = [dict() for _ in chunks]
-    for idx, (ci, n) in order:
-        st = opt["state"].get(idx)
-        if st is None or kind not in st:
-            raise UserError(f"{where}: no Adam {kind} for parameter {n} (the run saved before its first step?)")
-        if tuple(st[kind].shape) != tuple(chunks[ci][n].shape):
-            raise UserError(f"{where}: Adam state {idx} has shape {tuple(st[kind].shape)}, parameter {n} "
+    for idx, gi, j, (ci, n) in order:
+        if kind == "fp32_param":
+            t = masters[gi][j]
+        else:
+            st = opt["state"].get(idx)
+            if st is None or kind not in st:
+                raise UserError(f"{where}: no Adam {kind} for parameter {n} (the run saved before its first step?)")
+            t = st[kind]
+        if tuple(t.shape) != tuple(chunks[ci][n].shape):
+            raise UserError(f"{where}: optimizer {kind} {idx} has shape {tuple(t.shape)}, parameter {n} "
                             f"{tuple(chunks[ci][n].shape)}")
-        out[ci][n] = st[kind].float()
+        out[ci][n] = t.float()
     return out
 
 
+def _inner(opt: dict) -> dict:
+    return opt["optimizer"] if "fp32_from_fp16_params" in opt else opt
+
+
+def has_masters(files: dict) -> bool:
+    return "fp32_from_fp16_params" in files[(0, 0)]["optimizer"]
+
+
 def optimizer_step(files: dict) -> int:
-    steps = {int(st["step"]) for f in files.values() for st in f["optimizer"]["state"].values() if "step" in st}
+    steps = {int(st["step"]) for f in files.values() for st in _inner(f["optimizer"])["state"].values()
+             if "step" in st}
     if len(steps) > 1:
         raise UserError(f"the Adam step differs between parameters ({sorted(steps)}); cannot carry the optimizer")
     return steps.pop() if steps else 0
@@ -415,13 +442,14 @@ def load_into(ckpt_dir: str, model_chunks, optimizer, scheduler, *, load_optimiz
         raise UserError(f"{ckpt_dir}: Megatron-LM legacy 'torch' checkpoint: {common['legacy_optimizer_refusal']} "
                         f"cannot be carried over; load the weights only with --no-load-optim (or --finetune; "
                         f"`megatron-staged convert`: --no-optimizer)")
-    if with_optim and (manager._is_distributed(optimizer) or manager._optimizer_precision(optimizer) != "fp32"):
-        raise UserError(f"{ckpt_dir}: its fp32 Adam state (no --use-distributed-optimizer) loads only into an fp32 "
-                        f"run without --use-distributed-optimizer; resume that way or pass --no-load-optim")
     files = rank_files(ckpt_dir)
+    saved_p = "bf16" if getattr(files[(0, 0)]["args"], "bf16", False) else "fp32"
+    if with_optim and (manager._is_distributed(optimizer) or manager._optimizer_precision(optimizer) != saved_p):
+        raise UserError(f"{ckpt_dir}: its {saved_p} Adam state (no --use-distributed-optimizer) loads only into a "
+                        f"{saved_p} run without --use-distributed-optimizer; resume that way or pass --no-load-optim")
     sources = {"": whole_tensors(ckpt_dir, "model", files)}
     if with_optim:
-        for kind in ("exp_avg", "exp_avg_sq"):
+        for kind in ("exp_avg", "exp_avg_sq") + (("fp32_param",) if has_masters(files) else ()):
             sources[f"optimizer.state.{kind}."] = whole_tensors(ckpt_dir, kind, files)
     sd = manager.build_state_dict(model_chunks, optimizer, None, {}, is_loading=True, with_optimizer=with_optim,
                                   with_rng=False)
