@@ -277,6 +277,13 @@ def test_train_loads_legacy_directly_at_another_layout(tmp_path):
                   "--lr-decay-style", "cosine", "--lr-warmup-iters", "1", "--lr-decay-iters", "10",
                   "--eval-iters", "0", "--log-interval", "1", "--progress-bar", "off"], nproc=2, timeout=600)
     assert "loaded checkpoint" in r.stdout and "at iteration 2" in r.stdout, r.stdout[-3000:]
+    # the carried schedule: Megatron-LM's cosine (warmup 1, decay 10 iterations) at iteration 3
+    import math
+    import re
+
+    lr = 1e-4 + (1e-3 - 1e-4) * 0.5 * (1 + math.cos(math.pi * (3 - 1) / (10 - 1)))
+    got = re.search(r"iteration +3/ +3 .*learning rate: ([0-9.E+-]+)", r.stdout)
+    assert got and float(got.group(1)) == pytest.approx(lr, rel=1e-5), r.stdout[-3000:]
     assert (save / "iter_0000003").is_dir()
     assert sorted(p.relative_to(FIX).as_posix() for p in FIX.rglob("*")) == before
     assert not list(tmp_path.glob("*import*"))
