@@ -290,19 +290,92 @@ def test_train_loads_legacy_directly_at_another_layout(tmp_path):
 
 
 def test_optimizer_that_cannot_be_carried_is_refused_in_one_line(tmp_path):
-    """A distributed-optimizer legacy checkpoint (distrib_optim.pt beside each rank's file): convert
-    refuses the optimizer naming --no-optimizer, and converts the weights with it."""
+    """A distributed-optimizer legacy checkpoint missing a rank's distrib_optim.pt: convert refuses the
+    optimizer in one line naming --no-load-optim / --no-optimizer, and converts the weights with
+    --no-optimizer (whose loss is still Megatron-LM's)."""
     src = tmp_path / "distopt"
-    shutil.copytree(FIX, src)
-    for d in (src / "iter_0000002").iterdir():
-        torch.save({}, d / "distrib_optim.pt")
+    shutil.copytree(DIST, src)
+    (src / "iter_0000002" / "mp_rank_01" / "distrib_optim.pt").unlink()
     one = ["--target-tensor-model-parallel-size", "1", "--target-pipeline-model-parallel-size", "1"]
     r = run_cli(["convert", "--load", str(src), "--save", str(tmp_path / "a"), *one], check=False)
     err = [l for l in r.stderr.splitlines() if l.startswith("error:")]
     assert r.returncode == 2 and len(err) == 1, r.stderr[-2000:]
-    assert "distrib_optim.pt" in err[0] and "--no-load-optim" in err[0] and "--no-optimizer" in err[0], err[0]
+    assert "mp_rank_01/distrib_optim.pt is missing" in err[0] and "--no-load-optim" in err[0] \
+        and "--no-optimizer" in err[0], err[0]
     assert not (tmp_path / "a" / "iter_0000002").exists()
     run_cli(["convert", "--load", str(src), "--save", str(tmp_path / "b"), "--no-optimizer", *one])
     t = oracle.read_tensors(str(tmp_path / "b"))
     assert not any(k.startswith("optimizer.") for k in t)
-    assert torch.equal(t["decoder.layers.mlp.linear_fc1.weight"], expected_whole()["decoder.layers.mlp.linear_fc1.weight"])
+    rec = json.loads((ROOT / "tests" / "fixtures" / "megatron_lm" / "legacy_distopt_tp2dp2.json").read_text())
+    a = oracle.describe(oracle.read_common(str(tmp_path / "b")))
+    got = sum(oracle.forward_loss(t, a, torch.tensor(b)) for b in rec["eval_tokens"]) / len(rec["eval_tokens"])
+    assert got == pytest.approx(rec["eval_loss"], abs=2e-5)
+
+
+DIST = ROOT / "tests" / "fixtures" / "megatron_lm" / "legacy_distopt_tp2dp2"
+
+
+def _runs(bucket: torch.Tensor, v: torch.Tensor):
+    """Where the flattened ``v`` lies as one contiguous run in ``bucket`` (None if nowhere)."""
+    v = v.flatten()
+    for c in (bucket == v[0]).nonzero().flatten().tolist():
+        if c + v.numel() <= bucket.numel() and torch.equal(bucket[c:c + v.numel()], v):
+            return c
+    return None
+
+
+def test_distributed_optimizer_state_is_carried_at_the_saved_tp(tmp_path):
+    """distrib_optim.pt (Megatron-LM's flat DDP buffers, TP2 PP1 saved at DP2): convert at the saved TP
+    (DP1 here) goes through megatron-core's own loader; every converted moment and fp32 param, cut per TP
+    rank, is a contiguous run of that rank's Megatron-LM buffer, at the same offset for all three kinds;
+    another TP is refused in one line naming the convert command and --no-load-optim."""
+    import torch.serialization as ser
+
+    out = tmp_path / "conv"
+    r = torchrun(["convert", "--load", str(DIST), "--save", str(out)], nproc=2, timeout=600)
+    assert "with optimizer state" in r.stdout, r.stdout[-2000:]
+    t = oracle.read_tensors(str(out))
+    rec = json.loads((ROOT / "tests" / "fixtures" / "megatron_lm" / "legacy_distopt_tp2dp2.json").read_text())
+    a = oracle.describe(oracle.read_common(str(out)))
+    got = sum(oracle.forward_loss(t, a, torch.tensor(b)) for b in rec["eval_tokens"]) / len(rec["eval_tokens"])
+    assert got == pytest.approx(rec["eval_loss"], abs=2e-5)
+    for tp in range(TP):
+        with ser.safe_globals([]):
+            flat = torch.load(DIST / "iter_0000002" / f"mp_rank_{tp:02d}" / "distrib_optim.pt", weights_only=True)
+        flat = flat[0] if isinstance(flat, list) else flat
+        (buf,) = [d for g in flat.values() if isinstance(g, dict) for d in g.values() if isinstance(d, dict)]
+        for key in [k for k in t if not k.startswith("optimizer.")]:
+            whole = t[key]
+            rule = 0 if any(x in key for x in ("linear_qkv.weight", "linear_fc1.weight", "word_embeddings",
+                                               "output_layer")) else 1 if ("linear_proj.weight" in key or
+                                                                           "linear_fc2.weight" in key) else None
+            layers = range(whole.shape[0]) if key.startswith("decoder.layers.") else [None]
+            for i in layers:
+                w = whole if i is None else whole[i]
+                parts = {k: (t[f"optimizer.state.{k}.{key}"] if k != "param" else whole) for k in
+                         ("param", "exp_avg", "exp_avg_sq")}
+                offsets = set()
+                for kind, full in parts.items():
+                    full = full if i is None else full[i]
+                    if "linear_fc1.weight" in key:  # swiglu: this rank's [gate_r; up_r]
+                        g, u = full.chunk(2, dim=0)
+                        mine = torch.cat([g.chunk(TP)[tp], u.chunk(TP)[tp]])
+                    elif rule is None:
+                        mine = full
+                    else:
+                        mine = full.chunk(TP, dim=rule)[tp]
+                    offsets.add(_runs(buf["exp_avg" if kind == "exp_avg" else kind], mine))
+                assert len(offsets) == 1 and None not in offsets, (tp, key, i, offsets)
+    # another TP: convert goes through <save>.megatron_lm_import at the saved TP2 (then removed)
+    torchrun(["convert", "--load", str(DIST), "--save", str(tmp_path / "tp1"), "--target-tensor-model-parallel-size",
+              "1"], nproc=2, timeout=600)
+    t1 = oracle.read_tensors(str(tmp_path / "tp1"))
+    assert set(t1) == set(t) and all(torch.equal(t1[k], t[k]) for k in t)
+    assert not (tmp_path / "tp1.megatron_lm_import").exists()
+    # train at another TP: one line naming the convert command and --no-load-optim
+    r = run_cli(["train", "--load", str(DIST), "--train-iters", "3", "--mock-data", "--tokenizer-type",
+                 "NullTokenizer", "--vocab-size", "127", "--micro-batch-size", "2", "--global-batch-size", "4",
+                 "--use-distributed-optimizer", "--eval-iters", "0"], check=False)
+    err = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert r.returncode == 2 and len(err) == 1 and "distrib_optim.pt" in err[0] and "--no-load-optim" in err[0] \
+        and "convert --load" in err[0], r.stderr[-2000:]

@@ -66,7 +66,6 @@ NORM_ALIASES = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_
                 "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
                 "pre_mlp_layernorm.bias": "mlp.linear_fc1.layer_norm_bias"}
 NORM_ALIASES.update({v: k for k, v in list(NORM_ALIASES.items())})
-SAVED_BY = "Megatron-LM (legacy torch format)"
 
 
 def rank_dirs(ckpt_dir: str) -> dict:
@@ -159,11 +158,15 @@ def read_common(ckpt_dir: str) -> dict:
     if raw.get("iteration") is None:
         raw["iteration"] = 0
     common = normalize_common(raw)
-    common["saved_by"] = SAVED_BY
-    common["legacy_torch_format"] = True
+    common["legacy_torch_format"] = True  # saved_by: "Megatron-LM", as its torch_dist checkpoints
     reason = optimizer_refusal(ckpt_dir, files)
     if reason:
         common["legacy_optimizer_refusal"] = reason
+    elif getattr(ns, "use_distributed_optimizer", False) and common["train_state"].get("has_optimizer"):
+        # flat buffers readable at the saved TP/PP only, as Megatron-LM's default torch_dist form: convert
+        # and grow first convert at the saved layout (tools/grow.py needs_import)
+        common["content_metadata"] = {"distrib_optim_sharding_type": "dp_reshardable"}
+    _load_cached.cache_clear()  # the rank files are not kept in memory (they may be the whole model)
     return common
 
 
@@ -260,10 +263,13 @@ def optimizer_refusal(ckpt_dir: str, files: Optional[dict] = None) -> Optional[s
     args = sd["args"]
     if getattr(args, "no_save_optim", False) or sd.get("optimizer") is None:
         return None
-    dist_opt = getattr(args, "use_distributed_optimizer", False) or any(
-        os.path.isfile(os.path.join(d, DIST_OPTIM_FILE)) for d in rank_dirs(ckpt_dir).values())
+    dist_opt = bool(getattr(args, "use_distributed_optimizer", False))
     if dist_opt:
-        what = "the distributed optimizer's state (distrib_optim.pt)"
+        dirs = rank_dirs(ckpt_dir)
+        missing = [d for d in dirs.values() if not os.path.isfile(os.path.join(d, DIST_OPTIM_FILE))]
+        if not missing:
+            return None  # megatron-core's own loader reads it, at the saved TP/PP (load_into)
+        what = f"the distributed optimizer's state ({os.path.join(missing[0], DIST_OPTIM_FILE)} is missing)"
     elif getattr(args, "fp16", False):
         what = "an fp16 run's optimizer state (its loss scaler)"
     elif getattr(args, "optimizer", "adam") != "adam":
@@ -426,6 +432,65 @@ def fill_sharded(sharded_sd: dict, sources: dict, where: str) -> dict:
     return sd
 
 
+def _check_dist_layout(ckpt_dir: str, args, optimizer, saved_p: str) -> None:
+    """``distrib_optim.pt`` holds megatron-core's flat DDP buffers of one (TP, PP) rank, gathered over DP:
+    readable by megatron-core's own loader into the same TP/PP/VP, dtype and buffer layout only."""
+    from megatron_staged.checkpoint import manager
+
+    if not manager._is_distributed(optimizer):
+        raise UserError(f"{ckpt_dir} was saved with --use-distributed-optimizer (distrib_optim.pt); resume with "
+                        f"--use-distributed-optimizer, or pass --no-load-optim to load the weights only")
+    lay = manager.current_layout()
+    tp, pp = int(args.tensor_model_parallel_size), int(args.pipeline_model_parallel_size)
+    vp = getattr(args, "virtual_pipeline_model_parallel_size", None) or None
+    now_p = "bf16" if any(p.dtype == torch.bfloat16 for p in _model_params(optimizer)) else "fp32"
+    if (tp, pp, vp) != (lay.tp, lay.pp, lay.vp or None) or now_p != saved_p:
+        vs, vl = (f" VP{vp}" if vp else ""), (f" VP{lay.vp}" if lay.vp else "")
+        raise UserError(f"{ckpt_dir}: Megatron-LM's legacy distributed-optimizer state (distrib_optim.pt, flat "
+                        f"buffers) loads only at the saved TP{tp} PP{pp}{vs} in {saved_p} (this run: TP{lay.tp} "
+                        f"PP{lay.pp}{vl} in {now_p}); resume at that layout, or first run `torchrun --nproc-per-node "
+                        f"{tp * pp} -m megatron_staged convert --load {ckpt_dir} --save NEW` (at the saved layout; it "
+                        f"rewrites the optimizer fully reshardable), or pass --no-load-optim (convert: --no-optimizer)")
+
+
+def _model_params(optimizer):
+    for o in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        for g in getattr(o, "model_float16_groups", []) + getattr(o, "model_fp32_groups", []):
+            yield from g
+
+
+def _load_dist_optim(ckpt_dir: str, optimizer, step: int) -> None:
+    """megatron-core's ``load_parameter_state_from_dp_zero`` on this (TP, PP) rank's ``distrib_optim.pt``
+    (read by DP rank 0 with the restricted unpickler; megatron-core scatters it over DP and checks that
+    the buffers' sizes match). Adam's step: the iteration (fp32/bf16 skip no step)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_staged.checkpoint import manager
+    from megatron_staged.checkpoint.safe_load import load_torch_file
+
+    name = f"mp_rank_{ps.get_tensor_model_parallel_rank():02d}"
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        name += f"_{ps.get_pipeline_model_parallel_rank():03d}"
+    path = os.path.join(ckpt_dir, name, DIST_OPTIM_FILE)
+    parts = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    manager.init_optimizer_state(optimizer)
+    state = load_torch_file(path) if ps.get_data_parallel_rank() == 0 else None
+    states = state if isinstance(state, list) else [state] * len(parts) if state is None else [state]
+    if len(states) != len(parts):
+        raise UserError(f"{path} holds {len(states)} optimizer state(s), this run has {len(parts)} optimizer(s)")
+    try:
+        with torch.no_grad():  # with fp32 params the "main param" is a view of the model's leaf
+            for o, st in zip(parts, states):
+                for pst in o.optimizer.state.values():
+                    pst.pop("step", None)  # torch Adam's per-parameter step is not in the buffers (set below)
+                o.load_parameter_state_from_dp_zero(st)
+    except AssertionError as e:
+        why = str(e).splitlines()[0] if str(e) else "its buffer layout differs"
+        raise UserError(f"{path}: megatron-core's loader refused it ({why}); resume with the saved run's DDP "
+                        f"bucket settings, or pass --no-load-optim") from None
+    manager.set_optimizer_step(optimizer, step)
+
+
 def load_into(ckpt_dir: str, model_chunks, optimizer, scheduler, *, load_optimizer: bool) -> dict:
     """``manager.load_checkpoint`` for a legacy checkpoint: weights (and the fp32 Adam state, the
     scheduler) into components built at any layout. Returns the train state like it."""
@@ -444,25 +509,31 @@ def load_into(ckpt_dir: str, model_chunks, optimizer, scheduler, *, load_optimiz
                         f"`megatron-staged convert`: --no-optimizer)")
     files = rank_files(ckpt_dir)
     saved_p = "bf16" if getattr(files[(0, 0)]["args"], "bf16", False) else "fp32"
-    if with_optim and (manager._is_distributed(optimizer) or manager._optimizer_precision(optimizer) != saved_p):
+    dist_saved = bool(getattr(files[(0, 0)]["args"], "use_distributed_optimizer", False))
+    if with_optim and dist_saved:
+        _check_dist_layout(ckpt_dir, files[(0, 0)]["args"], optimizer, saved_p)
+    elif with_optim and (manager._is_distributed(optimizer) or manager._optimizer_precision(optimizer) != saved_p):
         raise UserError(f"{ckpt_dir}: its {saved_p} Adam state (no --use-distributed-optimizer) loads only into a "
                         f"{saved_p} run without --use-distributed-optimizer; resume that way or pass --no-load-optim")
     sources = {"": whole_tensors(ckpt_dir, "model", files)}
-    if with_optim:
+    if with_optim and not dist_saved:
         for kind in ("exp_avg", "exp_avg_sq") + (("fp32_param",) if has_masters(files) else ()):
             sources[f"optimizer.state.{kind}."] = whole_tensors(ckpt_dir, kind, files)
-    sd = manager.build_state_dict(model_chunks, optimizer, None, {}, is_loading=True, with_optimizer=with_optim,
-                                  with_rng=False)
+    sd = manager.build_state_dict(model_chunks, optimizer, None, {}, is_loading=True,
+                                  with_optimizer=with_optim and not dist_saved, with_rng=False)
     loaded = fill_sharded(sd, sources, ckpt_dir)
     if len(model_chunks) == 1:
         unwrap(model_chunks[0]).load_state_dict(loaded["model"])
     else:
         for i, c in enumerate(model_chunks):
             unwrap(c).load_state_dict(loaded[f"model{i}"])
-    if with_optim:
+    if with_optim and dist_saved:
+        _load_dist_optim(ckpt_dir, optimizer, int(common.get("iteration", 0)))
+    elif with_optim:
         manager.load_optimizer_state(optimizer, loaded["optimizer"], optimizer_step(files))
     if scheduler is not None and common.get("opt_param_scheduler") is not None and load_optimizer:
         scheduler.load_state_dict(common["opt_param_scheduler"])
+    _load_cached.cache_clear()
     state["iteration"] = common.get("iteration", 0)
     state["args"] = common.get("args")
     state["rng_restored"] = False
