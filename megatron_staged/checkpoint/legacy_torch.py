@@ -109,6 +109,9 @@ def problems(ckpt_dir: str) -> list:
         raise
     except UserError as e:
         return [str(e)]
+    if getattr(args, "num_experts", None) or int(getattr(args, "expert_model_parallel_size", 1) or 1) > 1:
+        raise UserError(f"{ckpt_dir} is a Megatron-LM mixture-of-experts checkpoint (--num-experts); "
+                        f"megatron_staged supports dense GPT models only")
     tp, pp = int(getattr(args, "tensor_model_parallel_size", 1)), int(getattr(args, "pipeline_model_parallel_size", 1))
     found = []
     for t in range(tp):
