@@ -7,6 +7,11 @@ optimizer, 2 iterations). ``legacy_tp2pp2.json`` holds what Megatron-LM computed
 forward-only loss on fixed batches (its pipeline schedule and ``pretrain_gpt`` loss at TP2 PP2) and
 each rank's per-tensor sums.
 
+Two more fixtures from ``make_fixture.py``: ``legacy_gpt_tp2pp2vp2`` (``--legacy gpt``: GPT-2 style,
+tied embeddings, biases, interleaved PP2 x 2 virtual stages, bf16 with fp32 masters) and
+``legacy_distopt_tp2dp2`` (``--legacy distopt``: the llama model with the distributed optimizer's
+``distrib_optim.pt`` at TP2 PP1 DP2).
+
 Oracles, none of them this project's reader: Megatron-LM's loss against a pure-torch forward
 (``tests/oracle.py``) of the converted whole tensors; the converted tensors against whole tensors
 rebuilt here from the raw rank files with explicit per-group / per-half views and layer numbers
