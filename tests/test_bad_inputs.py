@@ -121,8 +121,8 @@ def build_sandbox(root, good_ckpt):
     # an iteration directory tree without a tracker
     os.makedirs(s("no_tracker"))
     shutil.copytree(os.path.join(good_ckpt, latest), s("no_tracker", latest))
-    # Megatron-LM checkpoints in other formats: legacy 'torch' (mp_rank_TT_PPP/model_optim_rng.pt; never
-    # unpickled, so any bytes do) and a zarr dist checkpoint (metadata.json names the backend)
+    # Megatron-LM checkpoints in other formats: legacy 'torch' with a rank's file missing
+    # (mp_rank_TT_PPP/model_optim_rng.pt; the present one is never unpickled, so any bytes do) and a zarr dist checkpoint (metadata.json names the backend)
     os.makedirs(s("legacy_torch", "iter_0000010", "mp_rank_01_000"))
     open(s("legacy_torch", "latest_checkpointed_iteration.txt"), "w").write("10")
     open(s("legacy_torch", "iter_0000010", "mp_rank_01_000", "model_optim_rng.pt"), "wb").write(b"not read")
@@ -256,9 +256,9 @@ CASES = [
     # checkpoints: load and save targets of a run
     ("evaluate-no-load", ["evaluate", *T], r"evaluate needs --load CKPT"),
     ("evaluate-load-absent", ["evaluate", *T, "--load", "{S}/nope"], r"--load .*nope: no checkpoint there"),
-    ("load-legacy-torch-format", ["train", *T, "--load", "{S}/legacy_torch"], r"legacy_torch/iter_0000010 is a Megatron-LM checkpoint in the legacy 'torch' format .*--ckpt-convert-format torch_dist"),
-    ("grow-legacy-torch-iter-dir", ["grow", "--load", "{S}/legacy_torch/iter_0000010", "--save", "{S}/out", "--depth-factor", "2"], r"legacy 'torch' format \(mp_rank_01_000/"),
-    ("export-zarr-format", ["export-hf", "--load", "{S}/zarr", "--out", "{S}/out"], r"zarr/iter_0000003 is a dist_checkpointing checkpoint in the 'zarr' format; .*torch_dist format only"),
+    ("load-legacy-torch-format", ["train", *T, "--load", "{S}/legacy_torch"], r"damaged checkpoint: .*legacy_torch/iter_0000010/mp_rank_00_000/model_optim_rng.pt is missing"),
+    ("grow-legacy-torch-iter-dir", ["grow", "--load", "{S}/legacy_torch/iter_0000010", "--save", "{S}/out", "--depth-factor", "2"], r"damaged checkpoint: .*iter_0000010/mp_rank_00_000/model_optim_rng.pt is missing"),
+    ("export-zarr-format", ["export-hf", "--load", "{S}/zarr", "--out", "{S}/out"], r"zarr/iter_0000003 is a dist_checkpointing checkpoint in the 'zarr' format; .*reads the torch_dist and legacy torch formats only: .*--ckpt-convert-format torch_dist"),
     ("load-iters-without-tracker", ["train", *T, "--load", "{S}/no_tracker"], r"holds iter_0000002 .* but no latest_checkpointed_iteration.txt"),
     ("save-other-run", ["train", *T, "--num-layers", "4", "--save", "{S}/other_model"], r"--save .*other_model already holds a checkpoint, iteration 2 of a different model .*this run starts from scratch"),
     ("save-same-model-no-load", ["train", *T, "--save", "{S}/other_model"], r"already holds a checkpoint, iteration 2 \(gpt2 2 layers.*resume it with --load"),

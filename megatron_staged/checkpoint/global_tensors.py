@@ -49,6 +49,10 @@ def read_common(ckpt_dir: str) -> dict:
     normalised by :func:`megatron_staged.checkpoint.megatron_lm.normalize_common` (``args`` is always the
     config tree as a dict, also for checkpoints saved by Megatron-LM)."""
     path = os.path.join(ckpt_dir, "common.pt")
+    from megatron_staged.checkpoint import legacy_torch
+
+    if not os.path.isfile(path) and legacy_torch.is_legacy_dir(ckpt_dir):
+        return legacy_torch.read_common(ckpt_dir)  # Megatron-LM's --ckpt-format torch (mp_rank_*/)
     if not os.path.isfile(path):
         raise UserError(f"{ckpt_dir} has no common.pt; it is not a complete torch_dist checkpoint "
                         f"(was the save interrupted? point at a directory listed by "
@@ -63,7 +67,13 @@ def read_common(ckpt_dir: str) -> dict:
 
 def read_metadata(ckpt_dir: str):
     """The torch DCP ``Metadata`` of a checkpoint directory."""
-    return load_dcp_metadata(ckpt_dir)  # restricted unpickler: DCP's metadata classes only
+    from megatron_staged.checkpoint import legacy_torch
+
+    if not os.path.isfile(os.path.join(ckpt_dir, ".metadata")) and legacy_torch.is_legacy_dir(ckpt_dir):
+        raise UserError(f"{ckpt_dir} is a Megatron-LM checkpoint in the legacy 'torch' format, which this command "
+                        f"does not read directly; convert it first: megatron-staged convert --load {ckpt_dir} "
+                        f"--save NEW (add --no-optimizer if it says so), then use NEW")
+    return load_dcp_metadata(ckpt_dir)  # restricted unpickler: DCP's metadata classes only    return load_dcp_metadata(ckpt_dir)  # restricted unpickler: DCP's metadata classes only
 
 
 def tensor_specs(ckpt_dir: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

@@ -91,21 +91,15 @@ def read_manifest(ckpt_dir: str):
 
 
 def other_format(ckpt_dir: str) -> Optional[str]:
-    """A sentence when ``ckpt_dir`` holds a Megatron-LM checkpoint in a format other than torch_dist
-    (the legacy ``torch`` format's ``mp_rank_*/model_optim_rng.pt``, or a ``metadata.json`` naming
-    another sharded backend), else None."""
+    """A sentence when ``ckpt_dir`` holds a Megatron-LM checkpoint in a format this project does not
+    read (a ``metadata.json`` naming another sharded backend than torch_dist, e.g. zarr), else None.
+    The legacy ``torch`` format (``mp_rank_*/model_optim_rng.pt``) is read (``checkpoint.legacy_torch``)."""
     convert = ("convert it with Megatron-LM first: resume it there once with --ckpt-convert-format torch_dist "
                "--ckpt-convert-save DIR, and --load DIR here")
     try:
         names = sorted(os.listdir(ckpt_dir))
     except OSError:
         return None
-    for name in names:
-        sub = os.path.join(ckpt_dir, name)
-        if name.startswith("mp_rank_") and os.path.isdir(sub) and any(
-                f in ("model_optim_rng.pt", "model_rng.pt", "distrib_optim.pt") for f in os.listdir(sub)):
-            return (f"{ckpt_dir} is a Megatron-LM checkpoint in the legacy 'torch' format ({name}/...); "
-                    f"megatron_staged reads the torch_dist format only: {convert}")
     meta = os.path.join(ckpt_dir, "metadata.json")
     if os.path.isfile(meta):
         try:
@@ -115,7 +109,7 @@ def other_format(ckpt_dir: str) -> Optional[str]:
             return None
         if backend and backend != "torch_dist":
             return (f"{ckpt_dir} is a dist_checkpointing checkpoint in the '{backend}' format; megatron_staged "
-                    f"reads the torch_dist format only: {convert}")
+                    f"reads the torch_dist and legacy torch formats only: {convert}")
     return None
 
 
@@ -127,6 +121,10 @@ def problems(ckpt_dir: str, checksums: bool = False) -> list[str]:
     if not os.path.isdir(ckpt_dir):
         return [f"{ckpt_dir} is missing"]
     common = os.path.join(ckpt_dir, "common.pt")
+    from megatron_staged.checkpoint import legacy_torch
+
+    if not os.path.isfile(common) and legacy_torch.is_legacy_dir(ckpt_dir):
+        return legacy_torch.problems(ckpt_dir)  # Megatron-LM's legacy torch format: every rank's file present
     if not os.path.isfile(common):
         other = other_format(ckpt_dir)
         if other:

@@ -87,8 +87,10 @@ def is_checkpoint_root(path: str) -> bool:
 
 
 def is_iteration_dir(path: str) -> bool:
+    from megatron_staged.checkpoint.legacy_torch import is_legacy_dir
+
     return os.path.isfile(os.path.join(path, "common.pt")) or os.path.isfile(os.path.join(path, ".metadata")) \
-        or os.path.isfile(os.path.join(path, "metadata.json"))
+        or os.path.isfile(os.path.join(path, "metadata.json")) or is_legacy_dir(path)
 
 
 def _locate(path: str) -> tuple[str, int]:
@@ -697,6 +699,10 @@ def load_checkpoint(path: str, model_chunks, optimizer, scheduler, *, load_optim
     from megatron.core import dist_checkpointing
 
     ckpt_dir, _ = resolve_checkpoint_dir(path)
+    from megatron_staged.checkpoint import legacy_torch
+
+    if legacy_torch.is_legacy_dir(ckpt_dir):  # Megatron-LM's --ckpt-format torch: read directly, any layout
+        return legacy_torch.load_into(ckpt_dir, model_chunks, optimizer, scheduler, load_optimizer=load_optimizer)
     common = load_common(ckpt_dir)
     state = dict(common.get("train_state", {}))
     config = common.get("args")
