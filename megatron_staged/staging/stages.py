@@ -380,9 +380,10 @@ def live_common(old: Components, state: TrainState) -> dict:
 
     lay = old.layout
     step = get_optimizer_step(old.optimizer) if old.optimizer is not None else 0
-    from megatron_staged.growth.apply import group_lrs
+    from megatron_staged.growth.apply import grad_scaler_state, group_lrs
 
     return {"iteration": state.iteration, "train_state": dict(state.to_dict(), optimizer_step=step),
             "opt_param_scheduler": old.scheduler.state_dict() if old.scheduler is not None else {},
             "param_group_lrs": group_lrs(old.optimizer),
+            "grad_scaler": grad_scaler_state(old.optimizer),
             "parallel_layout": lay.as_dict()}
