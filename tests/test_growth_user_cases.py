@@ -46,3 +46,18 @@ def test_fp16_loss_scale_survives_growth(tmp_path):
     assert float(src["scale"]) == ref[3] < 2.0 ** 32
     assert float(got["scale"]) == float(src["scale"])
     assert (got["growth_tracker"], got["hysteresis_tracker"]) == (src["growth_tracker"], src["hysteresis_tracker"])
+
+
+def test_log_params_norm_equals_the_checkpoints_norm(tmp_path):
+    """--log-params-norm (a Megatron-LM flag) raised on every iteration under the strict device checks
+    (a host accumulator added to device parameters and all-reduced: a crash on GPU); its value must
+    be the L2 norm of the saved weights, read with torch (tied embeddings stored once)."""
+    import oracle as O
+
+    r = run_cli(["train", *TINY_MOCK, "--train-iters", "2", "--log-params-norm", "--save", str(tmp_path / "ck")])
+    logged = [float(x) for x in re.findall(r"params norm: ([0-9.]+)", r.stdout)]
+    assert len(logged) == 2
+    weights = {k: v for k, v in O.read_tensors(str(tmp_path / "ck")).items() if O.split_key(k) == ("param", k)}
+    assert "embedding.word_embeddings.weight" in weights and "output_layer.weight" not in weights
+    expected = float(sum(v.double().pow(2).sum() for v in weights.values()).sqrt())
+    assert abs(logged[-1] - expected) <= 1e-3 * expected

@@ -216,7 +216,10 @@ def _params_norm(model_chunks) -> float:
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-    sq = torch.zeros(1, dtype=torch.float64)
+    from megatron_staged.runtime.distributed import current_device
+
+    # on the parameters' device: a host accumulator fails on GPU (mixed devices, and NCCL's all-reduce)
+    sq = torch.zeros(1, dtype=torch.float64, device=current_device())
     for chunk in model_chunks:
         for p in chunk.parameters():
             if not param_is_not_tensor_parallel_duplicate(p):
