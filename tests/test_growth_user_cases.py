@@ -61,3 +61,26 @@ def test_log_params_norm_equals_the_checkpoints_norm(tmp_path):
     assert "embedding.word_embeddings.weight" in weights and "output_layer.weight" not in weights
     expected = float(sum(v.double().pow(2).sum() for v in weights.values()).sqrt())
     assert abs(logged[-1] - expected) <= 1e-3 * expected
+
+
+def test_a_layout_that_does_not_fit_names_the_target_layout_keys():
+    """Found as a new user: one process growing a TP2 checkpoint offline was told only to launch 2 processes;
+    the target layout defaults to the source's, and the flag that changes it is the other way out."""
+    import pytest
+
+    from megatron_staged.config import Config, resolve_model
+    from megatron_staged.errors import UserError
+    from megatron_staged.growth.spec import GrowthRequest, make_spec, target_config
+
+    cfg = Config()
+    cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_attention_heads = 2, 64, 4
+    cfg.parallel.tensor_model_parallel_size = 2
+    resolve_model(cfg.model)
+    cfg.model.padded_vocab_size = 256
+    with pytest.raises(UserError, match=r"launch a multiple of 2 processes.*--target-tensor-model-parallel-size"):
+        target_config(cfg, make_spec(cfg, GrowthRequest(depth_factor=2)), 1, offline=True)
+    with pytest.raises(UserError, match=r"staging\.stages\[0\]\.target_tensor_model_parallel_size"):
+        target_config(cfg, make_spec(cfg, GrowthRequest(depth_factor=2), 0), 1)
+    new = target_config(cfg, make_spec(cfg, GrowthRequest(depth_factor=2, target_tensor_model_parallel_size=1)), 1,
+                        offline=True)
+    assert new.parallel.tensor_model_parallel_size == 1 and new.model.num_layers == 4
