@@ -84,3 +84,25 @@ def test_a_layout_that_does_not_fit_names_the_target_layout_keys():
     new = target_config(cfg, make_spec(cfg, GrowthRequest(depth_factor=2, target_tensor_model_parallel_size=1)), 1,
                         offline=True)
     assert new.parallel.tensor_model_parallel_size == 1 and new.model.num_layers == 4
+
+
+def test_a_padded_vocabulary_that_does_not_split_says_how_to_get_one_that_does():
+    """Found as a new user: a model with 6 heads trained at TP1 (vocabulary padded to 256) cannot be
+    evaluated, resumed or grown at TP3; the error now says the padding is fixed and how to start a run
+    that can reach TP3 (and --make-vocab-size-divisible-by 384 does pad to a multiple of 3)."""
+    import pytest
+
+    from megatron_staged.config import Config
+    from megatron_staged.errors import UserError
+    from megatron_staged.model.builder import set_padded_vocab_size
+
+    cfg = Config()
+    cfg.parallel.tensor_model_parallel_size = 3
+    cfg.model.padded_vocab_size = 256
+    with pytest.raises(UserError, match=r"not divisible by --tensor-model-parallel-size 3; .*"
+                                        r"--make-vocab-size-divisible-by a multiple of 3"):
+        set_padded_vocab_size(cfg, 200)
+    cfg = Config()
+    cfg.parallel.tensor_model_parallel_size = 1
+    cfg.model.make_vocab_size_divisible_by = 384
+    assert set_padded_vocab_size(cfg, 200) % 3 == 0

@@ -370,10 +370,13 @@ def target_config(old_cfg: Config, spec: GrowthSpec, world_size: int, offline: b
                                             (p.microbatch_group_size_per_virtual_pipeline_stage or
                                              p.pipeline_model_parallel_size) *
                                             max(world_size // (tp * p.pipeline_model_parallel_size), 1))
+    from megatron_staged.model.builder import VOCAB_PADDING_HINT
+
     try:
         validate(check, world_size)
         require(m.padded_vocab_size is None or m.padded_vocab_size % tp == 0,
-                f"the padded vocabulary ({m.padded_vocab_size}) cannot be split over TP {tp}")
+                f"the padded vocabulary ({m.padded_vocab_size}) cannot be split over TP {tp}; "
+                f"{VOCAB_PADDING_HINT.format(tp=tp)}")
     except UserError as e:
         vp_hint = ""
         name = r.key_namer(spec.stage_index)
