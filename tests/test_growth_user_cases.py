@@ -106,3 +106,23 @@ def test_a_padded_vocabulary_that_does_not_split_says_how_to_get_one_that_does()
     cfg.parallel.tensor_model_parallel_size = 1
     cfg.model.make_vocab_size_divisible_by = 384
     assert set_padded_vocab_size(cfg, 200) % 3 == 0
+
+
+def test_a_growth_at_the_last_iteration_says_what_to_do_instead():
+    """Found as a new user: a stage at_iteration == --train-iters (to end the job with the grown model)
+    is refused; the error now names the offline tool that grows the final checkpoint."""
+    import pytest
+
+    from megatron_staged.config import Config, resolve_model
+    from megatron_staged.errors import UserError
+    from megatron_staged.staging.stages import plan_stages
+    from megatron_staged.training.state import TrainState
+
+    cfg = Config()
+    cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_attention_heads = 2, 64, 4
+    cfg.model.padded_vocab_size = 256
+    cfg.training.train_iters = 5
+    resolve_model(cfg.model)
+    with pytest.raises(UserError, match=r"at_iteration 5 is not before --train-iters 5: .*`megatron-staged grow`"):
+        plan_stages(cfg, [{"at_iteration": 5, "depth_factor": 2}], 1, TrainState())
+    assert [s.at_iteration for s in plan_stages(cfg, [{"at_iteration": 4, "depth_factor": 2}], 1, TrainState())] == [4]
