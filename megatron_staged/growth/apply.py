@@ -59,6 +59,46 @@ def carry_group_lrs(lrs, optimizer) -> None:
             g["max_lr"], g["min_lr"] = by_kind[group_key(g)]
 
 
+def _scalers(optimizer) -> list:
+    opts = getattr(optimizer, "chained_optimizers", None) or ([optimizer] if optimizer is not None else [])
+    return [o.grad_scaler for o in opts if getattr(o, "grad_scaler", None) is not None]
+
+
+def grad_scaler_state(optimizer) -> dict | None:
+    """fp16's dynamic loss scaler (scale, growth and hysteresis trackers) of a live optimizer, copied."""
+    for gs in _scalers(optimizer):
+        sd = gs.state_dict()
+        if sd:
+            return {k: (v.detach().clone() if hasattr(v, "detach") else v) for k, v in sd.items()}
+    return None
+
+
+def saved_grad_scaler_state(common: dict) -> dict | None:
+    """The loss scaler's state in a checkpoint's ``common.pt`` (``optimizer.grad_scaler``, at any nesting
+    depth: one chunk's optimizer or a chained one's) or in :func:`live_common`'s ``grad_scaler``."""
+    if common.get("grad_scaler"):
+        return common["grad_scaler"]
+    todo = [common.get("optimizer")]
+    while todo:
+        d = todo.pop(0)
+        if not isinstance(d, dict):
+            continue
+        if isinstance(d.get("grad_scaler"), dict) and d["grad_scaler"]:
+            return d["grad_scaler"]
+        todo.extend(v for v in d.values() if isinstance(v, dict))
+    return None
+
+
+def carry_grad_scaler(state: dict | None, optimizer) -> None:
+    """Give the grown optimizer the source's loss scale: growth preserves the loss, so the scale the run
+    settled on still fits (a fresh one restarts at --initial-loss-scale and skips steps until it backs off)."""
+    if not state:
+        return
+    for gs in _scalers(optimizer):
+        if gs.state_dict():  # dynamic (a constant scaler has no state)
+            gs.load_state_dict({k: (v.clone() if hasattr(v, "clone") else v) for k, v in state.items()})
+
+
 def grow(source, spec: GrowthSpec, old_cfg: Config, common: dict,
          new_cfg: Config = None) -> tuple[Components, TrainState, dict]:
     """Build the grown components at the target layout and fill them from ``source``: a
@@ -82,6 +122,7 @@ def grow(source, spec: GrowthSpec, old_cfg: Config, common: dict,
     saved = dict(common.get("train_state", {}))
     state = TrainState.from_dict(dict(saved, iteration=common.get("iteration", saved.get("iteration", 0))))
     set_optimizer_step(comps.optimizer, saved.get("optimizer_step", 0))
+    carry_grad_scaler(saved_grad_scaler_state(common), comps.optimizer)
     sched = common.get("opt_param_scheduler") or {}
     s_pre = int(sched.get("num_steps", state.iteration))
     if "max_lr" in sched and not new_cfg.checkpoint.override_opt_param_scheduler:

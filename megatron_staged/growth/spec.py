@@ -370,10 +370,13 @@ def target_config(old_cfg: Config, spec: GrowthSpec, world_size: int, offline: b
                                             (p.microbatch_group_size_per_virtual_pipeline_stage or
                                              p.pipeline_model_parallel_size) *
                                             max(world_size // (tp * p.pipeline_model_parallel_size), 1))
+    from megatron_staged.model.builder import VOCAB_PADDING_HINT
+
     try:
         validate(check, world_size)
         require(m.padded_vocab_size is None or m.padded_vocab_size % tp == 0,
-                f"the padded vocabulary ({m.padded_vocab_size}) cannot be split over TP {tp}")
+                f"the padded vocabulary ({m.padded_vocab_size}) cannot be split over TP {tp}; "
+                f"{VOCAB_PADDING_HINT.format(tp=tp)}")
     except UserError as e:
         vp_hint = ""
         name = r.key_namer(spec.stage_index)
@@ -383,6 +386,10 @@ def target_config(old_cfg: Config, spec: GrowthSpec, world_size: int, offline: b
         elif "pipeline stages' layers" in str(e) or "pipeline-split" in str(e) or "divisible by --pipeline" in str(e):
             vp_hint = (f" (set the grown model's split with {name('target_decoder_first_pipeline_num_layers')} / "
                        f"{name('target_decoder_last_pipeline_num_layers')}, 0 for an even split)")
+        elif "is not divisible by TP x PP" in str(e) or "is not divisible by --tensor-model-parallel-size" in str(e):
+            # the target layout defaults to the source's: name the keys that choose another one
+            vp_hint = (f" (or give the grown model a layout that fits with {name('target_tensor_model_parallel_size')}"
+                       f" / {name('target_pipeline_model_parallel_size')})")
         raise UserError(f"the grown model ({m.num_layers} layers, hidden {m.hidden_size}, "
                         f"{m.num_attention_heads} heads) does not fit target TP {tp} x PP "
                         f"{p.pipeline_model_parallel_size} on {world_size} processes: {e}{vp_hint}")

@@ -231,6 +231,12 @@ def _mark_tensor_parallel_weights(model) -> None:
             set_tensor_model_parallel_attributes(w, True, 1, 1)
 
 
+# the padded rows are real logits (in the softmax), so no layout change may re-pad a trained model
+VOCAB_PADDING_HINT = ("the padding is fixed when a model is first built (its padded rows are logits too): use a TP "
+                      "that divides it, or start runs meant for TP {tp} with --make-vocab-size-divisible-by a "
+                      "multiple of {tp}")
+
+
 def set_padded_vocab_size(cfg: Config, vocab_size: int) -> int:
     """Pad once; keep the value already stored (e.g. from a checkpoint) when it splits over TP."""
     m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
@@ -238,7 +244,7 @@ def set_padded_vocab_size(cfg: Config, vocab_size: int) -> int:
         m.padded_vocab_size = pad_vocab_size(vocab_size, m.make_vocab_size_divisible_by, tp, m.vocab_padding)
     elif m.padded_vocab_size % tp:
         raise UserError(f"padded vocabulary {m.padded_vocab_size} (from the checkpoint) is not "
-                        f"divisible by --tensor-model-parallel-size {tp}")
+                        f"divisible by --tensor-model-parallel-size {tp}; {VOCAB_PADDING_HINT.format(tp=tp)}")
     if m.padded_vocab_size < vocab_size:
         raise UserError(f"tokenizer vocabulary {vocab_size} exceeds the model's padded vocabulary "
                         f"{m.padded_vocab_size}")

@@ -103,7 +103,9 @@ def plan_stages(cfg: Config, stages: list, world_size: int, state: TrainState) -
             point = _point_name(r, "at_iteration", n)
             require(r.at_iteration >= 0, f"{point} must be >= 0")
             require(r.at_iteration < cfg.training.train_iters,
-                    f"{point} is not before --train-iters {cfg.training.train_iters}: the stage would never run")
+                    f"{point} is not before --train-iters {cfg.training.train_iters}: the stage would never run (a "
+                    f"growth runs after its iteration's step; to grow the run's final checkpoint, run `megatron-staged "
+                    f"grow` on it, or raise --train-iters)")
         if r.at_flops is not None:
             require(r.at_flops > 0, f"staging.stages[{n}].at_flops {r.at_flops} must be > 0")
         for key in ("at_iteration", "at_flops"):
@@ -409,9 +411,10 @@ def live_common(old: Components, state: TrainState) -> dict:
 
     lay = old.layout
     step = get_optimizer_step(old.optimizer) if old.optimizer is not None else 0
-    from megatron_staged.growth.apply import group_lrs
+    from megatron_staged.growth.apply import grad_scaler_state, group_lrs
 
     return {"iteration": state.iteration, "train_state": dict(state.to_dict(), optimizer_step=step),
             "opt_param_scheduler": old.scheduler.state_dict() if old.scheduler is not None else {},
             "param_group_lrs": group_lrs(old.optimizer),
+            "grad_scaler": grad_scaler_state(old.optimizer),
             "parallel_layout": lay.as_dict()}
