@@ -126,3 +126,21 @@ def test_a_growth_at_the_last_iteration_says_what_to_do_instead():
     with pytest.raises(UserError, match=r"at_iteration 5 is not before --train-iters 5: .*`megatron-staged grow`"):
         plan_stages(cfg, [{"at_iteration": 5, "depth_factor": 2}], 1, TrainState())
     assert [s.at_iteration for s in plan_stages(cfg, [{"at_iteration": 4, "depth_factor": 2}], 1, TrainState())] == [4]
+
+
+def test_resuming_a_grown_run_names_the_flags_the_checkpoint_replaces(tmp_path):
+    """The job script of a staged run keeps the first stage's --num-layers / --hidden-size; on a requeue
+    after the growth the checkpoint's (grown) shape is used, and the run says so instead of silently
+    overriding flags the user gave (shapes by hand: depth x2 of 2 layers = 4, width x2 of 32 = 64)."""
+    cfg = tmp_path / "stages.yaml"
+    cfg.write_text("staging:\n  stages:\n    - {at_iteration: 2, depth_factor: 2, width_factor: 2}\n")
+    ckpt = tmp_path / "ckpt"
+    args = ["train", *TINY_MOCK, "--config", str(cfg), "--save", str(ckpt), "--load", str(ckpt)]
+    first = run_cli([*args, "--train-iters", "3"])
+    assert "growth at iteration 2" in first.stdout and "holds the grown model" not in first.stdout
+    again = run_cli([*args, "--train-iters", "4"])
+    notes = [l for l in again.stdout.splitlines() if "holds the grown model" in l]
+    assert len(notes) == 1, again.stdout[-3000:]
+    assert "(growth at iteration 2)" in notes[0]
+    assert "--hidden-size 64 (given: 32)" in notes[0] and "--num-layers 4 (given: 2)" in notes[0]
+    assert re.search(r"iteration\s+4/", again.stdout)

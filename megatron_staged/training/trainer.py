@@ -185,6 +185,14 @@ class Trainer:
         explicit = getattr(cfg, "_explicit", set())
         if saved_state.stage_history:
             # a grown run: the config file still describes the first stage's model
+            replaced = sorted(n for n in explicit & GROWN_FIELDS if getattr(cfg.model, n) != getattr(saved, n))
+            if replaced:
+                its = ", ".join(str(e.get("iteration")) for e in saved_state.stage_history)
+                many = "s" if len(saved_state.stage_history) > 1 else ""
+                print_rank0(f"note: the checkpoint {ckpt_dir} holds the grown model (growth{many} at iteration{many} {its}): "
+                            + ", ".join(f"--{n.replace('_', '-')} {getattr(saved, n)} (given: {getattr(cfg.model, n)})"
+                                        for n in replaced)
+                            + " -- the given values describe the first stage")
             explicit = explicit - GROWN_FIELDS
         for name, value in vars(saved).items():
             mine = getattr(cfg.model, name)
