@@ -131,8 +131,10 @@ class TrainingConfig:
     eval_interval: int = _f(0, "0 disables evaluation during training")
     eval_iters: int = _f(10, "validation batches per evaluation; 0: no evaluation (Megatron-LM)")
     log_interval: int = _f(10)
-    exit_interval: Optional[int] = _f(None, "save and stop when the iteration is a multiple of this")
-    exit_duration_in_mins: Optional[float] = _f(None, "save and stop once the job has run this many minutes")
+    exit_interval: Optional[int] = _f(None, "save and stop when the iteration is a multiple of this (0: off, "
+                                            "as Megatron-LM)")
+    exit_duration_in_mins: Optional[float] = _f(None, "save and stop once the job has run this many minutes (0: off, "
+                                                      "as Megatron-LM)")
     exit_signal_handler: bool = _f(False, "on SIGTERM (what schedulers send before a kill): save and exit 0")
     on_non_finite: str = _f("stop", "non-finite loss or gradients: stop (save the last good state, exit 2) or "
                             "skip the step", choices=["stop", "skip"])
@@ -254,7 +256,8 @@ class DataConfig:
 class CheckpointConfig:
     save: Optional[str] = _f(None)
     load: Optional[str] = _f(None)
-    save_interval: Optional[int] = _f(None)
+    save_interval: Optional[int] = _f(None, "save every this many iterations (and at the end); 0 only without "
+                                            "--save, as Megatron-LM")
     no_save_optim: bool = _f(False)
     no_load_optim: bool = _f(False)
     no_load_rng: bool = _f(False)
@@ -620,13 +623,15 @@ def check_values(cfg: Config) -> None:
                   "rotary_base", "norm_epsilon", "rope_scaling_factor"],
         "parallel": ["tensor_model_parallel_size", "pipeline_model_parallel_size", "distributed_timeout_minutes"],
         "training": ["micro_batch_size", "global_batch_size", "train_iters", "log_interval",
-                     "exit_interval", "exit_duration_in_mins", "max_consecutive_skipped_iterations"],
+                     "max_consecutive_skipped_iterations"],
         "optim": ["lr", "lr_decay_iters", "lr_wsd_decay_iters", "adam_eps"],
-        "checkpoint": ["save_interval"],
     }
     non_negative = {
         "model": ["num_layers", "init_method_std", "hidden_dropout", "attention_dropout"],
-        "training": ["seed", "eval_interval", "eval_iters"],  # --eval-iters 0: no evaluation (Megatron-LM)
+        # --eval-iters 0: no evaluation; --eval-interval, --exit-interval, --exit-duration-in-mins,
+        # --save-interval 0: off, as Megatron-LM's training loop reads them (`if args.exit_interval and ...`)
+        "training": ["seed", "eval_interval", "eval_iters", "exit_interval", "exit_duration_in_mins"],
+        "checkpoint": ["save_interval"],
         "optim": ["min_lr", "lr_warmup_iters", "lr_warmup_init", "weight_decay", "clip_grad", "adam_beta1",
                   "adam_beta2", "sgd_momentum"],
         "data": ["num_workers"],
@@ -646,6 +651,9 @@ def check_values(cfg: Config) -> None:
     for name in ("adam_beta1", "adam_beta2"):
         require(getattr(o, name) < 1, f"{_flag(name)} {getattr(o, name)} must be below 1 (e.g. 0.9, 0.999)")
     require(o.min_lr <= o.lr, f"--min-lr {o.min_lr} exceeds --lr {o.lr}")
+    require(not (cfg.checkpoint.save and cfg.checkpoint.save_interval == 0),
+            "--save-interval 0 with --save: Megatron-LM's validate_args refuses it too (save_interval > 0); "
+            "drop --save-interval to save only at the end of the run")
     require(o.lr_warmup_init <= o.lr, f"--lr-warmup-init {o.lr_warmup_init} exceeds --lr {o.lr}")
     require(m.padded_vocab_size is None or m.padded_vocab_size > 0,
             f"--padded-vocab-size {m.padded_vocab_size} must be positive (> 0)")

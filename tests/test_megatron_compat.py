@@ -409,3 +409,27 @@ def test_eval_iters_zero_means_no_evaluation(tmp_path):
     assert sum(" iteration " in l and "lm loss:" in l for l in r.stdout.splitlines()) == 3, r.stdout[-2000:]
     assert "validation loss" not in r.stdout
     assert "growth at iteration 2" in r.stdout and "eval loss check skipped (--eval-iters 0)" in r.stdout
+
+
+def test_zero_intervals_mean_off(tmp_path):
+    """Megatron-LM's training loop reads --exit-interval, --exit-duration-in-mins, --save-interval and
+    --eval-interval as `if args.X and iteration % args.X == 0` (training.py, core_v0.16.1): 0 is off. They
+    were refused here as 'must be positive'. With --save, Megatron-LM's validate_args asserts
+    save_interval > 0, so that one combination stays an error."""
+    from conftest import TINY_MOCK, run_cli
+
+    validate(parse_config(["--mock-data", "--save-interval", "0"]), 1)  # no --save: accepted, nothing saved
+    with pytest.raises(UserError, match=r"--save-interval 0 with --save"):
+        validate(parse_config(["--mock-data", "--save", str(tmp_path / "x"), "--save-interval", "0"]), 1)
+    ck = tmp_path / "ck"
+    r = run_cli(["train", *TINY_MOCK, "--train-iters", "3", "--exit-interval", "0", "--exit-duration-in-mins", "0",
+                 "--eval-interval", "0", "--save", str(ck)], timeout=300, check=False)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    # all off: the run reaches --train-iters (no early exit) and saves only at the end
+    assert sum(" iteration " in l and "lm loss:" in l for l in r.stdout.splitlines()) == 3, r.stdout[-2000:]
+    assert "exiting at iteration" not in r.stdout
+    assert (ck / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+    assert sorted(p.name for p in ck.glob("iter_*")) == ["iter_0000003"]
+    # --eval-interval 0: no periodic validation; only Megatron-LM's final evaluation after training
+    assert "validation loss at iteration 3 on validation set" in r.stdout
+    assert not re.search(r"validation loss at iteration \d+ \|", r.stdout)
