@@ -45,6 +45,8 @@ class ModelConfig:
     position_embedding_type: Optional[str] = _f(None, "learned_absolute or rope", choices=["learned_absolute", "rope"])
     rotary_base: int = _f(10000)
     swiglu: Optional[bool] = _f(None, "SwiGLU MLP (llama default)")
+    squared_relu: bool = _f(False, "squared ReLU MLP activation, relu(x)^2, no gated linear unit (Megatron-LM's; "
+                                   "exclusive with --swiglu; sets swiglu off in the llama family)")
     normalization: Optional[str] = _f(None, "LayerNorm or RMSNorm", choices=["LayerNorm", "RMSNorm"])
     norm_epsilon: float = _f(1e-5)
     untie_embeddings_and_output_weights: Optional[bool] = _f(None)
@@ -555,6 +557,10 @@ _PRESETS = {
 
 def resolve_model(m: ModelConfig) -> ModelConfig:
     """Fill unset architecture switches from the family preset and derived sizes (in place)."""
+    if m.squared_relu:  # Megatron-LM: `assert not args.swiglu`; squared ReLU has no gated linear unit
+        require(not m.swiglu, "--squared-relu and --swiglu are exclusive (Megatron-LM asserts not args.swiglu); "
+                              "give one of them")
+        m.swiglu = False
     for k, v in _PRESETS[m.model_family].items():
         if getattr(m, k) is None:
             setattr(m, k, v)

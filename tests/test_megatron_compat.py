@@ -433,3 +433,43 @@ def test_zero_intervals_mean_off(tmp_path):
     # --eval-interval 0: no periodic validation; only Megatron-LM's final evaluation after training
     assert "validation loss at iteration 3 on validation set" in r.stdout
     assert not re.search(r"validation loss at iteration \d+ \|", r.stdout)
+
+
+def test_squared_relu_grows_and_exports(tmp_path):
+    """--squared-relu is Megatron-LM's activation_func = megatron.core.activations.squared_relu with no
+    gated linear unit (arguments.py, core_v0.16.1). Width growth duplicates FFN neurons, which keeps the
+    function for any elementwise activation: the eval loss is unchanged across a depth+width growth. The
+    grown model exports as transformers' GPT-2 with activation_function relu2 (relu(x)^2), and
+    `export-hf --verify` runs transformers' forward against megatron's."""
+    import json
+
+    from conftest import TINY_MOCK, read_records, run_cli
+    from megatron.core.activations import squared_relu
+    from megatron_staged.checkpoint.hf_mapping import arch_from_model_config
+    from megatron_staged.model.builder import transformer_config
+
+    cfg = parse_config(["--mock-data", "--model-family", "llama", "--squared-relu"])
+    tc = transformer_config(cfg)
+    assert tc.activation_func is squared_relu and not tc.gated_linear_unit
+    assert cfg.model.ffn_hidden_size == 4 * cfg.model.hidden_size  # Megatron-LM: 4h without --swiglu
+    with pytest.raises(UserError, match=r"no transformers architecture"):  # RMSNorm/rope + relu^2: no HF model
+        arch_from_model_config(cfg.model, 100)
+    with pytest.raises(UserError, match=r"--squared-relu and --swiglu are exclusive"):
+        resolve_model(parse_config(["--mock-data", "--squared-relu", "--swiglu"]).model)
+    # a Megatron-LM checkpoint's args (attribute squared_relu, as its parser names it) keep the activation
+    import argparse
+
+    from megatron_staged.checkpoint.megatron_lm import config_from_megatron_args
+    ns = argparse.Namespace(squared_relu=True, swiglu=False, normalization="LayerNorm", num_layers=2, hidden_size=32)
+    assert config_from_megatron_args(ns).model.squared_relu
+
+    (tmp_path / "stages.yaml").write_text("staging:\n  stages:\n    - {at_iteration: 2, depth_factor: 2, width_factor: 2}\n")
+    ck, log = tmp_path / "ck", tmp_path / "log.jsonl"
+    run_cli(["train", *TINY_MOCK, "--squared-relu", "--train-iters", "3", "--eval-iters", "2",
+             "--config", str(tmp_path / "stages.yaml"), "--save", str(ck), "--log-file", str(log)], timeout=300)
+    g = [r for r in read_records(log) if r.get("event") == "growth"]
+    assert len(g) == 1 and (g[0]["num_layers"], g[0]["hidden_size"]) == (4, 64), g
+    assert abs(g[0]["eval_loss_after"] - g[0]["eval_loss_before"]) < 1e-5, g[0]
+    r = run_cli(["export-hf", "--load", str(ck), "--out", str(tmp_path / "hf"), "--verify"], timeout=300)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["activation_function"] == "relu2"
+    assert float(r.stdout.split("megatron vs transformers = ")[1].split()[0]) <= 1e-4
