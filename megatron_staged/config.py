@@ -68,6 +68,9 @@ class ModelConfig:
                                choices=["auto", "transformer_engine", "local"])
     # -- Megatron-LM compatibility (docs/megatron_compat.md) --
     rotary_percent: float = _f(1.0, "fraction of each head's channels that RoPE rotates")
+    rotary_interleaved: bool = _f(False, "RoPE rotates adjacent channel pairs (2i, 2i+1) (RoFormer/GPT-J style) "
+                                         "instead of the halves (i, i + d/2) (Llama style); megatron-core's "
+                                         "rotary_interleaved")
     use_rope_scaling: bool = _f(False, "Llama 3.1's RoPE frequency scaling (megatron-core's: low/high frequency "
                                        "factors 1 and 4, original context 8192; factor --rope-scaling-factor)")
     rope_scaling_factor: float = _f(8.0, "with --use-rope-scaling: the factor long wavelengths are divided by")

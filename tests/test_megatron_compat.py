@@ -14,6 +14,7 @@ import shlex
 import subprocess
 
 import pytest
+import torch
 
 from conftest import ROOT, _env, free_port
 from megatron_staged.config import (MEGATRON_COMPAT, FIELDS, Config, lr_schedule_steps, megatron_lm_flags,
@@ -472,4 +473,35 @@ def test_squared_relu_grows_and_exports(tmp_path):
     assert abs(g[0]["eval_loss_after"] - g[0]["eval_loss_before"]) < 1e-5, g[0]
     r = run_cli(["export-hf", "--load", str(ck), "--out", str(tmp_path / "hf"), "--verify"], timeout=300)
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["activation_function"] == "relu2"
+    assert float(r.stdout.split("megatron vs transformers = ")[1].split()[0]) <= 1e-4
+
+
+def test_rotary_interleaved_grows_and_exports(tmp_path):
+    """--rotary-interleaved is megatron-core's rotary_interleaved (Megatron-LM passes it to the
+    TransformerConfig): channel pairs (2i, 2i+1) rotate instead of (i, i + d/2). Growth keeps the head
+    size (width doubles heads), so the eval loss is unchanged across a depth+width growth. export-hf
+    reorders each query/key head (and the QKV bias) to transformers' half layout; `--verify` runs
+    transformers' Qwen2 forward against megatron's."""
+    import json
+
+    from conftest import TINY_MOCK, read_records, run_cli
+    from megatron_staged.checkpoint.hf_mapping import interleaved_to_half
+    from megatron_staged.model.builder import transformer_config
+
+    assert transformer_config(parse_config(["--mock-data", "--model-family", "llama",
+                                            "--rotary-interleaved"])).rotary_interleaved
+    # the permutation, written out for one head of size 4 with 2 columns: rows 0, 2, 1, 3
+    t = torch.arange(8.0).reshape(4, 2)
+    assert interleaved_to_half(t, 4).tolist() == [[0, 1], [4, 5], [2, 3], [6, 7]]
+
+    (tmp_path / "stages.yaml").write_text("staging:\n  stages:\n    - {at_iteration: 2, depth_factor: 2, width_factor: 2}\n")
+    ck, log = tmp_path / "ck", tmp_path / "log.jsonl"
+    run_cli(["train", *TINY_MOCK, "--model-family", "llama", "--rotary-interleaved", "--add-qkv-bias", "--init-method-std", "0.1",
+             "--train-iters", "3", "--eval-iters", "2", "--config", str(tmp_path / "stages.yaml"), "--save", str(ck),
+             "--log-file", str(log)], timeout=300)
+    g = [r for r in read_records(log) if r.get("event") == "growth"]
+    assert len(g) == 1 and (g[0]["num_layers"], g[0]["hidden_size"]) == (4, 64), g
+    assert abs(g[0]["eval_loss_after"] - g[0]["eval_loss_before"]) < 1e-5, g[0]
+    r = run_cli(["export-hf", "--load", str(ck), "--out", str(tmp_path / "hf"), "--verify"], timeout=300)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
     assert float(r.stdout.split("megatron vs transformers = ")[1].split()[0]) <= 1e-4

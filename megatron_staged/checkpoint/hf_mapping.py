@@ -110,6 +110,7 @@ class Arch:
     qkv_bias: bool = False  # only the QKV projection has a bias (megatron's --add-qkv-bias; Qwen2)
     qk_norm: bool = False   # per-head q/k RMSNorms (megatron's --qk-layernorm; Qwen3)
     rope_scaling_factor: Optional[float] = None  # Llama 3.1's RoPE scaling (--use-rope-scaling), else None
+    rotary_interleaved: bool = False  # megatron's --rotary-interleaved: q/k channels permuted per head on export
     squared_relu: bool = False  # GPT-2 MLP with relu(x)^2 (megatron's --squared-relu; transformers' "relu2")
 
     @property
@@ -167,7 +168,8 @@ def arch_from_model_config(m, vocab: int) -> Arch:
                 tied=not m.untie_embeddings_and_output_weights,
                 qkv_bias=bool(m.add_qkv_bias) and bool(m.disable_bias_linear), qk_norm=bool(m.qk_layernorm),
                 rope_scaling_factor=float(m.rope_scaling_factor) if m.use_rope_scaling else None,
-                squared_relu=relu2)
+                squared_relu=relu2,
+                rotary_interleaved=pos == "rope" and bool(getattr(m, "rotary_interleaved", False)))
 
 
 def arch_to_model_fields(a: Arch) -> dict:
@@ -311,6 +313,19 @@ def hf_to_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, gro
     return torch.cat([qg, kg, vg], dim=1).reshape(groups * (per + 2) * head_dim, *rest)
 
 
+def interleaved_to_half(t: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Rows of query/key heads [n*d, *rest] from interleaved RoPE order to transformers' half order.
+
+    megatron's ``rotary_interleaved`` rotates channel pairs (2i, 2i+1) of each head by angle i;
+    transformers' Llama rotates (i, i + d/2) by the same angle i. Reordering each head's channels as
+    [0, 2, ..., d-2, 1, 3, ..., d-1] in both queries and keys maps one onto the other and leaves
+    q . k unchanged (the same permutation on both sides of the dot product).
+    """
+    perm = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
+    rest = tuple(t.shape[1:])
+    return t.reshape(-1, head_dim, *rest)[:, perm].reshape(t.shape)
+
+
 def fc1_to_gate_up(fc1: torch.Tensor, ffn: int):
     """SwiGLU fc1 [2f, *rest] = [gate; up] -> (gate [f, *rest], up [f, *rest])."""
     return fc1[:ffn], fc1[ffn:]
@@ -369,6 +384,8 @@ def layer_to_hf(p: dict, a: Arch) -> dict:
             "mlp.c_fc.weight": linear_to_conv1d(p[FC1_W]), "mlp.c_fc.bias": _bias(p, FC1_B, a.ffn, q),
             "mlp.c_proj.weight": linear_to_conv1d(p[FC2_W]), "mlp.c_proj.bias": _bias(p, FC2_B, a.hidden, q),
         }
+    if a.rotary_interleaved:
+        q, k = interleaved_to_half(q, a.head_dim), interleaved_to_half(k, a.head_dim)
     gate, up = fc1_to_gate_up(p[FC1_W], a.ffn)
     out = {
         "input_layernorm.weight": p[NORM1_W],
@@ -379,9 +396,14 @@ def layer_to_hf(p: dict, a: Arch) -> dict:
     }
     if a.has_qkv_bias:
         qb, kb, vb = qkv_to_hf(p[QKV_B], a.heads, a.groups, a.head_dim)
+        if a.rotary_interleaved:
+            qb, kb = interleaved_to_half(qb, a.head_dim), interleaved_to_half(kb, a.head_dim)
         out.update({"self_attn.q_proj.bias": qb, "self_attn.k_proj.bias": kb, "self_attn.v_proj.bias": vb})
     if a.qk_norm:
-        out.update({"self_attn.q_norm.weight": p[Q_NORM], "self_attn.k_norm.weight": p[K_NORM]})
+        qn, kn = p[Q_NORM], p[K_NORM]
+        if a.rotary_interleaved:  # a norm over the head size commutes with the channel permutation
+            qn, kn = interleaved_to_half(qn, a.head_dim), interleaved_to_half(kn, a.head_dim)
+        out.update({"self_attn.q_norm.weight": qn, "self_attn.k_norm.weight": kn})
     if a.bias:
         gb, ub = fc1_to_gate_up(p[FC1_B], a.ffn)
         out.update({"self_attn.o_proj.bias": p[PROJ_B], "mlp.gate_proj.bias": gb, "mlp.up_proj.bias": ub,

@@ -124,6 +124,7 @@ def transformer_config(cfg: Config):
                                 and m.bias_gelu_fusion),  # megatron-core fuses bias + GeLU/SwiGLU only
         bias_dropout_fusion=on_gpu and m.bias_dropout_fusion,
         masked_softmax_fusion=on_gpu and _have_fused_softmax_kernels() and m.masked_softmax_fusion,
+        rotary_interleaved=m.rotary_interleaved,
         apply_rope_fusion=False,  # m.apply_rope_fusion needs TE's fused RoPE; not wired yet (docs/megatron_compat.md)
         attention_softmax_in_fp32=m.attention_softmax_in_fp32 or m.apply_query_key_layer_scaling,
         apply_query_key_layer_scaling=m.apply_query_key_layer_scaling,
