@@ -100,6 +100,10 @@ class ParallelConfig:
     overlap_param_gather: bool = _f(False)
     distributed_backend: str = _f("auto", "nccl on GPU, gloo on CPU", choices=["auto", "nccl", "gloo"])
     distributed_timeout_minutes: int = _f(10)
+    enable_gloo_process_groups: bool = _f(True, "create megatron-core's extra gloo process groups next to the "
+                                                "backend's (only a legacy --ckpt-format torch distributed "
+                                                "optimizer load uses them); --disable-gloo-process-groups: not "
+                                                "created, as Megatron-LM")
     # -- interleaved 1F1B (virtual pipeline stages), as Megatron-LM: give at most one of the two --
     num_layers_per_virtual_pipeline_stage: Optional[int] = _f(
         None, "interleaved 1F1B: layers per virtual pipeline stage (model chunk); a depth growth keeps it "
@@ -978,6 +982,7 @@ _NO_KERNEL = "a GPU kernel/performance switch with no effect on results; nothing
 MEGATRON_COMPAT: dict[str, CompatRule] = {
     # --- another spelling of a field of the tree
     "--no-rope-fusion": _set(apply_rope_fusion=False),
+    "--disable-gloo-process-groups": _set(enable_gloo_process_groups=False),
     "--recompute-activations": _set("Megatron-LM's older spelling of --recompute-granularity selective",
                                     recompute_granularity="selective"),
     "--override-opt_param-scheduler": _set(override_opt_param_scheduler=True),
@@ -1133,6 +1138,12 @@ def add_megatron_compat_flags(parser: argparse.ArgumentParser) -> None:
                             help=argparse.SUPPRESS)
 
 
+def _gloo_backend(backend: str) -> bool:
+    import torch
+
+    return backend == "gloo" or (backend == "auto" and not torch.cuda.is_available())
+
+
 def apply_megatron_compat(cfg: "Config", recorded: list) -> list[str]:
     """Apply the recorded Megatron flags to ``cfg``; returns notes, raises one UserError for all refusals."""
     groups = megatron_lm_flags()
@@ -1159,6 +1170,9 @@ def apply_megatron_compat(cfg: "Config", recorded: list) -> list[str]:
         elif rule.action == "set":
             for key, v in rule.sets.items():
                 set_value(cfg, key, value if v == "$value" else v)
+            if flag == "--disable-gloo-process-groups" and _gloo_backend(cfg.parallel.distributed_backend):
+                notes.append(f"{flag}: megatron-core's extra gloo process groups are not created; this run's "
+                             "backend is gloo itself (CPU), so its communication still runs on gloo")
         elif rule.action == "accept":
             if rule.reason:
                 notes.append(f"{flag} accepted: {rule.reason}")

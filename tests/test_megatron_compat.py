@@ -505,3 +505,60 @@ def test_rotary_interleaved_grows_and_exports(tmp_path):
     r = run_cli(["export-hf", "--load", str(ck), "--out", str(tmp_path / "hf"), "--verify"], timeout=300)
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
     assert float(r.stdout.split("megatron vs transformers = ")[1].split()[0]) <= 1e-4
+
+
+GLOO_PROBE = """
+import json
+from megatron.core import parallel_state as ps
+from megatron_staged.builders import build_components
+from megatron_staged.config import parse_config, validate
+from megatron_staged.model.builder import set_padded_vocab_size
+from megatron_staged.runtime.distributed import init_distributed
+
+init_distributed()
+out = {}
+for extra in ([], ["--disable-gloo-process-groups"]):
+    cfg = parse_config(["--mock-data", "--vocab-size", "128", "--num-layers", "1", "--hidden-size", "32",
+                        "--num-attention-heads", "2", "--seq-length", "16", "--use-distributed-optimizer", *extra])
+    validate(cfg, 1)
+    set_padded_vocab_size(cfg, 128)
+    c = build_components(cfg)
+    try:
+        ps.get_data_parallel_group_gloo()
+        made = True
+    except AssertionError:  # megatron-core: "data parallel group-gloo is not initialized"
+        made = False
+    out[" ".join(extra)] = [made] + [o.data_parallel_group_gloo is not None for o in c.optimizer.chained_optimizers]
+print(json.dumps(out))
+"""
+
+
+def test_disable_gloo_process_groups(tmp_path, capsys):
+    """Megatron-LM's --disable-gloo-process-groups (dest enable_gloo_process_groups=False) stops
+    megatron-core creating its extra gloo groups (initialize_model_parallel(create_gloo_process_groups=...),
+    get_megatron_optimizer(use_gloo_process_groups=...)). It used to get the generic refusal. On CPU the
+    backend itself is gloo: honoured with a note. A legacy torch-format distributed-optimizer load needs
+    the gloo data-parallel group (Megatron-LM: the flag asserts --use-dist-ckpt): one-line refusal."""
+    import json
+    import sys
+    import types
+
+    from conftest import TINY_MOCK, run_cli
+    from megatron_staged.checkpoint.legacy_torch import _load_dist_optim
+
+    cfg = parse_config(["--mock-data", "--disable-gloo-process-groups"])
+    assert cfg.parallel.enable_gloo_process_groups is False
+    if not torch.cuda.is_available():
+        assert "--disable-gloo-process-groups: megatron-core's extra gloo process groups" in capsys.readouterr().out
+    r = subprocess.run([sys.executable, "-c", GLOO_PROBE], cwd=str(ROOT), env=_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"": [True, True],
+                                                              "--disable-gloo-process-groups": [False, False]}
+    # training and saving with the distributed optimizer need no gloo group
+    r = run_cli(["train", *TINY_MOCK, "--train-iters", "2", "--use-distributed-optimizer",
+                 "--disable-gloo-process-groups", "--save", str(tmp_path / "ck")], timeout=300)
+    assert (tmp_path / "ck" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    with pytest.raises(UserError, match=r"--disable-gloo-process-groups does not create") as e:
+        _load_dist_optim(str(tmp_path), types.SimpleNamespace(data_parallel_group_gloo=None), 2)
+    assert "\n" not in str(e.value)
