@@ -474,6 +474,13 @@ def test_squared_relu_grows_and_exports(tmp_path):
     r = run_cli(["export-hf", "--load", str(ck), "--out", str(tmp_path / "hf"), "--verify"], timeout=300)
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["activation_function"] == "relu2"
     assert float(r.stdout.split("megatron vs transformers = ")[1].split()[0]) <= 1e-4
+    # import-hf reads relu2 back as --squared-relu (and still refuses activations it cannot compute)
+    from megatron_staged.checkpoint.hf_mapping import arch_from_hf_config, arch_to_model_fields
+
+    hf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert arch_to_model_fields(arch_from_hf_config(hf))["squared_relu"] is True
+    with pytest.raises(UserError, match=r"activation_function 'relu'"):
+        arch_from_hf_config(dict(hf, activation_function="relu"))
 
 
 def test_rotary_interleaved_grows_and_exports(tmp_path):
