@@ -85,9 +85,11 @@ def build_optimizer(cfg: Config, model_chunks, zero_state: bool = True):
     if is_muon(o.optimizer):  # megatron's Muon builder chains its Adam config for the other parameters
         for k, v in muon_config_kwargs(o).items():
             setattr(ocfg, k, v)
-        optimizer = build_muon_optimizer(ocfg, model_chunks, layer_wise=o.optimizer == "dist_muon")
+        optimizer = build_muon_optimizer(ocfg, model_chunks, layer_wise=o.optimizer == "dist_muon",
+                                         use_gloo_process_groups=cfg.parallel.enable_gloo_process_groups)
     else:
-        optimizer = get_megatron_optimizer(ocfg, model_chunks)
+        optimizer = get_megatron_optimizer(ocfg, model_chunks,
+                                           use_gloo_process_groups=cfg.parallel.enable_gloo_process_groups)
     init_optimizer_state(optimizer, zero=zero_state)
     return optimizer
 
@@ -120,7 +122,7 @@ def build_components(cfg: Config, *, initialize: bool = True, with_optimizer: bo
     from megatron_staged.training.lr import build_scheduler
 
     layout = set_parallel_layout(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
-                                 virtual_pipeline_size(cfg))
+                                 virtual_pipeline_size(cfg), gloo_groups=cfg.parallel.enable_gloo_process_groups)
     set_seed(cfg.training.seed)
     model = build_model_chunks(cfg, initialize=initialize)
     optimizer = build_optimizer(cfg, model, zero_state=zero_optimizer_state) if with_optimizer else None

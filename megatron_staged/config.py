@@ -45,6 +45,8 @@ class ModelConfig:
     position_embedding_type: Optional[str] = _f(None, "learned_absolute or rope", choices=["learned_absolute", "rope"])
     rotary_base: int = _f(10000)
     swiglu: Optional[bool] = _f(None, "SwiGLU MLP (llama default)")
+    squared_relu: bool = _f(False, "squared ReLU MLP activation, relu(x)^2, no gated linear unit (Megatron-LM's; "
+                                   "exclusive with --swiglu; sets swiglu off in the llama family)")
     normalization: Optional[str] = _f(None, "LayerNorm or RMSNorm", choices=["LayerNorm", "RMSNorm"])
     norm_epsilon: float = _f(1e-5)
     untie_embeddings_and_output_weights: Optional[bool] = _f(None)
@@ -66,6 +68,9 @@ class ModelConfig:
                                choices=["auto", "transformer_engine", "local"])
     # -- Megatron-LM compatibility (docs/megatron_compat.md) --
     rotary_percent: float = _f(1.0, "fraction of each head's channels that RoPE rotates")
+    rotary_interleaved: bool = _f(False, "RoPE rotates adjacent channel pairs (2i, 2i+1) (RoFormer/GPT-J style) "
+                                         "instead of the halves (i, i + d/2) (Llama style); megatron-core's "
+                                         "rotary_interleaved")
     use_rope_scaling: bool = _f(False, "Llama 3.1's RoPE frequency scaling (megatron-core's: low/high frequency "
                                        "factors 1 and 4, original context 8192; factor --rope-scaling-factor)")
     rope_scaling_factor: float = _f(8.0, "with --use-rope-scaling: the factor long wavelengths are divided by")
@@ -95,6 +100,10 @@ class ParallelConfig:
     overlap_param_gather: bool = _f(False)
     distributed_backend: str = _f("auto", "nccl on GPU, gloo on CPU", choices=["auto", "nccl", "gloo"])
     distributed_timeout_minutes: int = _f(10)
+    enable_gloo_process_groups: bool = _f(True, "create megatron-core's extra gloo process groups next to the "
+                                                "backend's (only a legacy --ckpt-format torch distributed "
+                                                "optimizer load uses them); --disable-gloo-process-groups: not "
+                                                "created, as Megatron-LM")
     # -- interleaved 1F1B (virtual pipeline stages), as Megatron-LM: give at most one of the two --
     num_layers_per_virtual_pipeline_stage: Optional[int] = _f(
         None, "interleaved 1F1B: layers per virtual pipeline stage (model chunk); a depth growth keeps it "
@@ -131,8 +140,10 @@ class TrainingConfig:
     eval_interval: int = _f(0, "0 disables evaluation during training")
     eval_iters: int = _f(10, "validation batches per evaluation; 0: no evaluation (Megatron-LM)")
     log_interval: int = _f(10)
-    exit_interval: Optional[int] = _f(None, "save and stop when the iteration is a multiple of this")
-    exit_duration_in_mins: Optional[float] = _f(None, "save and stop once the job has run this many minutes")
+    exit_interval: Optional[int] = _f(None, "save and stop when the iteration is a multiple of this (0: off, "
+                                            "as Megatron-LM)")
+    exit_duration_in_mins: Optional[float] = _f(None, "save and stop once the job has run this many minutes (0: off, "
+                                                      "as Megatron-LM)")
     exit_signal_handler: bool = _f(False, "on SIGTERM (what schedulers send before a kill): save and exit 0")
     on_non_finite: str = _f("stop", "non-finite loss or gradients: stop (save the last good state, exit 2) or "
                             "skip the step", choices=["stop", "skip"])
@@ -254,7 +265,8 @@ class DataConfig:
 class CheckpointConfig:
     save: Optional[str] = _f(None)
     load: Optional[str] = _f(None)
-    save_interval: Optional[int] = _f(None)
+    save_interval: Optional[int] = _f(None, "save every this many iterations (and at the end); 0 only without "
+                                            "--save, as Megatron-LM")
     no_save_optim: bool = _f(False)
     no_load_optim: bool = _f(False)
     no_load_rng: bool = _f(False)
@@ -552,6 +564,10 @@ _PRESETS = {
 
 def resolve_model(m: ModelConfig) -> ModelConfig:
     """Fill unset architecture switches from the family preset and derived sizes (in place)."""
+    if m.squared_relu:  # Megatron-LM: `assert not args.swiglu`; squared ReLU has no gated linear unit
+        require(not m.swiglu, "--squared-relu and --swiglu are exclusive (Megatron-LM asserts not args.swiglu); "
+                              "give one of them")
+        m.swiglu = False
     for k, v in _PRESETS[m.model_family].items():
         if getattr(m, k) is None:
             setattr(m, k, v)
@@ -620,13 +636,15 @@ def check_values(cfg: Config) -> None:
                   "rotary_base", "norm_epsilon", "rope_scaling_factor"],
         "parallel": ["tensor_model_parallel_size", "pipeline_model_parallel_size", "distributed_timeout_minutes"],
         "training": ["micro_batch_size", "global_batch_size", "train_iters", "log_interval",
-                     "exit_interval", "exit_duration_in_mins", "max_consecutive_skipped_iterations"],
+                     "max_consecutive_skipped_iterations"],
         "optim": ["lr", "lr_decay_iters", "lr_wsd_decay_iters", "adam_eps"],
-        "checkpoint": ["save_interval"],
     }
     non_negative = {
         "model": ["num_layers", "init_method_std", "hidden_dropout", "attention_dropout"],
-        "training": ["seed", "eval_interval", "eval_iters"],  # --eval-iters 0: no evaluation (Megatron-LM)
+        # --eval-iters 0: no evaluation; --eval-interval, --exit-interval, --exit-duration-in-mins,
+        # --save-interval 0: off, as Megatron-LM's training loop reads them (`if args.exit_interval and ...`)
+        "training": ["seed", "eval_interval", "eval_iters", "exit_interval", "exit_duration_in_mins"],
+        "checkpoint": ["save_interval"],
         "optim": ["min_lr", "lr_warmup_iters", "lr_warmup_init", "weight_decay", "clip_grad", "adam_beta1",
                   "adam_beta2", "sgd_momentum"],
         "data": ["num_workers"],
@@ -646,6 +664,9 @@ def check_values(cfg: Config) -> None:
     for name in ("adam_beta1", "adam_beta2"):
         require(getattr(o, name) < 1, f"{_flag(name)} {getattr(o, name)} must be below 1 (e.g. 0.9, 0.999)")
     require(o.min_lr <= o.lr, f"--min-lr {o.min_lr} exceeds --lr {o.lr}")
+    require(not (cfg.checkpoint.save and cfg.checkpoint.save_interval == 0),
+            "--save-interval 0 with --save: Megatron-LM's validate_args refuses it too (save_interval > 0); "
+            "drop --save-interval to save only at the end of the run")
     require(o.lr_warmup_init <= o.lr, f"--lr-warmup-init {o.lr_warmup_init} exceeds --lr {o.lr}")
     require(m.padded_vocab_size is None or m.padded_vocab_size > 0,
             f"--padded-vocab-size {m.padded_vocab_size} must be positive (> 0)")
@@ -961,6 +982,7 @@ _NO_KERNEL = "a GPU kernel/performance switch with no effect on results; nothing
 MEGATRON_COMPAT: dict[str, CompatRule] = {
     # --- another spelling of a field of the tree
     "--no-rope-fusion": _set(apply_rope_fusion=False),
+    "--disable-gloo-process-groups": _set(enable_gloo_process_groups=False),
     "--recompute-activations": _set("Megatron-LM's older spelling of --recompute-granularity selective",
                                     recompute_granularity="selective"),
     "--override-opt_param-scheduler": _set(override_opt_param_scheduler=True),
@@ -1116,6 +1138,12 @@ def add_megatron_compat_flags(parser: argparse.ArgumentParser) -> None:
                             help=argparse.SUPPRESS)
 
 
+def _gloo_backend(backend: str) -> bool:
+    import torch
+
+    return backend == "gloo" or (backend == "auto" and not torch.cuda.is_available())
+
+
 def apply_megatron_compat(cfg: "Config", recorded: list) -> list[str]:
     """Apply the recorded Megatron flags to ``cfg``; returns notes, raises one UserError for all refusals."""
     groups = megatron_lm_flags()
@@ -1142,6 +1170,9 @@ def apply_megatron_compat(cfg: "Config", recorded: list) -> list[str]:
         elif rule.action == "set":
             for key, v in rule.sets.items():
                 set_value(cfg, key, value if v == "$value" else v)
+            if flag == "--disable-gloo-process-groups" and _gloo_backend(cfg.parallel.distributed_backend):
+                notes.append(f"{flag}: megatron-core's extra gloo process groups are not created; this run's "
+                             "backend is gloo itself (CPU), so its communication still runs on gloo")
         elif rule.action == "accept":
             if rule.reason:
                 notes.append(f"{flag} accepted: {rule.reason}")

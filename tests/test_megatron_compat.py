@@ -14,6 +14,7 @@ import shlex
 import subprocess
 
 import pytest
+import torch
 
 from conftest import ROOT, _env, free_port
 from megatron_staged.config import (MEGATRON_COMPAT, FIELDS, Config, lr_schedule_steps, megatron_lm_flags,
@@ -409,3 +410,162 @@ def test_eval_iters_zero_means_no_evaluation(tmp_path):
     assert sum(" iteration " in l and "lm loss:" in l for l in r.stdout.splitlines()) == 3, r.stdout[-2000:]
     assert "validation loss" not in r.stdout
     assert "growth at iteration 2" in r.stdout and "eval loss check skipped (--eval-iters 0)" in r.stdout
+
+
+def test_zero_intervals_mean_off(tmp_path):
+    """Megatron-LM's training loop reads --exit-interval, --exit-duration-in-mins, --save-interval and
+    --eval-interval as `if args.X and iteration % args.X == 0` (training.py, core_v0.16.1): 0 is off. They
+    were refused here as 'must be positive'. With --save, Megatron-LM's validate_args asserts
+    save_interval > 0, so that one combination stays an error."""
+    from conftest import TINY_MOCK, run_cli
+
+    validate(parse_config(["--mock-data", "--save-interval", "0"]), 1)  # no --save: accepted, nothing saved
+    with pytest.raises(UserError, match=r"--save-interval 0 with --save"):
+        validate(parse_config(["--mock-data", "--save", str(tmp_path / "x"), "--save-interval", "0"]), 1)
+    ck = tmp_path / "ck"
+    r = run_cli(["train", *TINY_MOCK, "--train-iters", "3", "--exit-interval", "0", "--exit-duration-in-mins", "0",
+                 "--eval-interval", "0", "--save", str(ck)], timeout=300, check=False)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    # all off: the run reaches --train-iters (no early exit) and saves only at the end
+    assert sum(" iteration " in l and "lm loss:" in l for l in r.stdout.splitlines()) == 3, r.stdout[-2000:]
+    assert "exiting at iteration" not in r.stdout
+    assert (ck / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+    assert sorted(p.name for p in ck.glob("iter_*")) == ["iter_0000003"]
+    # --eval-interval 0: no periodic validation; only Megatron-LM's final evaluation after training
+    assert "validation loss at iteration 3 on validation set" in r.stdout
+    assert not re.search(r"validation loss at iteration \d+ \|", r.stdout)
+
+
+def test_squared_relu_grows_and_exports(tmp_path):
+    """--squared-relu is Megatron-LM's activation_func = megatron.core.activations.squared_relu with no
+    gated linear unit (arguments.py, core_v0.16.1). Width growth duplicates FFN neurons, which keeps the
+    function for any elementwise activation: the eval loss is unchanged across a depth+width growth. The
+    grown model exports as transformers' GPT-2 with activation_function relu2 (relu(x)^2), and
+    `export-hf --verify` runs transformers' forward against megatron's."""
+    import json
+
+    from conftest import TINY_MOCK, read_records, run_cli
+    from megatron.core.activations import squared_relu
+    from megatron_staged.checkpoint.hf_mapping import arch_from_model_config
+    from megatron_staged.model.builder import transformer_config
+
+    cfg = parse_config(["--mock-data", "--model-family", "llama", "--squared-relu"])
+    tc = transformer_config(cfg)
+    assert tc.activation_func is squared_relu and not tc.gated_linear_unit
+    assert cfg.model.ffn_hidden_size == 4 * cfg.model.hidden_size  # Megatron-LM: 4h without --swiglu
+    with pytest.raises(UserError, match=r"no transformers architecture"):  # RMSNorm/rope + relu^2: no HF model
+        arch_from_model_config(cfg.model, 100)
+    with pytest.raises(UserError, match=r"--squared-relu and --swiglu are exclusive"):
+        resolve_model(parse_config(["--mock-data", "--squared-relu", "--swiglu"]).model)
+    # a Megatron-LM checkpoint's args (attribute squared_relu, as its parser names it) keep the activation
+    import argparse
+
+    from megatron_staged.checkpoint.megatron_lm import config_from_megatron_args
+    ns = argparse.Namespace(squared_relu=True, swiglu=False, normalization="LayerNorm", num_layers=2, hidden_size=32)
+    assert config_from_megatron_args(ns).model.squared_relu
+
+    (tmp_path / "stages.yaml").write_text("staging:\n  stages:\n    - {at_iteration: 2, depth_factor: 2, width_factor: 2}\n")
+    ck, log = tmp_path / "ck", tmp_path / "log.jsonl"
+    run_cli(["train", *TINY_MOCK, "--squared-relu", "--train-iters", "3", "--eval-iters", "2",
+             "--config", str(tmp_path / "stages.yaml"), "--save", str(ck), "--log-file", str(log)], timeout=300)
+    g = [r for r in read_records(log) if r.get("event") == "growth"]
+    assert len(g) == 1 and (g[0]["num_layers"], g[0]["hidden_size"]) == (4, 64), g
+    assert abs(g[0]["eval_loss_after"] - g[0]["eval_loss_before"]) < 1e-5, g[0]
+    r = run_cli(["export-hf", "--load", str(ck), "--out", str(tmp_path / "hf"), "--verify"], timeout=300)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["activation_function"] == "relu2"
+    assert float(r.stdout.split("megatron vs transformers = ")[1].split()[0]) <= 1e-4
+    # import-hf reads relu2 back as --squared-relu (and still refuses activations it cannot compute)
+    from megatron_staged.checkpoint.hf_mapping import arch_from_hf_config, arch_to_model_fields
+
+    hf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert arch_to_model_fields(arch_from_hf_config(hf))["squared_relu"] is True
+    with pytest.raises(UserError, match=r"activation_function 'relu'"):
+        arch_from_hf_config(dict(hf, activation_function="relu"))
+
+
+def test_rotary_interleaved_grows_and_exports(tmp_path):
+    """--rotary-interleaved is megatron-core's rotary_interleaved (Megatron-LM passes it to the
+    TransformerConfig): channel pairs (2i, 2i+1) rotate instead of (i, i + d/2). Growth keeps the head
+    size (width doubles heads), so the eval loss is unchanged across a depth+width growth. export-hf
+    reorders each query/key head (and the QKV bias) to transformers' half layout; `--verify` runs
+    transformers' Qwen2 forward against megatron's."""
+    import json
+
+    from conftest import TINY_MOCK, read_records, run_cli
+    from megatron_staged.checkpoint.hf_mapping import interleaved_to_half
+    from megatron_staged.model.builder import transformer_config
+
+    assert transformer_config(parse_config(["--mock-data", "--model-family", "llama",
+                                            "--rotary-interleaved"])).rotary_interleaved
+    # the permutation, written out for one head of size 4 with 2 columns: rows 0, 2, 1, 3
+    t = torch.arange(8.0).reshape(4, 2)
+    assert interleaved_to_half(t, 4).tolist() == [[0, 1], [4, 5], [2, 3], [6, 7]]
+
+    (tmp_path / "stages.yaml").write_text("staging:\n  stages:\n    - {at_iteration: 2, depth_factor: 2, width_factor: 2}\n")
+    ck, log = tmp_path / "ck", tmp_path / "log.jsonl"
+    run_cli(["train", *TINY_MOCK, "--model-family", "llama", "--rotary-interleaved", "--add-qkv-bias", "--init-method-std", "0.1",
+             "--train-iters", "3", "--eval-iters", "2", "--config", str(tmp_path / "stages.yaml"), "--save", str(ck),
+             "--log-file", str(log)], timeout=300)
+    g = [r for r in read_records(log) if r.get("event") == "growth"]
+    assert len(g) == 1 and (g[0]["num_layers"], g[0]["hidden_size"]) == (4, 64), g
+    assert abs(g[0]["eval_loss_after"] - g[0]["eval_loss_before"]) < 1e-5, g[0]
+    r = run_cli(["export-hf", "--load", str(ck), "--out", str(tmp_path / "hf"), "--verify"], timeout=300)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
+    assert float(r.stdout.split("megatron vs transformers = ")[1].split()[0]) <= 1e-4
+
+
+GLOO_PROBE = """
+import json
+from megatron.core import parallel_state as ps
+from megatron_staged.builders import build_components
+from megatron_staged.config import parse_config, validate
+from megatron_staged.model.builder import set_padded_vocab_size
+from megatron_staged.runtime.distributed import init_distributed
+
+init_distributed()
+out = {}
+for extra in ([], ["--disable-gloo-process-groups"]):
+    cfg = parse_config(["--mock-data", "--vocab-size", "128", "--num-layers", "1", "--hidden-size", "32",
+                        "--num-attention-heads", "2", "--seq-length", "16", "--use-distributed-optimizer", *extra])
+    validate(cfg, 1)
+    set_padded_vocab_size(cfg, 128)
+    c = build_components(cfg)
+    try:
+        ps.get_data_parallel_group_gloo()
+        made = True
+    except AssertionError:  # megatron-core: "data parallel group-gloo is not initialized"
+        made = False
+    out[" ".join(extra)] = [made] + [o.data_parallel_group_gloo is not None for o in c.optimizer.chained_optimizers]
+print(json.dumps(out))
+"""
+
+
+def test_disable_gloo_process_groups(tmp_path, capsys):
+    """Megatron-LM's --disable-gloo-process-groups (dest enable_gloo_process_groups=False) stops
+    megatron-core creating its extra gloo groups (initialize_model_parallel(create_gloo_process_groups=...),
+    get_megatron_optimizer(use_gloo_process_groups=...)). It used to get the generic refusal. On CPU the
+    backend itself is gloo: honoured with a note. A legacy torch-format distributed-optimizer load needs
+    the gloo data-parallel group (Megatron-LM: the flag asserts --use-dist-ckpt): one-line refusal."""
+    import json
+    import sys
+    import types
+
+    from conftest import TINY_MOCK, run_cli
+    from megatron_staged.checkpoint.legacy_torch import _load_dist_optim
+
+    cfg = parse_config(["--mock-data", "--disable-gloo-process-groups"])
+    assert cfg.parallel.enable_gloo_process_groups is False
+    if not torch.cuda.is_available():
+        assert "--disable-gloo-process-groups: megatron-core's extra gloo process groups" in capsys.readouterr().out
+    r = subprocess.run([sys.executable, "-c", GLOO_PROBE], cwd=str(ROOT), env=_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"": [True, True],
+                                                              "--disable-gloo-process-groups": [False, False]}
+    # training and saving with the distributed optimizer need no gloo group
+    r = run_cli(["train", *TINY_MOCK, "--train-iters", "2", "--use-distributed-optimizer",
+                 "--disable-gloo-process-groups", "--save", str(tmp_path / "ck")], timeout=300)
+    assert (tmp_path / "ck" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    with pytest.raises(UserError, match=r"--disable-gloo-process-groups does not create") as e:
+        _load_dist_optim(str(tmp_path), types.SimpleNamespace(data_parallel_group_gloo=None), 2)
+    assert "\n" not in str(e.value)

@@ -31,17 +31,18 @@ def test_error_line_survives_a_slow_rank_0(tmp_path):
     """Found running Megatron-LM's rope_embeddings_interleaved_no_fusion config on a loaded machine: a
     refused flag ended the torchrun job (exit 2) with no error line at all. Every rank raised the same
     error but only rank 0 prints it; the other ranks exited at once, and torchrun stopped rank 0 before
-    it printed. Here rank 0 is made slow (3 s) on purpose: the user must still get the one error line."""
+    it printed. Here rank 0 is made slow (3 s) on purpose: the user must still get the one error line.
+    (--rotary-interleaved is supported now; --apply-layernorm-1p is a flag still refused by name.)"""
     r = _launch("""
         import os, sys, time
         if os.environ["RANK"] == "0":
             time.sleep(3)
         from megatron_staged.cli import main
-        sys.exit(main(["train", "--mock-data", "--rotary-interleaved"]))
+        sys.exit(main(["train", "--mock-data", "--apply-layernorm-1p"]))
     """, tmp_path)
     assert r.returncode != 0
     errors = [l for l in r.stderr.splitlines() if l.startswith("error")]
-    assert len(errors) == 1 and errors[0].startswith("error: --rotary-interleaved"), r.stderr[-3000:]
+    assert len(errors) == 1 and errors[0].startswith("error: --apply-layernorm-1p"), r.stderr[-3000:]
 
 
 def test_error_of_one_rank_only_is_reported(tmp_path):
@@ -96,8 +97,8 @@ def test_functional_config_flags_are_megatrons(capsys):
     tc = transformer_config(cfg)
     # megatron-core's TransformerConfig: layer scaling forces the fp32 softmax; deterministic_mode passed on
     assert tc.apply_query_key_layer_scaling and tc.attention_softmax_in_fp32 and tc.deterministic_mode
-    with pytest.raises(UserError, match="--rotary-interleaved"):  # still refused by name
-        parse_config(["--mock-data", "--rotary-interleaved"])
+    with pytest.raises(UserError, match="--apply-layernorm-1p"):  # still refused by name
+        parse_config(["--mock-data", "--apply-layernorm-1p"])
     # the other switches of NVIDIA's configs: checkpoint strictness, rerun machine off, timers, save spread
     parse_config(["--mock-data", "--rerun-mode", "disabled", "--timing-log-option", "minmax",
                   "--no-ckpt-fully-parallel-save", "--auto-detect-ckpt-format"])

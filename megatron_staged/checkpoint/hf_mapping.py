@@ -110,6 +110,8 @@ class Arch:
     qkv_bias: bool = False  # only the QKV projection has a bias (megatron's --add-qkv-bias; Qwen2)
     qk_norm: bool = False   # per-head q/k RMSNorms (megatron's --qk-layernorm; Qwen3)
     rope_scaling_factor: Optional[float] = None  # Llama 3.1's RoPE scaling (--use-rope-scaling), else None
+    rotary_interleaved: bool = False  # megatron's --rotary-interleaved: q/k channels permuted per head on export
+    squared_relu: bool = False  # GPT-2 MLP with relu(x)^2 (megatron's --squared-relu; transformers' "relu2")
 
     @property
     def has_qkv_bias(self) -> bool:
@@ -123,6 +125,11 @@ class Arch:
 def arch_from_model_config(m, vocab: int) -> Arch:
     """The HF architecture a (resolved) ``ModelConfig`` maps onto; UserError if none does."""
     norm, pos, glu = m.normalization, m.position_embedding_type, bool(m.swiglu)
+    relu2 = bool(getattr(m, "squared_relu", False))
+    if relu2 and not (norm == "LayerNorm" and pos == "learned_absolute"):
+        raise UserError(f"--squared-relu with {norm} and {pos} position embeddings has no transformers architecture "
+                        f"(only GPT2LMHeadModel, LayerNorm and learned positions, takes activation_function relu2; "
+                        f"Llama-style MLPs are gated)")
     if norm == "LayerNorm" and pos == "learned_absolute" and not glu:
         hf_class = GPT2
         if m.qk_layernorm:
@@ -160,7 +167,9 @@ def arch_from_model_config(m, vocab: int) -> Arch:
                 norm_eps=m.norm_epsilon, rotary_base=m.rotary_base, bias=not m.disable_bias_linear,
                 tied=not m.untie_embeddings_and_output_weights,
                 qkv_bias=bool(m.add_qkv_bias) and bool(m.disable_bias_linear), qk_norm=bool(m.qk_layernorm),
-                rope_scaling_factor=float(m.rope_scaling_factor) if m.use_rope_scaling else None)
+                rope_scaling_factor=float(m.rope_scaling_factor) if m.use_rope_scaling else None,
+                squared_relu=relu2,
+                rotary_interleaved=pos == "rope" and bool(getattr(m, "rotary_interleaved", False)))
 
 
 def arch_to_model_fields(a: Arch) -> dict:
@@ -173,7 +182,7 @@ def arch_to_model_fields(a: Arch) -> dict:
         "group_query_attention": a.groups != a.heads, "num_query_groups": a.groups,
         "max_position_embeddings": a.max_positions,
         "position_embedding_type": "learned_absolute" if gpt2 else "rope",
-        "rotary_base": int(a.rotary_base), "swiglu": not gpt2,
+        "rotary_base": int(a.rotary_base), "swiglu": not gpt2, "squared_relu": a.squared_relu,
         "normalization": "LayerNorm" if gpt2 else "RMSNorm", "norm_epsilon": a.norm_eps,
         "untie_embeddings_and_output_weights": not a.tied, "disable_bias_linear": not a.bias,
         "add_qkv_bias": a.qkv_bias, "qk_layernorm": a.qk_norm, "padded_vocab_size": a.padded_vocab,
@@ -187,7 +196,8 @@ def hf_config_dict(a: Arch, **extra) -> dict:
     if a.hf_class == GPT2:
         d = dict(model_type="gpt2", vocab_size=a.vocab, n_positions=a.max_positions, n_embd=a.hidden,
                  n_layer=a.num_layers, n_head=a.heads, n_inner=a.ffn,
-                 activation_function="gelu",  # megatron uses exact (erf) GeLU, not HF's default gelu_new
+                 # megatron uses exact (erf) GeLU, not HF's default gelu_new; relu2 is relu(x)^2 (--squared-relu)
+                 activation_function="relu2" if a.squared_relu else "gelu",
                  layer_norm_epsilon=a.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                  scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
                  tie_word_embeddings=a.tied)
@@ -218,8 +228,9 @@ def arch_from_hf_config(c: dict, padded_vocab: Optional[int] = None) -> Arch:
     mt = c.get("model_type")
     if mt == "gpt2":
         act = c.get("activation_function", "gelu_new")
-        if act not in ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-            raise UserError(f"GPT-2 activation_function {act!r} is not a GeLU; megatron_staged's gpt2 family uses GeLU")
+        if act not in ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu2"):
+            raise UserError(f"GPT-2 activation_function {act!r} is neither a GeLU nor relu2 (--squared-relu); "
+                            f"megatron_staged's gpt2 family has no other")
         if not c.get("scale_attn_weights", True) or c.get("scale_attn_by_inverse_layer_idx", False):
             raise UserError("GPT-2 configs with scale_attn_weights=false or scale_attn_by_inverse_layer_idx=true "
                             "have no megatron equivalent")
@@ -228,7 +239,7 @@ def arch_from_hf_config(c: dict, padded_vocab: Optional[int] = None) -> Arch:
                              heads=heads, groups=heads, head_dim=h // heads, vocab=c["vocab_size"],
                              padded_vocab=padded_vocab, max_positions=c["n_positions"],
                              norm_eps=c.get("layer_norm_epsilon", 1e-5), rotary_base=10000, bias=True,
-                             tied=c.get("tie_word_embeddings", True))
+                             tied=c.get("tie_word_embeddings", True), squared_relu=act == "relu2")
     if mt in ("llama", "qwen2", "qwen3"):
         if mt != "llama" and c.get("use_sliding_window", False):
             raise UserError(f"{mt} with use_sliding_window=true has no megatron equivalent here (attention is "
@@ -302,6 +313,19 @@ def hf_to_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, gro
     return torch.cat([qg, kg, vg], dim=1).reshape(groups * (per + 2) * head_dim, *rest)
 
 
+def interleaved_to_half(t: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Rows of query/key heads [n*d, *rest] from interleaved RoPE order to transformers' half order.
+
+    megatron's ``rotary_interleaved`` rotates channel pairs (2i, 2i+1) of each head by angle i;
+    transformers' Llama rotates (i, i + d/2) by the same angle i. Reordering each head's channels as
+    [0, 2, ..., d-2, 1, 3, ..., d-1] in both queries and keys maps one onto the other and leaves
+    q . k unchanged (the same permutation on both sides of the dot product).
+    """
+    perm = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
+    rest = tuple(t.shape[1:])
+    return t.reshape(-1, head_dim, *rest)[:, perm].reshape(t.shape)
+
+
 def fc1_to_gate_up(fc1: torch.Tensor, ffn: int):
     """SwiGLU fc1 [2f, *rest] = [gate; up] -> (gate [f, *rest], up [f, *rest])."""
     return fc1[:ffn], fc1[ffn:]
@@ -360,6 +384,8 @@ def layer_to_hf(p: dict, a: Arch) -> dict:
             "mlp.c_fc.weight": linear_to_conv1d(p[FC1_W]), "mlp.c_fc.bias": _bias(p, FC1_B, a.ffn, q),
             "mlp.c_proj.weight": linear_to_conv1d(p[FC2_W]), "mlp.c_proj.bias": _bias(p, FC2_B, a.hidden, q),
         }
+    if a.rotary_interleaved:
+        q, k = interleaved_to_half(q, a.head_dim), interleaved_to_half(k, a.head_dim)
     gate, up = fc1_to_gate_up(p[FC1_W], a.ffn)
     out = {
         "input_layernorm.weight": p[NORM1_W],
@@ -370,9 +396,14 @@ def layer_to_hf(p: dict, a: Arch) -> dict:
     }
     if a.has_qkv_bias:
         qb, kb, vb = qkv_to_hf(p[QKV_B], a.heads, a.groups, a.head_dim)
+        if a.rotary_interleaved:
+            qb, kb = interleaved_to_half(qb, a.head_dim), interleaved_to_half(kb, a.head_dim)
         out.update({"self_attn.q_proj.bias": qb, "self_attn.k_proj.bias": kb, "self_attn.v_proj.bias": vb})
     if a.qk_norm:
-        out.update({"self_attn.q_norm.weight": p[Q_NORM], "self_attn.k_norm.weight": p[K_NORM]})
+        qn, kn = p[Q_NORM], p[K_NORM]
+        if a.rotary_interleaved:  # a norm over the head size commutes with the channel permutation
+            qn, kn = interleaved_to_half(qn, a.head_dim), interleaved_to_half(kn, a.head_dim)
+        out.update({"self_attn.q_norm.weight": qn, "self_attn.k_norm.weight": kn})
     if a.bias:
         gb, ub = fc1_to_gate_up(p[FC1_B], a.ffn)
         out.update({"self_attn.o_proj.bias": p[PROJ_B], "mlp.gate_proj.bias": gb, "mlp.up_proj.bias": ub,

@@ -466,6 +466,12 @@ def _load_dist_optim(ckpt_dir: str, optimizer, step: int) -> None:
     """megatron-core's ``load_parameter_state_from_dp_zero`` on this (TP, PP) rank's ``distrib_optim.pt``
     (read by DP rank 0 with the restricted unpickler; megatron-core scatters it over DP and checks that
     the buffers' sizes match). Adam's step: the iteration (fp32/bf16 skip no step)."""
+    parts = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    if any(getattr(o, "data_parallel_group_gloo", None) is None for o in parts):
+        raise UserError(f"{ckpt_dir}: a legacy --ckpt-format torch distributed-optimizer state is scattered over "
+                        f"megatron-core's gloo data-parallel group, which --disable-gloo-process-groups does not "
+                        f"create (Megatron-LM asserts --use-dist-ckpt with it too); drop the flag for this load, "
+                        f"or convert first (megatron-staged convert), or pass --no-load-optim")
     from megatron.core import parallel_state as ps
 
     from megatron_staged.checkpoint import manager

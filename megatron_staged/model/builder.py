@@ -107,7 +107,7 @@ def transformer_config(cfg: Config):
         add_qkv_bias=m.add_qkv_bias,
         qk_layernorm=m.qk_layernorm,
         gated_linear_unit=bool(m.swiglu),
-        activation_func=F.silu if m.swiglu else F.gelu,
+        activation_func=F.silu if m.swiglu else _squared_relu() if m.squared_relu else F.gelu,
         hidden_dropout=m.hidden_dropout,
         attention_dropout=m.attention_dropout,
         init_method_std=m.init_method_std,
@@ -120,9 +120,11 @@ def transformer_config(cfg: Config):
         pipeline_dtype=dtype,
         bf16=m.bf16,
         fp16=m.fp16,
-        bias_activation_fusion=on_gpu and not m.swiglu and not m.disable_bias_linear and m.bias_gelu_fusion,
+        bias_activation_fusion=(on_gpu and not m.swiglu and not m.squared_relu and not m.disable_bias_linear
+                                and m.bias_gelu_fusion),  # megatron-core fuses bias + GeLU/SwiGLU only
         bias_dropout_fusion=on_gpu and m.bias_dropout_fusion,
         masked_softmax_fusion=on_gpu and _have_fused_softmax_kernels() and m.masked_softmax_fusion,
+        rotary_interleaved=m.rotary_interleaved,
         apply_rope_fusion=False,  # m.apply_rope_fusion needs TE's fused RoPE; not wired yet (docs/megatron_compat.md)
         attention_softmax_in_fp32=m.attention_softmax_in_fp32 or m.apply_query_key_layer_scaling,
         apply_query_key_layer_scaling=m.apply_query_key_layer_scaling,
@@ -135,6 +137,12 @@ def transformer_config(cfg: Config):
         recompute_num_layers=r.recompute_num_layers,
         **extra,
     )
+
+
+def _squared_relu():
+    from megatron.core.activations import squared_relu  # Megatron-LM's --squared-relu
+
+    return squared_relu
 
 
 def layer_spec(cfg: Config):

@@ -78,15 +78,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def set_parallel_layout(tp: int, pp: int, vp: Optional[int] = None) -> Layout:
+def set_parallel_layout(tp: int, pp: int, vp: Optional[int] = None, gloo_groups: bool = True) -> Layout:
     """(Re)build megatron-core's model-parallel groups for TP x PP (DP = world / (TP*PP)); ``vp``:
-    virtual pipeline stages per pipeline rank (interleaved 1F1B), None for plain 1F1B."""
+    virtual pipeline stages per pipeline rank (interleaved 1F1B), None for plain 1F1B; ``gloo_groups``:
+    megatron-core's extra gloo groups (Megatron-LM's --disable-gloo-process-groups turns them off)."""
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                 virtual_pipeline_model_parallel_size=vp)
+                                 virtual_pipeline_model_parallel_size=vp, create_gloo_process_groups=gloo_groups)
     return current_layout()
 
 

@@ -112,7 +112,7 @@ def model_line(m: dict) -> str:
     return (f"{m.get('model_family')}: {m.get('num_layers')} layers, hidden {m.get('hidden_size')}, "
             f"ffn {m.get('ffn_hidden_size')}, {m.get('num_attention_heads')} heads{gqa} "
             f"of size {m.get('kv_channels')}, "
-            f"{m.get('normalization')}, {'SwiGLU' if m.get('swiglu') else 'GeLU'}, {m.get('position_embedding_type')} "
+            f"{m.get('normalization')}, {'SwiGLU' if m.get('swiglu') else 'squared ReLU' if m.get('squared_relu') else 'GeLU'}, {m.get('position_embedding_type')} "
             f"positions (max {m.get('max_position_embeddings')}), seq {m.get('seq_length')}, "
             f"{'untied' if m.get('untie_embeddings_and_output_weights') else 'tied'} output, "
             f"{'no ' if m.get('disable_bias_linear') else ''}linear biases, padded vocabulary "

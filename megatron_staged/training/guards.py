@@ -28,7 +28,7 @@ class ExitConditions:
     """SIGTERM and wall-clock exit conditions; :meth:`check` is collective when either is enabled."""
 
     def __init__(self, exit_signal_handler: bool, exit_duration_in_mins: Optional[float], start_time: float):
-        self.duration = exit_duration_in_mins
+        self.duration = exit_duration_in_mins or None  # 0: off, as Megatron-LM's `if args.exit_duration_in_mins:`
         self.start_time = start_time
         self.received: Optional[int] = None
         self._previous = None

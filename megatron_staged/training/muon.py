@@ -248,7 +248,7 @@ def tag_embeddings(model_chunks) -> None:
                 p.is_embedding_or_output_parameter = True
 
 
-def build_muon_optimizer(ocfg, model_chunks, *, layer_wise: bool):
+def build_muon_optimizer(ocfg, model_chunks, *, layer_wise: bool, use_gloo_process_groups: bool = True):
     """megatron-core's Muon + Adam chain over the chunks (``layer_wise``: ``dist_muon``)."""
     mmuon = megatron_muon_module()
     tag_embeddings(model_chunks)
@@ -257,10 +257,11 @@ def build_muon_optimizer(ocfg, model_chunks, *, layer_wise: bool):
         # expansion builds the Muon chain, and the new layers' momentum starts at zero (not in the source)
         from megatron.core.optimizer import get_megatron_optimizer
 
-        return get_megatron_optimizer(ocfg, model_chunks)
+        return get_megatron_optimizer(ocfg, model_chunks, use_gloo_process_groups=use_gloo_process_groups)
     with _megatron_builds_with(mmuon, TensorParallelMuon=_compat_class(mmuon),
                                LayerWiseDistributedOptimizer=_layer_wise_class(mmuon)):
-        return mmuon.get_megatron_muon_optimizer(ocfg, model_chunks, layer_wise_distributed_optimizer=layer_wise)
+        return mmuon.get_megatron_muon_optimizer(ocfg, model_chunks, layer_wise_distributed_optimizer=layer_wise,
+                                                 use_gloo_process_groups=use_gloo_process_groups)
 
 
 def muon_config_kwargs(o) -> dict[str, Any]:
