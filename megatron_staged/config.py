@@ -593,6 +593,12 @@ def resolve_model(m: ModelConfig) -> ModelConfig:
     return m
 
 
+# what to do when a padded vocabulary does not split over a TP (the model builder and growth say it)
+VOCAB_PADDING_HINT = ("the padding is fixed when a model is first built (its padded rows are logits too): use a TP "
+                      "that divides it, or start runs meant for TP {tp} with --make-vocab-size-divisible-by a "
+                      "multiple of {tp}")
+
+
 def pad_vocab_size(vocab_size: int, divisible_by: int, tp: int, style: str = "megatron") -> int:
     """Pad the vocabulary so it splits evenly over TP ranks.
 
@@ -693,20 +699,16 @@ def validate_muon(cfg: Config) -> None:
     require(o.muon_num_ns_steps >= 1, f"--muon-num-ns-steps {o.muon_num_ns_steps} must be >= 1")
 
 
-_NOTED: set = set()  # notes printed once per process (validate runs more than once)
+def sequence_parallel_active(p: "ParallelConfig") -> bool:
+    """Whether sequence parallelism runs: --sequence-parallel at TP > 1. At TP 1 Megatron-LM turns it
+    off ("Disabling sequence parallelism because tensor model parallelism is disabled"); here the flag
+    is kept in the config, so that a width growth to TP > 1 (or a resume there) turns it on."""
+    return bool(p.sequence_parallel) and p.tensor_model_parallel_size > 1
 
 
 def validate_performance(cfg: Config) -> None:
     """Recomputation, overlap and loss-scaling flags, checked as Megatron-LM checks them."""
     r, o, p = cfg.performance, cfg.optim, cfg.parallel
-    if p.sequence_parallel and p.tensor_model_parallel_size == 1:
-        # Megatron-LM's validate_args: "Disabling sequence parallelism because tensor model parallelism
-        # is disabled" (a warning, not an error: at TP 1 it would change nothing but the numerics)
-        if os.environ.get("RANK", "0") == "0" and "sequence_parallel" not in _NOTED:
-            print("note: --sequence-parallel turned off: tensor model parallelism is disabled "
-                  "(--tensor-model-parallel-size 1), as Megatron-LM does", flush=True)
-            _NOTED.add("sequence_parallel")
-        p.sequence_parallel = False
     if p.overlap_param_gather:
         require(p.use_distributed_optimizer and p.overlap_grad_reduce,
                 "--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce")

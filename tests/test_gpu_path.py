@@ -269,8 +269,28 @@ def test_sequence_parallel_without_transformer_engine_is_a_user_error(strict_run
     from megatron_staged.errors import UserError
     from megatron_staged.model.builder import transformer_config
 
+    cfg = _cfg(GPT2 + ["--sequence-parallel"])
+    # TP 1: Megatron-LM turns sequence parallelism off (nothing to split): built without it, no error
+    assert transformer_config(cfg).sequence_parallel is False
+    cfg.parallel.tensor_model_parallel_size = 2  # where it would run: megatron's torch norms refuse it
     with pytest.raises(UserError, match="--sequence-parallel needs Transformer Engine"):
-        transformer_config(_cfg(GPT2 + ["--sequence-parallel"]))
+        transformer_config(cfg)
+
+
+def test_a_growth_to_tp2_with_sequence_parallel_is_checked_at_start(strict_runtime):
+    """--sequence-parallel at TP 1 is off until a width growth re-partitions to TP 2: that stage's
+    model would need Transformer Engine, so the run stops before iteration 1, naming the stage."""
+    from megatron_staged.errors import UserError
+    from megatron_staged.staging.stages import StageRunner
+    from megatron_staged.training.state import TrainState
+
+    cfg = _cfg(GPT2 + ["--sequence-parallel", "--train-iters", "10", "--global-batch-size", "4"])
+    cfg.staging.stages = [{"at_iteration": 5, "width_factor": 2, "target_tensor_model_parallel_size": 2}]
+    with pytest.raises(UserError, match=r"^staging.stages\[0\] grows to TP2: --sequence-parallel needs "
+                                        r"Transformer Engine"):
+        StageRunner(cfg, 2, TrainState())
+    cfg.staging.stages = [{"at_iteration": 5, "width_factor": 2}]  # stays at TP 1: nothing to check
+    assert len(StageRunner(cfg, 2, TrainState()).pending) == 1
 
 
 def test_fp16_loss_scaling_flags_reach_megatron(strict_runtime):

@@ -370,7 +370,7 @@ def target_config(old_cfg: Config, spec: GrowthSpec, world_size: int, offline: b
                                             (p.microbatch_group_size_per_virtual_pipeline_stage or
                                              p.pipeline_model_parallel_size) *
                                             max(world_size // (tp * p.pipeline_model_parallel_size), 1))
-    from megatron_staged.model.builder import VOCAB_PADDING_HINT
+    from megatron_staged.config import VOCAB_PADDING_HINT
 
     try:
         validate(check, world_size)

@@ -20,7 +20,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_staged.config import Config, ModelConfig, pad_vocab_size, resolve_model, virtual_pipeline_size
+from megatron_staged.config import (VOCAB_PADDING_HINT, Config, ModelConfig, pad_vocab_size, resolve_model,
+                                    sequence_parallel_active, virtual_pipeline_size)
 from megatron_staged.errors import UserError
 
 
@@ -40,6 +41,14 @@ def use_transformer_engine(m: ModelConfig) -> bool:
         raise UserError("--transformer-impl transformer_engine needs CUDA and Transformer Engine; "
                         "use --transformer-impl local")
     return available
+
+
+def check_sequence_parallel(cfg: Config, where: str = "") -> None:
+    """--sequence-parallel at TP > 1 needs Transformer Engine's (or apex's) norms: megatron's torch
+    norms refuse it. ``where``: the stage that reaches such a layout, for the message."""
+    if sequence_parallel_active(cfg.parallel) and not use_transformer_engine(cfg.model):
+        raise UserError(f"{where}--sequence-parallel needs Transformer Engine on a GPU (not available here); "
+                        f"drop --sequence-parallel")
 
 
 def attention_backend(cfg: Config) -> str:
@@ -72,9 +81,7 @@ def transformer_config(cfg: Config):
     m, p, r = resolve_model(cfg.model), cfg.parallel, cfg.performance
     dtype = params_dtype(m)
     on_gpu = torch.cuda.is_available()
-    if p.sequence_parallel and not use_transformer_engine(m):
-        raise UserError("--sequence-parallel needs Transformer Engine on a GPU (not available here); "
-                        "drop --sequence-parallel")
+    check_sequence_parallel(cfg)
     extra = {}
     vp = virtual_pipeline_size(cfg)
     if vp is not None:  # interleaved 1F1B, configured as Megatron-LM's core_transformer_config_from_args does
@@ -115,7 +122,7 @@ def transformer_config(cfg: Config):
         perform_initialization=False,  # init_global_weights() does it, layout-independently
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
-        sequence_parallel=p.sequence_parallel,
+        sequence_parallel=sequence_parallel_active(p),
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=m.bf16,
@@ -240,11 +247,6 @@ def _mark_tensor_parallel_weights(model) -> None:
 
 
 # the padded rows are real logits (in the softmax), so no layout change may re-pad a trained model
-VOCAB_PADDING_HINT = ("the padding is fixed when a model is first built (its padded rows are logits too): use a TP "
-                      "that divides it, or start runs meant for TP {tp} with --make-vocab-size-divisible-by a "
-                      "multiple of {tp}")
-
-
 def set_padded_vocab_size(cfg: Config, vocab_size: int) -> int:
     """Pad once; keep the value already stored (e.g. from a checkpoint) when it splits over TP."""
     m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size

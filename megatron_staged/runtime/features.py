@@ -72,6 +72,15 @@ def describe(cfg, features: Features, backend: str) -> str:
             f"layer spec {'transformer_engine ' + features.transformer_engine if te else 'local'} | "
             f"attention {attention_backend(cfg)} | norms {norms} | optimizer {optimizer}"
             f"{' (distributed)' if p.use_distributed_optimizer else ''} | "
-            f"sequence parallel {'on' if p.sequence_parallel else 'off'} | "
+            f"sequence parallel {_sequence_parallel(p)} | "
             f"overlap grad reduce {'on' if p.overlap_grad_reduce else 'off'} | "
             f"overlap param gather {'on' if p.overlap_param_gather else 'off'} | recompute {recompute}")
+
+
+def _sequence_parallel(p) -> str:
+    """'on', 'off', or why --sequence-parallel is off now (TP 1, as Megatron-LM; on after a growth to TP > 1)."""
+    from megatron_staged.config import sequence_parallel_active
+
+    if sequence_parallel_active(p):
+        return "on"
+    return "off (TP1: --sequence-parallel takes effect at TP > 1)" if p.sequence_parallel else "off"

@@ -319,6 +319,13 @@ class StageRunner:
         from megatron_staged.runtime.distributed import print_rank0
 
         self.pending = plan_stages(cfg, cfg.staging.stages, world_size, state)
+        from megatron_staged.model.builder import check_sequence_parallel
+
+        model_cfg = cfg  # a stage that reaches TP > 1 with --sequence-parallel is built mid-run: check it now
+        for st in self.pending:
+            model_cfg = target_config(model_cfg, make_spec(model_cfg, st.request, st.index), world_size)
+            check_sequence_parallel(model_cfg, f"staging.stages[{st.index}] grows to TP"
+                                               f"{model_cfg.parallel.tensor_model_parallel_size}: ")
         for line in (expansion_warnings(cfg, self.pending, world_size, state)
                      + schedule_end_warnings(cfg, self.pending, world_size, state)):
             print_rank0(line)
