@@ -26,9 +26,10 @@ with the split of the checkpoint's own args (``config.pipeline_layer_counts``).
 The optimizer state is carried over for the non-distributed Adam in fp32 and bf16 (``optimizer.state``
 indexes torch's parameter order: megatron-core's param groups, weight-decayed first, each in the
 model's parameter order; bf16's fp32 master weights are listed in the same order; checked against
-every tensor's shape). Other optimizer forms (the distributed optimizer's ``distrib_optim.pt``, fp16's
-loss scaler) are refused in one line naming
-``--no-load-optim``/``--finetune`` (``convert``: ``--no-optimizer``), never dropped silently.
+every tensor's shape). The distributed optimizer's ``distrib_optim.pt`` is handed to megatron-core's own
+``load_parameter_state_from_dp_zero`` at the saved TP/PP (any DP; ``convert``/``grow`` reach other
+layouts through ``<save>.megatron_lm_import``). fp16's optimizer (loss scaler) is refused in one line
+naming ``--no-load-optim``/``--finetune`` (``convert``: ``--no-optimizer``), never dropped silently.
 
 The loaded state is put into an already-built model/optimizer at any layout the same way
 dist_checkpointing would: each of the model's (and optimizer's) ``ShardedTensor`` s is cut from the
