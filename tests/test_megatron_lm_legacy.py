@@ -384,3 +384,39 @@ def test_distributed_optimizer_state_is_carried_at_the_saved_tp(tmp_path):
     err = [l for l in r.stderr.splitlines() if l.startswith("error:")]
     assert r.returncode == 2 and len(err) == 1 and "distrib_optim.pt" in err[0] and "--no-load-optim" in err[0] \
         and "convert --load" in err[0], r.stderr[-2000:]
+
+
+def test_inspect_reads_legacy_directly():
+    """inspect on the legacy root (no convert first): the iteration Megatron-LM saved, and the global
+    shapes of the whole tensors rebuilt from the raw rank files (model and Adam moments)."""
+    r = run_cli(["inspect", str(FIX), "--json"], timeout=120)
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    raw = raw_rank(0, 0)
+    assert d["iteration"] == raw["iteration"] == 2 and d["saved_by"] == "Megatron-LM"
+    assert (d["parallel_layout"]["tp"], d["parallel_layout"]["pp"]) == (TP, PP)
+    got = {t["key"]: t["shape"] for t in d["tensors"]}
+    exp = {k: list(v.shape) for k, v in expected_whole("model").items()}
+    for kind in ("exp_avg", "exp_avg_sq"):
+        exp |= {f"optimizer.state.{kind}.{k}": list(v.shape) for k, v in expected_whole(kind).items()}
+    assert got == exp
+    assert d["num_parameters"] == sum(v.numel() for v in expected_whole("model").values())
+
+
+@pytest.mark.parametrize("fixture,record,tol", [(FIX, RECORD, 2e-5), (GPT, GPT_RECORD, 5e-3)], ids=["llama", "gpt"])
+def test_export_hf_reads_legacy_directly(tmp_path, fixture, record, tol):
+    """export-hf --load on the legacy root: transformers' loss on the batches Megatron-LM evaluated is
+    Megatron-LM's (GPT: within bf16 rounding; Megatron-LM computed in bf16)."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "hf"
+    run_cli(["export-hf", "--load", str(fixture), "--out", str(out)], timeout=120)
+    m = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, local_files_only=True).eval()
+    losses = []
+    for b in record["eval_tokens"]:
+        t = torch.tensor(b)
+        with torch.no_grad():
+            logits = m(t[:, :-1]).logits
+        losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t[:, 1:].reshape(-1)).item())
+    assert sum(losses) / len(losses) == pytest.approx(record["eval_loss"], abs=tol)
+    assert json.loads((out / "config.json").read_text())["megatron_iteration"] == 2

@@ -258,6 +258,38 @@ def whole_tensors(ckpt_dir: str, which: str = "model", files: Optional[dict] = N
     return out
 
 
+# the norm names of megatron-core's local spec -> the names this project's models store (fused, as TE)
+_FUSED_NORM = {k: v for k, v in NORM_ALIASES.items() if not k.startswith(("self_attention.", "mlp."))}
+
+
+def global_tensors(ckpt_dir: str, with_optimizer: bool = True) -> dict:
+    """The checkpoint's tensors as a torch_dist checkpoint of this project holds them (the keys of
+    ``global_tensors.tensor_specs``): layers stacked (``decoder.layers.<name>`` [L, ...]), the local
+    spec's norms under the fused names, and (the non-distributed Adam only, when it can be carried)
+    ``optimizer.state.{exp_avg,exp_avg_sq[,fp32_param]}.<model key>``. For ``inspect``/``export-hf``."""
+    files = rank_files(ckpt_dir)
+    kinds = ["model"]
+    if with_optimizer and files[(0, 0)].get("optimizer") is not None and \
+            not getattr(files[(0, 0)]["args"], "use_distributed_optimizer", False) and \
+            optimizer_refusal(ckpt_dir, files) is None:
+        kinds += ["exp_avg", "exp_avg_sq"] + (["fp32_param"] if has_masters(files) else [])
+    out = {}
+    for kind in kinds:
+        prefix = "" if kind == "model" else f"optimizer.state.{kind}."
+        layers = {}
+        for k, v in whole_tensors(ckpt_dir, kind, files).items():
+            m = _LAYER.match(k)
+            if m is None:
+                out[prefix + k] = v
+                continue
+            name = _FUSED_NORM.get(m.group(2), m.group(2))
+            layers.setdefault(name, {})[int(m.group(1))] = v
+        for name, by_layer in layers.items():
+            out[f"{prefix}decoder.layers.{name}"] = torch.stack([by_layer[i] for i in sorted(by_layer)])
+    _load_cached.cache_clear()
+    return out
+
+
 # ---- optimizer ------------------------------------------------------------------------------------
 
 def optimizer_refusal(ckpt_dir: str, files: Optional[dict] = None) -> Optional[str]:
