@@ -53,8 +53,10 @@ def raw_rank(t: int, p: int, it=None) -> dict:
 
     allowed = [argparse.Namespace, signal.Signals, ModelType, AttnBackend, np.ndarray, np.dtype,
                np.dtypes.UInt32DType, (np._core.multiarray._reconstruct, "numpy._core.multiarray._reconstruct")]
+    rank = (it or IT) / f"mp_rank_{t:02d}_{p:03d}"
+    rank = rank if rank.is_dir() else (it or IT) / f"mp_rank_{t:02d}"  # PP 1: no pipeline rank in the name
     with torch.serialization.safe_globals(allowed):
-        return torch.load((it or IT) / f"mp_rank_{t:02d}_{p:03d}" / "model_optim_rng.pt", weights_only=True)
+        return torch.load(rank / "model_optim_rng.pt", weights_only=True)
 
 
 def expected_whole(kind: str = "model") -> dict:
@@ -282,6 +284,8 @@ def test_train_loads_legacy_directly_at_another_layout(tmp_path):
                   "--lr-decay-style", "cosine", "--lr-warmup-iters", "1", "--lr-decay-iters", "10",
                   "--eval-iters", "0", "--log-interval", "1", "--progress-bar", "off"], nproc=2, timeout=600)
     assert "loaded checkpoint" in r.stdout and "at iteration 2" in r.stdout, r.stdout[-3000:]
+    # Megatron-LM's rule: the RNG state of another (TP, PP) is ignored, with a note
+    assert "(TP, PP) mismatch after resume (TP2 PP1 vs TP2 PP2 from checkpoint)" in r.stdout, r.stdout[-3000:]
     # the carried schedule: Megatron-LM's cosine (warmup 1, decay 10 iterations) at iteration 3
     import math
     import re
@@ -329,11 +333,44 @@ def _runs(bucket: torch.Tensor, v: torch.Tensor):
     return None
 
 
+def saved_rng(iter_dir) -> dict:
+    """``{tp rank: the rng_state entry}`` of a torch_dist checkpoint (PP 1, DP 1), read with torch DCP."""
+    import io
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = [k for k in FileSystemReader(str(iter_dir)).read_metadata().state_dict_metadata
+            if k.startswith("rng_state/shard_")]
+    sd = {k: io.BytesIO() for k in keys}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(sd, storage_reader=FileSystemReader(str(iter_dir)), no_dist=True)
+    out = {}
+    for k, v in sd.items():  # rng_state/shard_<pp>.<tp>_<PP>.<TP>: [[state of DP rank 0]]
+        while isinstance(v, list):
+            v = v[0]
+        out[int(k.split("_")[2].split(".")[1])] = v
+    return out
+
+
+def assert_same_rng(got: dict, raw: dict) -> None:
+    import numpy as np
+
+    assert got["random_rng_state"] == raw["random_rng_state"]
+    assert got["np_rng_state"][0] == raw["np_rng_state"][0] and tuple(got["np_rng_state"][2:]) == \
+        tuple(raw["np_rng_state"][2:]) and np.array_equal(got["np_rng_state"][1], raw["np_rng_state"][1])
+    assert torch.equal(got["torch_rng_state"], raw["torch_rng_state"])
+    assert set(got["rng_tracker_states"]) == set(raw["rng_tracker_states"])
+    assert all(torch.equal(got["rng_tracker_states"][n], t) for n, t in raw["rng_tracker_states"].items())
+
+
 def test_distributed_optimizer_state_is_carried_at_the_saved_tp(tmp_path):
     """distrib_optim.pt (Megatron-LM's flat DDP buffers, TP2 PP1 saved at DP2): convert at the saved TP
     (DP1 here) goes through megatron-core's own loader; every converted moment and fp32 param, cut per TP
     rank, is a contiguous run of that rank's Megatron-LM buffer, at the same offset for all three kinds;
-    another TP is refused in one line naming the convert command and --no-load-optim."""
+    each rank's RNG state (python, numpy, torch, tracker) is its Megatron-LM file's; another TP is refused in one line naming the convert command and --no-load-optim."""
     import torch.serialization as ser
 
     out = tmp_path / "conv"
@@ -371,6 +408,9 @@ def test_distributed_optimizer_state_is_carried_at_the_saved_tp(tmp_path):
                         mine = full.chunk(TP, dim=rule)[tp]
                     offsets.add(_runs(buf["exp_avg" if kind == "exp_avg" else kind], mine))
                 assert len(offsets) == 1 and None not in offsets, (tp, key, i, offsets)
+    # the RNG state (the saved TP/PP): each TP rank's converted rng_state is its Megatron-LM file's
+    for tp, got in saved_rng(out / "iter_0000002").items():
+        assert_same_rng(got, raw_rank(tp, 0, DIST / "iter_0000002")["rng_state"][0])
     # another TP: convert goes through <save>.megatron_lm_import at the saved TP2 (then removed)
     torchrun(["convert", "--load", str(DIST), "--save", str(tmp_path / "tp1"), "--target-tensor-model-parallel-size",
               "1"], nproc=2, timeout=600)

@@ -533,9 +533,52 @@ def _load_dist_optim(ckpt_dir: str, optimizer, step: int) -> None:
     manager.set_optimizer_step(optimizer, step)
 
 
-def load_into(ckpt_dir: str, model_chunks, optimizer, scheduler, *, load_optimizer: bool) -> dict:
+_RNG_KEYS = ("random_rng_state", "np_rng_state", "torch_rng_state", "rng_tracker_states")
+
+
+def rng_entry(files: dict, args) -> tuple:
+    """(this rank's saved RNG state in Megatron-LM's names, None) or (None, why it is not restored).
+
+    Megatron-LM's ``load_checkpoint``: the state of the rank's own (TP, PP) file, ``rng_state[dp rank]``
+    with ``--data-parallel-random-init`` (one entry per DP rank), else ``rng_state[0]``; when the
+    (TP, PP) layout differs it ignores the RNG state (as its torch_dist loader does), and a file without
+    one (``--no-save-rng``) is ``--no-load-rng``'s case. Here both are a note and a fresh stream."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_staged.checkpoint import manager
+
+    lay = manager.current_layout()
+    tp, pp = int(args.tensor_model_parallel_size), int(args.pipeline_model_parallel_size)
+    vp = getattr(args, "virtual_pipeline_model_parallel_size", None) or None
+    if (tp, pp, vp) != (lay.tp, lay.pp, lay.vp or None):
+        vs, vl = (f" VP{vp}" if vp else ""), (f" VP{lay.vp}" if lay.vp else "")
+        return None, (f"(TP, PP) mismatch after resume (TP{lay.tp} PP{lay.pp}{vl} vs TP{tp} PP{pp}{vs} from "
+                      f"checkpoint): RNG state not restored")
+    saved = files[(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank())].get("rng_state")
+    if not isinstance(saved, (list, tuple)) or not saved:
+        return None, "no RNG state saved (--no-save-rng?): RNG state not restored"
+    dp = ps.get_data_parallel_rank()
+    mine = saved[dp] if len(saved) == lay.dp else saved[0]
+    if not isinstance(mine, dict) or any(k not in mine for k in _RNG_KEYS) or not mine["rng_tracker_states"]:
+        return None, "its RNG state is not in Megatron-LM's rng_state layout: RNG state not restored"
+    # the generators' states must be this machine's kind (a CUDA generator's state differs from the CPU's)
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    now, saved_t = get_cuda_rng_tracker().get_states(), mine["rng_tracker_states"]
+    same = lambda a, b: isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.numel() == b.numel()  # noqa: E731
+    if not isinstance(saved_t, dict) or not same(mine["torch_rng_state"], torch.get_rng_state()) or \
+            any(not same(saved_t.get(k), v) for k, v in now.items()) or \
+            (torch.cuda.is_available() and not same(mine.get("cuda_rng_state"), torch.cuda.get_rng_state())):
+        return None, ("its RNG states are of another device's generators (or other tracker streams) than this "
+                      "run's: RNG state not restored")
+    return mine, None
+
+
+def load_into(ckpt_dir: str, model_chunks, optimizer, scheduler, *, load_optimizer: bool,
+              load_rng: bool = False) -> dict:
     """``manager.load_checkpoint`` for a legacy checkpoint: weights (and the fp32 Adam state, the
-    scheduler) into components built at any layout. Returns the train state like it."""
+    scheduler) into components built at any layout, and with ``load_rng`` at the saved TP/PP the RNG
+    state of each rank's file (:func:`rng_entry`). Returns the train state like it."""
     from megatron_staged.checkpoint import manager
     from megatron_staged.model.builder import unwrap
 
@@ -575,8 +618,19 @@ def load_into(ckpt_dir: str, model_chunks, optimizer, scheduler, *, load_optimiz
         manager.load_optimizer_state(optimizer, loaded["optimizer"], optimizer_step(files))
     if scheduler is not None and common.get("opt_param_scheduler") is not None and load_optimizer:
         scheduler.load_state_dict(common["opt_param_scheduler"])
+    restored = False
+    if load_rng:
+        from megatron_staged.checkpoint.megatron_lm import from_megatron_rng
+        from megatron_staged.runtime.distributed import print_rank0, set_rng_state
+
+        mine, why = rng_entry(files, files[(0, 0)]["args"])
+        if mine is not None:
+            set_rng_state(from_megatron_rng(mine))
+            restored = True
+        else:
+            print_rank0(f"note: {ckpt_dir}: {why} (a fresh stream; pass --no-load-rng to silence this)")
     _load_cached.cache_clear()
     state["iteration"] = common.get("iteration", 0)
     state["args"] = common.get("args")
-    state["rng_restored"] = False
+    state["rng_restored"] = restored
     return state
