@@ -460,3 +460,30 @@ def test_export_hf_reads_legacy_directly(tmp_path, fixture, record, tol):
         losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t[:, 1:].reshape(-1)).item())
     assert sum(losses) / len(losses) == pytest.approx(record["eval_loss"], abs=tol)
     assert json.loads((out / "config.json").read_text())["megatron_iteration"] == 2
+
+
+def test_pre_mcore_legacy_model_is_refused_in_one_line(tmp_path):
+    """A checkpoint of Megatron-LM's pre-megatron-core GPT model (nested ``language_model`` state dict;
+    args of that era: use_mcore_models False, no use_legacy_models) in the mp_rank_00 layout: inspect and
+    train --load each end in one error line naming it, before anything is built or written."""
+    ns = argparse.Namespace(**{k: v for k, v in vars(raw_rank(0, 0)["args"]).items() if k != "use_legacy_models"})
+    ns.use_mcore_models, ns.tensor_model_parallel_size, ns.pipeline_model_parallel_size = False, 1, 1
+    h = ns.hidden_size
+    model = {"language_model": {"embedding": {"word_embeddings": {"weight": torch.zeros(128, h)}},
+                                "encoder": {"layers.0.input_norm.weight": torch.ones(h),
+                                            "layers.0.self_attention.query_key_value.weight": torch.zeros(3 * h, h),
+                                            "final_norm.weight": torch.ones(h)}}}
+    rank = tmp_path / "old" / "iter_0000005" / "mp_rank_00"
+    rank.mkdir(parents=True)
+    torch.save({"args": ns, "iteration": 5, "model": model, "checkpoint_version": 3.0}, rank / "model_optim_rng.pt")
+    (tmp_path / "old" / "latest_checkpointed_iteration.txt").write_text("5")
+    runs = [["inspect", str(tmp_path / "old")],
+            ["train", "--load", str(tmp_path / "old"), "--save", str(tmp_path / "run"), "--train-iters", "6",
+             "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "127", "--micro-batch-size", "2",
+             "--global-batch-size", "2", "--lr", "1e-3", "--eval-iters", "0"]]
+    for argv in runs:
+        r = run_cli(argv, check=False, timeout=120)
+        err = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+        assert r.returncode == 2 and len(err) == 1, r.stderr[-2000:]
+        assert "pre-megatron-core" in err[0] and "language_model" in err[0] and "--loader legacy" in err[0], err[0]
+    assert not (tmp_path / "run").exists()

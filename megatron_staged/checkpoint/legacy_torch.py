@@ -95,6 +95,23 @@ def is_legacy_dir(ckpt_dir: str) -> bool:
         return True
 
 
+def refuse_pre_mcore(ckpt_dir: str, sd: dict) -> None:
+    """Megatron-LM's legacy (pre-megatron-core) GPT model (``--use-legacy-models``; before it, the
+    default without ``--use-mcore-models``) saves ``language_model.{embedding,encoder,output_layer}``
+    instead of megatron-core's keys: refused in one line, before anything is built."""
+    args = sd.get("args")
+    chunks = [v for k, v in sd.items() if (k == "model" or re.match(r"model\d+$", k)) and isinstance(v, dict)]
+    old_keys = any("language_model" in c or any(str(k).startswith("language_model.") for k in c) for c in chunks)
+    flagged = bool(getattr(args, "use_legacy_models", False)) or (
+        not hasattr(args, "use_legacy_models") and getattr(args, "use_mcore_models", True) is False)
+    if old_keys or flagged:
+        why = "its model holds language_model.* keys" if old_keys else "its args say --use-legacy-models"
+        raise UserError(f"{ckpt_dir} is a checkpoint of Megatron-LM's legacy (pre-megatron-core) GPT model "
+                        f"({why}), which megatron_staged does not read (megatron-core GPTModel checkpoints only); "
+                        f"convert it to megatron-core in Megatron-LM first: tools/checkpoint/convert.py "
+                        f"--model-type GPT --loader legacy with its megatron-core saver")
+
+
 def problems(ckpt_dir: str) -> list:
     """Missing or unreadable rank files (the TP x PP grid of the first rank's args)."""
     from megatron_staged.checkpoint.safe_load import UnsafeCheckpoint
@@ -105,11 +122,13 @@ def problems(ckpt_dir: str) -> list:
         with_pp = any(len(os.path.basename(d)) > len("mp_rank_00") for d in ranks.values())
         return [f"{os.path.join(ckpt_dir, 'mp_rank_00' + ('_000' if with_pp else ''), MODEL_FILE)} is missing"]
     try:
-        args = _load(os.path.join(first, MODEL_FILE)).get("args")
+        sd0 = _load(os.path.join(first, MODEL_FILE))
+        args = sd0.get("args")
     except UnsafeCheckpoint:
         raise
     except UserError as e:
         return [str(e)]
+    refuse_pre_mcore(ckpt_dir, sd0)
     if getattr(args, "num_experts", None) or int(getattr(args, "expert_model_parallel_size", 1) or 1) > 1:
         raise UserError(f"{ckpt_dir} is a Megatron-LM mixture-of-experts checkpoint (--num-experts); "
                         f"megatron_staged supports dense GPT models only")
