@@ -54,7 +54,7 @@ def main(argv) -> int:
         from megatron_staged.tools.convert import copy_at_saved_layout
 
         init_distributed()
-        imported = copy_at_saved_layout(src_dir, a.save)
+        imported = copy_at_saved_layout(src_dir, a.save, no_optimizer=a.no_optimizer)
         src_dir, _ = resolve_checkpoint_dir(imported)
         common = load_common(src_dir)
     if not common.get("args"):
