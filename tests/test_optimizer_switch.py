@@ -155,3 +155,40 @@ def test_grow_writes_the_other_optimizer_form(tmp_path, bf16_source):
     assert ("exp_avg", "decoder.layers.mlp.linear_fc1.weight") in want
     assert_same_optimizer_state(want, optimizer_view(other / it))
     assert saved_steps(same / it) == saved_steps(other / it) == {3.0}
+
+
+def test_fp16_dynamic_loss_scale_carries_across_optimizer_kinds(tmp_path):
+    """fp16 without, then with, then again without the distributed optimizer: each resume continues the
+    dynamic loss scaler saved in common.pt (read with torch.load): scale and growth tracker follow
+    megatron-core's rule (no overflow: the tracker counts to --loss-scale-window, then the scale doubles)
+    from the saved values, not from --initial-loss-scale."""
+    import re
+
+    window = 2
+    args = [*RUN, "--fp16", "--initial-loss-scale", "1024", "--loss-scale-window", str(window), "--hysteresis", "1"]
+
+    def scales(stdout):
+        return {int(i): float(s) for i, s in re.findall(r"iteration +(\d+)/ *\d+ .*?loss scale: ([0-9.]+)", stdout)}
+
+    def scaler(iter_dir):
+        g = torch.load(iter_dir / "common.pt", weights_only=False)["optimizer"]["grad_scaler"]
+        return float(g["scale"]), int(g["growth_tracker"])
+
+    run_cli(["train", *args, "--train-iters", "3", "--save", str(tmp_path / "a")])
+    prev, it = tmp_path / "a" / "iter_0000003", 3
+    for name, dist_opt in (("b", ["--use-distributed-optimizer"]), ("c", [])):
+        scale, tracker = scaler(prev)
+        assert (scale, tracker) != (1024.0, 0)  # the saved state is not the initial one
+        r = run_cli(["train", *args, *dist_opt, "--train-iters", str(it + 2), "--load", str(prev),
+                     "--save", str(tmp_path / name)])
+        skipped = re.findall(r"number of skipped iterations: +(\d+)", r.stdout)
+        assert skipped and set(skipped) == {"0"}, r.stdout[-2000:]  # no overflow: the rule below holds
+        expect = {}
+        for i in (it + 1, it + 2):
+            tracker += 1
+            if tracker == window:
+                scale, tracker = scale * 2, 0
+            expect[i] = scale
+        assert scales(r.stdout) == expect, r.stdout[-2000:]
+        prev, it = tmp_path / name / f"iter_{it + 2:07d}", it + 2
+        assert saved_form(prev)[0] == bool(dist_opt) and scaler(prev) == (scale, tracker)

@@ -66,20 +66,31 @@ def read_common(ckpt_dir: str) -> dict:
 
 
 def read_metadata(ckpt_dir: str):
-    """The torch DCP ``Metadata`` of a checkpoint directory."""
+    """The torch DCP ``Metadata`` of a checkpoint directory (torch_dist only)."""
     from megatron_staged.checkpoint import legacy_torch
 
     if not os.path.isfile(os.path.join(ckpt_dir, ".metadata")) and legacy_torch.is_legacy_dir(ckpt_dir):
-        raise UserError(f"{ckpt_dir} is a Megatron-LM checkpoint in the legacy 'torch' format, which this command "
-                        f"does not read directly; convert it first: megatron-staged convert --load {ckpt_dir} "
-                        f"--save NEW (add --no-optimizer if it says so), then use NEW")
-    return load_dcp_metadata(ckpt_dir)  # restricted unpickler: DCP's metadata classes only    return load_dcp_metadata(ckpt_dir)  # restricted unpickler: DCP's metadata classes only
+        raise UserError(f"{ckpt_dir} is a Megatron-LM checkpoint in the legacy 'torch' format, which has no DCP "
+                        f"metadata; convert it first: megatron-staged convert --load {ckpt_dir} --save NEW")
+    return load_dcp_metadata(ckpt_dir)  # restricted unpickler: DCP's metadata classes only
+
+
+def _legacy(ckpt_dir: str) -> bool:
+    """Megatron-LM's legacy ``--ckpt-format torch`` (``mp_rank_*/model_optim_rng.pt``): read through
+    ``legacy_torch.global_tensors`` (the rank files loaded and merged; the same keys as torch_dist)."""
+    from megatron_staged.checkpoint import legacy_torch
+
+    return not os.path.isfile(os.path.join(ckpt_dir, ".metadata")) and legacy_torch.is_legacy_dir(ckpt_dir)
 
 
 def tensor_specs(ckpt_dir: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Every tensor in the checkpoint: ``{global key: (global shape, dtype)}`` in file order."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    if _legacy(ckpt_dir):
+        from megatron_staged.checkpoint.legacy_torch import global_tensors
+
+        return {k: (tuple(v.shape), v.dtype) for k, v in global_tensors(ckpt_dir).items()}
     md = read_metadata(ckpt_dir)
     return {k: (tuple(v.size), v.properties.dtype) for k, v in md.state_dict_metadata.items()
             if isinstance(v, TensorStorageMetadata)}
@@ -94,6 +105,17 @@ def read_global_tensors(ckpt_dir: str, keys: Optional[Iterable[str]] = None) -> 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
 
+    if _legacy(ckpt_dir):
+        from megatron_staged.checkpoint.legacy_torch import global_tensors
+
+        with_opt = keys is None or any(not is_model_key(k) for k in keys)
+        whole = global_tensors(ckpt_dir, with_optimizer=with_opt)
+        keys = list(whole) if keys is None else list(keys)
+        missing = [k for k in keys if k not in whole]
+        if missing:
+            raise UserError(f"{ckpt_dir} holds no tensor {missing[0]!r}; run `megatron-staged inspect` on it "
+                            f"to list what it holds")
+        return {k: whole[k] for k in keys}
     specs = tensor_specs(ckpt_dir)
     keys = list(specs) if keys is None else list(keys)
     missing = [k for k in keys if k not in specs]
@@ -110,4 +132,8 @@ def read_global_tensors(ckpt_dir: str, keys: Optional[Iterable[str]] = None) -> 
 
 def read_model_tensors(ckpt_dir: str) -> dict[str, torch.Tensor]:
     """The model's global tensors (no optimizer state)."""
+    if _legacy(ckpt_dir):
+        from megatron_staged.checkpoint.legacy_torch import global_tensors
+
+        return global_tensors(ckpt_dir, with_optimizer=False)
     return read_global_tensors(ckpt_dir, [k for k in tensor_specs(ckpt_dir) if is_model_key(k)])

@@ -95,6 +95,23 @@ def is_legacy_dir(ckpt_dir: str) -> bool:
         return True
 
 
+def refuse_pre_mcore(ckpt_dir: str, sd: dict) -> None:
+    """Megatron-LM's legacy (pre-megatron-core) GPT model (``--use-legacy-models``; before it, the
+    default without ``--use-mcore-models``) saves ``language_model.{embedding,encoder,output_layer}``
+    instead of megatron-core's keys: refused in one line, before anything is built."""
+    args = sd.get("args")
+    chunks = [v for k, v in sd.items() if (k == "model" or re.match(r"model\d+$", k)) and isinstance(v, dict)]
+    old_keys = any("language_model" in c or any(str(k).startswith("language_model.") for k in c) for c in chunks)
+    flagged = bool(getattr(args, "use_legacy_models", False)) or (
+        not hasattr(args, "use_legacy_models") and getattr(args, "use_mcore_models", True) is False)
+    if old_keys or flagged:
+        why = "its model holds language_model.* keys" if old_keys else "its args say --use-legacy-models"
+        raise UserError(f"{ckpt_dir} is a checkpoint of Megatron-LM's legacy (pre-megatron-core) GPT model "
+                        f"({why}), which megatron_staged does not read (megatron-core GPTModel checkpoints only); "
+                        f"convert it to megatron-core in Megatron-LM first: tools/checkpoint/convert.py "
+                        f"--model-type GPT --loader legacy with its megatron-core saver")
+
+
 def problems(ckpt_dir: str) -> list:
     """Missing or unreadable rank files (the TP x PP grid of the first rank's args)."""
     from megatron_staged.checkpoint.safe_load import UnsafeCheckpoint
@@ -105,11 +122,13 @@ def problems(ckpt_dir: str) -> list:
         with_pp = any(len(os.path.basename(d)) > len("mp_rank_00") for d in ranks.values())
         return [f"{os.path.join(ckpt_dir, 'mp_rank_00' + ('_000' if with_pp else ''), MODEL_FILE)} is missing"]
     try:
-        args = _load(os.path.join(first, MODEL_FILE)).get("args")
+        sd0 = _load(os.path.join(first, MODEL_FILE))
+        args = sd0.get("args")
     except UnsafeCheckpoint:
         raise
     except UserError as e:
         return [str(e)]
+    refuse_pre_mcore(ckpt_dir, sd0)
     if getattr(args, "num_experts", None) or int(getattr(args, "expert_model_parallel_size", 1) or 1) > 1:
         raise UserError(f"{ckpt_dir} is a Megatron-LM mixture-of-experts checkpoint (--num-experts); "
                         f"megatron_staged supports dense GPT models only")
@@ -255,6 +274,38 @@ def whole_tensors(ckpt_dir: str, which: str = "model", files: Optional[dict] = N
         if len(parts) != tp:
             raise UserError(f"{ckpt_dir}: tensor {k} is held by {len(parts)} of the {tp} tensor-parallel ranks")
         out[k] = _merge(name, parts, swiglu, ckpt_dir)
+    return out
+
+
+# the norm names of megatron-core's local spec -> the names this project's models store (fused, as TE)
+_FUSED_NORM = {k: v for k, v in NORM_ALIASES.items() if not k.startswith(("self_attention.", "mlp."))}
+
+
+def global_tensors(ckpt_dir: str, with_optimizer: bool = True) -> dict:
+    """The checkpoint's tensors as a torch_dist checkpoint of this project holds them (the keys of
+    ``global_tensors.tensor_specs``): layers stacked (``decoder.layers.<name>`` [L, ...]), the local
+    spec's norms under the fused names, and (the non-distributed Adam only, when it can be carried)
+    ``optimizer.state.{exp_avg,exp_avg_sq[,fp32_param]}.<model key>``. For ``inspect``/``export-hf``."""
+    files = rank_files(ckpt_dir)
+    kinds = ["model"]
+    if with_optimizer and files[(0, 0)].get("optimizer") is not None and \
+            not getattr(files[(0, 0)]["args"], "use_distributed_optimizer", False) and \
+            optimizer_refusal(ckpt_dir, files) is None:
+        kinds += ["exp_avg", "exp_avg_sq"] + (["fp32_param"] if has_masters(files) else [])
+    out = {}
+    for kind in kinds:
+        prefix = "" if kind == "model" else f"optimizer.state.{kind}."
+        layers = {}
+        for k, v in whole_tensors(ckpt_dir, kind, files).items():
+            m = _LAYER.match(k)
+            if m is None:
+                out[prefix + k] = v
+                continue
+            name = _FUSED_NORM.get(m.group(2), m.group(2))
+            layers.setdefault(name, {})[int(m.group(1))] = v
+        for name, by_layer in layers.items():
+            out[f"{prefix}decoder.layers.{name}"] = torch.stack([by_layer[i] for i in sorted(by_layer)])
+    _load_cached.cache_clear()
     return out
 
 
@@ -501,9 +552,52 @@ def _load_dist_optim(ckpt_dir: str, optimizer, step: int) -> None:
     manager.set_optimizer_step(optimizer, step)
 
 
-def load_into(ckpt_dir: str, model_chunks, optimizer, scheduler, *, load_optimizer: bool) -> dict:
+_RNG_KEYS = ("random_rng_state", "np_rng_state", "torch_rng_state", "rng_tracker_states")
+
+
+def rng_entry(files: dict, args) -> tuple:
+    """(this rank's saved RNG state in Megatron-LM's names, None) or (None, why it is not restored).
+
+    Megatron-LM's ``load_checkpoint``: the state of the rank's own (TP, PP) file, ``rng_state[dp rank]``
+    with ``--data-parallel-random-init`` (one entry per DP rank), else ``rng_state[0]``; when the
+    (TP, PP) layout differs it ignores the RNG state (as its torch_dist loader does), and a file without
+    one (``--no-save-rng``) is ``--no-load-rng``'s case. Here both are a note and a fresh stream."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_staged.checkpoint import manager
+
+    lay = manager.current_layout()
+    tp, pp = int(args.tensor_model_parallel_size), int(args.pipeline_model_parallel_size)
+    vp = getattr(args, "virtual_pipeline_model_parallel_size", None) or None
+    if (tp, pp, vp) != (lay.tp, lay.pp, lay.vp or None):
+        vs, vl = (f" VP{vp}" if vp else ""), (f" VP{lay.vp}" if lay.vp else "")
+        return None, (f"(TP, PP) mismatch after resume (TP{lay.tp} PP{lay.pp}{vl} vs TP{tp} PP{pp}{vs} from "
+                      f"checkpoint): RNG state not restored")
+    saved = files[(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank())].get("rng_state")
+    if not isinstance(saved, (list, tuple)) or not saved:
+        return None, "no RNG state saved (--no-save-rng?): RNG state not restored"
+    dp = ps.get_data_parallel_rank()
+    mine = saved[dp] if len(saved) == lay.dp else saved[0]
+    if not isinstance(mine, dict) or any(k not in mine for k in _RNG_KEYS) or not mine["rng_tracker_states"]:
+        return None, "its RNG state is not in Megatron-LM's rng_state layout: RNG state not restored"
+    # the generators' states must be this machine's kind (a CUDA generator's state differs from the CPU's)
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    now, saved_t = get_cuda_rng_tracker().get_states(), mine["rng_tracker_states"]
+    same = lambda a, b: isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.numel() == b.numel()  # noqa: E731
+    if not isinstance(saved_t, dict) or not same(mine["torch_rng_state"], torch.get_rng_state()) or \
+            any(not same(saved_t.get(k), v) for k, v in now.items()) or \
+            (torch.cuda.is_available() and not same(mine.get("cuda_rng_state"), torch.cuda.get_rng_state())):
+        return None, ("its RNG states are of another device's generators (or other tracker streams) than this "
+                      "run's: RNG state not restored")
+    return mine, None
+
+
+def load_into(ckpt_dir: str, model_chunks, optimizer, scheduler, *, load_optimizer: bool,
+              load_rng: bool = False) -> dict:
     """``manager.load_checkpoint`` for a legacy checkpoint: weights (and the fp32 Adam state, the
-    scheduler) into components built at any layout. Returns the train state like it."""
+    scheduler) into components built at any layout, and with ``load_rng`` at the saved TP/PP the RNG
+    state of each rank's file (:func:`rng_entry`). Returns the train state like it."""
     from megatron_staged.checkpoint import manager
     from megatron_staged.model.builder import unwrap
 
@@ -543,8 +637,19 @@ def load_into(ckpt_dir: str, model_chunks, optimizer, scheduler, *, load_optimiz
         manager.load_optimizer_state(optimizer, loaded["optimizer"], optimizer_step(files))
     if scheduler is not None and common.get("opt_param_scheduler") is not None and load_optimizer:
         scheduler.load_state_dict(common["opt_param_scheduler"])
+    restored = False
+    if load_rng:
+        from megatron_staged.checkpoint.megatron_lm import from_megatron_rng
+        from megatron_staged.runtime.distributed import print_rank0, set_rng_state
+
+        mine, why = rng_entry(files, files[(0, 0)]["args"])
+        if mine is not None:
+            set_rng_state(from_megatron_rng(mine))
+            restored = True
+        else:
+            print_rank0(f"note: {ckpt_dir}: {why} (a fresh stream; pass --no-load-rng to silence this)")
     _load_cached.cache_clear()
     state["iteration"] = common.get("iteration", 0)
     state["args"] = common.get("args")
-    state["rng_restored"] = False
+    state["rng_restored"] = restored
     return state

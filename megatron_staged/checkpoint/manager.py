@@ -702,7 +702,8 @@ def load_checkpoint(path: str, model_chunks, optimizer, scheduler, *, load_optim
     from megatron_staged.checkpoint import legacy_torch
 
     if legacy_torch.is_legacy_dir(ckpt_dir):  # Megatron-LM's --ckpt-format torch: read directly, any layout
-        return legacy_torch.load_into(ckpt_dir, model_chunks, optimizer, scheduler, load_optimizer=load_optimizer)
+        return legacy_torch.load_into(ckpt_dir, model_chunks, optimizer, scheduler, load_optimizer=load_optimizer,
+                                      load_rng=load_rng)
     common = load_common(ckpt_dir)
     state = dict(common.get("train_state", {}))
     config = common.get("args")

@@ -120,16 +120,20 @@ def import_scratch_dir(save: str) -> str:
     return imported
 
 
-def copy_at_saved_layout(ckpt_dir: str, save: str) -> str:
+def copy_at_saved_layout(ckpt_dir: str, save: str, no_optimizer: bool = False) -> str:
     """A Megatron-LM checkpoint with its dp_reshardable optimizer (readable only at its saved layout and
-    dtype) converted as saved into a scratch directory beside ``save``; returns that directory."""
+    dtype), or in its legacy torch format, converted as saved into a scratch directory beside ``save``
+    (``no_optimizer``: the weights only); returns that directory."""
     from megatron_staged.runtime.distributed import print_rank0
 
+    from megatron_staged.checkpoint.legacy_torch import is_legacy_dir
+
     imported = import_scratch_dir(save)
-    print_rank0(f"{ckpt_dir} was saved by Megatron-LM with its dp_reshardable optimizer; converting it at its "
-                f"saved layout and dtype to {imported} first")
+    what = "in its legacy 'torch' format" if is_legacy_dir(ckpt_dir) else "with its dp_reshardable optimizer"
+    print_rank0(f"{ckpt_dir} was saved by Megatron-LM {what}; converting it at its saved layout and dtype to "
+                f"{imported} first")
     convert(argparse.Namespace(load=ckpt_dir, save=imported, target_tensor_model_parallel_size=None,
-                               target_pipeline_model_parallel_size=None, no_optimizer=False, dtype=None,
+                               target_pipeline_model_parallel_size=None, no_optimizer=no_optimizer, dtype=None,
                                use_distributed_optimizer=None, overwrite=True))
     return imported
 

@@ -47,13 +47,14 @@ def main(argv) -> int:
     check_output_dir(a.save, "--save", sources=(src_dir,), overwrite=a.overwrite)
     common = load_common(src_dir)
     imported = None
-    if needs_import(common, a.no_optimizer):
-        # Megatron-LM's default optimizer form (dp_reshardable) is readable only at its saved TP/PP:
+    if needs_import(common, a.no_optimizer) or common.get("legacy_torch_format"):
+        # Megatron-LM's default optimizer form (dp_reshardable) is readable only at its saved TP/PP, and
+        # the growth engine reads torch_dist files (not the legacy torch format's mp_rank_* files):
         # bring the checkpoint over first, as `convert` would, then grow from that copy
         from megatron_staged.tools.convert import copy_at_saved_layout
 
         init_distributed()
-        imported = copy_at_saved_layout(src_dir, a.save)
+        imported = copy_at_saved_layout(src_dir, a.save, no_optimizer=a.no_optimizer)
         src_dir, _ = resolve_checkpoint_dir(imported)
         common = load_common(src_dir)
     if not common.get("args"):
