@@ -337,3 +337,36 @@ def adamw_step_errors(before: dict, after: dict, lr: float, step: int, *, fresh_
         err = lambda t, sel: float((after[key] - update(t))[sel].abs().max()) / moved if sel.any() else None  # noqa: E731
         out[mkey] = (err(step, ~fresh), err(1, ~fresh), err(fresh_step, fresh) if fresh.any() else None)
     return out
+
+
+def saved_rng(iter_dir) -> dict:
+    """``{tp rank: the rng_state entry}`` of a torch_dist checkpoint (PP 1; DP rank 0's entry), read with torch DCP."""
+    import io
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = [k for k in FileSystemReader(str(iter_dir)).read_metadata().state_dict_metadata
+            if k.startswith("rng_state/shard_")]
+    sd = {k: io.BytesIO() for k in keys}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(sd, storage_reader=FileSystemReader(str(iter_dir)), no_dist=True)
+    out = {}
+    for k, v in sd.items():  # rng_state/shard_<pp>.<tp>_<PP>.<TP>: [[state of DP rank 0]]
+        while isinstance(v, list):
+            v = v[0]
+        out[int(k.split("_")[2].split(".")[1])] = v
+    return out
+
+
+def assert_same_rng(got: dict, raw: dict) -> None:
+    import numpy as np
+
+    assert got["random_rng_state"] == raw["random_rng_state"]
+    assert got["np_rng_state"][0] == raw["np_rng_state"][0] and tuple(got["np_rng_state"][2:]) == \
+        tuple(raw["np_rng_state"][2:]) and np.array_equal(got["np_rng_state"][1], raw["np_rng_state"][1])
+    assert torch.equal(got["torch_rng_state"], raw["torch_rng_state"])
+    assert set(got["rng_tracker_states"]) == set(raw["rng_tracker_states"])
+    assert all(torch.equal(got["rng_tracker_states"][n], t) for n, t in raw["rng_tracker_states"].items())

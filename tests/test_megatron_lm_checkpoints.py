@@ -119,6 +119,10 @@ def test_megatron_lm_checkpoint_converts_grows_exports_and_resumes(tmp_path):
     theirs = read_global_tensors(str(ITER_DIR))
     for k in model_keys:
         assert torch.equal(ours[k], theirs[k]), k
+    # the RNG state: per (TP, PP) rank, so a DP change carries it (Megatron-LM reads entry 0 of its list)
+    import oracle
+
+    oracle.assert_same_rng(oracle.saved_rng(cdir)[0], oracle.saved_rng(ITER_DIR)[0])
     prefix = "optimizer.distributed.dp_group_idx_0.gbuf_idx_0.dtype_(torch.float32, torch.float32).bucket_idx_0."
     for moment in ("param", "exp_avg", "exp_avg_sq"):
         bucket = theirs[prefix + moment]

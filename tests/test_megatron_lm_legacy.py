@@ -333,39 +333,6 @@ def _runs(bucket: torch.Tensor, v: torch.Tensor):
     return None
 
 
-def saved_rng(iter_dir) -> dict:
-    """``{tp rank: the rng_state entry}`` of a torch_dist checkpoint (PP 1, DP 1), read with torch DCP."""
-    import io
-    import warnings
-
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
-
-    keys = [k for k in FileSystemReader(str(iter_dir)).read_metadata().state_dict_metadata
-            if k.startswith("rng_state/shard_")]
-    sd = {k: io.BytesIO() for k in keys}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.load(sd, storage_reader=FileSystemReader(str(iter_dir)), no_dist=True)
-    out = {}
-    for k, v in sd.items():  # rng_state/shard_<pp>.<tp>_<PP>.<TP>: [[state of DP rank 0]]
-        while isinstance(v, list):
-            v = v[0]
-        out[int(k.split("_")[2].split(".")[1])] = v
-    return out
-
-
-def assert_same_rng(got: dict, raw: dict) -> None:
-    import numpy as np
-
-    assert got["random_rng_state"] == raw["random_rng_state"]
-    assert got["np_rng_state"][0] == raw["np_rng_state"][0] and tuple(got["np_rng_state"][2:]) == \
-        tuple(raw["np_rng_state"][2:]) and np.array_equal(got["np_rng_state"][1], raw["np_rng_state"][1])
-    assert torch.equal(got["torch_rng_state"], raw["torch_rng_state"])
-    assert set(got["rng_tracker_states"]) == set(raw["rng_tracker_states"])
-    assert all(torch.equal(got["rng_tracker_states"][n], t) for n, t in raw["rng_tracker_states"].items())
-
-
 def test_distributed_optimizer_state_is_carried_at_the_saved_tp(tmp_path):
     """distrib_optim.pt (Megatron-LM's flat DDP buffers, TP2 PP1 saved at DP2): convert at the saved TP
     (DP1 here) goes through megatron-core's own loader; every converted moment and fp32 param, cut per TP
@@ -409,8 +376,8 @@ def test_distributed_optimizer_state_is_carried_at_the_saved_tp(tmp_path):
                     offsets.add(_runs(buf["exp_avg" if kind == "exp_avg" else kind], mine))
                 assert len(offsets) == 1 and None not in offsets, (tp, key, i, offsets)
     # the RNG state (the saved TP/PP): each TP rank's converted rng_state is its Megatron-LM file's
-    for tp, got in saved_rng(out / "iter_0000002").items():
-        assert_same_rng(got, raw_rank(tp, 0, DIST / "iter_0000002")["rng_state"][0])
+    for tp, got in oracle.saved_rng(out / "iter_0000002").items():
+        oracle.assert_same_rng(got, raw_rank(tp, 0, DIST / "iter_0000002")["rng_state"][0])
     # another TP: convert goes through <save>.megatron_lm_import at the saved TP2 (then removed)
     torchrun(["convert", "--load", str(DIST), "--save", str(tmp_path / "tp1"), "--target-tensor-model-parallel-size",
               "1"], nproc=2, timeout=600)

@@ -65,8 +65,11 @@ def test_reshard_on_resume(tmp_path, corpus):
     ref = losses(ref_log)
     for (tp, pp, dp) in [(1, 1, 1), (2, 1, 2)]:
         log = tmp_path / f"resume_{tp}{pp}{dp}.jsonl"
-        torchrun(["train", *extra, *corpus, *_layout_flags(tp, pp), "--load", str(ckpt), "--log-file", str(log)],
-                 nproc=tp * pp * dp)
+        r = torchrun(["train", *extra, *corpus, *_layout_flags(tp, pp), "--load", str(ckpt), "--log-file", str(log)],
+                     nproc=tp * pp * dp)
+        # the RNG streams are per (TP, PP) rank: another TP/PP gets a fresh stream, said as Megatron-LM says it
+        assert f"(TP, PP) mismatch after resume (TP{tp} PP{pp} vs TP2 PP2 from checkpoint): RNG state not " \
+            "restored" in r.stdout, r.stdout[-2000:]
         got = losses(log)
         assert sorted(got) == [4]
         assert got[4] == pytest.approx(ref[4], rel=1e-5), f"resumed at TP{tp} PP{pp} DP{dp}"

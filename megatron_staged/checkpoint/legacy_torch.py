@@ -594,7 +594,7 @@ def rng_entry(files: dict, args) -> tuple:
 
 
 def load_into(ckpt_dir: str, model_chunks, optimizer, scheduler, *, load_optimizer: bool,
-              load_rng: bool = False) -> dict:
+              load_rng: bool = False, rng_note: bool = True) -> dict:
     """``manager.load_checkpoint`` for a legacy checkpoint: weights (and the fp32 Adam state, the
     scheduler) into components built at any layout, and with ``load_rng`` at the saved TP/PP the RNG
     state of each rank's file (:func:`rng_entry`). Returns the train state like it."""
@@ -646,7 +646,7 @@ def load_into(ckpt_dir: str, model_chunks, optimizer, scheduler, *, load_optimiz
         if mine is not None:
             set_rng_state(from_megatron_rng(mine))
             restored = True
-        else:
+        elif rng_note:
             print_rank0(f"note: {ckpt_dir}: {why} (a fresh stream; pass --no-load-rng to silence this)")
     _load_cached.cache_clear()
     state["iteration"] = common.get("iteration", 0)

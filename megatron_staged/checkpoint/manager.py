@@ -31,7 +31,7 @@ from megatron_staged.checkpoint import megatron_lm
 from megatron_staged.checkpoint.integrity import write_manifest
 from megatron_staged.checkpoint.safe_load import untrusted_checkpoint_reads
 from megatron_staged.errors import UserError
-from megatron_staged.runtime.distributed import barrier, current_layout, is_rank0, rng_state, set_rng_state
+from megatron_staged.runtime.distributed import barrier, current_layout, is_rank0, print_rank0, rng_state, set_rng_state
 
 TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0
@@ -680,14 +680,20 @@ def _carry_param_groups(optimizer, saved) -> None:
             g.update({k: v for k, v in old.items() if k not in ("params", "step") and k in g})
 
 
+def _model_layout_str(lay: dict) -> str:
+    """``TPt PPp[ VPv]`` of a ``parallel_layout`` dict (DP left out: the RNG streams do not depend on it)."""
+    return f"TP{lay.get('tp')} PP{lay.get('pp')}" + (f" VP{lay['vp']}" if lay.get("vp") else "")
+
+
 def load_checkpoint(path: str, model_chunks, optimizer, scheduler, *, load_optimizer: bool = True,
-                    load_rng: bool = True) -> dict:
+                    load_rng: bool = True, rng_note: bool = True) -> dict:
     """Load into already-built model/optimizer/scheduler at the current layout.
 
     Returns the checkpoint's ``train_state`` (with ``iteration`` and ``args``, the config tree as a
     dict). The layout may differ from the one saved: weights and moments are resharded by
-    dist_checkpointing; the RNG is then not restored (its per-rank streams do not map across
-    layouts). Checkpoints saved by Megatron-LM load the same way (``checkpoint.megatron_lm``); its
+    dist_checkpointing; the RNG state is restored at the saved TP/PP/VP (any DP, as Megatron-LM reads
+    its per-DP list at entry 0), else not (its per-rank streams do not map across layouts; a note,
+    as Megatron-LM's, unless ``rng_note`` is False). Checkpoints saved by Megatron-LM load the same way (``checkpoint.megatron_lm``); its
     default ``dp_reshardable`` optimizer form needs the saved TP/PP, as in Megatron-LM.
 
     The optimizer kind and, without the distributed optimizer, the precision may differ from the
@@ -703,12 +709,16 @@ def load_checkpoint(path: str, model_chunks, optimizer, scheduler, *, load_optim
 
     if legacy_torch.is_legacy_dir(ckpt_dir):  # Megatron-LM's --ckpt-format torch: read directly, any layout
         return legacy_torch.load_into(ckpt_dir, model_chunks, optimizer, scheduler, load_optimizer=load_optimizer,
-                                      load_rng=load_rng)
+                                      load_rng=load_rng, rng_note=rng_note)
     common = load_common(ckpt_dir)
     state = dict(common.get("train_state", {}))
     config = common.get("args")
     lay = current_layout()
-    same_layout = common.get("parallel_layout", {}) == lay.as_dict()  # VP too: its chunks hold other layers
+    saved_lay = common.get("parallel_layout", {})
+    # the RNG streams are per (TP, PP) rank (VP too: its chunks hold other layers); DP ranks share them
+    # unless --data-parallel-random-init, whose per-DP list Megatron-LM reads at entry 0 when DP differs
+    same_model_layout = {k: v for k, v in saved_lay.items() if k != "dp"} == \
+        {k: v for k, v in lay.as_dict().items() if k != "dp"}
     with_optim = load_optimizer and optimizer is not None and state.get("has_optimizer", True)
     if load_optimizer and optimizer is not None and not state.get("has_optimizer", True):
         raise UserError(f"{ckpt_dir} holds no optimizer state (saved with --no-save-optim); "
@@ -723,7 +733,18 @@ def load_checkpoint(path: str, model_chunks, optimizer, scheduler, *, load_optim
             switch = (saved_form, now_form)
         else:
             optim_sharding = _optimizer_sharding(common, ckpt_dir, optimizer)
-    rng_layout = megatron_lm.rng_layout(ckpt_dir) if load_rng and same_layout else None
+    rng_layout = None
+    if load_rng:
+        rng_layout = megatron_lm.rng_layout(ckpt_dir)
+        if rng_layout == "legacy" and saved_lay.get("dp") != lay.dp:
+            rng_layout = None  # checkpoints saved here before kept one object per (PP, TP, DP) rank
+        elif rng_layout is not None and not same_model_layout:
+            if rng_note:
+                print_rank0(f"note: {ckpt_dir}: (TP, PP) mismatch after resume ({_model_layout_str(lay.as_dict())} vs "
+                            f"{_model_layout_str(saved_lay)} "
+                            f"from checkpoint): RNG state not restored (a fresh stream from --seed; "
+                            f"--no-load-rng silences this)")
+            rng_layout = None
     sd = build_state_dict(model_chunks, optimizer, None, {}, is_loading=True,
                           with_optimizer=with_optim and switch is None, with_rng=rng_layout is not None,
                           optim_sharding=optim_sharding, rng_layout=rng_layout or "megatron")

@@ -200,7 +200,8 @@ def convert(args) -> dict:
     comps = build_components(cfg, initialize=False, with_optimizer=with_optim,
                              with_scheduler=with_optim and "opt_param_scheduler" in common)
     model, optimizer, scheduler, layout = comps.model, comps.optimizer, comps.scheduler, comps.layout
-    state = load_checkpoint(ckpt_dir, model, optimizer, scheduler, load_optimizer=with_optim, load_rng=True)
+    state = load_checkpoint(ckpt_dir, model, optimizer, scheduler, load_optimizer=with_optim, load_rng=True,
+                           rng_note=False)  # carried at the saved TP/PP; at another, nothing to say
     train_state = TrainState.from_dict(state)
     path = save_checkpoint(args.save, train_state.iteration, model, optimizer, scheduler, train_state.to_dict(),
                            cfg.to_dict(), save_optimizer=with_optim, replace_existing=args.overwrite)
