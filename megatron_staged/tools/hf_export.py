@@ -178,6 +178,22 @@ def check_out_dir(out: str, overwrite: bool = False, source: Optional[str] = Non
                         f"export; choose an empty directory")
 
 
+def check_out_not_a_source(out: str, common: dict, tok: Optional[TokenizerInfo]) -> None:
+    """Refuse (even with --overwrite) an --out that is the directory of the checkpoint's tokenizer (read
+    while writing: the copy fails half-way) or of the HF model the checkpoint was imported from (its
+    weights and config would be replaced by the export)."""
+    sources = []
+    if tok is not None and tok.path:
+        sources.append((tok.path if os.path.isdir(tok.path) else os.path.dirname(os.path.abspath(tok.path)),
+                        f"the directory of the checkpoint's tokenizer ({tok.path})"))
+    src = ((common.get("train_state") or {}).get("hf_import") or {}).get("source")
+    if src:
+        sources.append((src, f"the HuggingFace model the checkpoint was imported from ({src})"))
+    for path, what in sources:
+        if os.path.realpath(out) == os.path.realpath(path):
+            raise UserError(f"--out {out} is {what}; the export would overwrite it: give a new directory")
+
+
 def export(load: str, out: str, vocab_size: Optional[int] = None, dtype: Optional[str] = None,
            overwrite: bool = False) -> dict:
     """Export checkpoint ``load`` to ``out``; returns a summary dict."""
@@ -189,6 +205,7 @@ def export(load: str, out: str, vocab_size: Optional[int] = None, dtype: Optiona
     ckpt_dir, iteration, common, cfg = load_checkpoint_config(load)
     check_out_dir(out, overwrite, ckpt_dir)
     tok = checkpoint_tokenizer(cfg)
+    check_out_not_a_source(out, common, tok)
     vocab, vocab_source = true_vocab_size(vocab_size, common, tok)
     arch = arch_from_model_config(cfg.model, vocab)
     check_checkpoint_shapes(tensor_specs(ckpt_dir), arch, ckpt_dir)

@@ -1,0 +1,112 @@
+"""import-hf / export-hf with inputs a new user brings (found exploring the HF tools as a new user).
+
+Tiny transformers models are built from configs with random weights; nothing is downloaded. The
+oracles are the files on disk (what a shard index names, what transformers' tokenizer holds, the
+bytes of the source directory), not the code under test.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import run_cli  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 61
+
+
+def _llama(d, **save):
+    import torch
+
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=16)).save_pretrained(str(d), **save)
+    return d
+
+
+def _tokenizer(d, n):
+    """A WordLevel tokenizer with ``n`` tokens (eos included) saved into ``d``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(n - 2)}
+    vocab.update({"<unk>": n - 2, "</s>": n - 1})
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", eos_token="</s>").save_pretrained(str(d))
+
+
+def test_missing_shard_or_truncated_weights_is_one_line_before_any_work(tmp_path):
+    """Found as a new user: a sharded checkpoint with one shard not copied, or a truncated
+    model.safetensors, gave a FileNotFoundError / SafetensorError traceback."""
+    from megatron_staged.errors import UserError
+    from megatron_staged.tools.hf_import import HFWeights
+
+    sharded = _llama(tmp_path / "sharded", max_shard_size="4KB")
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
+    shards = sorted(set(index.values()))
+    assert len(shards) >= 2
+    HFWeights(str(sharded))  # complete: reads
+    os.remove(sharded / shards[1])
+    with pytest.raises(UserError) as e:
+        HFWeights(str(sharded))
+    assert shards[1] in str(e.value) and "\n" not in str(e.value)
+
+    whole = _llama(tmp_path / "whole")
+    data = (whole / "model.safetensors").read_bytes()
+    (whole / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError) as e:
+        HFWeights(str(whole)).shape("model.embed_tokens.weight")
+    assert "model.safetensors cannot be read" in str(e.value) and "\n" not in str(e.value)
+    r = run_cli(["import-hf", "--hf", str(whole), "--save", str(tmp_path / "ck")], check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "cannot be read" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "ck").exists()
+
+
+def test_tokenizer_that_does_not_fit_or_load(tmp_path, capsys):
+    """Found as a new user: import-hf recorded a tokenizer with more tokens than the model's vocab_size
+    (ids beyond it have no embedding row), and recorded tokenizer files that do not load, after which
+    export-hf of the checkpoint failed ('cannot load a HuggingFace tokenizer') whatever flags were given."""
+    from megatron_staged.errors import UserError
+    from megatron_staged.tools.hf_import import check_hf_tokenizer
+
+    d = tmp_path / "m"
+    d.mkdir()
+    assert check_hf_tokenizer(str(d), VOCAB) is False  # no tokenizer: nothing recorded
+    _tokenizer(d, VOCAB)
+    assert len(transformers.AutoTokenizer.from_pretrained(str(d))) == VOCAB
+    assert check_hf_tokenizer(str(d), VOCAB) is True
+    big = tmp_path / "big"
+    _tokenizer(big, VOCAB + 5)
+    with pytest.raises(UserError, match=rf"has {VOCAB + 5} tokens but the model's vocab_size is {VOCAB}"):
+        check_hf_tokenizer(str(big), VOCAB)
+    os.remove(d / "tokenizer.json")  # tokenizer_config.json alone: transformers cannot build it
+    with pytest.raises(Exception):
+        transformers.AutoTokenizer.from_pretrained(str(d))
+    capsys.readouterr()
+    assert check_hf_tokenizer(str(d), VOCAB) is False
+    assert "do not load" in capsys.readouterr().out
+
+
+def test_export_into_the_imported_model_directory_is_refused(tmp_path):
+    """Found as a new user: `export-hf --out HF --overwrite` where HF is the directory the checkpoint was
+    imported from (and its tokenizer) rewrote HF's config.json, then died with shutil.SameFileError
+    copying the tokenizer onto itself (a traceback, the source model half-replaced)."""
+    from megatron_staged.errors import UserError
+    from megatron_staged.tools.hf_export import export
+
+    hf = _llama(tmp_path / "hf")
+    _tokenizer(hf, VOCAB)
+    run_cli(["import-hf", "--hf", str(hf), "--save", str(tmp_path / "ck")])
+    before = {f: hashlib.sha256((hf / f).read_bytes()).hexdigest() for f in sorted(os.listdir(hf))}
+    with pytest.raises(UserError, match="the export would overwrite it"):
+        export(str(tmp_path / "ck"), str(hf), overwrite=True)
+    assert {f: hashlib.sha256((hf / f).read_bytes()).hexdigest() for f in sorted(os.listdir(hf))} == before
+    s = export(str(tmp_path / "ck"), str(tmp_path / "out"))  # a new directory: exported, tokenizer included
+    assert s["vocab_size"] == VOCAB and (tmp_path / "out" / "tokenizer.json").is_file()
