@@ -110,3 +110,23 @@ def test_export_into_the_imported_model_directory_is_refused(tmp_path):
     assert {f: hashlib.sha256((hf / f).read_bytes()).hexdigest() for f in sorted(os.listdir(hf))} == before
     s = export(str(tmp_path / "ck"), str(tmp_path / "out"))  # a new directory: exported, tokenizer included
     assert s["vocab_size"] == VOCAB and (tmp_path / "out" / "tokenizer.json").is_file()
+
+
+def test_a_classifier_is_not_imported_as_a_causal_lm(tmp_path):
+    """Found as a new user: a LlamaForSequenceClassification directory (tied embeddings, as Llama 3.2's)
+    imported as a LlamaForCausalLM: its score head silently dropped, the output layer taken from the
+    embeddings. GPT2Model (GPT-2 without the head, which GPT-2 ties to wte anyway) still imports."""
+    from megatron_staged.checkpoint.hf_mapping import arch_from_hf_config
+    from megatron_staged.errors import UserError
+
+    cfg = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+               tie_word_embeddings=True, num_labels=3)
+    transformers.LlamaForSequenceClassification(transformers.LlamaConfig(**cfg)).save_pretrained(str(tmp_path / "cls"))
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).save_pretrained(str(tmp_path / "lm"))
+    transformers.GPT2Model(transformers.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2)).save_pretrained(
+        str(tmp_path / "gpt2"))
+    read = lambda name: json.loads((tmp_path / name / "config.json").read_text())  # noqa: E731
+    with pytest.raises(UserError, match="not a causal language model") as e:
+        arch_from_hf_config(read("cls"))
+    assert "\n" not in str(e.value)
+    assert arch_from_hf_config(read("lm")).tied and arch_from_hf_config(read("gpt2")).hf_class == "GPT2LMHeadModel"

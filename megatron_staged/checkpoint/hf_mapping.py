@@ -226,6 +226,13 @@ def hf_config_dict(a: Arch, **extra) -> dict:
 def arch_from_hf_config(c: dict, padded_vocab: Optional[int] = None) -> Arch:
     """The architecture of a HF ``config.json`` (GPT-2, Llama, Qwen2 or Qwen3); UserError for anything else."""
     mt = c.get("model_type")
+    archs = c.get("architectures") or []
+    if mt in ("gpt2", "llama", "qwen2", "qwen3") and isinstance(archs, list) and archs and not any(
+            isinstance(n, str) and (n.endswith("ForCausalLM") or n.endswith("LMHeadModel") or n == "GPT2Model")
+            for n in archs):
+        raise UserError(f"config.json's architectures {archs} is not a causal language model; import-hf reads "
+                        f"GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM (another head, "
+                        f"such as a classifier's, would be dropped and the output layer taken from elsewhere)")
     if mt == "gpt2":
         act = c.get("activation_function", "gelu_new")
         if act not in ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu2"):
