@@ -130,3 +130,26 @@ def test_a_classifier_is_not_imported_as_a_causal_lm(tmp_path):
         arch_from_hf_config(read("cls"))
     assert "\n" not in str(e.value)
     assert arch_from_hf_config(read("lm")).tied and arch_from_hf_config(read("gpt2")).hf_class == "GPT2LMHeadModel"
+
+
+@pytest.mark.parametrize("field,value", [("vocab_size", None), ("hidden_size", "16"), ("tie_word_embeddings", "false"),
+                                         ("max_position_embeddings", None), ("rms_norm_eps", "1e-5"),
+                                         ("head_dim", 0), ("num_key_value_heads", 0)])
+def test_config_values_transformers_rejects_are_one_line(field, value):
+    """Found as a new user (hand-edited config.json): vocab_size null or max_position_embeddings null gave a
+    TypeError traceback, hidden_size "16" a torch traceback, tie_word_embeddings "false" (a truthy string)
+    imported the model as tied, silently ignoring its lm_head, and head_dim 0 / num_key_value_heads 0
+    were read as absent (hidden/heads, MHA). transformers rejects the typed ones itself; 0 is no size."""
+    from megatron_staged.checkpoint.hf_mapping import arch_from_hf_config
+    from megatron_staged.errors import UserError
+
+    base = dict(model_type="llama", vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=2, head_dim=8, max_position_embeddings=16,
+                tie_word_embeddings=False, rms_norm_eps=1e-5)
+    assert arch_from_hf_config(base).tied is False
+    if value != 0:  # the oracle: transformers refuses the same value
+        with pytest.raises(Exception, match=field):
+            transformers.LlamaConfig(**{k: v for k, v in dict(base, **{field: value}).items() if k != "model_type"})
+    with pytest.raises(UserError) as e:
+        arch_from_hf_config(dict(base, **{field: value}))
+    assert f"config.json {field} is {json.dumps(value)}" in str(e.value) and "\n" not in str(e.value)

@@ -26,6 +26,7 @@ Layout facts the mapping relies on (megatron-core 0.16, TE-style checkpoint name
 """
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
@@ -233,6 +234,8 @@ def arch_from_hf_config(c: dict, padded_vocab: Optional[int] = None) -> Arch:
         raise UserError(f"config.json's architectures {archs} is not a causal language model; import-hf reads "
                         f"GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM (another head, "
                         f"such as a classifier's, would be dropped and the output layer taken from elsewhere)")
+    if mt in ("gpt2", "llama", "qwen2", "qwen3"):
+        _check_config_types(c)
     if mt == "gpt2":
         act = c.get("activation_function", "gelu_new")
         if act not in ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu2"):
@@ -284,6 +287,33 @@ def arch_from_hf_config(c: dict, padded_vocab: Optional[int] = None) -> Arch:
                              tied=c.get("tie_word_embeddings", False), qkv_bias=mt == "qwen2",
                              qk_norm=mt == "qwen3", rope_scaling_factor=scaling)
     raise UserError(f"config.json has model_type {mt!r}; import-hf reads gpt2, llama, qwen2 and qwen3 models")
+
+
+# config.json fields read as sizes (0 allowed only for the layer count) and as switches
+_INT_FIELDS = ("n_layer", "n_embd", "n_head", "n_inner", "n_positions", "num_hidden_layers", "hidden_size",
+               "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
+               "max_position_embeddings")
+_BOOL_FIELDS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window", "scale_attn_weights",
+                "scale_attn_by_inverse_layer_idx")
+_FLOAT_FIELDS = ("layer_norm_epsilon", "rms_norm_eps", "rope_theta")
+
+
+def _check_config_types(c: dict) -> None:
+    """UserError (one line, naming the field) for a config.json value transformers would not accept
+    either: a size that is not a positive integer, a switch that is not true/false, a non-number eps.
+    A present field is never replaced by a default (``head_dim: 0`` is not 'hidden / heads')."""
+    for k in _INT_FIELDS:
+        if k in c and not (c[k] is None and k in ("n_inner", "num_key_value_heads", "head_dim")):
+            v = c[k]
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if k in ("n_layer", "num_hidden_layers") else 1):
+                raise UserError(f"config.json {k} is {json.dumps(v)}; expected a {'non-negative' if 'layer' in k else 'positive'} "
+                                f"integer")
+    for k in _BOOL_FIELDS:
+        if k in c and not isinstance(c[k], bool):
+            raise UserError(f"config.json {k} is {json.dumps(c[k])}; expected true or false")
+    for k in _FLOAT_FIELDS:
+        if k in c and c[k] is not None and (isinstance(c[k], bool) or not isinstance(c[k], (int, float)) or c[k] <= 0):
+            raise UserError(f"config.json {k} is {json.dumps(c[k])}; expected a positive number")
 
 
 def _checked_arch(hf_class: str, c: dict, **kw) -> Arch:
