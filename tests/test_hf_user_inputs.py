@@ -153,3 +153,25 @@ def test_config_values_transformers_rejects_are_one_line(field, value):
     with pytest.raises(UserError) as e:
         arch_from_hf_config(dict(base, **{field: value}))
     assert f"config.json {field} is {json.dumps(value)}" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_overwrite_never_leaves_another_tokenizer_beside_the_export(tmp_path):
+    """Found as a new user: `export-hf --overwrite` of a checkpoint without a tokenizer into a directory
+    holding an earlier export's tokenizer.json left it there: AutoTokenizer.from_pretrained(out) then
+    loaded a tokenizer the checkpoint was never trained with. Now refused, naming the files, deleting none."""
+    from megatron_staged.errors import UserError
+    from megatron_staged.tools.hf_export import export
+
+    hf = _llama(tmp_path / "hf")
+    run_cli(["import-hf", "--hf", str(hf), "--save", str(tmp_path / "ck")])  # no tokenizer in hf
+    out = tmp_path / "out"
+    _tokenizer(out, VOCAB)  # what an earlier export (or anything else) left there
+    assert transformers.AutoTokenizer.from_pretrained(str(out)) is not None  # transformers would load it
+    before = sorted(os.listdir(out))
+    with pytest.raises(UserError, match="tokenizer.json") as e:
+        export(str(tmp_path / "ck"), str(out), overwrite=True)
+    assert "\n" not in str(e.value) and sorted(os.listdir(out)) == before
+    os.remove(out / "tokenizer.json")
+    os.remove(out / "tokenizer_config.json")
+    export(str(tmp_path / "ck"), str(out), overwrite=True)
+    assert (out / "model.safetensors").is_file()

@@ -93,6 +93,30 @@ def true_vocab_size(flag: Optional[int], common: dict, tok: Optional[TokenizerIn
                     "available here; pass --vocab-size V (the tokenizer's number of tokens)")
 
 
+def tokenizer_files(tok: Optional[TokenizerInfo]) -> set:
+    """The file names ``write_tokenizer`` writes into --out for ``tok``."""
+    if tok is None or tok.kind == "NullTokenizer":
+        return set()
+    if tok.kind in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer"):
+        return {"tokenizer.model", "tokenizer_config.json"}
+    if os.path.isdir(tok.path):
+        return {f for f in HF_TOKENIZER_FILES if os.path.isfile(os.path.join(tok.path, f))}
+    return {"tokenizer.json"}
+
+
+def check_no_stale_tokenizer(out: str, tok: Optional[TokenizerInfo]) -> None:
+    """Refuse an --out (with --overwrite) holding tokenizer files this export does not replace:
+    transformers would load them with the exported model (e.g. an old tokenizer.json next to a new
+    sentencepiece tokenizer.model), a tokenizer that is not the checkpoint's. Nothing is deleted."""
+    if not os.path.isdir(out):
+        return
+    stale = sorted(f for f in HF_TOKENIZER_FILES
+                   if os.path.isfile(os.path.join(out, f)) and f not in tokenizer_files(tok))
+    if stale:
+        raise UserError(f"--out {out} holds {', '.join(stale)}, which this export does not replace and transformers "
+                        f"would load with it (not the checkpoint's tokenizer); remove them or choose an empty directory")
+
+
 def write_tokenizer(tok: Optional[TokenizerInfo], out: str, max_length: int) -> str:
     """Copy the tokenizer into ``out``; returns a description."""
     if tok is None or tok.kind == "NullTokenizer":
@@ -206,6 +230,7 @@ def export(load: str, out: str, vocab_size: Optional[int] = None, dtype: Optiona
     check_out_dir(out, overwrite, ckpt_dir)
     tok = checkpoint_tokenizer(cfg)
     check_out_not_a_source(out, common, tok)
+    check_no_stale_tokenizer(out, tok)
     vocab, vocab_source = true_vocab_size(vocab_size, common, tok)
     arch = arch_from_model_config(cfg.model, vocab)
     check_checkpoint_shapes(tensor_specs(ckpt_dir), arch, ckpt_dir)
