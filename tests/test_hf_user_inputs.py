@@ -175,3 +175,23 @@ def test_overwrite_never_leaves_another_tokenizer_beside_the_export(tmp_path):
     os.remove(out / "tokenizer_config.json")
     export(str(tmp_path / "ck"), str(out), overwrite=True)
     assert (out / "model.safetensors").is_file()
+
+
+def test_layout_errors_name_the_config_json_fields():
+    """Found as a new user: importing a multi-query model (num_key_value_heads 1, as many small models)
+    at TP2 said '--num-query-groups 1 is not divisible by ...', a flag import-hf does not have."""
+    from megatron_staged.checkpoint.hf_mapping import arch_from_hf_config
+    from megatron_staged.errors import UserError
+    from megatron_staged.tools.hf_import import import_config, parse_args
+
+    for mt, fields, field in (
+            ("llama", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                           num_key_value_heads=1), "num_key_value_heads 1"),
+            ("gpt2", dict(n_embd=32, n_inner=48, n_layer=3, n_head=4, n_positions=16), "n_layer 3")):
+        arch = arch_from_hf_config(dict(fields, model_type=mt, vocab_size=VOCAB), padded_vocab=256)
+        tp, pp = (2, 1) if mt == "llama" else (1, 2)
+        args = parse_args(["--hf", "x", "--save", "y", "--target-tensor-model-parallel-size", str(tp),
+                           "--target-pipeline-model-parallel-size", str(pp)])
+        with pytest.raises(UserError) as e:
+            import_config(arch, args, "/nonexistent", tp * pp)
+        assert str(e.value).startswith(f"config.json's {field} is not divisible by --target-"), str(e.value)

@@ -217,8 +217,23 @@ def import_config(arch, args, hf_dir: str, world_size: int, with_tokenizer: Opti
         validate(cfg.copy(), world_size)
     except UserError as e:
         msg = str(e).replace("--tensor-model-parallel-size", "--target-tensor-model-parallel-size")
-        raise UserError(msg.replace("--pipeline-model-parallel-size", "--target-pipeline-model-parallel-size")) from None
+        msg = msg.replace("--pipeline-model-parallel-size", "--target-pipeline-model-parallel-size")
+        for flag, field in config_fields(arch).items():  # the sizes come from config.json, not flags
+            msg = msg.replace(flag + " ", f"config.json's {field} ")
+        raise UserError(msg) from None
     return cfg
+
+
+def config_fields(arch) -> dict:
+    """Megatron's size flags -> the config.json fields they were read from."""
+    from megatron_staged.checkpoint.hf_mapping import GPT2
+
+    if arch.hf_class == GPT2:
+        return {"--num-layers": "n_layer", "--hidden-size": "n_embd", "--num-attention-heads": "n_head",
+                "--ffn-hidden-size": "n_inner", "--max-position-embeddings": "n_positions"}
+    return {"--num-layers": "num_hidden_layers", "--hidden-size": "hidden_size", "--num-attention-heads":
+            "num_attention_heads", "--num-query-groups": "num_key_value_heads", "--ffn-hidden-size": "intermediate_size",
+            "--kv-channels": "head_dim"}
 
 
 # ---- filling the model -----------------------------------------------------------------------------
