@@ -175,6 +175,11 @@ def test_overwrite_never_leaves_another_tokenizer_beside_the_export(tmp_path):
     os.remove(out / "tokenizer_config.json")
     export(str(tmp_path / "ck"), str(out), overwrite=True)
     assert (out / "model.safetensors").is_file()
+    # Found too: with no tokenizer in the checkpoint, the export's config.json lost the source's bos/eos
+    # ids (null), so generate() on the exported model never stopped at EOS
+    src, got = (json.loads((d / "config.json").read_text()) for d in (hf, out))
+    assert src["eos_token_id"] is not None
+    assert all(got[k] == src[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id"))
 
 
 def test_layout_errors_name_the_config_json_fields():

@@ -178,13 +178,15 @@ def load_checkpoint_config(path: str):
     return ckpt_dir, int(common.get("iteration", iteration)), common, cfg
 
 
-def hf_config(arch, tok: Optional[TokenizerInfo], dtype: torch.dtype, extra: dict):
+def hf_config(arch, tok: Optional[TokenizerInfo], dtype: torch.dtype, extra: dict, imported_ids: Optional[dict] = None):
     from transformers import GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
 
     from megatron_staged.checkpoint.hf_mapping import GPT2, QWEN2, QWEN3, hf_config_dict
 
     ids = {"bos_token_id": tok.bos if tok else None, "eos_token_id": tok.eos if tok else None,
            "pad_token_id": tok.pad if tok else None}
+    if tok is None:  # no tokenizer: the ids of the HF model the checkpoint was imported from, if any
+        ids.update({k: v for k, v in (imported_ids or {}).items() if k in ids})
     kw = hf_config_dict(arch, **ids, **extra)
     kw.pop("model_type")
     config = {GPT2: GPT2Config, QWEN2: Qwen2Config, QWEN3: Qwen3Config}.get(arch.hf_class, LlamaConfig)(**kw)
@@ -242,7 +244,7 @@ def export(load: str, out: str, vocab_size: Optional[int] = None, dtype: Optiona
     extra = {"megatron_iteration": iteration,
              "megatron_consumed_samples": int(state.get("consumed_train_samples", 0)),
              "megatron_flops_so_far": float(state.get("flops_so_far", 0.0))}
-    config = hf_config(arch, tok, target, extra)
+    config = hf_config(arch, tok, target, extra, state.get("hf_import"))
     os.makedirs(out, exist_ok=True)
     config.save_pretrained(out)
     save_file(hf_sd, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})

@@ -224,6 +224,13 @@ def import_config(arch, args, hf_dir: str, world_size: int, with_tokenizer: Opti
     return cfg
 
 
+def special_token_ids(hf_cfg: dict) -> dict:
+    """bos/eos/pad ids of config.json (kept for export-hf when the checkpoint has no tokenizer)."""
+    ok = lambda v: isinstance(v, int) and not isinstance(v, bool) or (  # noqa: E731
+        isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v))
+    return {k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if ok(hf_cfg.get(k))}
+
+
 def config_fields(arch) -> dict:
     """Megatron's size flags -> the config.json fields they were read from."""
     from megatron_staged.checkpoint.hf_mapping import GPT2
@@ -316,7 +323,7 @@ def main(argv) -> int:
     fill_from_hf(model, weights, arch)
     optimizer = None if args.no_optimizer else build_optimizer(cfg, model)  # after filling: fp32 masters copy weights
     train_state = TrainState(extra={"hf_import": {"source": os.path.abspath(args.hf), "architecture": arch.hf_class,
-                                                  "vocab_size": arch.vocab}})
+                                                  "vocab_size": arch.vocab, **special_token_ids(hf_cfg)}})
     path = save_checkpoint(args.save, 0, model, optimizer, None, train_state.to_dict(), cfg.to_dict(),
                            save_optimizer=optimizer is not None, replace_existing=args.overwrite)
     print_rank0(f"imported {arch.hf_class} from {args.hf} ({arch.num_layers} layers, hidden {arch.hidden}, "
