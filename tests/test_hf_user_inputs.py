@@ -200,3 +200,26 @@ def test_layout_errors_name_the_config_json_fields():
         with pytest.raises(UserError) as e:
             import_config(arch, args, "/nonexistent", tp * pp)
         assert str(e.value).startswith(f"config.json's {field} is not divisible by --target-"), str(e.value)
+
+
+def test_weights_file_is_the_one_transformers_loads(tmp_path):
+    """Found as a new user: a directory holding both a sharded safetensors index and a model.safetensors
+    (a re-save next to an old download) was imported from the shards, while transformers loads the
+    single file: import-hf read other weights than transformers does."""
+    import shutil
+
+    import torch
+
+    from megatron_staged.tools.hf_import import HFWeights
+
+    d = _llama(tmp_path / "d", max_shard_size="4KB")  # shards + model.safetensors.index.json
+    _llama(tmp_path / "other")  # the same model; its embedding is then shifted, so the two files differ
+    m = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "other"))
+    with torch.no_grad():
+        m.model.embed_tokens.weight.add_(1.0)
+    m.save_pretrained(str(tmp_path / "other"))
+    shutil.copyfile(tmp_path / "other" / "model.safetensors", d / "model.safetensors")
+    assert (d / "model.safetensors.index.json").is_file()
+    theirs = transformers.LlamaForCausalLM.from_pretrained(str(d)).state_dict()
+    ours = HFWeights(str(d))
+    assert torch.equal(ours.get("model.embed_tokens.weight"), theirs["model.embed_tokens.weight"])

@@ -58,8 +58,11 @@ class HFWeights:
         self.path = path
         self.files: dict[str, str] = {}      # tensor name -> file
         self._open: dict[str, object] = {}
-        index = next((f for f in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-                      if os.path.isfile(os.path.join(path, f))), None)
+        # transformers' own order (modeling_utils): a single model.safetensors before the safetensors index,
+        # then pytorch_model.bin before its index; a directory holding several reads what transformers reads
+        found = next((f for f in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                                  "pytorch_model.bin.index.json") if os.path.isfile(os.path.join(path, f))), None)
+        index = found if found and found.endswith(".index.json") else None
         if index:
             try:
                 with open(os.path.join(path, index)) as fh:
@@ -73,8 +76,7 @@ class HFWeights:
                                 f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); copy the whole "
                                 f"model directory")
         else:
-            single = next((f for f in ("model.safetensors", "pytorch_model.bin")
-                           if os.path.isfile(os.path.join(path, f))), None)
+            single = found
             if single is None:
                 raise UserError(f"--hf {path}: no model.safetensors, sharded safetensors index or pytorch_model.bin; "
                                 f"save the model with model.save_pretrained(DIR)")
