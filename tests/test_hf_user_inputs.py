@@ -223,3 +223,28 @@ def test_weights_file_is_the_one_transformers_loads(tmp_path):
     theirs = transformers.LlamaForCausalLM.from_pretrained(str(d)).state_dict()
     ours = HFWeights(str(d))
     assert torch.equal(ours.get("model.embed_tokens.weight"), theirs["model.embed_tokens.weight"])
+
+
+def test_activation_names_are_classified_as_transformers_computes_them():
+    """Found as a new user: a Llama config with hidden_act "swish" (transformers' ACT2FN maps it to the
+    same nn.SiLU as "silu") and a GPT-2 with activation_function "gelu_python" (exact erf GeLU) were
+    refused as activations megatron cannot compute. The oracle is transformers' ACT2FN."""
+    import torch
+    from transformers.activations import ACT2FN
+
+    from megatron_staged.checkpoint.hf_mapping import GPT2_EXACT_ACTS, GPT2_TANH_GELUS, arch_from_hf_config
+
+    x = torch.linspace(-6, 6, 1001)
+    exact = {"gelu": torch.nn.functional.gelu(x), "relu2": torch.relu(x) ** 2}
+    for act in GPT2_EXACT_ACTS:  # megatron's exact GeLU or relu(x)^2: equal to round-off
+        ref = exact["relu2" if act == "relu2" else "gelu"]
+        assert (ACT2FN[act](x) - ref).abs().max() < 1e-6, act
+    for act in GPT2_TANH_GELUS:  # imported with the ~1e-3 note: really not exact GeLU
+        assert (ACT2FN[act](x) - exact["gelu"]).abs().max() > 1e-5, act
+    gpt2 = dict(model_type="gpt2", vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=16)
+    for act in (*GPT2_EXACT_ACTS, *GPT2_TANH_GELUS):
+        assert arch_from_hf_config(dict(gpt2, activation_function=act)).squared_relu == (act == "relu2")
+    llama = dict(model_type="llama", vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                 num_attention_heads=2)
+    assert torch.equal(ACT2FN["swish"](x), torch.nn.functional.silu(x))
+    assert arch_from_hf_config(dict(llama, hidden_act="swish")).hf_class == "LlamaForCausalLM"

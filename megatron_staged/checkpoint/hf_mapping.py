@@ -69,6 +69,10 @@ LLAMA = "LlamaForCausalLM"
 QWEN2 = "Qwen2ForCausalLM"  # Llama's layout with q/k/v biases only
 QWEN3 = "Qwen3ForCausalLM"  # Llama's layout with per-head q/k norms
 # Llama 3.1's RoPE scaling as megatron-core's RotaryEmbedding applies it (only the factor varies)
+# GPT-2 activation_function values (transformers' ACT2FN) megatron computes exactly (erf GeLU; relu2 is
+# --squared-relu) and the tanh-approximated GeLUs imported as exact GeLU with a note (~1e-3 apart)
+GPT2_EXACT_ACTS = ("gelu", "gelu_python", "relu2")
+GPT2_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_accurate")
 LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
@@ -238,7 +242,7 @@ def arch_from_hf_config(c: dict, padded_vocab: Optional[int] = None) -> Arch:
         _check_config_types(c)
     if mt == "gpt2":
         act = c.get("activation_function", "gelu_new")
-        if act not in ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu2"):
+        if act not in (*GPT2_EXACT_ACTS, *GPT2_TANH_GELUS):
             raise UserError(f"GPT-2 activation_function {act!r} is neither a GeLU nor relu2 (--squared-relu); "
                             f"megatron_staged's gpt2 family has no other")
         if not c.get("scale_attn_weights", True) or c.get("scale_attn_by_inverse_layer_idx", False):
@@ -257,7 +261,7 @@ def arch_from_hf_config(c: dict, padded_vocab: Optional[int] = None) -> Arch:
         if mt == "qwen3" and c.get("attention_bias", False):
             raise UserError("Qwen3 with attention_bias=true has no megatron equivalent (biases on q/k/v/o but "
                             "not the MLP)")
-        if c.get("hidden_act", "silu") != "silu":
+        if c.get("hidden_act", "silu") not in ("silu", "swish"):  # transformers' ACT2FN: the same nn.SiLU
             raise UserError(f"{mt} hidden_act {c.get('hidden_act')!r} is not silu; megatron's SwiGLU uses silu")
         rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))

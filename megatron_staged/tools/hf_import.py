@@ -308,7 +308,9 @@ def main(argv) -> int:
     arch = arch_of(hf_cfg, args.hf)
     arch = dataclasses.replace(arch, padded_vocab=pad_vocab_size(arch.vocab, args.make_vocab_size_divisible_by, tp,
                                                                    args.vocab_padding))
-    if hf_cfg.get("model_type") == "gpt2" and hf_cfg.get("activation_function", "gelu_new") not in ("gelu", "relu2"):
+    from megatron_staged.checkpoint.hf_mapping import GPT2_EXACT_ACTS
+
+    if hf_cfg.get("model_type") == "gpt2" and hf_cfg.get("activation_function", "gelu_new") not in GPT2_EXACT_ACTS:
         _note(f"note: this GPT-2 uses {hf_cfg.get('activation_function', 'gelu_new')} (tanh-approximated GeLU); "
                     f"megatron_staged's gpt2 family uses exact GeLU, so logits will differ slightly (~1e-3)")
     weights = HFWeights(args.hf)
