@@ -248,3 +248,30 @@ def test_activation_names_are_classified_as_transformers_computes_them():
                  num_attention_heads=2)
     assert torch.equal(ACT2FN["swish"](x), torch.nn.functional.silu(x))
     assert arch_from_hf_config(dict(llama, hidden_act="swish")).hf_class == "LlamaForCausalLM"
+
+
+def test_quantized_weights_are_refused_not_upcast(tmp_path):
+    """Found as a new user: an FP8 release (Qwen3-*-FP8 style: float8_e4m3 weights with separate
+    weight_scale_inv tensors, a quantization_config in config.json) imported without a word: the fp8
+    values were copied into fp32 parameters without their scales, a different model."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from megatron_staged.errors import UserError
+    from megatron_staged.tools.hf_import import HFWeights, arch_of, check_hf_shapes
+
+    d = _llama(tmp_path / "fp8")
+    sd = load_file(str(d / "model.safetensors"))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    sd[name] = sd[name].to(torch.float8_e4m3fn)
+    sd[name.replace(".weight", ".weight_scale_inv")] = torch.ones(1)
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((d / "config.json").read_text())
+    arch = arch_of(cfg, str(d))
+    with pytest.raises(UserError, match=rf"{name} is stored as F8_E4M3") as e:
+        check_hf_shapes(HFWeights(str(d)), arch)
+    assert "\n" not in str(e.value)
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    with pytest.raises(UserError, match="quantization_config"):
+        arch_of(cfg, str(d))
+    check_hf_shapes(HFWeights(str(_llama(tmp_path / "plain"))), arch)  # fp32 weights: accepted

@@ -24,6 +24,7 @@ import torch
 
 from megatron_staged.errors import ArgumentParser, UserError, require
 
+FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -112,6 +113,17 @@ class HFWeights:
         h = self._handle(self.files[stored])
         return tuple(h.get_slice(stored).get_shape()) if hasattr(h, "get_slice") else tuple(h[stored].shape)
 
+    def dtype(self, name: str) -> Optional[str]:
+        """The stored dtype as safetensors names it (F32, BF16, F16, F8_E4M3, I8, ...)."""
+        stored = self.resolve(name)
+        if stored is None:
+            return None
+        h = self._handle(self.files[stored])
+        if hasattr(h, "get_slice"):
+            return h.get_slice(stored).get_dtype()
+        return {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}.get(
+            h[stored].dtype, str(h[stored].dtype).replace("torch.", ""))
+
     def get(self, name: str) -> torch.Tensor:
         stored = self.resolve(name)
         if stored is None:
@@ -138,6 +150,13 @@ def arch_of(hf_cfg: dict, path: str):
     """The architecture of ``config.json``; a missing or mistyped field is one line naming it."""
     from megatron_staged.checkpoint.hf_mapping import arch_from_hf_config
 
+    q = hf_cfg.get("quantization_config")
+    if q:
+        method = q.get("quant_method", "?") if isinstance(q, dict) else q
+        raise UserError(f"--hf {path}/config.json has a quantization_config (quant_method {method}): its weights are "
+                        f"quantized (with scales import-hf does not apply); dequantize it first (load it in "
+                        f"transformers and save_pretrained() in bf16)")
+
     try:
         return arch_from_hf_config(hf_cfg)
     except KeyError as e:
@@ -158,6 +177,11 @@ def check_hf_shapes(weights: HFWeights, arch) -> None:
                             f"{arch.hf_class} with {arch.num_layers} layers)")
         if tuple(got) != tuple(shape):
             raise UserError(f"--hf {weights.path}: {name} has shape {list(got)}, config.json implies {list(shape)}")
+        dtype = weights.dtype(name)
+        if dtype not in FLOAT_DTYPES:  # fp8 / int8 (quantized) values mean nothing without their scales
+            raise UserError(f"--hf {weights.path}: {name} is stored as {dtype}; import-hf reads fp32/bf16/fp16 weights "
+                            f"(a quantized model needs dequantizing first, e.g. loading it in transformers and "
+                            f"save_pretrained() in bf16)")
 
 
 def _note(msg: str) -> None:
