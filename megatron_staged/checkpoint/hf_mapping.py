@@ -26,6 +26,7 @@ Layout facts the mapping relies on (megatron-core 0.16, TE-style checkpoint name
 """
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
@@ -68,6 +69,10 @@ LLAMA = "LlamaForCausalLM"
 QWEN2 = "Qwen2ForCausalLM"  # Llama's layout with q/k/v biases only
 QWEN3 = "Qwen3ForCausalLM"  # Llama's layout with per-head q/k norms
 # Llama 3.1's RoPE scaling as megatron-core's RotaryEmbedding applies it (only the factor varies)
+# GPT-2 activation_function values (transformers' ACT2FN) megatron computes exactly (erf GeLU; relu2 is
+# --squared-relu) and the tanh-approximated GeLUs imported as exact GeLU with a note (~1e-3 apart)
+GPT2_EXACT_ACTS = ("gelu", "gelu_python", "relu2")
+GPT2_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_accurate")
 LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
@@ -226,9 +231,18 @@ def hf_config_dict(a: Arch, **extra) -> dict:
 def arch_from_hf_config(c: dict, padded_vocab: Optional[int] = None) -> Arch:
     """The architecture of a HF ``config.json`` (GPT-2, Llama, Qwen2 or Qwen3); UserError for anything else."""
     mt = c.get("model_type")
+    archs = c.get("architectures") or []
+    if mt in ("gpt2", "llama", "qwen2", "qwen3") and isinstance(archs, list) and archs and not any(
+            isinstance(n, str) and (n.endswith("ForCausalLM") or n.endswith("LMHeadModel") or n == "GPT2Model")
+            for n in archs):
+        raise UserError(f"config.json's architectures {archs} is not a causal language model; import-hf reads "
+                        f"GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM (another head, "
+                        f"such as a classifier's, would be dropped and the output layer taken from elsewhere)")
+    if mt in ("gpt2", "llama", "qwen2", "qwen3"):
+        _check_config_types(c)
     if mt == "gpt2":
         act = c.get("activation_function", "gelu_new")
-        if act not in ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu2"):
+        if act not in (*GPT2_EXACT_ACTS, *GPT2_TANH_GELUS):
             raise UserError(f"GPT-2 activation_function {act!r} is neither a GeLU nor relu2 (--squared-relu); "
                             f"megatron_staged's gpt2 family has no other")
         if not c.get("scale_attn_weights", True) or c.get("scale_attn_by_inverse_layer_idx", False):
@@ -247,7 +261,7 @@ def arch_from_hf_config(c: dict, padded_vocab: Optional[int] = None) -> Arch:
         if mt == "qwen3" and c.get("attention_bias", False):
             raise UserError("Qwen3 with attention_bias=true has no megatron equivalent (biases on q/k/v/o but "
                             "not the MLP)")
-        if c.get("hidden_act", "silu") != "silu":
+        if c.get("hidden_act", "silu") not in ("silu", "swish"):  # transformers' ACT2FN: the same nn.SiLU
             raise UserError(f"{mt} hidden_act {c.get('hidden_act')!r} is not silu; megatron's SwiGLU uses silu")
         rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -277,6 +291,33 @@ def arch_from_hf_config(c: dict, padded_vocab: Optional[int] = None) -> Arch:
                              tied=c.get("tie_word_embeddings", False), qkv_bias=mt == "qwen2",
                              qk_norm=mt == "qwen3", rope_scaling_factor=scaling)
     raise UserError(f"config.json has model_type {mt!r}; import-hf reads gpt2, llama, qwen2 and qwen3 models")
+
+
+# config.json fields read as sizes (0 allowed only for the layer count) and as switches
+_INT_FIELDS = ("n_layer", "n_embd", "n_head", "n_inner", "n_positions", "num_hidden_layers", "hidden_size",
+               "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
+               "max_position_embeddings")
+_BOOL_FIELDS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window", "scale_attn_weights",
+                "scale_attn_by_inverse_layer_idx")
+_FLOAT_FIELDS = ("layer_norm_epsilon", "rms_norm_eps", "rope_theta")
+
+
+def _check_config_types(c: dict) -> None:
+    """UserError (one line, naming the field) for a config.json value transformers would not accept
+    either: a size that is not a positive integer, a switch that is not true/false, a non-number eps.
+    A present field is never replaced by a default (``head_dim: 0`` is not 'hidden / heads')."""
+    for k in _INT_FIELDS:
+        if k in c and not (c[k] is None and k in ("n_inner", "num_key_value_heads", "head_dim")):
+            v = c[k]
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if k in ("n_layer", "num_hidden_layers") else 1):
+                raise UserError(f"config.json {k} is {json.dumps(v)}; expected a {'non-negative' if 'layer' in k else 'positive'} "
+                                f"integer")
+    for k in _BOOL_FIELDS:
+        if k in c and not isinstance(c[k], bool):
+            raise UserError(f"config.json {k} is {json.dumps(c[k])}; expected true or false")
+    for k in _FLOAT_FIELDS:
+        if k in c and c[k] is not None and (isinstance(c[k], bool) or not isinstance(c[k], (int, float)) or c[k] <= 0):
+            raise UserError(f"config.json {k} is {json.dumps(c[k])}; expected a positive number")
 
 
 def _checked_arch(hf_class: str, c: dict, **kw) -> Arch:

@@ -93,6 +93,30 @@ def true_vocab_size(flag: Optional[int], common: dict, tok: Optional[TokenizerIn
                     "available here; pass --vocab-size V (the tokenizer's number of tokens)")
 
 
+def tokenizer_files(tok: Optional[TokenizerInfo]) -> set:
+    """The file names ``write_tokenizer`` writes into --out for ``tok``."""
+    if tok is None or tok.kind == "NullTokenizer":
+        return set()
+    if tok.kind in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer"):
+        return {"tokenizer.model", "tokenizer_config.json"}
+    if os.path.isdir(tok.path):
+        return {f for f in HF_TOKENIZER_FILES if os.path.isfile(os.path.join(tok.path, f))}
+    return {"tokenizer.json"}
+
+
+def check_no_stale_tokenizer(out: str, tok: Optional[TokenizerInfo]) -> None:
+    """Refuse an --out (with --overwrite) holding tokenizer files this export does not replace:
+    transformers would load them with the exported model (e.g. an old tokenizer.json next to a new
+    sentencepiece tokenizer.model), a tokenizer that is not the checkpoint's. Nothing is deleted."""
+    if not os.path.isdir(out):
+        return
+    stale = sorted(f for f in HF_TOKENIZER_FILES
+                   if os.path.isfile(os.path.join(out, f)) and f not in tokenizer_files(tok))
+    if stale:
+        raise UserError(f"--out {out} holds {', '.join(stale)}, which this export does not replace and transformers "
+                        f"would load with it (not the checkpoint's tokenizer); remove them or choose an empty directory")
+
+
 def write_tokenizer(tok: Optional[TokenizerInfo], out: str, max_length: int) -> str:
     """Copy the tokenizer into ``out``; returns a description."""
     if tok is None or tok.kind == "NullTokenizer":
@@ -154,13 +178,15 @@ def load_checkpoint_config(path: str):
     return ckpt_dir, int(common.get("iteration", iteration)), common, cfg
 
 
-def hf_config(arch, tok: Optional[TokenizerInfo], dtype: torch.dtype, extra: dict):
+def hf_config(arch, tok: Optional[TokenizerInfo], dtype: torch.dtype, extra: dict, imported_ids: Optional[dict] = None):
     from transformers import GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
 
     from megatron_staged.checkpoint.hf_mapping import GPT2, QWEN2, QWEN3, hf_config_dict
 
     ids = {"bos_token_id": tok.bos if tok else None, "eos_token_id": tok.eos if tok else None,
            "pad_token_id": tok.pad if tok else None}
+    if tok is None:  # no tokenizer: the ids of the HF model the checkpoint was imported from, if any
+        ids.update({k: v for k, v in (imported_ids or {}).items() if k in ids})
     kw = hf_config_dict(arch, **ids, **extra)
     kw.pop("model_type")
     config = {GPT2: GPT2Config, QWEN2: Qwen2Config, QWEN3: Qwen3Config}.get(arch.hf_class, LlamaConfig)(**kw)
@@ -178,6 +204,22 @@ def check_out_dir(out: str, overwrite: bool = False, source: Optional[str] = Non
                         f"export; choose an empty directory")
 
 
+def check_out_not_a_source(out: str, common: dict, tok: Optional[TokenizerInfo]) -> None:
+    """Refuse (even with --overwrite) an --out that is the directory of the checkpoint's tokenizer (read
+    while writing: the copy fails half-way) or of the HF model the checkpoint was imported from (its
+    weights and config would be replaced by the export)."""
+    sources = []
+    if tok is not None and tok.path:
+        sources.append((tok.path if os.path.isdir(tok.path) else os.path.dirname(os.path.abspath(tok.path)),
+                        f"the directory of the checkpoint's tokenizer ({tok.path})"))
+    src = ((common.get("train_state") or {}).get("hf_import") or {}).get("source")
+    if src:
+        sources.append((src, f"the HuggingFace model the checkpoint was imported from ({src})"))
+    for path, what in sources:
+        if os.path.realpath(out) == os.path.realpath(path):
+            raise UserError(f"--out {out} is {what}; the export would overwrite it: give a new directory")
+
+
 def export(load: str, out: str, vocab_size: Optional[int] = None, dtype: Optional[str] = None,
            overwrite: bool = False) -> dict:
     """Export checkpoint ``load`` to ``out``; returns a summary dict."""
@@ -189,6 +231,8 @@ def export(load: str, out: str, vocab_size: Optional[int] = None, dtype: Optiona
     ckpt_dir, iteration, common, cfg = load_checkpoint_config(load)
     check_out_dir(out, overwrite, ckpt_dir)
     tok = checkpoint_tokenizer(cfg)
+    check_out_not_a_source(out, common, tok)
+    check_no_stale_tokenizer(out, tok)
     vocab, vocab_source = true_vocab_size(vocab_size, common, tok)
     arch = arch_from_model_config(cfg.model, vocab)
     check_checkpoint_shapes(tensor_specs(ckpt_dir), arch, ckpt_dir)
@@ -200,7 +244,7 @@ def export(load: str, out: str, vocab_size: Optional[int] = None, dtype: Optiona
     extra = {"megatron_iteration": iteration,
              "megatron_consumed_samples": int(state.get("consumed_train_samples", 0)),
              "megatron_flops_so_far": float(state.get("flops_so_far", 0.0))}
-    config = hf_config(arch, tok, target, extra)
+    config = hf_config(arch, tok, target, extra, state.get("hf_import"))
     os.makedirs(out, exist_ok=True)
     config.save_pretrained(out)
     save_file(hf_sd, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
