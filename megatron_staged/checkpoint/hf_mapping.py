@@ -68,11 +68,11 @@ GPT2 = "GPT2LMHeadModel"
 LLAMA = "LlamaForCausalLM"
 QWEN2 = "Qwen2ForCausalLM"  # Llama's layout with q/k/v biases only
 QWEN3 = "Qwen3ForCausalLM"  # Llama's layout with per-head q/k norms
-# Llama 3.1's RoPE scaling as megatron-core's RotaryEmbedding applies it (only the factor varies)
 # GPT-2 activation_function values (transformers' ACT2FN) megatron computes exactly (erf GeLU; relu2 is
 # --squared-relu) and the tanh-approximated GeLUs imported as exact GeLU with a note (~1e-3 apart)
 GPT2_EXACT_ACTS = ("gelu", "gelu_python", "relu2")
 GPT2_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_accurate")
+# Llama 3.1's RoPE scaling as megatron-core's RotaryEmbedding applies it (only the factor varies)
 LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
