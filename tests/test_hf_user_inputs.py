@@ -275,3 +275,80 @@ def test_quantized_weights_are_refused_not_upcast(tmp_path):
     with pytest.raises(UserError, match="quantization_config"):
         arch_of(cfg, str(d))
     check_hf_shapes(HFWeights(str(_llama(tmp_path / "plain"))), arch)  # fp32 weights: accepted
+
+
+def _tree(d) -> dict:
+    return {f: hashlib.sha256((d / f).read_bytes()).hexdigest() for f in sorted(os.listdir(d))}
+
+
+def test_export_that_fails_part_way_leaves_no_half_written_model(tmp_path, monkeypatch):
+    """export-hf wrote config.json, then the weights, then the tokenizer straight into --out: a failure
+    part-way (disk full, a killed job) left a directory transformers loads with a missing or old file.
+    Now a new --out appears only complete, an --overwrite keeps the previous export until the new one is
+    written, and a failure while replacing leaves no config.json (transformers refuses it, loudly)."""
+    import safetensors.torch
+
+    from megatron_staged.tools import hf_export
+
+    hf = _llama(tmp_path / "hf")
+    _tokenizer(hf, VOCAB)
+    ck = tmp_path / "ck"
+    run_cli(["import-hf", "--hf", str(hf), "--save", str(ck)])
+    out = tmp_path / "out"
+    hf_export.export(str(ck), str(out))
+    previous = _tree(out)
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(previous)
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(safetensors.torch, "save_file", full_disk)
+        with pytest.raises(OSError):
+            hf_export.export(str(ck), str(tmp_path / "new"))
+        with pytest.raises(OSError):
+            hf_export.export(str(ck), str(out), overwrite=True, dtype="bf16")
+    assert not (tmp_path / "new").exists() and _tree(out) == previous
+    assert sorted(os.listdir(tmp_path)) == ["ck", "hf", "out"]  # no staging directory left behind
+
+    real_replace, calls = os.replace, []
+
+    def dies_on_second(a, b):
+        calls.append(b)
+        if len(calls) == 2:
+            raise OSError(5, "Input/output error")
+        real_replace(a, b)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", dies_on_second)
+        with pytest.raises(OSError):
+            hf_export.export(str(ck), str(out), overwrite=True, dtype="bf16")
+    assert not (out / "config.json").exists()
+    with pytest.raises((OSError, ValueError)):  # transformers: no config.json, "Unrecognized model"
+        transformers.AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True)
+    hf_export.export(str(ck), str(out), overwrite=True, dtype="bf16")  # and a retry completes it
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True)
+    assert model.model.embed_tokens.weight.dtype == transformers.AutoConfig.from_pretrained(str(out)).dtype == \
+        __import__("torch").bfloat16
+
+
+def test_export_to_fp16_refuses_weights_beyond_its_range(tmp_path):
+    """A weight past fp16's largest value (65504) became inf in `export-hf --dtype fp16`, silently."""
+    import torch
+
+    from megatron_staged.errors import UserError
+    from megatron_staged.tools.hf_export import export
+
+    hf = _llama(tmp_path / "hf")
+    model = transformers.LlamaForCausalLM.from_pretrained(str(hf))
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = 7.0e4  # > torch.finfo(torch.float16).max
+    assert torch.finfo(torch.float16).max < 7.0e4
+    model.save_pretrained(str(hf))
+    run_cli(["import-hf", "--hf", str(hf), "--save", str(tmp_path / "ck")])
+    with pytest.raises(UserError, match="beyond that dtype's range") as e:
+        export(str(tmp_path / "ck"), str(tmp_path / "out"), dtype="fp16")
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+    export(str(tmp_path / "ck"), str(tmp_path / "out"), dtype="bf16")  # within bf16's range: exported
+    got = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "out")).model.layers[0].mlp.down_proj.weight
+    assert got[0, 0].item() == pytest.approx(7.0e4, rel=1e-2)

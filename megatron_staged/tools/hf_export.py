@@ -220,6 +220,46 @@ def check_out_not_a_source(out: str, common: dict, tok: Optional[TokenizerInfo])
             raise UserError(f"--out {out} is {what}; the export would overwrite it: give a new directory")
 
 
+def check_finite(hf_sd: dict, stored: torch.dtype, target: torch.dtype) -> None:
+    """UserError for non-finite weights: the checkpoint's own (a diverged run), or values past the
+    range of ``--dtype`` (fp16's 65504) that the cast turned into inf."""
+    bad = next((k for k, v in hf_sd.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is None:
+        return
+    if target != stored:
+        raise UserError(f"--dtype {str(target).replace('torch.', '')}: {bad} has values beyond that dtype's range "
+                        f"(they would be written as inf, or the checkpoint's are not finite); export in "
+                        f"{str(stored).replace('torch.', '')} or bf16")
+    raise UserError(f"the checkpoint's {bad} holds inf or NaN values (a diverged run?); export an earlier "
+                    f"iteration (--load DIR/iter_XXXXXXX)")
+
+
+def staging_dir(out: str) -> str:
+    """A new directory beside ``out`` that the export is written into before :func:`publish`."""
+    import tempfile
+
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.export-", dir=parent)
+
+
+def publish(staging: str, out: str) -> None:
+    """Move a finished export into place so that a failure at any point leaves ``out`` loadable as it
+    was, or not loadable at all, never a mix: a new (or empty) ``out`` is the staging directory renamed;
+    into an existing one (--overwrite) config.json is removed first and written last, the other files
+    replaced one by one (each rename atomic) in between; files the export does not write stay."""
+    if os.path.isdir(out) and not os.listdir(out):
+        os.rmdir(out)
+    if not os.path.exists(out):
+        os.rename(staging, out)
+        return
+    names = sorted(os.listdir(staging))
+    if os.path.exists(os.path.join(out, "config.json")):
+        os.remove(os.path.join(out, "config.json"))  # from here until the end transformers refuses `out`
+    for name in [n for n in names if n != "config.json"] + ["config.json"]:
+        os.replace(os.path.join(staging, name), os.path.join(out, name))
+
+
 def export(load: str, out: str, vocab_size: Optional[int] = None, dtype: Optional[str] = None,
            overwrite: bool = False) -> dict:
     """Export checkpoint ``load`` to ``out``; returns a summary dict."""
@@ -244,11 +284,16 @@ def export(load: str, out: str, vocab_size: Optional[int] = None, dtype: Optiona
     extra = {"megatron_iteration": iteration,
              "megatron_consumed_samples": int(state.get("consumed_train_samples", 0)),
              "megatron_flops_so_far": float(state.get("flops_so_far", 0.0))}
+    check_finite(hf_sd, stored, target)
     config = hf_config(arch, tok, target, extra, state.get("hf_import"))
-    os.makedirs(out, exist_ok=True)
-    config.save_pretrained(out)
-    save_file(hf_sd, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
-    tok_desc = write_tokenizer(tok, out, cfg.model.seq_length)
+    staging = staging_dir(out)
+    try:
+        config.save_pretrained(staging)
+        save_file(hf_sd, os.path.join(staging, "model.safetensors"), metadata={"format": "pt"})
+        tok_desc = write_tokenizer(tok, staging, cfg.model.seq_length)
+        publish(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return {"checkpoint": ckpt_dir, "iteration": iteration, "out": out, "architecture": arch.hf_class,
             "num_layers": arch.num_layers, "hidden_size": arch.hidden, "vocab_size": vocab,
             "vocab_source": vocab_source, "padded_vocab_size": arch.padded_vocab,
