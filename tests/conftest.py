@@ -81,6 +81,28 @@ def run_cli(args: list[str], timeout: int = 600, check: bool = True) -> subproce
     return r
 
 
+def cli_in_process(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    """``megatron-staged ARGS`` run by ``megatron_staged.cli.main`` in this process (stdout and stderr
+    captured): for the commands that need no megatron-core and no process group (report, fit-rho),
+    where a fresh interpreter per call costs seconds of start-up and imports. Same result shape and
+    same check as :func:`run_cli`."""
+    import contextlib
+    import io
+
+    from megatron_staged.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main(list(args))
+        except SystemExit as e:  # argparse's own exits (--help), as the process would end
+            rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    r = subprocess.CompletedProcess(["megatron-staged", *args], rc, out.getvalue(), err.getvalue())
+    if check and r.returncode != 0:
+        raise AssertionError(f"megatron-staged {' '.join(args)} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-6000:]}")
+    return r
+
+
 def read_records(path) -> list[dict]:
     return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
 
