@@ -63,7 +63,18 @@ def _env(extra: dict | None = None) -> dict:
 
 def torchrun(args: list[str], nproc: int, timeout: int = 600, check: bool = True, env: dict | None = None,
              module: str = "megatron_staged", script: str | None = None) -> subprocess.CompletedProcess:
-    """Run ``python -m torch.distributed.run --nproc-per-node N -m MODULE ARGS`` (or a script)."""
+    """Run ``python -m torch.distributed.run --nproc-per-node N -m MODULE ARGS`` (or a script).
+
+    A run expected to succeed (``check``) has its ranks forked by the pre-imported zygote with
+    torchrun's worker environment (a fresh process per rank, no launcher process): a failing rank
+    fails the test either way. A run whose failure or launcher the test examines (``check=False``)
+    runs under the real torchrun."""
+    if check:
+        r = _Zygote.run(args, timeout, nproc=nproc, env=env, module=module, script=script)
+        if r.returncode != 0:
+            raise AssertionError(f"torchrun --nproc-per-node {nproc} {' '.join(r.args[1:])} failed ({r.returncode}):\n"
+                                 f"{r.stdout[-4000:]}\n{r.stderr[-6000:]}")
+        return r
     target = [script] if script else ["-m", module]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-port", str(free_port()), *target, *args]
@@ -80,7 +91,8 @@ class _Zygote:
     proc = None
 
     @classmethod
-    def run(cls, args: list[str], timeout: int) -> subprocess.CompletedProcess:
+    def run(cls, args: list[str], timeout: int, nproc: int | None = None, env: dict | None = None,
+            module: str = "megatron_staged", script: str | None = None) -> subprocess.CompletedProcess:
         import tempfile
 
         if cls.proc is None or cls.proc.poll() is not None:
@@ -92,16 +104,17 @@ class _Zygote:
         with tempfile.TemporaryDirectory() as d:
             out, err = os.path.join(d, "out"), os.path.join(d, "err")
             cls.proc.stdin.write(json.dumps({"argv": list(args), "stdout": out, "stderr": err, "cwd": str(ROOT),
-                                             "env": _env(), "timeout": timeout}) + "\n")
+                                             "env": _env(env), "timeout": timeout, "nproc": nproc,
+                                             "port": free_port(), "module": module, "script": script}) + "\n")
             cls.proc.stdin.flush()
             reply = cls.proc.stdout.readline()
             if not reply:
                 raise RuntimeError(f"tests/workers/zygote.py died ({cls.proc.wait()})")
             status = json.loads(reply)["status"]
+            cmd = [sys.executable, *([script] if script else ["-m", module]), *args]
             if isinstance(status, dict):
-                raise subprocess.TimeoutExpired([sys.executable, "-m", "megatron_staged", *args], timeout)
-            return subprocess.CompletedProcess([sys.executable, "-m", "megatron_staged", *args], status,
-                                               open(out).read(), open(err).read())
+                raise subprocess.TimeoutExpired(cmd, timeout)
+            return subprocess.CompletedProcess(cmd, status, open(out).read(), open(err).read())
 
 
 @pytest.fixture(scope="session", autouse=True)
