@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -86,30 +87,46 @@ def torchrun(args: list[str], nproc: int, timeout: int = 600, check: bool = True
 
 class _Zygote:
     """``tests/workers/zygote.py``: one interpreter with torch, megatron-core and the trainer imported,
-    forking a fresh process per command (saves ~3.5 s CPU of start-up and imports per command)."""
+    forking a fresh process per command (saves ~3.5 s CPU of start-up and imports per command). One
+    command at a time per zygote: a test running commands from several threads gets one zygote per
+    thread (started on demand, kept for the session)."""
 
-    proc = None
+    idle: list = []
+    started: list = []
+    lock = threading.Lock()
+
+    @classmethod
+    def _acquire(cls) -> subprocess.Popen:
+        with cls.lock:
+            while cls.idle:
+                z = cls.idle.pop()
+                if z.poll() is None:
+                    return z
+        z = subprocess.Popen([sys.executable, str(ROOT / "tests" / "workers" / "zygote.py")], cwd=str(ROOT),
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env())
+        with cls.lock:
+            cls.started.append(z)
+        if not z.stdout.readline():
+            raise RuntimeError(f"tests/workers/zygote.py did not start ({z.wait()})")
+        return z
 
     @classmethod
     def run(cls, args: list[str], timeout: int, nproc: int | None = None, env: dict | None = None,
             module: str = "megatron_staged", script: str | None = None) -> subprocess.CompletedProcess:
         import tempfile
 
-        if cls.proc is None or cls.proc.poll() is not None:
-            cls.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "workers" / "zygote.py")], cwd=str(ROOT),
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env())
-            ready = cls.proc.stdout.readline()
-            if not ready:
-                raise RuntimeError(f"tests/workers/zygote.py did not start ({cls.proc.wait()})")
+        z = cls._acquire()
         with tempfile.TemporaryDirectory() as d:
             out, err = os.path.join(d, "out"), os.path.join(d, "err")
-            cls.proc.stdin.write(json.dumps({"argv": list(args), "stdout": out, "stderr": err, "cwd": str(ROOT),
-                                             "env": _env(env), "timeout": timeout, "nproc": nproc,
-                                             "port": free_port(), "module": module, "script": script}) + "\n")
-            cls.proc.stdin.flush()
-            reply = cls.proc.stdout.readline()
+            z.stdin.write(json.dumps({"argv": list(args), "stdout": out, "stderr": err, "cwd": str(ROOT),
+                                      "env": _env(env), "timeout": timeout, "nproc": nproc,
+                                      "port": free_port(), "module": module, "script": script}) + "\n")
+            z.stdin.flush()
+            reply = z.stdout.readline()
             if not reply:
-                raise RuntimeError(f"tests/workers/zygote.py died ({cls.proc.wait()})")
+                raise RuntimeError(f"tests/workers/zygote.py died ({z.wait()})")
+            with cls.lock:
+                cls.idle.append(z)
             status = json.loads(reply)["status"]
             cmd = [sys.executable, *([script] if script else ["-m", module]), *args]
             if isinstance(status, dict):
@@ -120,12 +137,14 @@ class _Zygote:
 @pytest.fixture(scope="session", autouse=True)
 def _stop_zygote():
     yield
-    if _Zygote.proc is not None and _Zygote.proc.poll() is None:
-        _Zygote.proc.stdin.close()
+    for z in _Zygote.started:
+        if z.poll() is None:
+            z.stdin.close()
+    for z in _Zygote.started:
         try:
-            _Zygote.proc.wait(timeout=30)
+            z.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            _Zygote.proc.kill()
+            z.kill()
 
 
 def run_cli(args: list[str], timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
