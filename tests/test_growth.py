@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, TINY_GPT2, TINY_LLAMA, read_records, torchrun
+from conftest import ROOT, TINY_GPT2, TINY_LLAMA, read_records, run_cli, torchrun
 
 import oracle as O
 from megatron_staged.config import Config
@@ -317,26 +315,20 @@ def test_symmetric_split_keeps_copies_identical(tmp_path, corpus):
 
 
 def test_bad_growth_requests_fail_before_writing(tmp_path, sources):
-    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT))
     cases = [
         (["--width-factor", "2", "--target-tensor-model-parallel-size", "3"], "not divisible by --tensor-model-parallel-size 3"),
         (["--depth-map", "0,1,5"], "refers to layer 5"),
         (["--num-layers", "1"], "must not be shallower"),
         (["--depth-factor", "2", "--depth-placement", "middle"], "middle"),
     ]
-    procs = []
     for i, (args, needle) in enumerate(cases):
         dst = tmp_path / f"dst{i}"
-        p = subprocess.Popen([sys.executable, "-m", "megatron_staged", "grow", "--load", sources["gpt2"],
-                              "--save", str(dst), *args], cwd=str(ROOT), env=env, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        procs.append((p, needle, dst))
-    for p, needle, dst in procs:
-        out, err = p.communicate(timeout=300)
+        r = run_cli(["grow", "--load", sources["gpt2"], "--save", str(dst), *args], timeout=300, check=False)
+        err = r.stderr
         if needle == "middle":  # middle placement of 2 -> 4 layers is valid: copies the whole 2-layer block
-            assert p.returncode == 0, err[-2000:]
+            assert r.returncode == 0, err[-2000:]
             continue
-        assert p.returncode == 2 and "Traceback" not in err, err[-3000:]
+        assert r.returncode == 2 and "Traceback" not in err, err[-3000:]
         lines = [l for l in err.splitlines() if l.startswith("error:")]
         assert len(lines) == 1 and needle in lines[0], err[-3000:]
         assert not dst.exists(), "nothing may be written for a bad request"
