@@ -63,14 +63,17 @@ def _env(extra: dict | None = None) -> dict:
 
 
 def torchrun(args: list[str], nproc: int, timeout: int = 600, check: bool = True, env: dict | None = None,
-             module: str = "megatron_staged", script: str | None = None) -> subprocess.CompletedProcess:
+             module: str = "megatron_staged", script: str | None = None,
+             real: bool = False) -> subprocess.CompletedProcess:
     """Run ``python -m torch.distributed.run --nproc-per-node N -m MODULE ARGS`` (or a script).
 
     A run expected to succeed (``check``) has its ranks forked by the pre-imported zygote with
     torchrun's worker environment (a fresh process per rank, no launcher process): a failing rank
-    fails the test either way. A run whose failure or launcher the test examines (``check=False``)
-    runs under the real torchrun."""
-    if check:
+    fails the test either way. A run whose failure or launcher the test examines (``check=False``),
+    one with ``real=True`` (the launch path users take, kept in a few tests), and every run when
+    MEGATRON_STAGED_TESTS_REAL_TORCHRUN=1 go through the real torchrun."""
+    real = real or os.environ.get("MEGATRON_STAGED_TESTS_REAL_TORCHRUN") == "1"
+    if check and not real:
         r = _Zygote.run(args, timeout, nproc=nproc, env=env, module=module, script=script)
         if r.returncode != 0:
             raise AssertionError(f"torchrun --nproc-per-node {nproc} {' '.join(r.args[1:])} failed ({r.returncode}):\n"

@@ -42,7 +42,9 @@ def test_exact_resume(tmp_path, corpus):
     """2N iterations straight == N, save, new process, load, N more (same losses)."""
     extra = [*TINY_GPT2, "--train-iters", "6", "--use-distributed-optimizer", *_layout_flags(1, 2)]
     straight = tmp_path / "straight.jsonl"
-    torchrun(["train", *extra, *corpus, "--log-file", str(straight)], nproc=4)
+    # the uninterrupted run under the real torchrun (the rest fork their ranks from the tests' zygote):
+    # both launches must give the same losses
+    torchrun(["train", *extra, *corpus, "--log-file", str(straight)], nproc=4, real=True)
     ckpt = tmp_path / "ckpt"
     first = tmp_path / "first.jsonl"
     torchrun(["train", *extra, *corpus, "--exit-interval", "3", "--save", str(ckpt), "--log-file", str(first)], nproc=4)
