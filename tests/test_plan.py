@@ -365,6 +365,34 @@ def test_plan_searches_when_the_configured_layout_cannot_run(capsys):
     assert row.split()[:4] == ["0", "1", "3", "2"]  # stage 0 at TP1 PP3 DP2
 
 
+def test_plan_falls_back_to_another_layout_only_when_that_one_plans(capsys):
+    """A bad stage (width_factor 3) fails at every layout: the error is the stage's, with no note that
+    claims planning goes on from another layout -- neither when the configured TP1 PP1 cannot run on
+    6 GPUs (256 / (4 x 6) is no integer; TP1 PP3 could) nor when it can (8 GPUs: 256 / (4 x 8) = 8)."""
+    for gpus in ("6", "8"):
+        rc = cli_main(["plan", "--model-family", "llama", "--num-layers", "6", "--hidden-size", "256",
+                       "--num-attention-heads", "8", "--seq-length", "256", "--padded-vocab-size", "1024", "--bf16",
+                       "--micro-batch-size", "4", "--global-batch-size", "256", "--train-iters", "100",
+                       "--gpus", gpus, "--stages", "width:3"])
+        cap = capsys.readouterr()
+        assert rc == 2 and "note:" not in cap.out, cap.out
+        assert cap.err.startswith("error: staging.stages[0].width_factor: 3") and cap.err.count("\n") == 1, cap.err
+
+
+@pytest.mark.parametrize("command", [["plan"], ["train", "--dry-run"]])
+def test_plan_and_dry_run_name_the_flag_that_leaves_nothing(capsys, command):
+    """--train-samples 100 < one global batch of 256 trains 100 // 256 = 0 iterations: the error names
+    --train-samples, not an --train-iters the user never gave; 24 GiB reserved of 24 leaves no memory."""
+    base = command + ["--model-family", "llama", "--num-layers", "2", "--hidden-size", "64",
+                      "--num-attention-heads", "4", "--seq-length", "32", "--padded-vocab-size", "256",
+                      "--micro-batch-size", "4", "--global-batch-size", "256", "--gpus", "8"]
+    assert cli_main(base + ["--train-samples", "100"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --train-samples 100 is less than one global batch") and "--train-iters" not in err
+    assert cli_main(base + ["--train-iters", "10", "--gpu-memory-gb", "24", "--reserved-memory-gb", "24"]) == 2
+    assert capsys.readouterr().err == "error: --reserved-memory-gb 24 leaves nothing of --gpu-memory-gb 24\n"
+
+
 def test_dry_run_warns_about_outputs_the_run_would_refuse(capsys, tmp_path):
     """Found as a new user: --dry-run said the config was valid with --save pointing at a file and
     --log-file under one; train then refused at once. A dry run may be made on another machine, so
