@@ -393,6 +393,21 @@ def test_plan_and_dry_run_name_the_flag_that_leaves_nothing(capsys, command):
     assert capsys.readouterr().err == "error: --reserved-memory-gb 24 leaves nothing of --gpu-memory-gb 24\n"
 
 
+def test_layout_change_that_is_no_whole_factor_is_printed_as_from_to(capsys):
+    """TP2 PP2 (DP 20/4 = 5) -> TP1 PP5 (DP 20/5 = 4): PP grows by 2.5 and TP shrinks; the change column
+    said '+PP2' (5 // 2) and nothing of TP."""
+    rc = cli_main(["train", "--dry-run", "--model-family", "llama", "--num-layers", "4", "--hidden-size", "64",
+                   "--num-attention-heads", "4", "--seq-length", "32", "--padded-vocab-size", "256",
+                   "--micro-batch-size", "1", "--global-batch-size", "20", "--train-iters", "10", "--world-size", "20",
+                   "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+                   "--stages", "layers:10+pp:5+tp:1@5"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    table = out[out.index("configured layout per stage"):].splitlines()
+    row = next(line.split() for line in table if line.startswith("1 "))
+    assert row[1:6] == ["1", "5", "4", "PP2->5", "TP2->1"], row
+
+
 def test_dry_run_warns_about_outputs_the_run_would_refuse(capsys, tmp_path):
     """Found as a new user: --dry-run said the config was valid with --save pointing at a file and
     --log-file under one; train then refused at once. A dry run may be made on another machine, so
