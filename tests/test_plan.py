@@ -408,6 +408,19 @@ def test_layout_change_that_is_no_whole_factor_is_printed_as_from_to(capsys):
     assert row[1:6] == ["1", "5", "4", "PP2->5", "TP2->1"], row
 
 
+def test_train_tokens_and_train_iters_flags_conflict(capsys, tmp_path):
+    """--train-iters 10 with --train-tokens 1e6 planned ceil(1e6 / (256 x 32)) = 123 iterations, dropping
+    the given 10 without a word; a YAML's train_iters is still overridden (123 iterations)."""
+    base = ["plan", "--model-family", "llama", "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads",
+            "4", "--seq-length", "32", "--padded-vocab-size", "256", "--micro-batch-size", "4",
+            "--global-batch-size", "256", "--gpus", "8", "--train-tokens", "1e6"]
+    assert cli_main(base + ["--train-iters", "10"]) == 2
+    assert capsys.readouterr().err == "error: give one of --train-tokens and --train-iters\n"
+    (tmp_path / "run.yaml").write_text("training:\n  train_iters: 7\n")
+    assert cli_main(base + ["--config", str(tmp_path / "run.yaml")]) == 0
+    assert f"{-(-10**6 // (256 * 32))} iterations" in capsys.readouterr().out
+
+
 def test_dry_run_warns_about_outputs_the_run_would_refuse(capsys, tmp_path):
     """Found as a new user: --dry-run said the config was valid with --save pointing at a file and
     --log-file under one; train then refused at once. A dry run may be made on another machine, so

@@ -175,6 +175,8 @@ def run_config(args) -> Config:
     from megatron_staged.errors import require
     from megatron_staged.planning.recipe import parse_recipe, set_train_tokens
 
+    require(args.train_tokens is None or not hasattr(args, "train_iters"),  # (a YAML's train_iters it overrides)
+            "give one of --train-tokens and --train-iters")
     cfg = config_from_args(args)
     read_data_args_files(cfg.data)  # so a dry run checks the blend's files too
     t = cfg.training
