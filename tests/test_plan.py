@@ -172,6 +172,27 @@ def test_memory_per_gpu_by_hand():
 
 
 
+def test_muon_optimizer_state_keeps_adam_on_embeddings_and_norms_by_hand():
+    """--optimizer muon, bf16, TP1 PP1 DP1 (Muon refuses the distributed optimizer): Muon's one momentum
+    on the 2-D hidden weights, Adam's two on the word embedding, the untied output layer and the norms
+    (megatron's Muon chain), each with an fp32 main copy. Small llama, 2 layers, hand count above:
+    2-D hidden 2 x (8192 + 4096 + 22528 + 11264) = 92160; Adam: 2 x 256 x 64 = 32768 + 2 x 2 x 64 norms + 64."""
+    cfg = small_llama(optimizer="muon", use_distributed_optimizer=False)
+    hidden, adam = 2 * (8192 + 4096 + 22528 + 11264), 2 * 256 * 64 + 2 * 2 * 64 + 64
+    est = estimate_memory(cfg, tp=1, pp=1, dp=1)
+    assert est.parameters == hidden + adam
+    assert est.optimizer == hidden * (4 + 4) + adam * (4 + 8)
+    # dist_muon over DP 2: the same state, halved; TP2 PP2 rank 0: 1 layer of 2-D weights / 2, embedding / 2, 2 norms
+    cfg = small_llama(optimizer="dist_muon", use_distributed_optimizer=False)
+    assert estimate_memory(cfg, tp=1, pp=1, dp=2).optimizer == (hidden * 8 + adam * 12) / 2
+    rank0_adam, rank0_hidden = 256 * 64 // 2 + 2 * 64, (8192 + 4096 + 22528 + 11264) // 2
+    rank1_adam = 256 * 64 // 2 + 2 * 64 + 64
+    rank0 = estimate_memory(small_llama(optimizer="muon", use_distributed_optimizer=False), 2, 2, 1)
+    assert rank0.pipeline_rank in (0, 1)
+    adam_on = rank0_adam if rank0.pipeline_rank == 0 else rank1_adam
+    assert rank0.optimizer == rank0_hidden * 8 + adam_on * 12
+
+
 def test_interleaved_pipeline_activation_memory_by_hand():
     """Interleaved 1F1B: rank 0 holds (1 + (p-1)/(p v)) times 1F1B's activations (Korthikanti et al.
     2022, section 4.2.3) when there are enough micro batches; fewer micro batches cap it."""
