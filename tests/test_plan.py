@@ -172,6 +172,27 @@ def test_memory_per_gpu_by_hand():
 
 
 
+def test_muon_optimizer_state_keeps_adam_on_embeddings_and_norms_by_hand():
+    """--optimizer muon, bf16, TP1 PP1 DP1 (Muon refuses the distributed optimizer): Muon's one momentum
+    on the 2-D hidden weights, Adam's two on the word embedding, the untied output layer and the norms
+    (megatron's Muon chain), each with an fp32 main copy. Small llama, 2 layers, hand count above:
+    2-D hidden 2 x (8192 + 4096 + 22528 + 11264) = 92160; Adam: 2 x 256 x 64 = 32768 + 2 x 2 x 64 norms + 64."""
+    cfg = small_llama(optimizer="muon", use_distributed_optimizer=False)
+    hidden, adam = 2 * (8192 + 4096 + 22528 + 11264), 2 * 256 * 64 + 2 * 2 * 64 + 64
+    est = estimate_memory(cfg, tp=1, pp=1, dp=1)
+    assert est.parameters == hidden + adam
+    assert est.optimizer == hidden * (4 + 4) + adam * (4 + 8)
+    # dist_muon over DP 2: the same state, halved; TP2 PP2 rank 0: 1 layer of 2-D weights / 2, embedding / 2, 2 norms
+    cfg = small_llama(optimizer="dist_muon", use_distributed_optimizer=False)
+    assert estimate_memory(cfg, tp=1, pp=1, dp=2).optimizer == (hidden * 8 + adam * 12) / 2
+    rank0_adam, rank0_hidden = 256 * 64 // 2 + 2 * 64, (8192 + 4096 + 22528 + 11264) // 2
+    rank1_adam = 256 * 64 // 2 + 2 * 64 + 64
+    rank0 = estimate_memory(small_llama(optimizer="muon", use_distributed_optimizer=False), 2, 2, 1)
+    assert rank0.pipeline_rank in (0, 1)
+    adam_on = rank0_adam if rank0.pipeline_rank == 0 else rank1_adam
+    assert rank0.optimizer == rank0_hidden * 8 + adam_on * 12
+
+
 def test_interleaved_pipeline_activation_memory_by_hand():
     """Interleaved 1F1B: rank 0 holds (1 + (p-1)/(p v)) times 1F1B's activations (Korthikanti et al.
     2022, section 4.2.3) when there are enough micro batches; fewer micro batches cap it."""
@@ -363,6 +384,62 @@ def test_plan_searches_when_the_configured_layout_cannot_run(capsys):
     assert "planning from TP1 PP3" in out
     row = next(l for l in out.splitlines() if l.startswith("0 ") and l.rstrip().endswith("TP1 PP3"))
     assert row.split()[:4] == ["0", "1", "3", "2"]  # stage 0 at TP1 PP3 DP2
+
+
+def test_plan_falls_back_to_another_layout_only_when_that_one_plans(capsys):
+    """A bad stage (width_factor 3) fails at every layout: the error is the stage's, with no note that
+    claims planning goes on from another layout -- neither when the configured TP1 PP1 cannot run on
+    6 GPUs (256 / (4 x 6) is no integer; TP1 PP3 could) nor when it can (8 GPUs: 256 / (4 x 8) = 8)."""
+    for gpus in ("6", "8"):
+        rc = cli_main(["plan", "--model-family", "llama", "--num-layers", "6", "--hidden-size", "256",
+                       "--num-attention-heads", "8", "--seq-length", "256", "--padded-vocab-size", "1024", "--bf16",
+                       "--micro-batch-size", "4", "--global-batch-size", "256", "--train-iters", "100",
+                       "--gpus", gpus, "--stages", "width:3"])
+        cap = capsys.readouterr()
+        assert rc == 2 and "note:" not in cap.out, cap.out
+        assert cap.err.startswith("error: staging.stages[0].width_factor: 3") and cap.err.count("\n") == 1, cap.err
+
+
+@pytest.mark.parametrize("command", [["plan"], ["train", "--dry-run"]])
+def test_plan_and_dry_run_name_the_flag_that_leaves_nothing(capsys, command):
+    """--train-samples 100 < one global batch of 256 trains 100 // 256 = 0 iterations: the error names
+    --train-samples, not an --train-iters the user never gave; 24 GiB reserved of 24 leaves no memory."""
+    base = command + ["--model-family", "llama", "--num-layers", "2", "--hidden-size", "64",
+                      "--num-attention-heads", "4", "--seq-length", "32", "--padded-vocab-size", "256",
+                      "--micro-batch-size", "4", "--global-batch-size", "256", "--gpus", "8"]
+    assert cli_main(base + ["--train-samples", "100"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --train-samples 100 is less than one global batch") and "--train-iters" not in err
+    assert cli_main(base + ["--train-iters", "10", "--gpu-memory-gb", "24", "--reserved-memory-gb", "24"]) == 2
+    assert capsys.readouterr().err == "error: --reserved-memory-gb 24 leaves nothing of --gpu-memory-gb 24\n"
+
+
+def test_layout_change_that_is_no_whole_factor_is_printed_as_from_to(capsys):
+    """TP2 PP2 (DP 20/4 = 5) -> TP1 PP5 (DP 20/5 = 4): PP grows by 2.5 and TP shrinks; the change column
+    said '+PP2' (5 // 2) and nothing of TP."""
+    rc = cli_main(["train", "--dry-run", "--model-family", "llama", "--num-layers", "4", "--hidden-size", "64",
+                   "--num-attention-heads", "4", "--seq-length", "32", "--padded-vocab-size", "256",
+                   "--micro-batch-size", "1", "--global-batch-size", "20", "--train-iters", "10", "--world-size", "20",
+                   "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+                   "--stages", "layers:10+pp:5+tp:1@5"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    table = out[out.index("configured layout per stage"):].splitlines()
+    row = next(line.split() for line in table if line.startswith("1 "))
+    assert row[1:6] == ["1", "5", "4", "PP2->5", "TP2->1"], row
+
+
+def test_train_tokens_and_train_iters_flags_conflict(capsys, tmp_path):
+    """--train-iters 10 with --train-tokens 1e6 planned ceil(1e6 / (256 x 32)) = 123 iterations, dropping
+    the given 10 without a word; a YAML's train_iters is still overridden (123 iterations)."""
+    base = ["plan", "--model-family", "llama", "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads",
+            "4", "--seq-length", "32", "--padded-vocab-size", "256", "--micro-batch-size", "4",
+            "--global-batch-size", "256", "--gpus", "8", "--train-tokens", "1e6"]
+    assert cli_main(base + ["--train-iters", "10"]) == 2
+    assert capsys.readouterr().err == "error: give one of --train-tokens and --train-iters\n"
+    (tmp_path / "run.yaml").write_text("training:\n  train_iters: 7\n")
+    assert cli_main(base + ["--config", str(tmp_path / "run.yaml")]) == 0
+    assert f"{-(-10**6 // (256 * 32))} iterations" in capsys.readouterr().out
 
 
 def test_dry_run_warns_about_outputs_the_run_would_refuse(capsys, tmp_path):

@@ -72,6 +72,9 @@ def hardware(args):
                             ("--peak-tflops", args.peak_tflops, True)):
         require(v is None or (v > 0 if strict else v >= 0),
                 f"{flag} {v} must be {'positive (> 0)' if strict else 'non-negative (>= 0)'}")
+    if args.gpu_memory_gb is not None:
+        require(args.reserved_memory_gb < args.gpu_memory_gb, f"--reserved-memory-gb {args.reserved_memory_gb:g} "
+                                                              f"leaves nothing of --gpu-memory-gb {args.gpu_memory_gb:g}")
     require(0 < args.mfu <= 1, f"--mfu {args.mfu} must be in (0, 1]")
     return Hardware(gpus=args.gpus, gpus_per_node=args.gpus_per_node, gpu_memory_gb=args.gpu_memory_gb,
                     reserved_memory_gb=args.reserved_memory_gb, mfu=args.mfu, peak_tflops=args.peak_tflops)
@@ -118,14 +121,22 @@ def plan_stages_from_a_valid_layout(cfg: Config, hw, notes: list | None = None):
         base = cfg.copy()
         resolve_model(base.model)
         resolve_vocab(base)
-        alt = next(iter(candidate_layouts(base, hw)), None)
-        if alt is None:
-            raise
         p = cfg.parallel
-        print(f"note: the configured layout TP{p.tensor_model_parallel_size} PP{p.pipeline_model_parallel_size} "
+        configured = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
+        alt = next(iter(candidate_layouts(base, hw)), None)
+        if alt is None or alt == configured:
+            raise  # (the same layout: the error is not the layout's, e.g. a bad stage key)
+        alt_cfg = with_layout(cfg, *alt)
+        alt_notes: list = []
+        try:
+            stages = plan_stages(alt_cfg, hw.gpus, alt_notes)
+        except UserError as e2:  # fails at a layout the run can use too: that error is the run's problem
+            raise e2 from None
+        print(f"note: the configured layout TP{configured[0]} PP{configured[1]} "
               f"cannot run on {hw.gpus} GPUs ({e}); planning from TP{alt[0]} PP{alt[1]}\n")
-        cfg = with_layout(cfg, *alt)
-        return plan_stages(cfg, hw.gpus, notes), cfg
+        if notes is not None:
+            notes.extend(alt_notes)
+        return stages, alt_cfg
 
 
 def _run_kaplan(args, cfg: Config) -> int:
@@ -164,6 +175,8 @@ def run_config(args) -> Config:
     from megatron_staged.errors import require
     from megatron_staged.planning.recipe import parse_recipe, set_train_tokens
 
+    require(args.train_tokens is None or not hasattr(args, "train_iters"),  # (a YAML's train_iters it overrides)
+            "give one of --train-tokens and --train-iters")
     cfg = config_from_args(args)
     read_data_args_files(cfg.data)  # so a dry run checks the blend's files too
     t = cfg.training
@@ -171,6 +184,8 @@ def run_config(args) -> Config:
         require(args.train_tokens is None, "give one of --train-tokens and --train-samples")
         require(t.global_batch_size, "--train-samples needs --global-batch-size")
         t.train_iters = t.train_samples // t.global_batch_size
+        require(t.train_iters > 0, f"--train-samples {t.train_samples} is less than one global batch "
+                                   f"(--global-batch-size {t.global_batch_size})")
     set_train_tokens(cfg, args.train_tokens)
     if args.recipe:
         cfg.staging.stages = parse_recipe(args.recipe, cfg.training.train_iters)

@@ -186,8 +186,7 @@ def layout_table(plans: list[StagePlan], configured: list[StagePlan]) -> str:
     for p, c in zip(plans, configured):
         change = ""
         if prev is not None:
-            change = " ".join(x for x in (f"+PP{p.pp // prev.pp}" if p.pp > prev.pp else "",
-                                          f"+TP{p.tp // prev.tp}" if p.tp > prev.tp else "") if x)
+            change = " ".join(x for x in (_change("PP", prev.pp, p.pp), _change("TP", prev.tp, p.tp)) if x)
         a = p.memory.activations
         rows.append([p.stage.index, p.tp, p.pp, p.dp, change, p.microbatches, fmt_count(p.memory.parameters),
                      gib(p.memory.weights), gib(p.memory.grads), gib(p.memory.optimizer),
@@ -196,6 +195,13 @@ def layout_table(plans: list[StagePlan], configured: list[StagePlan]) -> str:
         prev = p
     return _table(["stage", "TP", "PP", "DP", "change", "micro-batches", "params/GPU", "weights", "grads",
                    "optimizer", "activations n/s/f", "total GiB", "fits", "configured"], rows)
+
+
+def _change(name: str, old: int, new: int) -> str:
+    """``+PP2`` for a growth by a whole factor, else ``PP2->5`` (a factor that is no integer, or a shrink)."""
+    if new == old:
+        return ""
+    return f"+{name}{new // old}" if new > old and new % old == 0 else f"{name}{old}->{new}"
 
 
 def _gflop(flops: float) -> str:

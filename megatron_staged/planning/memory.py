@@ -15,6 +15,8 @@ Bytes per parameter (Megatron-LM's distributed optimizer table, docs/distrib_opt
 16-bit weights (2), fp32 gradients (4: the trainer builds DDP with ``grad_reduce_in_fp32``), fp32
 main parameters (4, only for bf16/fp16 runs) and Adam's two fp32 moments (8; SGD momentum 4),
 the last two sharded over DP by the distributed optimizer — 6 + 12/DP bytes for bf16 + Adam.
+Muon keeps one fp32 momentum (4) on the 2-D hidden weights and Adam's two on what its chain leaves
+to Adam (embeddings, output layer, norms, biases); ``dist_muon`` spreads the state over DP.
 
 Activations per transformer layer and micro batch, in bytes (Korthikanti et al. 2022, "Reducing
 Activation Recomputation in Large Transformer Models", section 4 and table 2), with ``s`` sequence,
@@ -62,6 +64,7 @@ class ParamCounts:
     layer_replicated: int        # of which replicated over TP (norms, row-parallel biases)
     final_norm: int
     output_layer: int            # untied output layer (0 when tied to the word embedding)
+    layer_vectors: int = 0       # of a layer's, the 1-D ones (norms, biases; Adam's under Muon)
 
     @property
     def total(self) -> int:
@@ -90,12 +93,13 @@ def count_parameters(m: ModelConfig) -> ParamCounts:
     qk_norms = 2 * (2 * kv if m.normalization == "LayerNorm" else kv) if m.qk_layernorm else 0  # over a head
     layer += qk_norms
     replicated = 2 * norm + (2 * h if bias else 0) + qk_norms
+    vectors = replicated + (qkv_out if bias or m.add_qkv_bias else 0) + (fc1_out if bias else 0)
     vh = m.padded_vocab_size * h
     return ParamCounts(
         num_layers=m.num_layers, word_embedding=vh,
         position_embedding=m.max_position_embeddings * h if m.position_embedding_type == "learned_absolute" else 0,
         layer=layer, layer_replicated=replicated, final_norm=norm,
-        output_layer=vh if m.untie_embeddings_and_output_weights else 0)
+        output_layer=vh if m.untie_embeddings_and_output_weights else 0, layer_vectors=vectors)
 
 
 def parameters_on_pipeline_rank(pc: ParamCounts, tp: int, pp: int, rank: int, layers: Optional[int] = None) -> int:
@@ -115,6 +119,22 @@ def parameters_on_pipeline_rank(pc: ParamCounts, tp: int, pp: int, rank: int, la
             n += pc.output_layer // tp
         elif pp > 1:
             n += pc.word_embedding // tp  # tied: the last stage keeps a copy of the word embedding
+    return n
+
+
+def adam_parameters_under_muon(pc: ParamCounts, tp: int, pp: int, rank: int, layers: int) -> int:
+    """Of :func:`parameters_on_pipeline_rank`'s, those megatron's Muon chain leaves to Adam: embeddings,
+    the output layer (or the tied copy), norms and biases (Muon takes the 2-D hidden weights)."""
+    column_biases = pc.layer_vectors - pc.layer_replicated  # QKV and FC1 biases, split over TP
+    n = layers * (column_biases // tp + pc.layer_replicated)
+    if rank == 0:
+        n += pc.word_embedding // tp + pc.position_embedding
+    if rank == pp - 1:
+        n += pc.final_norm
+        if pc.output_layer:
+            n += pc.output_layer // tp
+        elif pp > 1:
+            n += pc.word_embedding // tp
     return n
 
 
@@ -189,12 +209,16 @@ def bytes_per_parameter(cfg: Config, dp: int) -> tuple[float, float, float]:
     """(weights, grads, optimizer) bytes per parameter on one GPU."""
     sixteen_bit = cfg.model.bf16 or cfg.model.fp16
     o = cfg.optim
-    # Muon keeps one momentum per 2-D hidden weight (most parameters; embeddings and norms keep Adam's two)
+    # Muon keeps one momentum per 2-D hidden weight; embeddings and norms keep Adam's two (the
+    # difference is added per rank in estimate_memory: MUON_ADAM_EXTRA)
     moments = {"adam": 8, "muon": 4, "dist_muon": 4}.get(o.optimizer, 4 if o.sgd_momentum else 0)
     optimizer = (4 if sixteen_bit else 0) + moments
     if cfg.parallel.use_distributed_optimizer or o.optimizer == "dist_muon":
         optimizer = optimizer / dp
     return (2 if sixteen_bit else 4), GRAD_BYTES, optimizer
+
+
+MUON_ADAM_EXTRA = 4  # bytes of Adam's second moment on the parameters Muon's chain leaves to Adam
 
 
 def micro_batches_in_flight(pp: int, rank: int, microbatches: int, vp: int = 1, group: Optional[int] = None) -> int:
@@ -239,13 +263,17 @@ def estimate_memory(cfg: Config, tp: int, pp: int, dp: int, recompute="none") ->
     best = None
     for rank in range(pp):
         n = parameters_on_pipeline_rank(pc, tp, pp, rank, sum(counts[rank]))
+        optimizer = n * o
+        if cfg.optim.optimizer in ("muon", "dist_muon"):
+            share = 1 / dp if cfg.optim.optimizer == "dist_muon" else 1
+            optimizer += adam_parameters_under_muon(pc, tp, pp, rank, sum(counts[rank])) * MUON_ADAM_EXTRA * share
         in_flight = micro_batches_in_flight(pp, rank, microbatches, vp,
                                             cfg.parallel.microbatch_group_size_per_virtual_pipeline_stage)
         # the passes in flight cycle over the rank's chunks: their mean size (chunks differ only when
         # the embedding/loss is counted in the split)
         chunks = [stage_activation_bytes(per_layer, c, recompute) for c in counts[rank]]
         acts = {r: in_flight * sum(c[r] for c in chunks) / len(chunks) for r in per_layer}
-        est = MemoryEstimate(pipeline_rank=rank, parameters=n, weights=n * w, grads=n * g, optimizer=n * o,
+        est = MemoryEstimate(pipeline_rank=rank, parameters=n, weights=n * w, grads=n * g, optimizer=optimizer,
                              activations=acts, recompute=recompute)
         if best is None or est.total > best.total:
             best = est
