@@ -715,3 +715,20 @@ def test_planned_flops_count_the_layers_raptr_and_pld_run():
                  for t in range(T) for l in range(1, L + 1)) / T
     pld = _stage_flops(["--num-layers", "8", "--train-iters", "99", "--progressive-layer-drop", "--pld-gamma", "0.03"])
     assert pld == pytest.approx(l0 + (full8 - l0) * layers / L, rel=1e-9)
+
+
+def test_fits_nowhere_names_only_remedies_that_exist():
+    """The 'fits no layout' error suggested a smaller micro batch at micro batch 1 and, with full
+    recomputation, no recomputation hint is left: only the remedies the run can still take are named."""
+    from megatron_staged.errors import UserError
+
+    cfg = small_llama(num_layers=4, padded_vocab_size=1024, global_batch_size=16, micro_batch_size=1)
+    stages = plan_stages(cfg, 8)
+    hw = Hardware(gpus=8, gpu_memory_gb=1e-4, reserved_memory_gb=0.0)  # 100 KiB: nothing fits
+    with pytest.raises(UserError) as e:
+        cluster_report(stages, hw, Recompute("full"))
+    assert str(e.value).endswith("; use more GPUs")  # micro batch 1, full recomputation: nothing else left
+    cfg2 = small_llama(num_layers=4, padded_vocab_size=1024, global_batch_size=16, micro_batch_size=2)
+    with pytest.raises(UserError) as e:
+        cluster_report(plan_stages(cfg2, 8), hw, Recompute("none"))
+    assert str(e.value).endswith("; use more GPUs, a smaller micro batch or --recompute-granularity selective")

@@ -243,10 +243,12 @@ def cluster_report(stages: list[PlannedStage], hw: Hardware, recompute: Recomput
         p = choose_layout(s, hw, recompute)
         if p is None:
             hints = list(RECOMPUTE_GRANULARITIES[RECOMPUTE_GRANULARITIES.index(recompute.granularity) + 1:])
+            ways = ["more GPUs"] + (["a smaller micro batch"] if s.cfg.training.micro_batch_size > 1 else []) + \
+                [f"--recompute-granularity {h}" for h in hints[:1]]
             raise UserError(f"stage {s.index} ({s.cfg.model.num_layers} layers, hidden {s.cfg.model.hidden_size}) "
                             f"fits no TP<={hw.gpus_per_node} x PP layout of {hw.gpus} GPUs with "
-                            f"{hw.gpu_memory_gb:g} GiB each; use more GPUs, a smaller micro batch"
-                            + (f", or --recompute-granularity {hints[0]}" if hints else ""))
+                            f"{hw.gpu_memory_gb:g} GiB each; use " + (", ".join(ways[:-1]) + " or " + ways[-1]
+                                                                       if len(ways) > 1 else ways[0]))
         plans.append(p)
         configured.append(configured_plan(s, hw, recompute))
     text = "\n\n".join([
