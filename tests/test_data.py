@@ -565,3 +565,51 @@ def test_tool_errors_quoting_library_messages_are_one_line(tmp_path, capsys):
                  "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tmp_path / "no_tok")]) == 2
     err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
     assert len(err) == 1 and err[0].startswith("error: --tokenizer-model: cannot load a HuggingFace tokenizer"), err
+
+
+def _numpy_docs(prefix):
+    """Documents read with numpy from megatron-core's documented MMIDIDX layout (no megatron code)."""
+    import struct
+
+    import numpy
+
+    raw = open(prefix + ".idx", "rb").read()
+    assert raw[:9] == b"MMIDIDX\x00\x00"
+    _, code, n, _ = struct.unpack("<QBQQ", raw[9:34])
+    dtype = {1: numpy.uint8, 2: numpy.int8, 3: numpy.int16, 4: numpy.int32, 5: numpy.int64,
+             6: numpy.float64, 7: numpy.float32, 8: numpy.uint16}[code]
+    lengths = numpy.frombuffer(raw, numpy.int32, n, 34)
+    pointers = numpy.frombuffer(raw, numpy.int64, n, 34 + 4 * n)
+    data = open(prefix + ".bin", "rb").read()
+    return [numpy.frombuffer(data, dtype, int(ln), int(pt)).tolist() for ln, pt in zip(lengths, pointers)]
+
+
+def test_preprocess_compressed_non_utf8_and_existing_output(tmp_path, sp_model):
+    """Found as a new user: a .jsonl.gz was tokenized as text (its compressed bytes); a JSONL line
+    with a Latin-1 byte crashed with a UnicodeDecodeError traceback; re-running onto an existing
+    --output-prefix silently replaced the dataset."""
+    import gzip
+
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=sp_model)
+    texts = ["def compressed(x): return x", "import heapq as h"]
+    (tmp_path / "d.jsonl.gz").write_bytes(gzip.compress(
+        "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()))
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9 bar"}\n')
+    out = preprocess_data([str(tmp_path / "d.jsonl.gz"), str(tmp_path / "latin1.jsonl")], str(tmp_path / "o"),
+                          "GPTSentencePieceTokenizer", sp_model)
+    prefix = out["prefixes"]["text"]
+    expected = [sp.encode(t) for t in texts + ["caf\ufffd bar"]]
+    assert _numpy_docs(prefix) == expected
+    before = {s: open(prefix + s, "rb").read() for s in (".bin", ".idx")}
+    (tmp_path / "other.txt").write_text("something else entirely")
+    with pytest.raises(UserError, match="already exists.*--overwrite"):
+        preprocess_data(str(tmp_path / "other.txt"), str(tmp_path / "o"), "GPTSentencePieceTokenizer", sp_model)
+    assert {s: open(prefix + s, "rb").read() for s in (".bin", ".idx")} == before
+    preprocess_data(str(tmp_path / "other.txt"), str(tmp_path / "o"), "GPTSentencePieceTokenizer", sp_model,
+                    overwrite=True)
+    assert _numpy_docs(prefix) == [sp.encode("something else entirely")]
+    (tmp_path / "cut.jsonl.gz").write_bytes((tmp_path / "d.jsonl.gz").read_bytes()[:20])
+    with pytest.raises(UserError, match="cannot read .*cut.jsonl.gz"):
+        preprocess_data(str(tmp_path / "cut.jsonl.gz"), str(tmp_path / "c"), "GPTSentencePieceTokenizer", sp_model)

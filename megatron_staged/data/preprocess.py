@@ -13,7 +13,11 @@ Inputs (``--input`` takes files, globs and directories; directories are searched
 
 * ``*.jsonl`` / ``*.json``: one JSON object per line; each ``--json-keys`` field is a document;
 * any other file: plain text, one document per file, or one per non-blank line with
-  ``--text-document-per-line``.
+  ``--text-document-per-line``;
+* either compressed (``.gz``, ``.bz2``, ``.xz``): read decompressed, by the name without the suffix.
+
+Bytes that are not UTF-8 become U+FFFD (in JSONL as in plain text). An output prefix whose
+``.bin``/``.idx`` already exist is refused unless ``--overwrite`` is given.
 
 Documents that are blank or tokenize to zero tokens are skipped (megatron-core's GPTDataset
 loops forever on zero-token documents). Outputs are written under temporary names and renamed
@@ -22,8 +26,11 @@ when complete, so an interrupted run leaves no half-written dataset behind.
 from __future__ import annotations
 
 import argparse
+import bz2
 import glob
+import gzip
 import json
+import lzma
 import multiprocessing
 import os
 import re
@@ -35,6 +42,19 @@ from megatron_staged.data.tokenizer import TOKENIZER_TYPES, build_tokenizer
 from megatron_staged.errors import UserError, require
 
 JSON_SUFFIXES = (".jsonl", ".json")
+_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
+def _open_text(path: str):
+    """``path`` as UTF-8 text (undecodable bytes become U+FFFD), decompressing .gz/.bz2/.xz."""
+    opener = _OPENERS.get(os.path.splitext(path)[1].lower(), open)
+    return opener(path, "rt", encoding="utf-8", errors="replace")
+
+
+def _content_name(path: str) -> str:
+    """The name that decides the format: ``docs.jsonl.gz`` is JSONL."""
+    stem, ext = os.path.splitext(path)
+    return stem if ext.lower() in _OPENERS else path
 
 
 def expand_inputs(inputs: list[str] | str) -> list[str]:
@@ -61,19 +81,26 @@ def iter_documents(files: list[str], json_keys: list[str],
                    text_document_per_line: bool = False) -> Iterator[dict[str, str]]:
     """Yield documents as ``{key: text}`` dicts; plain-text files fill the first key only."""
     for path in files:
-        if path.endswith(JSON_SUFFIXES):
-            yield from _iter_jsonl(path, json_keys)
-            continue
-        with open(path, encoding="utf-8", errors="replace") as f:
-            if text_document_per_line:
-                for line in f:
-                    yield {json_keys[0]: line.rstrip("\n")}
-            else:
-                yield {json_keys[0]: f.read()}
+        try:
+            yield from _iter_file(path, json_keys, text_document_per_line)
+        except (OSError, EOFError, lzma.LZMAError) as err:  # a truncated or corrupt .gz/.bz2/.xz
+            raise UserError(f"--input: cannot read {path} ({type(err).__name__}: {err})") from err
+
+
+def _iter_file(path: str, json_keys: list[str], text_document_per_line: bool) -> Iterator[dict[str, str]]:
+    if _content_name(path).endswith(JSON_SUFFIXES):
+        yield from _iter_jsonl(path, json_keys)
+        return
+    with _open_text(path) as f:
+        if text_document_per_line:
+            for line in f:
+                yield {json_keys[0]: line.rstrip("\n")}
+        else:
+            yield {json_keys[0]: f.read()}
 
 
 def _iter_jsonl(path: str, json_keys: list[str]) -> Iterator[dict[str, str]]:
-    with open(path, encoding="utf-8") as f:
+    with _open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -152,7 +179,7 @@ def preprocess_data(inputs: list[str] | str, output_prefix: str, tokenizer_type:
                json_keys: tuple[str, ...] = ("text",), append_eod: bool = False,
                workers: int = 1, log_interval: int = 1000,
                text_document_per_line: bool = False, log=None, vocab_file: str | None = None,
-               merge_file: str | None = None) -> dict:
+               merge_file: str | None = None, overwrite: bool = False) -> dict:
     """Tokenize ``inputs`` into one ``.bin/.idx`` indexed dataset per key.
 
     Returns ``{"prefixes": {key: prefix}, "num_documents": {key: n}, "num_tokens": {key: n},
@@ -162,6 +189,11 @@ def preprocess_data(inputs: list[str] | str, output_prefix: str, tokenizer_type:
     require(json_keys, "--json-keys needs at least one key")
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     files = expand_inputs(inputs)
+    existing = [output_prefix_for(output_prefix, k) + sfx for k in json_keys for sfx in (".bin", ".idx")
+                if os.path.lexists(output_prefix_for(output_prefix, k) + sfx)]
+    require(overwrite or not existing,
+            f"--output-prefix {output_prefix}: {existing[0] if existing else ''} already exists; choose another "
+            f"prefix, or pass --overwrite to replace it")
     tokenizer_files = {"vocab_file": vocab_file, "merge_file": merge_file}  # GPT2BPETokenizer
     tokenizer = build_tokenizer(tokenizer_type, tokenizer_model, vocab_size, **tokenizer_files)  # fail fast
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
@@ -259,6 +291,8 @@ def get_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output data")
     g.add_argument("--output-prefix", required=True,
                    help="writes <output-prefix>_<key>_document.bin/.idx")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an existing <output-prefix>_<key>_document.bin/.idx (refused without it)")
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1, help="tokenizer worker processes")
     g.add_argument("--log-interval", type=int, default=1000, help="log every N documents")
@@ -285,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                    args.vocab_size, json_keys=args.json_keys, append_eod=args.append_eod,
                    workers=args.workers, log_interval=args.log_interval,
                    text_document_per_line=args.text_document_per_line, vocab_file=args.vocab_file,
-                   merge_file=args.merge_file)
+                   merge_file=args.merge_file, overwrite=args.overwrite)
     except UserError as err:
         from megatron_staged.errors import one_line
 
