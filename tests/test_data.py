@@ -613,3 +613,23 @@ def test_preprocess_compressed_non_utf8_and_existing_output(tmp_path, sp_model):
     (tmp_path / "cut.jsonl.gz").write_bytes((tmp_path / "d.jsonl.gz").read_bytes()[:20])
     with pytest.raises(UserError, match="cannot read .*cut.jsonl.gz"):
         preprocess_data(str(tmp_path / "cut.jsonl.gz"), str(tmp_path / "c"), "GPTSentencePieceTokenizer", sp_model)
+
+
+def test_token_ids_outside_the_model_vocabulary_are_a_user_error(indexed, sp_tok, tmp_path):
+    """Found as a new user: data preprocessed with a bigger tokenizer than the run's (e.g.
+    --tokenizer-type NullTokenizer --vocab-size 64 on sentencepiece data) died in the embedding with
+    IndexError: index out of range (a device-side assert on GPU)."""
+    prefix, _ = indexed
+    train, _, _ = build_gpt_datasets(data_path=[prefix], split="3,1,0", mock_data=False, seq_length=16, seed=5,
+                                     tokenizer=sp_tok, train_samples=40, valid_samples=1, test_samples=0,
+                                     cache_path=str(tmp_path / "cache"))
+    docs = _numpy_docs(prefix)
+    top = max(t for d in set(numpy.asarray(train.document_index).tolist()) for t in docs[d])
+    n_batches = len(train) // 4
+    it = build_data_iterator(train, 0, 4, 0, 1, vocab_size=top + 1)
+    for _ in range(n_batches):  # every id fits: no error
+        next(it)
+    it = build_data_iterator(train, 0, 4, 0, 1, vocab_size=top)
+    with pytest.raises(UserError, match=rf"holds token id {top}, outside the model's vocabulary of {top}"):
+        for _ in range(n_batches):
+            next(it)

@@ -294,14 +294,17 @@ class PretrainingSampler:
 
 
 def build_data_iterator(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int,
-                        dp_size: int, num_workers: int = 0) -> Iterator[dict] | None:
+                        dp_size: int, num_workers: int = 0,
+                        vocab_size: int | None = None) -> Iterator[dict] | None:
     """An endless iterator over this DP rank's micro-batches of ``dataset`` (None if no dataset).
 
     Each item is a dict of tensors with a leading micro-batch dimension: ``tokens``, ``labels``,
     ``position_ids`` (int64, [b, s]) and ``loss_mask`` (float32, [b, s]). When the dataset is
     exhausted the iterator cycles over it again (see :class:`PretrainingSampler`, ``cycle``) and
     logs a warning once; size datasets with ``train_samples`` so this does not happen in a
-    normal run.
+    normal run. With ``vocab_size`` (the model's padded vocabulary) a micro-batch holding a token
+    id outside it is a UserError (the data was tokenized with a bigger tokenizer) instead of an
+    IndexError (a device-side assert on GPU) inside the embedding.
     """
     if dataset is None:
         return None
@@ -310,4 +313,21 @@ def build_data_iterator(dataset, consumed_samples: int, micro_batch_size: int, d
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=False,
         persistent_workers=num_workers > 0)
-    return iter(loader)
+    return iter(loader) if vocab_size is None else _check_token_ids(iter(loader), vocab_size, dataset)
+
+
+def _check_token_ids(batches: Iterator[dict], vocab_size: int, dataset) -> Iterator[dict]:
+    for batch in batches:
+        for key in ("tokens", "labels"):
+            ids = batch.get(key)
+            if ids is not None and ids.numel():
+                lo, hi = int(ids.min()), int(ids.max())
+                if lo < 0 or hi >= vocab_size:
+                    prefix = getattr(getattr(dataset, "dataset", None), "path_prefix", None)
+                    where = f" of {prefix}" if prefix else ""
+                    raise UserError(
+                        f"the data{where} holds token id {hi if hi >= vocab_size else lo}, outside the model's "
+                        f"vocabulary of {vocab_size} (padded from the tokenizer's): the dataset was tokenized with "
+                        "another tokenizer; pass the --tokenizer-type/--tokenizer-model (or --vocab-size) it was "
+                        "preprocessed with, or preprocess it again with this one")
+        yield batch
