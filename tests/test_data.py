@@ -633,3 +633,22 @@ def test_token_ids_outside_the_model_vocabulary_are_a_user_error(indexed, sp_tok
     with pytest.raises(UserError, match=rf"holds token id {top}, outside the model's vocabulary of {top}"):
         for _ in range(n_batches):
             next(it)
+
+
+def test_train_tokenizer_refuses_to_replace_an_existing_model(tmp_path, capsys):
+    """Found as a new user: re-running train_tokenizer.py with the same --model-prefix silently replaced
+    the tokenizer that existing .bin/.idx datasets were tokenized with."""
+    import sentencepiece
+
+    from megatron_staged.data.train_tokenizer import main
+
+    (tmp_path / "t.txt").write_text(_stdlib_text("fnmatch.py"))
+    args = ["--input", str(tmp_path / "t.txt"), "--model-prefix", str(tmp_path / "m")]
+    assert main(args + ["--vocab-size", "400"]) == 0
+    before = (tmp_path / "m.model").read_bytes()
+    capsys.readouterr()
+    assert main(args + ["--vocab-size", "420"]) == 2
+    assert "m.model already exists" in capsys.readouterr().err
+    assert (tmp_path / "m.model").read_bytes() == before
+    assert main(args + ["--vocab-size", "420", "--overwrite"]) == 0
+    assert sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "m.model")).vocab_size() == 420
