@@ -652,3 +652,20 @@ def test_train_tokenizer_refuses_to_replace_an_existing_model(tmp_path, capsys):
     assert (tmp_path / "m.model").read_bytes() == before
     assert main(args + ["--vocab-size", "420", "--overwrite"]) == 0
     assert sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "m.model")).vocab_size() == 420
+
+
+def test_preprocess_byte_order_mark_and_json_array(tmp_path, sp_model):
+    """Found as a new user: a JSONL saved by a Windows editor (UTF-8 BOM, CRLF) was refused as
+    'not valid JSON'; a plain-text file's BOM became three byte-fallback tokens of its first document;
+    a .json holding one JSON array got no hint that JSON lines are expected."""
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=sp_model)
+    (tmp_path / "w.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "def f(): pass"}\r\n{"text": "x = 1"}\r\n')
+    (tmp_path / "w.txt").write_bytes(b"\xef\xbb\xbfimport heapq")
+    out = preprocess_data([str(tmp_path / "w.jsonl"), str(tmp_path / "w.txt")], str(tmp_path / "o"),
+                          "GPTSentencePieceTokenizer", sp_model)
+    assert _numpy_docs(out["prefixes"]["text"]) == [sp.encode(t) for t in ("def f(): pass", "x = 1", "import heapq")]
+    (tmp_path / "a.json").write_text(json.dumps([{"text": "a"}, {"text": "b"}], indent=1))
+    with pytest.raises(UserError, match=r"a.json:1 is not valid JSON .*one JSON array.*jq -c"):
+        preprocess_data(str(tmp_path / "a.json"), str(tmp_path / "a"), "GPTSentencePieceTokenizer", sp_model)

@@ -46,9 +46,10 @@ _OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 
 
 def _open_text(path: str):
-    """``path`` as UTF-8 text (undecodable bytes become U+FFFD), decompressing .gz/.bz2/.xz."""
+    """``path`` as UTF-8 text (undecodable bytes become U+FFFD; a leading byte-order mark, as Windows
+    editors write, is dropped), decompressing .gz/.bz2/.xz."""
     opener = _OPENERS.get(os.path.splitext(path)[1].lower(), open)
-    return opener(path, "rt", encoding="utf-8", errors="replace")
+    return opener(path, "rt", encoding="utf-8-sig", errors="replace")
 
 
 def _content_name(path: str) -> str:
@@ -107,14 +108,19 @@ def _iter_jsonl(path: str, json_keys: list[str]) -> Iterator[dict[str, str]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise UserError(f"--input: {path}:{lineno} is not valid JSON ({err})") from err
-            require(isinstance(record, dict), f"--input: {path}:{lineno} is not a JSON object")
+                hint = _ARRAY_HINT if lineno == 1 and line.lstrip().startswith("[") else ""
+                raise UserError(f"--input: {path}:{lineno} is not valid JSON ({err}){hint}") from err
+            require(isinstance(record, dict), f"--input: {path}:{lineno} is not a JSON object"
+                    + (_ARRAY_HINT if lineno == 1 and isinstance(record, list) else ""))
             missing = [k for k in json_keys if k not in record]
             require(not missing,
                     f"--input: {path}:{lineno} has no key(s) {missing} "
                     f"(present: {sorted(record)[:10]}); set --json-keys")
             yield {k: _text_value(record[k], path, lineno, k) for k in json_keys}
 
+
+_ARRAY_HINT = ("; the file looks like one JSON array, but the input is read as JSON lines (one object per "
+               "line, Megatron-LM's format): convert it, e.g. jq -c '.[]' in.json > in.jsonl")
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
