@@ -669,3 +669,31 @@ def test_preprocess_byte_order_mark_and_json_array(tmp_path, sp_model):
     (tmp_path / "a.json").write_text(json.dumps([{"text": "a"}, {"text": "b"}], indent=1))
     with pytest.raises(UserError, match=r"a.json:1 is not valid JSON .*one JSON array.*jq -c"):
         preprocess_data(str(tmp_path / "a.json"), str(tmp_path / "a"), "GPTSentencePieceTokenizer", sp_model)
+
+
+@pytest.mark.parametrize("how", ["valid-data-path", "per-split-data-args-path", "data-args-path"])
+def test_per_split_and_data_args_blends_are_checked_before_the_run(indexed, tmp_path, how):
+    """Found as a new user: a truncated .bin given by --valid-data-path (or in a --per-split-data-args-path /
+    --data-args-path file) passed the pre-run checks and crashed at the first evaluation with numpy's
+    'offset must be non-negative and no greater than buffer length'."""
+    import shutil
+
+    from megatron_staged.config import DataConfig
+    from megatron_staged.data.validate import check_data_flags
+
+    prefix, _ = indexed
+    cut = str(tmp_path / "cut")
+    shutil.copy(prefix + ".idx", cut + ".idx")
+    with open(prefix + ".bin", "rb") as f:
+        (tmp_path / "cut.bin").write_bytes(f.read(os.path.getsize(prefix + ".bin") // 2))
+    d = DataConfig()
+    if how == "valid-data-path":
+        d.train_data_path, d.valid_data_path = [prefix], [cut]
+    elif how == "per-split-data-args-path":
+        (tmp_path / "s.json").write_text(json.dumps({"train": [prefix], "test": ["1", cut]}))
+        d.per_split_data_args_path = str(tmp_path / "s.json")
+    else:
+        (tmp_path / "b.txt").write_text(f"0.5 {prefix}\n0.5 {cut}\n")
+        d.data_args_path = str(tmp_path / "b.txt")
+    with pytest.raises(UserError, match=r"cut.bin does not match .*cut.idx"):
+        check_data_flags(d)

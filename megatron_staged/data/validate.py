@@ -93,12 +93,20 @@ def check_indexed_dataset(prefix: str, flag: str = "--data-path") -> int:
 
 
 def check_data_flags(data) -> None:
-    """The ``DataConfig`` a run was given: blend syntax and every dataset's files."""
-    if data.mock_data or not data.data_path:
+    """The ``DataConfig`` a run was given: blend syntax and every dataset's files (``--data-path`` and
+    the per-split ``--train/valid/test-data-path``, whose datasets are otherwise first read at the
+    first evaluation)."""
+    if data.mock_data:
         return
-    prefixes, _ = parse_data_path(data.data_path)
-    for p in prefixes:
-        check_indexed_dataset(p)
+    from megatron_staged.config import read_data_args_files
+
+    read_data_args_files(data)  # --data-args-path / --per-split-data-args-path: their blends are checked too
+    for flag, blend in (("--data-path", data.data_path), ("--train-data-path", data.train_data_path),
+                        ("--valid-data-path", data.valid_data_path), ("--test-data-path", data.test_data_path)):
+        if blend:
+            prefixes, _ = parse_data_path(blend, flag)
+            for p in prefixes:
+                check_indexed_dataset(p, flag)
     if data.tokenizer_model and data.tokenizer_type in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer"):
         require(os.path.exists(data.tokenizer_model),
                 f"--tokenizer-model {data.tokenizer_model}: no such file or directory")
