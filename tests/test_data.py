@@ -697,3 +697,16 @@ def test_per_split_and_data_args_blends_are_checked_before_the_run(indexed, tmp_
         d.data_args_path = str(tmp_path / "b.txt")
     with pytest.raises(UserError, match=r"cut.bin does not match .*cut.idx"):
         check_data_flags(d)
+
+
+
+def test_preprocess_refuses_binary_files(tmp_path, sp_model):
+    """Found as a new user: a binary input (a parquet file, a .zst archive) was tokenized as plain text
+    without a word."""
+    # the first bytes of a parquet file (magic, then thrift-encoded page headers with NULs)
+    (tmp_path / "p.parquet").write_bytes(b"PAR1\x15\x04\x15\x1c\x00\x00\x00hello world\x00\x00PAR1")
+    for per_line in (False, True):
+        with pytest.raises(UserError, match=r"p.parquet holds NUL bytes: it is a binary file"):
+            preprocess_data(str(tmp_path / "p.parquet"), str(tmp_path / "o"), "GPTSentencePieceTokenizer", sp_model,
+                            text_document_per_line=per_line)
+    assert not list(tmp_path.glob("o_*"))

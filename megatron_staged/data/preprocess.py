@@ -95,9 +95,21 @@ def _iter_file(path: str, json_keys: list[str], text_document_per_line: bool) ->
     with _open_text(path) as f:
         if text_document_per_line:
             for line in f:
+                _require_text(line, path)
                 yield {json_keys[0]: line.rstrip("\n")}
         else:
-            yield {json_keys[0]: f.read()}
+            text = f.read()
+            _require_text(text, path)
+            yield {json_keys[0]: text}
+
+
+def _require_text(text: str, path: str) -> None:
+    """Text files hold no NUL bytes; a binary file (parquet, arrow, zstd, ...) would be tokenized as
+    byte soup without a word."""
+    require("\x00" not in text,
+            f"--input: {path} holds NUL bytes: it is a binary file, not text; preprocess_data reads JSON lines "
+            "(.jsonl/.json), plain text, and either compressed as .gz/.bz2/.xz (for parquet/arrow, export the "
+            "text column to JSON lines first)")
 
 
 def _iter_jsonl(path: str, json_keys: list[str]) -> Iterator[dict[str, str]]:
