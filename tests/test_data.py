@@ -710,3 +710,16 @@ def test_preprocess_refuses_binary_files(tmp_path, sp_model):
             preprocess_data(str(tmp_path / "p.parquet"), str(tmp_path / "o"), "GPTSentencePieceTokenizer", sp_model,
                             text_document_per_line=per_line)
     assert not list(tmp_path.glob("o_*"))
+
+
+def test_preprocess_input_directory_skips_datasets_written_into_it(tmp_path, sp_model):
+    """Found as a new user: --input data/ --output-prefix data/corpus, run a second time (another key,
+    tokenizer or prefix), read the first run's .bin/.idx as text documents."""
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=sp_model)
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": "import bisect"}) + "\n")
+    preprocess_data(str(tmp_path), str(tmp_path / "a"), "GPTSentencePieceTokenizer", sp_model)
+    out = preprocess_data(str(tmp_path), str(tmp_path / "b"), "GPTSentencePieceTokenizer", sp_model)
+    assert out["num_documents"]["text"] == 1
+    assert _numpy_docs(out["prefixes"]["text"]) == [sp.encode("import bisect")]

@@ -9,7 +9,8 @@ The logic of Megatron-LM's ``tools/preprocess_data.py``, with the same flag name
 writes ``out/corpus_text_document.bin`` and ``.idx`` (one pair per ``--json-keys`` key); pass
 ``out/corpus_text_document`` to ``--data-path``.
 
-Inputs (``--input`` takes files, globs and directories; directories are searched recursively):
+Inputs (``--input`` takes files, globs and directories; directories are searched recursively,
+skipping ``.bin``/``.idx`` dataset pairs):
 
 * ``*.jsonl`` / ``*.json``: one JSON object per line; each ``--json-keys`` field is a document;
 * any other file: plain text, one document per file, or one per non-blank line with
@@ -67,7 +68,11 @@ def expand_inputs(inputs: list[str] | str) -> list[str]:
         if os.path.isdir(item):
             for root, dirs, names in os.walk(item):
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                files += [os.path.join(root, n) for n in sorted(names) if not n.startswith(".")]
+                # a dataset written here before (X.bin + X.idx, e.g. --output-prefix inside the input
+                # directory) is output, not input
+                stems = {n[:-4] for n in names if n.endswith(".bin")} & {n[:-4] for n in names if n.endswith(".idx")}
+                files += [os.path.join(root, n) for n in sorted(names) if not n.startswith(".")
+                          and not (n.endswith((".bin", ".idx")) and n[:-4] in stems)]
         elif os.path.isfile(item):
             files.append(item)
         else:
