@@ -723,3 +723,21 @@ def test_preprocess_input_directory_skips_datasets_written_into_it(tmp_path, sp_
     out = preprocess_data(str(tmp_path), str(tmp_path / "b"), "GPTSentencePieceTokenizer", sp_model)
     assert out["num_documents"]["text"] == 1
     assert _numpy_docs(out["prefixes"]["text"]) == [sp.encode("import bisect")]
+
+
+def test_data_path_given_the_output_prefix_names_the_dataset(indexed, tmp_path):
+    """Found as a new user: --data-path out/corpus (the --output-prefix) instead of
+    out/corpus_text_document said only 'no indexed dataset at out/corpus'."""
+    import shutil
+
+    from megatron_staged.data.validate import check_indexed_dataset
+
+    prefix, _ = indexed
+    for suffix in (".bin", ".idx"):  # Megatron-LM's naming: <output-prefix>_<json key>_document
+        shutil.copy(prefix + suffix, str(tmp_path / "corpus_text_document") + suffix)
+    with pytest.raises(UserError, match=r"no indexed dataset at .*corpus \(.*which wrote .*corpus_text_document "):
+        check_indexed_dataset(str(tmp_path / "corpus"))
+    with pytest.raises(UserError, match=r"which wrote .*corpus_text_document "):
+        build_gpt_datasets(data_path=[str(tmp_path / "corpus")], split="1,0,0", mock_data=False, seq_length=8,
+                           seed=1, tokenizer=build_tokenizer("NullTokenizer", vocab_size=10), train_samples=1,
+                           valid_samples=0, test_samples=0)

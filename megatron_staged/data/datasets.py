@@ -37,8 +37,10 @@ def _check_prefix(prefix: str, flag: str) -> None:
     if ext in (".bin", ".idx") and os.path.isfile(stem + ".bin") and os.path.isfile(stem + ".idx"):
         raise UserError(f"{flag}: {prefix} is a file of the dataset; give its prefix, {stem} (as Megatron-LM "
                         "takes it: without .bin/.idx)")
+    from megatron_staged.data.validate import output_prefix_hint
+
     raise UserError(f"{flag}: no indexed dataset at {prefix} (expected {prefix}.bin and {prefix}.idx; "
-                    "build one with tools/preprocess_data.py)")
+                    f"build one with tools/preprocess_data.py){output_prefix_hint(prefix)}")
 
 
 def _sequence_lengths(prefix: str) -> numpy.ndarray:
