@@ -741,3 +741,19 @@ def test_data_path_given_the_output_prefix_names_the_dataset(indexed, tmp_path):
         build_gpt_datasets(data_path=[str(tmp_path / "corpus")], split="1,0,0", mock_data=False, seq_length=8,
                            seed=1, tokenizer=build_tokenizer("NullTokenizer", vocab_size=10), train_samples=1,
                            valid_samples=0, test_samples=0)
+
+
+def test_valid_only_data_for_evaluate(indexed, sp_tok, tmp_path):
+    """Found as a new user: `evaluate --load CKPT --valid-data-path P` (its own error hint says to give
+    --valid-data-path) was refused with 'no training data' (train refuses it in Trainer.train())."""
+    prefix, _ = indexed
+    kw = dict(data_path=None, split=None, mock_data=False, seq_length=16, seed=1, tokenizer=sp_tok,
+              train_samples=8, valid_samples=4, test_samples=0, valid_data_path=[prefix],
+              cache_path=str(tmp_path / "c"))
+    with pytest.raises(UserError, match="no training data"):
+        build_gpt_datasets(**kw)
+    train, valid, test = build_gpt_datasets(**kw, require_train=False)
+    assert train is None and test is None
+    docs = _numpy_docs(prefix)  # the valid split is the whole dataset: its first sample is its first tokens
+    stream = [t for d in numpy.asarray(valid.document_index).tolist() for t in docs[d]]
+    assert valid[0]["tokens"].tolist() in [stream[i:i + 16] for i in range(len(stream) - 15)]

@@ -122,7 +122,7 @@ def build_gpt_datasets(*, data_path: list[str] | None, split: str | None, mock_d
                        valid_data_path: list[str] | None = None,
                        test_data_path: list[str] | None = None,
                        create_attention_mask: bool = False, eod_mask_loss: bool = False,
-                       reset_position_ids: bool = False):
+                       reset_position_ids: bool = False, require_train: bool = True):
     """Build (train, valid, test) megatron-core GPT datasets; a split without data is None.
 
     ``data_path`` is Megatron's ``--data-path`` blend: ``[prefix]``, ``[prefix1, prefix2]``
@@ -131,6 +131,7 @@ def build_gpt_datasets(*, data_path: list[str] | None, split: str | None, mock_d
     counts; a dataset smaller than asked for is repeated over epochs (reshuffled each epoch).
     Indices are cached in ``cache_path`` (default: ``index-cache`` next to the first dataset).
     ``eod_mask_loss`` / ``reset_position_ids``: Megatron-LM's flags, done by megatron-core's dataset.
+    ``require_train=False`` (``evaluate``) allows a train split without data (returned as None).
 
     Call on every rank when torch.distributed is initialized: global rank 0 builds the indices
     first, the others wait at a barrier and then load them, so ``cache_path`` must be on a
@@ -194,10 +195,14 @@ def build_gpt_datasets(*, data_path: list[str] | None, split: str | None, mock_d
     builder = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config)
     with _rank_zero_if_not_distributed():
         train, valid, test = builder.build()
-    require(train is not None,
-            f"no training data: --split {split} gives the train split no share" if blend else
-            "no training data: --valid/--test-data-path without --train-data-path")
+    if require_train:
+        require(train is not None, no_train_data_message(blend, split))
     return train, valid, test
+
+
+def no_train_data_message(blend, split) -> str:
+    return (f"no training data: --split {split} gives the train split no share" if blend else
+            "no training data: --valid/--test-data-path without --train-data-path")
 
 
 @contextlib.contextmanager

@@ -392,6 +392,11 @@ class Trainer:
 
     def train(self) -> dict:
         """Train to --train-iters (growing at the configured stages); returns a summary."""
+        if self.datasets[0] is None:
+            from megatron_staged.data.datasets import no_train_data_message
+
+            d = self.cfg.data
+            raise UserError(no_train_data_message(d.data_path, d.split))
         for chunk in self.model:
             chunk.train()
         save_interval = self.cfg.checkpoint.save_interval
