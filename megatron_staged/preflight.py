@@ -38,6 +38,10 @@ def preflight(cfg: Config, command: str = "train") -> None:
     from megatron_staged.data.validate import check_data_flags
 
     check_data_flags(cfg.data)
+    d = cfg.data
+    if command == "train" and (d.valid_data_path or d.test_data_path) and not (
+            d.train_data_path or d.data_path or d.mock_data or d.builtin_corpus):
+        raise UserError("no training data: --valid/--test-data-path without --train-data-path")
     if command == "evaluate" and cfg.training.eval_iters == 0:
         raise UserError("evaluate needs --eval-iters of at least 1 (0 means no evaluation)")
     common = _check_load(cfg, command)

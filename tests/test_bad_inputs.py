@@ -251,6 +251,7 @@ CASES = [
     ("data-weight-among-prefixes", ["train", *T, "--no-mock-data", "--data-path", "{S}/data/ok", "0.5"], r"'0.5' looks like a weight among prefixes"),
     ("data-weight-negative", ["train", *T, "--no-mock-data", "--data-path", "-1", "{S}/data/ok", "1", "{S}/data/ok"], r"weight -1 of .* must be a non-negative"),
     ("data-weights-zero", ["train", *T, "--no-mock-data", "--data-path", "0", "{S}/data/ok", "0", "{S}/data/ok"], r"blend weights sum to 0"),
+    ("data-valid-only", ["train", *T, "--no-mock-data", "--valid-data-path", "{S}/data/ok"], r"no training data: --valid/--test-data-path without --train-data-path"),
     ("data-bin-mismatch", ["train", *T, "--no-mock-data", "--data-path", "{S}/data/short_bin"], r"short_bin.bin does not match .*short_bin.idx"),
     ("data-idx-header", ["train", *T, "--no-mock-data", "--data-path", "{S}/data/bad_header"], r"bad_header.idx is not a valid megatron-core index \(bad header\)"),
     ("data-idx-truncated", ["train", *T, "--no-mock-data", "--data-path", "{S}/data/truncated_idx"], r"truncated_idx.idx is truncated"),

@@ -565,3 +565,195 @@ def test_tool_errors_quoting_library_messages_are_one_line(tmp_path, capsys):
                  "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tmp_path / "no_tok")]) == 2
     err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
     assert len(err) == 1 and err[0].startswith("error: --tokenizer-model: cannot load a HuggingFace tokenizer"), err
+
+
+def _numpy_docs(prefix):
+    """Documents read with numpy from megatron-core's documented MMIDIDX layout (no megatron code)."""
+    import struct
+
+    import numpy
+
+    raw = open(prefix + ".idx", "rb").read()
+    assert raw[:9] == b"MMIDIDX\x00\x00"
+    _, code, n, _ = struct.unpack("<QBQQ", raw[9:34])
+    dtype = {1: numpy.uint8, 2: numpy.int8, 3: numpy.int16, 4: numpy.int32, 5: numpy.int64,
+             6: numpy.float64, 7: numpy.float32, 8: numpy.uint16}[code]
+    lengths = numpy.frombuffer(raw, numpy.int32, n, 34)
+    pointers = numpy.frombuffer(raw, numpy.int64, n, 34 + 4 * n)
+    data = open(prefix + ".bin", "rb").read()
+    return [numpy.frombuffer(data, dtype, int(ln), int(pt)).tolist() for ln, pt in zip(lengths, pointers)]
+
+
+def test_preprocess_compressed_non_utf8_and_existing_output(tmp_path, sp_model):
+    """Found as a new user: a .jsonl.gz was tokenized as text (its compressed bytes); a JSONL line
+    with a Latin-1 byte crashed with a UnicodeDecodeError traceback; re-running onto an existing
+    --output-prefix silently replaced the dataset."""
+    import gzip
+
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=sp_model)
+    texts = ["def compressed(x): return x", "import heapq as h"]
+    (tmp_path / "d.jsonl.gz").write_bytes(gzip.compress(
+        "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()))
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9 bar"}\n')
+    out = preprocess_data([str(tmp_path / "d.jsonl.gz"), str(tmp_path / "latin1.jsonl")], str(tmp_path / "o"),
+                          "GPTSentencePieceTokenizer", sp_model)
+    prefix = out["prefixes"]["text"]
+    expected = [sp.encode(t) for t in texts + ["caf\ufffd bar"]]
+    assert _numpy_docs(prefix) == expected
+    before = {s: open(prefix + s, "rb").read() for s in (".bin", ".idx")}
+    (tmp_path / "other.txt").write_text("something else entirely")
+    with pytest.raises(UserError, match="already exists.*--overwrite"):
+        preprocess_data(str(tmp_path / "other.txt"), str(tmp_path / "o"), "GPTSentencePieceTokenizer", sp_model)
+    assert {s: open(prefix + s, "rb").read() for s in (".bin", ".idx")} == before
+    preprocess_data(str(tmp_path / "other.txt"), str(tmp_path / "o"), "GPTSentencePieceTokenizer", sp_model,
+                    overwrite=True)
+    assert _numpy_docs(prefix) == [sp.encode("something else entirely")]
+    (tmp_path / "cut.jsonl.gz").write_bytes((tmp_path / "d.jsonl.gz").read_bytes()[:20])
+    with pytest.raises(UserError, match="cannot read .*cut.jsonl.gz"):
+        preprocess_data(str(tmp_path / "cut.jsonl.gz"), str(tmp_path / "c"), "GPTSentencePieceTokenizer", sp_model)
+
+
+def test_token_ids_outside_the_model_vocabulary_are_a_user_error(indexed, sp_tok, tmp_path):
+    """Found as a new user: data preprocessed with a bigger tokenizer than the run's (e.g.
+    --tokenizer-type NullTokenizer --vocab-size 64 on sentencepiece data) died in the embedding with
+    IndexError: index out of range (a device-side assert on GPU)."""
+    prefix, _ = indexed
+    train, _, _ = build_gpt_datasets(data_path=[prefix], split="3,1,0", mock_data=False, seq_length=16, seed=5,
+                                     tokenizer=sp_tok, train_samples=40, valid_samples=1, test_samples=0,
+                                     cache_path=str(tmp_path / "cache"))
+    docs = _numpy_docs(prefix)
+    top = max(t for d in set(numpy.asarray(train.document_index).tolist()) for t in docs[d])
+    n_batches = len(train) // 4
+    it = build_data_iterator(train, 0, 4, 0, 1, vocab_size=top + 1)
+    for _ in range(n_batches):  # every id fits: no error
+        next(it)
+    it = build_data_iterator(train, 0, 4, 0, 1, vocab_size=top)
+    with pytest.raises(UserError, match=rf"holds token id {top}, outside the model's vocabulary of {top}"):
+        for _ in range(n_batches):
+            next(it)
+
+
+def test_train_tokenizer_refuses_to_replace_an_existing_model(tmp_path, capsys):
+    """Found as a new user: re-running train_tokenizer.py with the same --model-prefix silently replaced
+    the tokenizer that existing .bin/.idx datasets were tokenized with."""
+    import sentencepiece
+
+    from megatron_staged.data.train_tokenizer import main
+
+    (tmp_path / "t.txt").write_text(_stdlib_text("fnmatch.py"))
+    args = ["--input", str(tmp_path / "t.txt"), "--model-prefix", str(tmp_path / "m")]
+    assert main(args + ["--vocab-size", "400"]) == 0
+    before = (tmp_path / "m.model").read_bytes()
+    capsys.readouterr()
+    assert main(args + ["--vocab-size", "420"]) == 2
+    assert "m.model already exists" in capsys.readouterr().err
+    assert (tmp_path / "m.model").read_bytes() == before
+    assert main(args + ["--vocab-size", "420", "--overwrite"]) == 0
+    assert sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "m.model")).vocab_size() == 420
+
+
+def test_preprocess_byte_order_mark_and_json_array(tmp_path, sp_model):
+    """Found as a new user: a JSONL saved by a Windows editor (UTF-8 BOM, CRLF) was refused as
+    'not valid JSON'; a plain-text file's BOM became three byte-fallback tokens of its first document;
+    a .json holding one JSON array got no hint that JSON lines are expected."""
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=sp_model)
+    (tmp_path / "w.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "def f(): pass"}\r\n{"text": "x = 1"}\r\n')
+    (tmp_path / "w.txt").write_bytes(b"\xef\xbb\xbfimport heapq")
+    out = preprocess_data([str(tmp_path / "w.jsonl"), str(tmp_path / "w.txt")], str(tmp_path / "o"),
+                          "GPTSentencePieceTokenizer", sp_model)
+    assert _numpy_docs(out["prefixes"]["text"]) == [sp.encode(t) for t in ("def f(): pass", "x = 1", "import heapq")]
+    (tmp_path / "a.json").write_text(json.dumps([{"text": "a"}, {"text": "b"}], indent=1))
+    with pytest.raises(UserError, match=r"a.json:1 is not valid JSON .*one JSON array.*jq -c"):
+        preprocess_data(str(tmp_path / "a.json"), str(tmp_path / "a"), "GPTSentencePieceTokenizer", sp_model)
+
+
+@pytest.mark.parametrize("how", ["valid-data-path", "per-split-data-args-path", "data-args-path"])
+def test_per_split_and_data_args_blends_are_checked_before_the_run(indexed, tmp_path, how):
+    """Found as a new user: a truncated .bin given by --valid-data-path (or in a --per-split-data-args-path /
+    --data-args-path file) passed the pre-run checks and crashed at the first evaluation with numpy's
+    'offset must be non-negative and no greater than buffer length'."""
+    import shutil
+
+    from megatron_staged.config import DataConfig
+    from megatron_staged.data.validate import check_data_flags
+
+    prefix, _ = indexed
+    cut = str(tmp_path / "cut")
+    shutil.copy(prefix + ".idx", cut + ".idx")
+    with open(prefix + ".bin", "rb") as f:
+        (tmp_path / "cut.bin").write_bytes(f.read(os.path.getsize(prefix + ".bin") // 2))
+    d = DataConfig()
+    if how == "valid-data-path":
+        d.train_data_path, d.valid_data_path = [prefix], [cut]
+    elif how == "per-split-data-args-path":
+        (tmp_path / "s.json").write_text(json.dumps({"train": [prefix], "test": ["1", cut]}))
+        d.per_split_data_args_path = str(tmp_path / "s.json")
+    else:
+        (tmp_path / "b.txt").write_text(f"0.5 {prefix}\n0.5 {cut}\n")
+        d.data_args_path = str(tmp_path / "b.txt")
+    with pytest.raises(UserError, match=r"cut.bin does not match .*cut.idx"):
+        check_data_flags(d)
+
+
+
+def test_preprocess_refuses_binary_files(tmp_path, sp_model):
+    """Found as a new user: a binary input (a parquet file, a .zst archive) was tokenized as plain text
+    without a word."""
+    # the first bytes of a parquet file (magic, then thrift-encoded page headers with NULs)
+    (tmp_path / "p.parquet").write_bytes(b"PAR1\x15\x04\x15\x1c\x00\x00\x00hello world\x00\x00PAR1")
+    for per_line in (False, True):
+        with pytest.raises(UserError, match=r"p.parquet holds NUL bytes: it is a binary file"):
+            preprocess_data(str(tmp_path / "p.parquet"), str(tmp_path / "o"), "GPTSentencePieceTokenizer", sp_model,
+                            text_document_per_line=per_line)
+    assert not list(tmp_path.glob("o_*"))
+
+
+def test_preprocess_input_directory_skips_datasets_written_into_it(tmp_path, sp_model):
+    """Found as a new user: --input data/ --output-prefix data/corpus, run a second time (another key,
+    tokenizer or prefix), read the first run's .bin/.idx as text documents."""
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=sp_model)
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": "import bisect"}) + "\n")
+    preprocess_data(str(tmp_path), str(tmp_path / "a"), "GPTSentencePieceTokenizer", sp_model)
+    out = preprocess_data(str(tmp_path), str(tmp_path / "b"), "GPTSentencePieceTokenizer", sp_model)
+    assert out["num_documents"]["text"] == 1
+    assert _numpy_docs(out["prefixes"]["text"]) == [sp.encode("import bisect")]
+
+
+def test_data_path_given_the_output_prefix_names_the_dataset(indexed, tmp_path):
+    """Found as a new user: --data-path out/corpus (the --output-prefix) instead of
+    out/corpus_text_document said only 'no indexed dataset at out/corpus'."""
+    import shutil
+
+    from megatron_staged.data.validate import check_indexed_dataset
+
+    prefix, _ = indexed
+    for suffix in (".bin", ".idx"):  # Megatron-LM's naming: <output-prefix>_<json key>_document
+        shutil.copy(prefix + suffix, str(tmp_path / "corpus_text_document") + suffix)
+    with pytest.raises(UserError, match=r"no indexed dataset at .*corpus \(.*which wrote .*corpus_text_document "):
+        check_indexed_dataset(str(tmp_path / "corpus"))
+    with pytest.raises(UserError, match=r"which wrote .*corpus_text_document "):
+        build_gpt_datasets(data_path=[str(tmp_path / "corpus")], split="1,0,0", mock_data=False, seq_length=8,
+                           seed=1, tokenizer=build_tokenizer("NullTokenizer", vocab_size=10), train_samples=1,
+                           valid_samples=0, test_samples=0)
+
+
+def test_valid_only_data_for_evaluate(indexed, sp_tok, tmp_path):
+    """Found as a new user: `evaluate --load CKPT --valid-data-path P` (its own error hint says to give
+    --valid-data-path) was refused with 'no training data' (train refuses it in Trainer.train())."""
+    prefix, _ = indexed
+    kw = dict(data_path=None, split=None, mock_data=False, seq_length=16, seed=1, tokenizer=sp_tok,
+              train_samples=8, valid_samples=4, test_samples=0, valid_data_path=[prefix],
+              cache_path=str(tmp_path / "c"))
+    with pytest.raises(UserError, match="no training data"):
+        build_gpt_datasets(**kw)
+    train, valid, test = build_gpt_datasets(**kw, require_train=False)
+    assert train is None and test is None
+    docs = _numpy_docs(prefix)  # the valid split is the whole dataset: its first sample is its first tokens
+    stream = [t for d in numpy.asarray(valid.document_index).tolist() for t in docs[d]]
+    assert valid[0]["tokens"].tolist() in [stream[i:i + 16] for i in range(len(stream) - 15)]

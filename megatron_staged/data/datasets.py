@@ -37,8 +37,10 @@ def _check_prefix(prefix: str, flag: str) -> None:
     if ext in (".bin", ".idx") and os.path.isfile(stem + ".bin") and os.path.isfile(stem + ".idx"):
         raise UserError(f"{flag}: {prefix} is a file of the dataset; give its prefix, {stem} (as Megatron-LM "
                         "takes it: without .bin/.idx)")
+    from megatron_staged.data.validate import output_prefix_hint
+
     raise UserError(f"{flag}: no indexed dataset at {prefix} (expected {prefix}.bin and {prefix}.idx; "
-                    "build one with tools/preprocess_data.py)")
+                    f"build one with tools/preprocess_data.py){output_prefix_hint(prefix)}")
 
 
 def _sequence_lengths(prefix: str) -> numpy.ndarray:
@@ -120,7 +122,7 @@ def build_gpt_datasets(*, data_path: list[str] | None, split: str | None, mock_d
                        valid_data_path: list[str] | None = None,
                        test_data_path: list[str] | None = None,
                        create_attention_mask: bool = False, eod_mask_loss: bool = False,
-                       reset_position_ids: bool = False):
+                       reset_position_ids: bool = False, require_train: bool = True):
     """Build (train, valid, test) megatron-core GPT datasets; a split without data is None.
 
     ``data_path`` is Megatron's ``--data-path`` blend: ``[prefix]``, ``[prefix1, prefix2]``
@@ -129,6 +131,7 @@ def build_gpt_datasets(*, data_path: list[str] | None, split: str | None, mock_d
     counts; a dataset smaller than asked for is repeated over epochs (reshuffled each epoch).
     Indices are cached in ``cache_path`` (default: ``index-cache`` next to the first dataset).
     ``eod_mask_loss`` / ``reset_position_ids``: Megatron-LM's flags, done by megatron-core's dataset.
+    ``require_train=False`` (``evaluate``) allows a train split without data (returned as None).
 
     Call on every rank when torch.distributed is initialized: global rank 0 builds the indices
     first, the others wait at a barrier and then load them, so ``cache_path`` must be on a
@@ -192,10 +195,14 @@ def build_gpt_datasets(*, data_path: list[str] | None, split: str | None, mock_d
     builder = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config)
     with _rank_zero_if_not_distributed():
         train, valid, test = builder.build()
-    require(train is not None,
-            f"no training data: --split {split} gives the train split no share" if blend else
-            "no training data: --valid/--test-data-path without --train-data-path")
+    if require_train:
+        require(train is not None, no_train_data_message(blend, split))
     return train, valid, test
+
+
+def no_train_data_message(blend, split) -> str:
+    return (f"no training data: --split {split} gives the train split no share" if blend else
+            "no training data: --valid/--test-data-path without --train-data-path")
 
 
 @contextlib.contextmanager
@@ -294,14 +301,17 @@ class PretrainingSampler:
 
 
 def build_data_iterator(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int,
-                        dp_size: int, num_workers: int = 0) -> Iterator[dict] | None:
+                        dp_size: int, num_workers: int = 0,
+                        vocab_size: int | None = None) -> Iterator[dict] | None:
     """An endless iterator over this DP rank's micro-batches of ``dataset`` (None if no dataset).
 
     Each item is a dict of tensors with a leading micro-batch dimension: ``tokens``, ``labels``,
     ``position_ids`` (int64, [b, s]) and ``loss_mask`` (float32, [b, s]). When the dataset is
     exhausted the iterator cycles over it again (see :class:`PretrainingSampler`, ``cycle``) and
     logs a warning once; size datasets with ``train_samples`` so this does not happen in a
-    normal run.
+    normal run. With ``vocab_size`` (the model's padded vocabulary) a micro-batch holding a token
+    id outside it is a UserError (the data was tokenized with a bigger tokenizer) instead of an
+    IndexError (a device-side assert on GPU) inside the embedding.
     """
     if dataset is None:
         return None
@@ -310,4 +320,21 @@ def build_data_iterator(dataset, consumed_samples: int, micro_batch_size: int, d
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=False,
         persistent_workers=num_workers > 0)
-    return iter(loader)
+    return iter(loader) if vocab_size is None else _check_token_ids(iter(loader), vocab_size, dataset)
+
+
+def _check_token_ids(batches: Iterator[dict], vocab_size: int, dataset) -> Iterator[dict]:
+    for batch in batches:
+        for key in ("tokens", "labels"):
+            ids = batch.get(key)
+            if ids is not None and ids.numel():
+                lo, hi = int(ids.min()), int(ids.max())
+                if lo < 0 or hi >= vocab_size:
+                    prefix = getattr(getattr(dataset, "dataset", None), "path_prefix", None)
+                    where = f" of {prefix}" if prefix else ""
+                    raise UserError(
+                        f"the data{where} holds token id {hi if hi >= vocab_size else lo}, outside the model's "
+                        f"vocabulary of {vocab_size} (padded from the tokenizer's): the dataset was tokenized with "
+                        "another tokenizer; pass the --tokenizer-type/--tokenizer-model (or --vocab-size) it was "
+                        "preprocessed with, or preprocess it again with this one")
+        yield batch

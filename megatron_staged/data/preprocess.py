@@ -9,11 +9,16 @@ The logic of Megatron-LM's ``tools/preprocess_data.py``, with the same flag name
 writes ``out/corpus_text_document.bin`` and ``.idx`` (one pair per ``--json-keys`` key); pass
 ``out/corpus_text_document`` to ``--data-path``.
 
-Inputs (``--input`` takes files, globs and directories; directories are searched recursively):
+Inputs (``--input`` takes files, globs and directories; directories are searched recursively,
+skipping ``.bin``/``.idx`` dataset pairs):
 
 * ``*.jsonl`` / ``*.json``: one JSON object per line; each ``--json-keys`` field is a document;
 * any other file: plain text, one document per file, or one per non-blank line with
-  ``--text-document-per-line``.
+  ``--text-document-per-line``;
+* either compressed (``.gz``, ``.bz2``, ``.xz``): read decompressed, by the name without the suffix.
+
+Bytes that are not UTF-8 become U+FFFD (in JSONL as in plain text). An output prefix whose
+``.bin``/``.idx`` already exist is refused unless ``--overwrite`` is given.
 
 Documents that are blank or tokenize to zero tokens are skipped (megatron-core's GPTDataset
 loops forever on zero-token documents). Outputs are written under temporary names and renamed
@@ -22,8 +27,11 @@ when complete, so an interrupted run leaves no half-written dataset behind.
 from __future__ import annotations
 
 import argparse
+import bz2
 import glob
+import gzip
 import json
+import lzma
 import multiprocessing
 import os
 import re
@@ -35,6 +43,20 @@ from megatron_staged.data.tokenizer import TOKENIZER_TYPES, build_tokenizer
 from megatron_staged.errors import UserError, require
 
 JSON_SUFFIXES = (".jsonl", ".json")
+_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
+def _open_text(path: str):
+    """``path`` as UTF-8 text (undecodable bytes become U+FFFD; a leading byte-order mark, as Windows
+    editors write, is dropped), decompressing .gz/.bz2/.xz."""
+    opener = _OPENERS.get(os.path.splitext(path)[1].lower(), open)
+    return opener(path, "rt", encoding="utf-8-sig", errors="replace")
+
+
+def _content_name(path: str) -> str:
+    """The name that decides the format: ``docs.jsonl.gz`` is JSONL."""
+    stem, ext = os.path.splitext(path)
+    return stem if ext.lower() in _OPENERS else path
 
 
 def expand_inputs(inputs: list[str] | str) -> list[str]:
@@ -46,7 +68,11 @@ def expand_inputs(inputs: list[str] | str) -> list[str]:
         if os.path.isdir(item):
             for root, dirs, names in os.walk(item):
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                files += [os.path.join(root, n) for n in sorted(names) if not n.startswith(".")]
+                # a dataset written here before (X.bin + X.idx, e.g. --output-prefix inside the input
+                # directory) is output, not input
+                stems = {n[:-4] for n in names if n.endswith(".bin")} & {n[:-4] for n in names if n.endswith(".idx")}
+                files += [os.path.join(root, n) for n in sorted(names) if not n.startswith(".")
+                          and not (n.endswith((".bin", ".idx")) and n[:-4] in stems)]
         elif os.path.isfile(item):
             files.append(item)
         else:
@@ -61,33 +87,57 @@ def iter_documents(files: list[str], json_keys: list[str],
                    text_document_per_line: bool = False) -> Iterator[dict[str, str]]:
     """Yield documents as ``{key: text}`` dicts; plain-text files fill the first key only."""
     for path in files:
-        if path.endswith(JSON_SUFFIXES):
-            yield from _iter_jsonl(path, json_keys)
-            continue
-        with open(path, encoding="utf-8", errors="replace") as f:
-            if text_document_per_line:
-                for line in f:
-                    yield {json_keys[0]: line.rstrip("\n")}
-            else:
-                yield {json_keys[0]: f.read()}
+        try:
+            yield from _iter_file(path, json_keys, text_document_per_line)
+        except (OSError, EOFError, lzma.LZMAError) as err:  # a truncated or corrupt .gz/.bz2/.xz
+            raise UserError(f"--input: cannot read {path} ({type(err).__name__}: {err})") from err
+
+
+def _iter_file(path: str, json_keys: list[str], text_document_per_line: bool) -> Iterator[dict[str, str]]:
+    if _content_name(path).endswith(JSON_SUFFIXES):
+        yield from _iter_jsonl(path, json_keys)
+        return
+    with _open_text(path) as f:
+        if text_document_per_line:
+            for line in f:
+                _require_text(line, path)
+                yield {json_keys[0]: line.rstrip("\n")}
+        else:
+            text = f.read()
+            _require_text(text, path)
+            yield {json_keys[0]: text}
+
+
+def _require_text(text: str, path: str) -> None:
+    """Text files hold no NUL bytes; a binary file (parquet, arrow, zstd, ...) would be tokenized as
+    byte soup without a word."""
+    require("\x00" not in text,
+            f"--input: {path} holds NUL bytes: it is a binary file, not text; preprocess_data reads JSON lines "
+            "(.jsonl/.json), plain text, and either compressed as .gz/.bz2/.xz (for parquet/arrow, export the "
+            "text column to JSON lines first)")
 
 
 def _iter_jsonl(path: str, json_keys: list[str]) -> Iterator[dict[str, str]]:
-    with open(path, encoding="utf-8") as f:
+    with _open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise UserError(f"--input: {path}:{lineno} is not valid JSON ({err})") from err
-            require(isinstance(record, dict), f"--input: {path}:{lineno} is not a JSON object")
+                hint = _ARRAY_HINT if lineno == 1 and line.lstrip().startswith("[") else ""
+                raise UserError(f"--input: {path}:{lineno} is not valid JSON ({err}){hint}") from err
+            require(isinstance(record, dict), f"--input: {path}:{lineno} is not a JSON object"
+                    + (_ARRAY_HINT if lineno == 1 and isinstance(record, list) else ""))
             missing = [k for k in json_keys if k not in record]
             require(not missing,
                     f"--input: {path}:{lineno} has no key(s) {missing} "
                     f"(present: {sorted(record)[:10]}); set --json-keys")
             yield {k: _text_value(record[k], path, lineno, k) for k in json_keys}
 
+
+_ARRAY_HINT = ("; the file looks like one JSON array, but the input is read as JSON lines (one object per "
+               "line, Megatron-LM's format): convert it, e.g. jq -c '.[]' in.json > in.jsonl")
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -152,7 +202,7 @@ def preprocess_data(inputs: list[str] | str, output_prefix: str, tokenizer_type:
                json_keys: tuple[str, ...] = ("text",), append_eod: bool = False,
                workers: int = 1, log_interval: int = 1000,
                text_document_per_line: bool = False, log=None, vocab_file: str | None = None,
-               merge_file: str | None = None) -> dict:
+               merge_file: str | None = None, overwrite: bool = False) -> dict:
     """Tokenize ``inputs`` into one ``.bin/.idx`` indexed dataset per key.
 
     Returns ``{"prefixes": {key: prefix}, "num_documents": {key: n}, "num_tokens": {key: n},
@@ -162,6 +212,11 @@ def preprocess_data(inputs: list[str] | str, output_prefix: str, tokenizer_type:
     require(json_keys, "--json-keys needs at least one key")
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     files = expand_inputs(inputs)
+    existing = [output_prefix_for(output_prefix, k) + sfx for k in json_keys for sfx in (".bin", ".idx")
+                if os.path.lexists(output_prefix_for(output_prefix, k) + sfx)]
+    require(overwrite or not existing,
+            f"--output-prefix {output_prefix}: {existing[0] if existing else ''} already exists; choose another "
+            f"prefix, or pass --overwrite to replace it")
     tokenizer_files = {"vocab_file": vocab_file, "merge_file": merge_file}  # GPT2BPETokenizer
     tokenizer = build_tokenizer(tokenizer_type, tokenizer_model, vocab_size, **tokenizer_files)  # fail fast
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
@@ -259,6 +314,8 @@ def get_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output data")
     g.add_argument("--output-prefix", required=True,
                    help="writes <output-prefix>_<key>_document.bin/.idx")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an existing <output-prefix>_<key>_document.bin/.idx (refused without it)")
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1, help="tokenizer worker processes")
     g.add_argument("--log-interval", type=int, default=1000, help="log every N documents")
@@ -285,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
                    args.vocab_size, json_keys=args.json_keys, append_eod=args.append_eod,
                    workers=args.workers, log_interval=args.log_interval,
                    text_document_per_line=args.text_document_per_line, vocab_file=args.vocab_file,
-                   merge_file=args.merge_file)
+                   merge_file=args.merge_file, overwrite=args.overwrite)
     except UserError as err:
         from megatron_staged.errors import one_line
 

@@ -74,5 +74,6 @@ def prepare_data(cfg: Config, world_size: int):
         seed=cfg.training.seed, tokenizer=tokenizer, train_samples=train, valid_samples=valid,
         test_samples=test, cache_path=d.data_cache_path, train_data_path=d.train_data_path or None,
         valid_data_path=d.valid_data_path or None, test_data_path=d.test_data_path or None,
-        eod_mask_loss=d.eod_mask_loss, reset_position_ids=d.reset_position_ids)
+        eod_mask_loss=d.eod_mask_loss, reset_position_ids=d.reset_position_ids,
+        require_train=False)  # evaluate needs only the valid split; Trainer.train() requires the train one
     return tokenizer, datasets

@@ -38,11 +38,13 @@ def train_sentencepiece_from_texts(texts: Iterable[str], model_prefix: str,
                                    character_coverage: float = 1.0,
                                    max_sentence_length: int = 16384,
                                    input_sentence_size: int = 0, seed: int = 1234,
-                                   num_threads: int | None = None) -> str:
+                                   num_threads: int | None = None, overwrite: bool = False) -> str:
     """Train on the lines of ``texts``; returns the path of the written ``.model`` file.
 
     ``input_sentence_size`` > 0 samples that many lines (reservoir sampling, seeded).
-    ``max_sentence_length`` is in bytes; longer lines are skipped by sentencepiece.
+    ``max_sentence_length`` is in bytes; longer lines are skipped by sentencepiece. An existing
+    ``<model_prefix>.model``/``.vocab`` (the tokenizer of datasets already written) is refused
+    unless ``overwrite``.
     """
     import sentencepiece
 
@@ -50,6 +52,10 @@ def train_sentencepiece_from_texts(texts: Iterable[str], model_prefix: str,
             f"--model-type must be bpe or unigram, got {model_type}")
     require(vocab_size >= 300, f"--vocab-size {vocab_size} is too small: byte fallback alone "
             "needs 256 ids plus 4 special ids; use at least 300")
+    existing = [model_prefix + sfx for sfx in (".model", ".vocab") if os.path.lexists(model_prefix + sfx)]
+    require(overwrite or not existing,
+            f"--model-prefix {model_prefix}: {existing[0] if existing else ''} already exists (datasets "
+            "tokenized with it would no longer match it); choose another prefix, or pass --overwrite to replace it")
     os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
     sentencepiece.set_random_generator_seed(seed)
     require(input_sentence_size >= 0, f"--input-sentence-size {input_sentence_size} must be >= 0 (0: every line)")
@@ -106,6 +112,7 @@ def get_parser() -> argparse.ArgumentParser:
                    help="text/JSONL files, globs or directories")
     p.add_argument("--json-keys", nargs="+", default=["text"], help="JSONL keys to read")
     p.add_argument("--model-prefix", required=True, help="writes <prefix>.model and .vocab")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing <prefix>.model/.vocab")
     p.add_argument("--vocab-size", type=int, default=8000)
     p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
     p.add_argument("--character-coverage", type=float, default=1.0,
@@ -126,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             args.input, args.model_prefix, json_keys=args.json_keys, vocab_size=args.vocab_size,
             model_type=args.model_type, character_coverage=args.character_coverage,
             max_sentence_length=args.max_sentence_length,
-            input_sentence_size=args.input_sentence_size, seed=args.seed)
+            input_sentence_size=args.input_sentence_size, seed=args.seed, overwrite=args.overwrite)
     except UserError as err:
         from megatron_staged.errors import one_line
 

@@ -57,6 +57,19 @@ def parse_data_path(data_path: list, flag: str = "--data-path") -> tuple[list[st
     return prefixes, weights
 
 
+def output_prefix_hint(prefix: str) -> str:
+    """For ``--data-path out/corpus`` when ``out/corpus_<key>_document.bin/.idx`` exist (the names
+    tools/preprocess_data.py writes for ``--output-prefix out/corpus``): a '; did you mean' hint."""
+    import glob
+
+    found = sorted(p[:-4] for p in glob.glob(glob.escape(prefix) + "_*_document.idx")
+                   if os.path.isfile(p[:-4] + ".bin"))
+    if not found:
+        return ""
+    return (f"; {prefix} looks like the --output-prefix of tools/preprocess_data.py, which wrote "
+            f"{', '.join(found[:3])} (<output-prefix>_<key>_document): pass that as the prefix")
+
+
 def check_indexed_dataset(prefix: str, flag: str = "--data-path") -> int:
     """UserError unless ``prefix.idx`` is a valid index that matches ``prefix.bin``; returns #sequences."""
     idx, bin_ = prefix + ".idx", prefix + ".bin"
@@ -67,7 +80,7 @@ def check_indexed_dataset(prefix: str, flag: str = "--data-path") -> int:
                         "takes it: without .bin/.idx)")
     require(os.path.isfile(idx) and os.path.isfile(bin_),
             f"{flag}: no indexed dataset at {prefix} (expected {bin_} and {idx}; build one with "
-            f"tools/preprocess_data.py)")
+            f"tools/preprocess_data.py){output_prefix_hint(prefix)}")
     size = os.path.getsize(idx)
     with open(idx, "rb") as fh:
         head = fh.read(34)
@@ -93,12 +106,20 @@ def check_indexed_dataset(prefix: str, flag: str = "--data-path") -> int:
 
 
 def check_data_flags(data) -> None:
-    """The ``DataConfig`` a run was given: blend syntax and every dataset's files."""
-    if data.mock_data or not data.data_path:
+    """The ``DataConfig`` a run was given: blend syntax and every dataset's files (``--data-path`` and
+    the per-split ``--train/valid/test-data-path``, whose datasets are otherwise first read at the
+    first evaluation)."""
+    if data.mock_data:
         return
-    prefixes, _ = parse_data_path(data.data_path)
-    for p in prefixes:
-        check_indexed_dataset(p)
+    from megatron_staged.config import read_data_args_files
+
+    read_data_args_files(data)  # --data-args-path / --per-split-data-args-path: their blends are checked too
+    for flag, blend in (("--data-path", data.data_path), ("--train-data-path", data.train_data_path),
+                        ("--valid-data-path", data.valid_data_path), ("--test-data-path", data.test_data_path)):
+        if blend:
+            prefixes, _ = parse_data_path(blend, flag)
+            for p in prefixes:
+                check_indexed_dataset(p, flag)
     if data.tokenizer_model and data.tokenizer_type in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer"):
         require(os.path.exists(data.tokenizer_model),
                 f"--tokenizer-model {data.tokenizer_model}: no such file or directory")

@@ -218,7 +218,8 @@ class Trainer:
         train_ds, valid_ds, _ = self.datasets
         # interleaved 1F1B: one iterator per model chunk over the same samples, as Megatron-LM builds them
         iters = [build_data_iterator(train_ds, self.state.consumed_train_samples, t.micro_batch_size,
-                                     dpr, dp, num_workers=self.cfg.data.num_workers) for _ in self.model]
+                                     dpr, dp, num_workers=self.cfg.data.num_workers,
+                                     vocab_size=self.cfg.model.padded_vocab_size) for _ in self.model]
         self.train_iter = iters if len(iters) > 1 else iters[0]
         self.valid_ds = valid_ds
 
@@ -374,7 +375,8 @@ class Trainer:
             self.last_eval_se = float("nan")
             return float("nan")
         its = [build_data_iterator(dataset, 0, t.micro_batch_size, ps.get_data_parallel_rank(),
-                                   ps.get_data_parallel_world_size()) for _ in self.model]
+                                   ps.get_data_parallel_world_size(), vocab_size=self.cfg.model.padded_vocab_size)
+               for _ in self.model]
         it = its if len(its) > 1 else its[0]
         for chunk in self.model:
             chunk.eval()
@@ -390,6 +392,11 @@ class Trainer:
 
     def train(self) -> dict:
         """Train to --train-iters (growing at the configured stages); returns a summary."""
+        if self.datasets[0] is None:
+            from megatron_staged.data.datasets import no_train_data_message
+
+            d = self.cfg.data
+            raise UserError(no_train_data_message(d.data_path, d.split))
         for chunk in self.model:
             chunk.train()
         save_interval = self.cfg.checkpoint.save_interval
