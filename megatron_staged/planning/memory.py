@@ -110,7 +110,13 @@ def parameters_on_pipeline_rank(pc: ParamCounts, tp: int, pp: int, rank: int, la
         layers = pc.num_layers // pp
     split = pc.layer - pc.layer_replicated
     require(split % tp == 0 and pc.word_embedding % tp == 0, f"the model does not split over TP {tp}")
-    n = layers * (split // tp + pc.layer_replicated)
+    return layers * (split // tp + pc.layer_replicated) + _outside_layers(pc, tp, pp, rank)
+
+
+def _outside_layers(pc: ParamCounts, tp: int, pp: int, rank: int) -> int:
+    """Parameters outside the transformer layers on pipeline rank ``rank``: the embeddings on the
+    first, the final norm and the output layer (tied: a copy of the word embedding) on the last."""
+    n = 0
     if rank == 0:
         n += pc.word_embedding // tp + pc.position_embedding
     if rank == pp - 1:
@@ -126,16 +132,7 @@ def adam_parameters_under_muon(pc: ParamCounts, tp: int, pp: int, rank: int, lay
     """Of :func:`parameters_on_pipeline_rank`'s, those megatron's Muon chain leaves to Adam: embeddings,
     the output layer (or the tied copy), norms and biases (Muon takes the 2-D hidden weights)."""
     column_biases = pc.layer_vectors - pc.layer_replicated  # QKV and FC1 biases, split over TP
-    n = layers * (column_biases // tp + pc.layer_replicated)
-    if rank == 0:
-        n += pc.word_embedding // tp + pc.position_embedding
-    if rank == pp - 1:
-        n += pc.final_norm
-        if pc.output_layer:
-            n += pc.output_layer // tp
-        elif pp > 1:
-            n += pc.word_embedding // tp
-    return n
+    return layers * (column_biases // tp + pc.layer_replicated) + _outside_layers(pc, tp, pp, rank)
 
 
 def activation_bytes_per_layer(m: ModelConfig, micro_batch_size: int, tp: int, sequence_parallel: bool,
